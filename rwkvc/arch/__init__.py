@@ -1,0 +1,18 @@
+"""RWKV generations. Each module describes one: how to recognise its checkpoints, how to import them
+into the IR, and how to lower its time-mix to ONNX. `ARCHS` is the registry (name -> Arch)."""
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Arch(Protocol):
+    name: str            # "7", "6", "5.2", "4"
+
+    def detect(self, sd: dict) -> bool: ...
+    def marker(self, sd: dict) -> str: ...          # the key that told this version apart
+    def to_ir(self, sd: dict): ...                  # -> rwkvc.ir.Model
+
+
+from . import v7  # noqa: E402
+
+ARCHS: dict[str, Arch] = {"7": v7.ARCH}

@@ -1,0 +1,259 @@
+"""rwkvc's IR: a typed, inspectable description of an RWKV model.
+
+The IR is a tree of plain dataclasses:
+
+    Model
+      config: ModelConfig              version, dims (L, C, H, N, F, V, low-rank widths)
+      emb:    Embedding                a Weight of shape (V, C)
+      ln0:    Norm                     folded into the embedding rows by the emitters
+      blocks: [Block]
+        ln1, att: TimeMix, ln2, ffn: ChannelMix
+      ln_out: Norm
+      head:   Linear                   (V, C)
+      init_state: State | None         a tuned / time_state initial state
+
+Every matrix is a `Linear` whose `weight` is a *representation* (`Dense` now; low-rank, quantised,
+sparse and clustered forms are further classes registered in `WEIGHT_KINDS`). Passes are IR -> IR
+rewrites that replace representations and return a report; emitters dispatch on the representation
+kind, and a target declares which kinds it can lower.
+
+Matrices are stored (out, in) as in PyTorch: y = x @ W.T. Vectors are 1-D, shape (C,) (the official
+checkpoints' (1, 1, C) mixing vectors are squeezed on import). Tensors are numpy arrays, in float32 or
+float16 (as loaded); emitters convert to the target's compute dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar, Iterator
+
+import numpy as np
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight representations
+
+
+@dataclass
+class Dense:
+    """W (out, in): y = x @ W.T."""
+    w: np.ndarray
+    kind: ClassVar[str] = "dense"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.w.shape)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"w": self.w}
+
+    def to_dense(self) -> np.ndarray:
+        return np.asarray(self.w, dtype=np.float32)
+
+    def describe(self) -> str:
+        return f"dense {self.w.shape[0]}x{self.w.shape[1]} {self.w.dtype}"
+
+
+# kind name -> representation class; passes add theirs (low-rank, quantised, ...)
+WEIGHT_KINDS: dict[str, type] = {"dense": Dense}
+
+
+def register_weight_kind(cls):
+    WEIGHT_KINDS[cls.kind] = cls
+    return cls
+
+
+@dataclass
+class Linear:
+    """A matrix of the model. `name` is its official checkpoint key without `.weight`."""
+    name: str
+    weight: object  # one of WEIGHT_KINDS
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def kind(self) -> str:
+        return self.weight.kind
+
+
+@dataclass
+class Embedding:
+    weight: object  # Dense (V, C); the lazy-embedding pass swaps the representation
+    name: str = "emb"
+
+
+@dataclass
+class Norm:
+    """LayerNorm over C (or GroupNorm over heads for ln_x); weight/bias (C,)."""
+    weight: np.ndarray
+    bias: np.ndarray
+    eps: float = 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixers. One vocabulary across versions: a TimeMix holds token-shift mixing vectors ("mix"),
+# per-channel vectors ("vec"), matrices ("lin") and the output norm; the version decides the math.
+
+
+@dataclass
+class TimeMix:
+    version: str
+    mix: dict[str, np.ndarray]        # token-shift interpolation, e.g. x_r, x_w, ... (C,)
+    vec: dict[str, np.ndarray]        # other per-channel parameters, e.g. w0, a0, k_k, r_k (C,)
+    lin: dict[str, Linear]            # every matrix: receptance, key, value, output, w1, w2, ...
+    ln_x: Norm | None = None
+
+
+@dataclass
+class ChannelMix:
+    version: str
+    mix: dict[str, np.ndarray]        # x_k (and x_r before v7)
+    lin: dict[str, Linear]            # key (F, C), value (C, F) (and receptance (C, C) before v7)
+
+
+@dataclass
+class Block:
+    ln1: Norm
+    att: TimeMix
+    ln2: Norm
+    ffn: ChannelMix
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    version: str          # "7", ...
+    n_layer: int
+    n_embd: int
+    head_size: int
+    vocab_size: int
+    ffn_dim: int
+    lora: tuple[tuple[str, int], ...] = ()   # low-rank widths, e.g. (("w", 64), ("a", 64), ...)
+
+    def __post_init__(self):
+        for f in ("n_layer", "n_embd", "head_size", "vocab_size", "ffn_dim"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"ModelConfig.{f} must be a positive int, got {v!r}")
+        if self.n_embd % self.head_size:
+            raise ValueError(f"ModelConfig.n_embd ({self.n_embd}) is not a multiple of head_size ({self.head_size})")
+
+    @property
+    def n_head(self) -> int:
+        return self.n_embd // self.head_size
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["lora"] = dict(self.lora)
+        d["n_head"] = self.n_head
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> "ModelConfig":
+        d = {k: v for k, v in d.items() if k != "n_head"}
+        d["lora"] = tuple(sorted(d.get("lora", {}).items()))
+        return ModelConfig(**d)
+
+
+@dataclass
+class State:
+    """The recurrent state: shift (L, 2, C) and wkv (L, H, N, N), float32."""
+    shift: np.ndarray
+    wkv: np.ndarray
+
+    @staticmethod
+    def zeros(cfg: ModelConfig) -> "State":
+        L, C, H, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size
+        return State(np.zeros((L, 2, C), np.float32), np.zeros((L, H, N, N), np.float32))
+
+    def copy(self) -> "State":
+        return State(self.shift.copy(), self.wkv.copy())
+
+
+@dataclass
+class Model:
+    config: ModelConfig
+    emb: Embedding
+    ln0: Norm | None
+    blocks: list[Block]
+    ln_out: Norm
+    head: Linear
+    init_state: State | None = None
+    passes: list[dict] = field(default_factory=list)   # reports of the passes applied, in order
+
+    # -- walking -------------------------------------------------------------------------------
+    def linears(self) -> Iterator[Linear]:
+        """Every matrix of the blocks and the head (not the embedding), in model order."""
+        for blk in self.blocks:
+            yield from blk.att.lin.values()
+            yield from blk.ffn.lin.values()
+        yield self.head
+
+    def component_params(self) -> dict[str, tuple[int, int]]:
+        """(parameter count, bytes as stored) per component: embedding, time-mix, channel-mix, head, other."""
+        out = {k: [0, 0] for k in ("embedding", "time-mix", "channel-mix", "head", "norms")}
+
+        def add(comp, arrays):
+            for a in arrays:
+                out[comp][0] += int(a.size)
+                out[comp][1] += int(a.nbytes)
+
+        add("embedding", self.emb.weight.arrays().values())
+        add("head", self.head.weight.arrays().values())
+        for blk in self.blocks:
+            add("time-mix", list(blk.att.mix.values()) + list(blk.att.vec.values()))
+            for lin in blk.att.lin.values():
+                add("time-mix", lin.weight.arrays().values())
+            if blk.att.ln_x is not None:
+                add("time-mix", [blk.att.ln_x.weight, blk.att.ln_x.bias])
+            add("channel-mix", blk.ffn.mix.values())
+            for lin in blk.ffn.lin.values():
+                add("channel-mix", lin.weight.arrays().values())
+            add("norms", [blk.ln1.weight, blk.ln1.bias, blk.ln2.weight, blk.ln2.bias])
+        add("norms", [self.ln_out.weight, self.ln_out.bias] + ([self.ln0.weight, self.ln0.bias] if self.ln0 else []))
+        return {k: (v[0], v[1]) for k, v in out.items()}
+
+    # -- printing ------------------------------------------------------------------------------
+    def __str__(self) -> str:
+        c = self.config
+        lines = [f"Model RWKV-v{c.version}: L={c.n_layer} C={c.n_embd} H={c.n_head} N={c.head_size} "
+                 f"F={c.ffn_dim} V={c.vocab_size}" + (f" lora={dict(c.lora)}" if c.lora else ""),
+                 f"  emb: {self.emb.weight.describe()}" + ("  (+ln0)" if self.ln0 is not None else "")]
+        for i, blk in enumerate(self.blocks):
+            lines.append(f"  block {i}:")
+            lines.append(f"    att v{blk.att.version}: mix[{', '.join(blk.att.mix)}] vec[{', '.join(blk.att.vec)}]")
+            for k, lin in blk.att.lin.items():
+                lines.append(f"      {k:<11} {lin.weight.describe()}")
+            lines.append(f"    ffn: mix[{', '.join(blk.ffn.mix)}]")
+            for k, lin in blk.ffn.lin.items():
+                lines.append(f"      {k:<11} {lin.weight.describe()}")
+        lines.append(f"  ln_out, head: {self.head.weight.describe()}")
+        if self.init_state is not None:
+            lines.append("  init_state: tuned")
+        for p in self.passes:
+            lines.append(f"  pass {p.get('name')}: {p.get('summary', '')}")
+        return "\n".join(lines)
+
+
+def verify(model: Model) -> None:
+    """Check the IR's internal consistency (shapes agree with the config); raises ValueError."""
+    c = model.config
+    C, V, F = c.n_embd, c.vocab_size, c.ffn_dim
+    if len(model.blocks) != c.n_layer:
+        raise ValueError(f"IR has {len(model.blocks)} blocks, config says n_layer={c.n_layer}")
+    if tuple(model.emb.weight.shape) != (V, C):
+        raise ValueError(f"emb shape {model.emb.weight.shape} != (V, C) = {(V, C)}")
+    if tuple(model.head.weight.shape) != (V, C):
+        raise ValueError(f"head shape {model.head.weight.shape} != (V, C) = {(V, C)}")
+    for i, blk in enumerate(model.blocks):
+        for n, v in list(blk.att.mix.items()) + list(blk.ffn.mix.items()):
+            if v.shape != (C,):
+                raise ValueError(f"blocks.{i} mixing vector {n} has shape {v.shape}, expected ({C},)")
+        k, vv = blk.ffn.lin["key"], blk.ffn.lin["value"]
+        if k.weight.shape != (F, C) or vv.weight.shape != (C, F):
+            raise ValueError(f"blocks.{i}.ffn key/value shapes {k.weight.shape}/{vv.weight.shape} disagree with F={F}, C={C}")

@@ -1,0 +1,1 @@
+"""Readable PyTorch reference implementations of the RWKV generations (the numerical truth)."""
