@@ -1,1 +1,44 @@
-"""rwkvc.passes."""
+"""Passes: IR -> IR rewrites that return a report. `PASSES` is the registry (name -> Pass).
+
+A pass declares its parameters (name -> (type, default, check)) so a recipe string such as
+"svd(rank=0.25),int4(group=32)" is parsed and validated before any work starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from rwkvc import ir
+
+
+@dataclass(frozen=True)
+class Param:
+    type: type
+    default: Any
+    check: Callable[[Any], bool] = lambda v: True
+    allowed: str = ""          # words for the error message, e.g. "a fraction in (0, 1]"
+
+
+class Pass(Protocol):
+    name: str
+    params: dict[str, Param]
+    requires: tuple[str, ...]      # passes that must run before this one
+    forbids_after: tuple[str, ...]  # passes that must not already have run
+
+    def run(self, model: ir.Model, args: dict, ctx: "PassContext") -> tuple[ir.Model, dict]: ...
+
+
+@dataclass
+class PassContext:
+    calib_tokens: Any = None       # np.ndarray of token ids for passes that calibrate, or None
+    progress: bool = True
+    dump_dir: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+PASSES: dict[str, Pass] = {}
+
+
+def register(p):
+    PASSES[p.name] = p
+    return p

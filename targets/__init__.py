@@ -1,1 +1,18 @@
-"""rwkvc.targets."""
+"""Targets: name -> Target (see targets/base.py)."""
+from __future__ import annotations
+
+from rwkvc.errors import RwkvcError
+
+from .base import Capabilities, Target, unsupported
+from .cpu import CpuTarget
+
+TARGETS: dict[str, Target] = {"cpu": CpuTarget()}
+
+
+def get_target(name: str) -> Target:
+    if name not in TARGETS:
+        raise RwkvcError(f"unknown target '{name}'; choose one of: {', '.join(TARGETS)}")
+    return TARGETS[name]
+
+
+__all__ = ["TARGETS", "Capabilities", "Target", "get_target", "unsupported"]

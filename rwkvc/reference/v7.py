@@ -82,6 +82,69 @@ def wkv7_recurrent(r, w, k, v, a, b, wkv):
     return torch.stack(ys, dim=1), wkv
 
 
+def wkv7_chunked(r, w, k, v, a, b, wkv, chunk_len: int = 32):
+    """`wkv7_recurrent`, computed chunk by chunk (same maths, same signature; for fast training).
+
+    Within a chunk of L steps starting from state S0 (V x K), write z_t = S_{t-1} a_t. Then
+        S_t = S0 G_t + sum_{j<=t} (z_j b_j^T + v_j k_j^T) G_t / G_j,   G_t = diag(w_1 * ... * w_t)
+    is a plain decaying linear recurrence, and the z_t solve a unit lower-triangular L x L system
+    (the "UT transform" of the WY representation):
+        (I - A_ab) Z = A~ S0^T + A_ak V,   A_xy[t, j] = (x_t * g_{t-1}) . (y_j / g_j), j < t
+    so every chunk is a few batched matmuls and one triangular solve, and only the chunk-to-chunk
+    state hand-over (S <- S M + E, Y = Q S^T + P) is sequential. Exact in exact arithmetic; the
+    split g_{t-1} / g_j needs prod(w) over a chunk to stay well inside the dtype's range, which holds
+    for RWKV-7 (w >= exp(-e^-0.5) = 0.545, so 0.545^64 ~ 1e-17 even for chunk_len 64).
+
+    r, w, k, v, a, b: (B, T, H, N); wkv: (B, H, N, N) -> y (B, T, H, N), wkv (B, H, N, N)
+    """
+    B, T, H, N = r.shape
+    L = max(1, min(chunk_len, T))
+    pad = (-T) % L
+    if pad:  # identity steps (w = 1, everything else 0) leave the state unchanged
+        zeros = r.new_zeros(B, pad, H, N)
+        r, k, v, a, b = (torch.cat([z, zeros], 1) for z in (r, k, v, a, b))
+        w = torch.cat([w, torch.ones_like(zeros)], 1)
+    nC = (T + pad) // L
+    ch = lambda z: z.view(B, nC, L, H, N).permute(0, 3, 1, 2, 4)  # noqa: E731  -> (B, H, nC, L, N)
+    r, w, k, v, a, b = (ch(z) for z in (r, w, k, v, a, b))
+
+    lw = torch.log(w)
+    cum = torch.cumsum(lw, dim=-2)                   # log g_t (inclusive),     (B, H, nC, L, N)
+    a_ = a * torch.exp(cum - lw)                      # a_t * g_{t-1}
+    r_ = r * torch.exp(cum)                           # r_t * g_t
+    inv = torch.exp(-cum)
+    b_, k_ = b * inv, k * inv                         # b_j / g_j, k_j / g_j
+    tail = torch.exp(cum[..., -1:, :] - cum)          # g_L / g_j
+    bL, kL = b * tail, k * tail
+
+    ones = torch.ones(L, L, dtype=torch.bool, device=r.device)
+    strict, incl = torch.tril(ones, -1), torch.tril(ones)
+    mT = lambda x, y, m: (x @ y.transpose(-1, -2)).masked_fill(~m, 0)  # noqa: E731  (.., L, L)
+    A_ab, A_ak = mT(a_, b_, strict), mT(a_, k_, strict)
+    A_rb, A_rk = mT(r_, b_, incl), mT(r_, k_, incl)
+
+    # (I - A_ab)^-1 = (I + A)(I + A^2)(I + A^4)... since A_ab is nilpotent (A^L = 0); batched
+    # matmuls are much faster than a batched triangular solve on CPU
+    inv_ab, Ap, n = A_ab + torch.eye(L, dtype=r.dtype, device=r.device), A_ab, 2
+    while n < L:
+        Ap = Ap @ Ap
+        inv_ab = inv_ab + inv_ab @ Ap
+        n *= 2
+    X = inv_ab @ torch.cat([a_, A_ak @ v], -1)
+    Xw, Xu = X[..., :N], X[..., N:]                   # Z = Xw S0^T + Xu,        (.., L, N) each
+    Q = r_ + A_rb @ Xw                                # Y = Q S0^T + P
+    P = A_rb @ Xu + A_rk @ v
+    M = torch.diag_embed(torch.exp(cum[..., -1, :])) + Xw.transpose(-1, -2) @ bL   # S_L = S0 M + E
+    E = Xu.transpose(-1, -2) @ bL + v.transpose(-1, -2) @ kL                       # (.., N, N)
+
+    ys = []
+    for c in range(nC):
+        ys.append(Q[:, :, c] @ wkv.transpose(-1, -2) + P[:, :, c])                 # (B, H, L, N)
+        wkv = wkv @ M[:, :, c] + E[:, :, c]
+    y = torch.stack(ys, dim=2).permute(0, 2, 3, 1, 4).reshape(B, nC * L, H, N)
+    return y[:, :T], wkv
+
+
 def token_shift(x, prev):
     """x: (B, T, C), prev: (B, C) -> the previous token's x for each t, (B, T, C)."""
     return torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1)
@@ -106,8 +169,11 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=LN_X_EPS)
 
-    def forward(self, x, shift, wkv, v_first):
-        """x: (B, T, C), shift: (B, C), wkv: (B, H, N, N), v_first: (B, T, C) or None."""
+    def forward(self, x, shift, wkv, v_first, wkv_fn=None):
+        """x: (B, T, C), shift: (B, C), wkv: (B, H, N, N), v_first: (B, T, C) or None.
+
+        wkv_fn: the state recurrence to use (same signature as `wkv7_recurrent`, the default).
+        """
         B, T, C = x.shape
         H, N = self.cfg.n_head, self.cfg.head_size
         xx = token_shift(x, shift) - x
@@ -129,7 +195,7 @@ class TimeMix(nn.Module):
 
         decay = torch.exp(-torch.exp(w))                                          # (B, T, C) in (0, 1)
         hv = lambda z: z.view(B, T, H, N)  # noqa: E731
-        y, wkv = wkv7_recurrent(hv(r), hv(decay), hv(k), hv(v), hv(-kk), hv(kk * iclr), wkv)
+        y, wkv = (wkv_fn or wkv7_recurrent)(hv(r), hv(decay), hv(k), hv(v), hv(-kk), hv(kk * iclr), wkv)
 
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         bonus = (hv(r) * hv(k) * self.r_k).sum(dim=-1, keepdim=True) * hv(v)      # (B, T, H, N)
@@ -184,8 +250,11 @@ class RWKV7(nn.Module):
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
 
-    def forward(self, idx, state: State | None = None, last_only: bool = False):
-        """idx: (B, T) int64 -> logits (B, T, V) (or (B, V) with last_only), new State."""
+    def forward(self, idx, state: State | None = None, last_only: bool = False, wkv_fn=None):
+        """idx: (B, T) int64 -> logits (B, T, V) (or (B, V) with last_only), new State.
+
+        wkv_fn: opt-in replacement for `wkv7_recurrent` (e.g. `wkv7_chunked` for training).
+        """
         B, T = idx.shape
         if state is None:
             state = State.zeros(self.cfg, B, dtype=self.emb.weight.dtype, device=idx.device)
@@ -193,7 +262,7 @@ class RWKV7(nn.Module):
         x = self.blocks[0].ln0(self.emb(idx))                                     # (B, T, C)
         v_first = None
         for i, blk in enumerate(self.blocks):
-            dx, s_att, wkv, v_first = blk.att(blk.ln1(x), state.shift[i, 0], state.wkv[i], v_first)
+            dx, s_att, wkv, v_first = blk.att(blk.ln1(x), state.shift[i, 0], state.wkv[i], v_first, wkv_fn=wkv_fn)
             x = x + dx
             dx, s_ffn = blk.ffn(blk.ln2(x), state.shift[i, 1])
             x = x + dx

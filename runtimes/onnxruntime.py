@@ -1,0 +1,59 @@
+"""Run cpu / cuda artifacts with ONNX Runtime: a step session, and a prefill session made on first use."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from rwkvc import ir
+from rwkvc.errors import RwkvcError
+
+
+class OrtRuntime:
+    """forward(tokens (T,) int64, state) -> logits (V,) float32, new state."""
+
+    def __init__(self, path: Path, manifest: dict, threads: int | None = None, providers=None,
+                 prefill_chunk: int = 1024):
+        import onnxruntime as ort
+        self.path, self.manifest, self.prefill_chunk = Path(path), manifest, prefill_chunk
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads or 0   # 0: ORT's default (one per physical core)
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.so = so
+        wanted = providers or manifest.get("providers") or ["CPUExecutionProvider"]
+        avail = ort.get_available_providers()
+        missing = [p for p in wanted if p not in avail]
+        if missing:
+            raise RwkvcError(f"this artifact needs ONNX Runtime provider {missing[0]}, which this onnxruntime "
+                             f"does not have (available: {', '.join(avail)}); install onnxruntime-gpu or "
+                             "compile for --target cpu")
+        self.providers = wanted
+        self._sessions: dict[str, object] = {}
+        self.session("step")
+
+    def session(self, entry: str):
+        if entry not in self._sessions:
+            import onnxruntime as ort
+            fn = self.path / self.manifest["entry_points"][entry]
+            try:
+                self._sessions[entry] = ort.InferenceSession(str(fn), self.so, providers=self.providers)
+            except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+                raise RwkvcError(f"{fn}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]}); "
+                                 "recompile the artifact") from None
+        return self._sessions[entry]
+
+    def run(self, entry: str, tokens: np.ndarray, state: ir.State) -> tuple[np.ndarray, ir.State]:
+        logits, shift, wkv = self.session(entry).run(
+            None, {"tokens": tokens, "shift_in": state.shift, "wkv_in": state.wkv})
+        return logits, ir.State(shift, wkv)
+
+    def forward(self, tokens: np.ndarray, state: ir.State) -> tuple[np.ndarray, ir.State]:
+        if len(tokens) == 1:
+            return self.run("step", tokens, state)
+        logits = None
+        for s in range(0, len(tokens), self.prefill_chunk):
+            chunk = tokens[s:s + self.prefill_chunk]
+            logits, state = self.run("step" if len(chunk) == 1 else "prefill", chunk, state)
+        return logits, state

@@ -1,0 +1,154 @@
+"""The Python API.
+
+    m = rwkvc.load("artifact_dir")
+    logits, state = m.forward(tokens, state=None)   # logits of the last token, float32 (V,); state reusable
+    text = m.generate("The", n=100, temperature=1.0, top_p=0.85)
+    for piece in m.stream("The", n=100): print(piece, end="")
+
+`forward` has the official `rwkv` package's meaning, but never mutates the state it is given: the
+returned state is new, and the old one can be used again (to branch a conversation, say).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from . import ir
+from .artifact import read_manifest
+from .errors import RwkvcError
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: list[int]
+    state: ir.State
+    stop_reason: str   # "length", "stop_token", "stop_string"
+
+
+class Model:
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, **runtime_options):
+        from .runtimes import get_runtime
+        from .tokenizer import WorldTokenizer
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self.config = ir.ModelConfig.from_dict(self.manifest["model"])
+        self.runtime = get_runtime(self.manifest["runtime"])(self.path, self.manifest, threads=threads, **runtime_options)
+        self.tokenizer = WorldTokenizer(self.path / self.manifest["tokenizer"]["file"])
+        self._init_state = self._load_init_state()
+
+    def _load_init_state(self) -> ir.State:
+        init = self.manifest.get("state", {}).get("init")
+        if not init:
+            return ir.State.zeros(self.config)
+        with np.load(self.path / init) as z:
+            return ir.State(z["shift"].astype(np.float32), z["wkv"].astype(np.float32))
+
+    # -- state --------------------------------------------------------------------------------------
+    def init_state(self) -> ir.State:
+        """The model's initial state (zeros, or a tuned state compiled in)."""
+        return self._init_state.copy()
+
+    def check_state(self, state: ir.State) -> ir.State:
+        c = self.config
+        want = {"shift": (c.n_layer, 2, c.n_embd), "wkv": (c.n_layer, c.n_head, c.head_size, c.head_size)}
+        for name, shp in want.items():
+            got = getattr(state, name).shape
+            if tuple(got) != shp:
+                raise RwkvcError(f"state.{name} has shape {tuple(got)}, this model needs {shp}")
+        return ir.State(np.ascontiguousarray(state.shift, np.float32), np.ascontiguousarray(state.wkv, np.float32))
+
+    def save_state(self, state: ir.State, path: str | os.PathLike) -> None:
+        p = Path(path)
+        tmp = p.with_name(p.name + ".tmp.npz")
+        np.savez(tmp, shift=state.shift, wkv=state.wkv, model=np.array(str(self.config.to_dict())))
+        os.replace(tmp, p)
+
+    def load_state(self, path: str | os.PathLike) -> ir.State:
+        p = Path(path)
+        if not p.exists():
+            raise RwkvcError(f"{p}: no such state file")
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                st = ir.State(z["shift"], z["wkv"])
+        except Exception as e:
+            raise RwkvcError(f"{p}: not a state file saved by rwkvc ({type(e).__name__}: {e})") from None
+        return self.check_state(st)
+
+    # -- inference ----------------------------------------------------------------------------------
+    def forward(self, tokens: int | Sequence[int], state: ir.State | None = None) -> tuple[np.ndarray, ir.State]:
+        toks = np.atleast_1d(np.asarray(tokens, dtype=np.int64))
+        if toks.ndim != 1 or toks.size == 0:
+            raise RwkvcError("forward needs at least one token id")
+        if toks.min() < 0 or toks.max() >= self.config.vocab_size:
+            bad = int(toks.max() if toks.max() >= self.config.vocab_size else toks.min())
+            raise RwkvcError(f"token id {bad} is outside this model's vocabulary 0..{self.config.vocab_size - 1} "
+                             "(was the model trained with the RWKV World tokenizer?)")
+        state = self.init_state() if state is None else self.check_state(state)
+        return self.runtime.forward(toks, state)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(tokens)
+
+    def stream(self, prompt: str | Sequence[int] = "", n: int = 100, state: ir.State | None = None,
+               sampling=None, result: list | None = None, **sampling_kw) -> Iterator[str]:
+        """Yield generated text as it comes. `result`, if given a list, receives the final Generation."""
+        from .sampling import Sampler, SamplingConfig
+        from .tokenizer import StreamDecoder
+        cfg = sampling or SamplingConfig(**sampling_kw)
+        if n < 0:
+            raise RwkvcError("n (tokens to generate) must be >= 0")
+        # ids the vocabulary has no text for are never sampled
+        unused = tuple(i for i in self.tokenizer.unused_ids if i < self.config.vocab_size)
+        if unused:
+            cfg = dataclasses.replace(cfg, token_ban=tuple(sorted(set(cfg.token_ban) | set(unused))))
+        sampler = Sampler(cfg, tokenizer=self.tokenizer)
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if state is None:
+            state = self.init_state()
+        if not ids:
+            ids = [0]  # an empty prompt starts a new document
+        logits, state = self.forward(ids, state)
+        dec = StreamDecoder(self.tokenizer)
+        out_tokens: list[int] = []
+        stops = tuple(cfg.stop_strings)
+        hold = max((len(s) - 1 for s in stops), default=0)  # a tail that could still grow into a stop string
+        text, emitted, reason = "", 0, "length"
+        for _ in range(n):
+            tok = sampler.sample(logits)
+            if tok in cfg.token_stop:
+                reason = "stop_token"
+                break
+            sampler.observe(tok)
+            out_tokens.append(tok)
+            logits, state = self.forward([tok], state)   # the state always holds every token emitted
+            text += dec.feed(tok)
+            hit = min((i for i in (text.find(s, max(0, emitted - hold)) for s in stops) if i >= 0), default=-1)
+            if hit >= 0:
+                text, reason = text[:hit], "stop_string"
+                break
+            if len(text) - hold > emitted:
+                yield text[emitted:len(text) - hold]
+                emitted = len(text) - hold
+        if reason != "stop_string":
+            text += dec.flush()
+        if len(text) > emitted:
+            yield text[emitted:]
+        if result is not None:
+            result.append(Generation(text, out_tokens, state, reason))
+
+    def generate(self, prompt: str | Sequence[int] = "", n: int = 100, **kw) -> str:
+        return "".join(self.stream(prompt, n, **kw))
+
+
+def load(path: str | os.PathLike, threads: int | None = None, **runtime_options) -> Model:
+    """Load a compiled artifact directory."""
+    return Model(path, threads=threads, **runtime_options)

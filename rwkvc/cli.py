@@ -1,0 +1,198 @@
+"""The `rwkvc` command line: inspect, compile, run, bench (and demo).
+
+User errors (RwkvcError, bad options) print one line `error: ...` on stderr and exit 2, with no
+traceback; generated text goes to stdout, diagnostics to stderr, so `rwkvc run` pipes cleanly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import RwkvcError
+
+
+def _threads_default():
+    env = os.environ.get("RWKVC_THREADS")
+    return int(env) if env else None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rwkvc")
+def cli():
+    """rwkvc: compile RWKV checkpoints into deployable artifacts, and run them."""
+
+
+# ------------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def inspect(path, as_json):
+    """Describe a checkpoint (MODEL.pth/.safetensors) or a compiled artifact directory."""
+    from .inspect import inspect_path
+    info = inspect_path(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        click.echo(info.pop("_text"))
+
+
+# ------------------------------------------------------------------------------------------------
+@cli.command(name="compile")
+@click.argument("model")
+@click.option("--target", "-t", default="cpu", show_default=True, help="cpu (more with later targets)")
+@click.option("-o", "--out", "out", default=None, help="artifact directory [default: MODEL name + '-' + target]")
+@click.option("--passes", default="", help='compression recipe, e.g. "svd(rank=0.25),int8"')
+@click.option("--dtype", default=None, help="compute dtype (the target's default if omitted)")
+@click.option("--force", is_flag=True, help="replace an existing output directory")
+@click.option("--dump-ir", default=None, help="write the IR after each pass into this directory")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bar")
+def compile_cmd(model, target, out, passes, dtype, force, dump_ir, quiet):
+    """Compile a checkpoint into an artifact directory."""
+    from .pipeline import compile_checkpoint
+    from rwkvc.targets import get_target
+    get_target(target)  # unknown target: fail before reading anything
+    out = out or f"{Path(model).stem}-{target}"
+    path = compile_checkpoint(model, out, target=target, passes=passes, dtype=dtype, force=force,
+                              progress=not quiet, dump_dir=dump_ir)
+    click.echo(f"wrote {path}", err=True)
+
+
+# ------------------------------------------------------------------------------------------------
+def _sampling_options(f):
+    opts = [
+        click.option("--temperature", type=float, default=1.0, show_default=True, help="0 = greedy"),
+        click.option("--top-p", type=float, default=0.85, show_default=True),
+        click.option("--top-k", type=int, default=0, show_default=True, help="0 = off"),
+        click.option("--presence", "alpha_presence", type=float, default=0.0, show_default=True,
+                     help="presence penalty"),
+        click.option("--frequency", "alpha_frequency", type=float, default=0.0, show_default=True,
+                     help="frequency penalty"),
+        click.option("--decay", "alpha_decay", type=float, default=0.996, show_default=True,
+                     help="per-token decay of the penalties' counts"),
+        click.option("--ban", "token_ban", type=int, multiple=True, help="token id never to sample (repeatable)"),
+        click.option("--stop-token", "token_stop", type=int, multiple=True,
+                     help="token id that ends generation (repeatable; default 0, end of document)"),
+        click.option("--stop", "stop_strings", multiple=True, help="text that ends generation (repeatable)"),
+        click.option("--seed", type=int, default=None, help="random seed for reproducible sampling"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _sampling_config(kw):
+    from .sampling import SamplingConfig
+    keys = ("temperature", "top_p", "top_k", "alpha_presence", "alpha_frequency", "alpha_decay",
+            "token_ban", "token_stop", "stop_strings", "seed")
+    args = {k: kw.pop(k) for k in keys}
+    args["token_stop"] = tuple(args["token_stop"]) or (0,)
+    args["token_ban"] = tuple(args["token_ban"])
+    args["stop_strings"] = tuple(s.encode().decode("unicode_escape") for s in args["stop_strings"])
+    return SamplingConfig(**args)
+
+
+@cli.command()
+@click.argument("artifact")
+@click.option("--prompt", "-p", default="", help="text to continue")
+@click.option("-n", "n_tokens", type=int, default=100, show_default=True, help="tokens to generate")
+@_sampling_options
+@click.option("--state-in", default=None, help="resume from a state saved with --state-out")
+@click.option("--state-out", default=None, help="save the state after generation (.npz)")
+@click.option("--chat", is_flag=True, help="interactive chat (User:/Assistant: turns) on stdin")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: ONNX Runtime's choice)")
+def run(artifact, prompt, n_tokens, state_in, state_out, chat, threads, **kw):
+    """Generate text from an artifact, streaming it to stdout."""
+    from .api import load
+    cfg = _sampling_config(kw)
+    if n_tokens < 0:
+        raise RwkvcError("-n must be >= 0")
+    m = load(artifact, threads=threads or _threads_default())
+    state = m.load_state(state_in) if state_in else None
+    if chat:
+        state = _chat(m, cfg, n_tokens, state)
+    else:
+        result = []
+        for piece in m.stream(prompt, n_tokens, state=state, sampling=cfg, result=result):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        state = result[0].state
+    if state_out:
+        m.save_state(state, state_out)
+        click.echo(f"state saved to {state_out}", err=True)
+
+
+def _chat(m, cfg, n_tokens, state):
+    import dataclasses
+    cfg = dataclasses.replace(cfg, stop_strings=tuple(cfg.stop_strings) + ("\n\nUser:", "\n\n"))
+    click.echo("chat: type a message, an empty line or Ctrl-D ends", err=True)
+    state = state if state is not None else m.init_state()
+    while True:
+        click.echo("User: ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line or not line.strip():
+            return state
+        prompt = f"User: {line.strip()}\n\nAssistant:"
+        sys.stdout.write("Assistant:")
+        result = []
+        for piece in m.stream(prompt, n_tokens, state=state, sampling=cfg, result=result):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n\n")
+        sys.stdout.flush()
+        state = result[0].state
+        _, state = m.forward(m.encode("\n\n"), state)
+
+
+# ------------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("artifact")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--tokens", "n_decode", type=int, default=64, show_default=True, help="decode steps to time")
+@click.option("--prefill", "n_prefill", type=int, default=512, show_default=True, help="prompt length for prefill")
+@click.option("--threads", type=int, default=None, help="CPU threads")
+@click.option("--repeat", type=int, default=3, show_default=True, help="timed repetitions (best is reported)")
+def bench(artifact, as_json, n_decode, n_prefill, threads, repeat):
+    """Decode and prefill tokens/s, peak RSS and artifact bytes."""
+    from .bench import bench_artifact
+    if n_decode < 1 or n_prefill < 1 or repeat < 1:
+        raise RwkvcError("--tokens, --prefill and --repeat must be >= 1")
+    r = bench_artifact(artifact, n_decode=n_decode, n_prefill=n_prefill,
+                       threads=threads or _threads_default(), repeat=repeat)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+    else:
+        click.echo(f"artifact        {r['artifact']}  ({r['target']}, {r['artifact_bytes'] / 1e6:.1f} MB)")
+        click.echo(f"decode          {r['decode_tokens_per_s']:.1f} tokens/s  ({r['decode_ms_per_token']:.2f} ms/token)")
+        click.echo(f"prefill ({r['prefill_tokens']})   {r['prefill_tokens_per_s']:.1f} tokens/s")
+        click.echo(f"peak RSS        {r['peak_rss_bytes'] / 1e6:.1f} MB")
+        click.echo(f"threads         {r['threads']}")
+
+
+# ------------------------------------------------------------------------------------------------
+def main(argv=None):
+    try:
+        cli.main(args=argv, prog_name="rwkvc", standalone_mode=False)
+    except RwkvcError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.stderr.close()
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
