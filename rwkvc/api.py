@@ -55,9 +55,7 @@ class Model:
         return self._init_state.copy()
 
     def check_state(self, state: ir.State) -> ir.State:
-        c = self.config
-        want = {"shift": (c.n_layer, 2, c.n_embd), "wkv": (c.n_layer, c.n_head, c.head_size, c.head_size)}
-        for name, shp in want.items():
+        for name, shp in self.config.state_shapes().items():
             got = getattr(state, name).shape
             if tuple(got) != shp:
                 raise RwkvcError(f"state.{name} has shape {tuple(got)}, this model needs {shp}")

@@ -112,7 +112,20 @@ def emit_dense(g: Graph, lin: ir.Linear, x: str) -> str:
     return g.op("MatMul", x, g.weight(lin.name + ".wT", lin.weight.w.T))
 
 
-LINEAR_EMITTERS: dict[str, Callable[[Graph, ir.Linear, str], str]] = {"dense": emit_dense}
+def emit_lowrank(g: Graph, lin: ir.Linear, x: str) -> str:
+    lr = lin.weight
+    h = g.op("MatMul", x, g.weight(lin.name + ".aT", lr.a.T))                  # (T, rank)
+    if lr.act in ("relu", "relu2"):
+        h = g.op("Relu", h)
+        if lr.act == "relu2":
+            h = g.op("Mul", h, h)
+    y = g.op("MatMul", h, g.weight(lin.name + ".bT", lr.b.T))                  # (T, out)
+    if lr.diag is not None:
+        y = g.op("Add", y, g.op("Mul", x, g.weight(lin.name + ".diag", lr.diag)))
+    return y
+
+
+LINEAR_EMITTERS: dict[str, Callable[[Graph, ir.Linear, str], str]] = {"dense": emit_dense, "lowrank": emit_lowrank}
 
 
 def linear(g: Graph, lin: ir.Linear, x: str) -> str:
@@ -141,7 +154,7 @@ def wkv_step(g: Graph, S: str, w: str, a: str, b: str, v: str, k: str, r: str):
     return S2, g.op("MatMul", S2, r)
 
 
-def emit_wkv(g: Graph, S: str, T_shape, H: int, N: int, prefill: bool, **vecs):
+def emit_wkv(g: Graph, S: str, H: int, N: int, prefill: bool, **vecs):
     """vecs r,w,k,v,a,b: (T, C). Returns y (T, C) and the new state (H, N, N)."""
     col = g.const([-1, H, N, 1]) if prefill else g.const([H, N, 1])
     row = g.const([-1, H, 1, N]) if prefill else g.const([H, 1, N])
@@ -192,7 +205,7 @@ def emit_time_mix_v7(g: Graph, att: ir.TimeMix, x: str, prev: str, S: str, v_fir
         vg = g.op("Sigmoid", g.op("Add", g.weight(p + "v0", att.vec["v0"]), linear(g, L["v2"], linear(g, L["v1"], xm["x_v"]))))
         v = g.op("Add", v, g.op("Mul", g.op("Sub", v_first, v), vg))
 
-    y, S2 = emit_wkv(g, S, None, H, N, prefill, r=r, w=w, k=k, v=v,
+    y, S2 = emit_wkv(g, S, H, N, prefill, r=r, w=w, k=k, v=v,
                      a=g.op("Neg", kk), b=g.op("Mul", kk, iclr))
 
     # group norm over each head's N channels, then the per-channel affine of ln_x
@@ -270,12 +283,13 @@ def build_graph(model: ir.Model, store: WeightStore, prefill: bool, emb_name: st
 
     f = TensorProto.FLOAT
     T = "T" if prefill else 1
+    shp = cfg.state_shapes()
     inputs = [helper.make_tensor_value_info("tokens", TensorProto.INT64, [T]),
-              helper.make_tensor_value_info("shift_in", f, [L, 2, C]),
-              helper.make_tensor_value_info("wkv_in", f, [L, H, N, N])]
+              helper.make_tensor_value_info("shift_in", f, list(shp["shift"])),
+              helper.make_tensor_value_info("wkv_in", f, list(shp["wkv"]))]
     outputs = [helper.make_tensor_value_info("logits", f, [V]),
-               helper.make_tensor_value_info("shift_out", f, [L, 2, C]),
-               helper.make_tensor_value_info("wkv_out", f, [L, H, N, N])]
+               helper.make_tensor_value_info("shift_out", f, list(shp["shift"])),
+               helper.make_tensor_value_info("wkv_out", f, list(shp["wkv"]))]
     graph = g.make("rwkv_prefill" if prefill else "rwkv_step", inputs, outputs)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
                           producer_name="rwkvc")

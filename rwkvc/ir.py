@@ -63,6 +63,53 @@ def register_weight_kind(cls):
     return cls
 
 
+@register_weight_kind
+@dataclass
+class LowRank:
+    """W ~ B act(A x) (+ diag * x): y = act(x @ A.T) @ B.T (+ x * diag).
+
+    a (rank, in), b (out, rank). act: None, "relu" or "relu2" (squared relu), as RWKV-Lite's
+    factorised projections use; diag (in,) only for square matrices.
+    """
+    a: np.ndarray
+    b: np.ndarray
+    act: str | None = None
+    diag: np.ndarray | None = None
+    kind: ClassVar[str] = "lowrank"
+
+    def __post_init__(self):
+        if self.a.shape[0] != self.b.shape[1]:
+            raise ValueError(f"LowRank: a {self.a.shape} and b {self.b.shape} disagree on the rank")
+        if self.act not in (None, "relu", "relu2"):
+            raise ValueError(f"LowRank.act must be None, 'relu' or 'relu2', got {self.act!r}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.b.shape[0], self.a.shape[1])
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        d = {"a": self.a, "b": self.b}
+        if self.diag is not None:
+            d["diag"] = self.diag
+        return d
+
+    def to_dense(self) -> np.ndarray:
+        if self.act is not None:
+            raise ValueError("a LowRank with an activation has no dense equivalent")
+        w = np.asarray(self.b, np.float32) @ np.asarray(self.a, np.float32)
+        if self.diag is not None:
+            w = w + np.diag(np.asarray(self.diag, np.float32))
+        return w
+
+    def describe(self) -> str:
+        extra = (f" act={self.act}" if self.act else "") + (" +diag" if self.diag is not None else "")
+        return f"lowrank {self.shape[0]}x{self.shape[1]} rank {self.rank}{extra} {self.a.dtype}"
+
+
 @dataclass
 class Linear:
     """A matrix of the model. `name` is its official checkpoint key without `.weight`."""
@@ -147,6 +194,13 @@ class ModelConfig:
     def n_head(self) -> int:
         return self.n_embd // self.head_size
 
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The recurrent state's arrays. shift: previous token's input to time-mix [0] / channel-mix [1];
+        wkv: the matrix memory (H, N, N) per layer (v5+), or v4's running (aa, bb, pp) per channel."""
+        L, C, H, N = self.n_layer, self.n_embd, self.n_head, self.head_size
+        wkv = (L, 3, C) if self.version == "4" else (L, H, N, N)
+        return {"shift": (L, 2, C), "wkv": wkv}
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["lora"] = dict(self.lora)
@@ -162,14 +216,17 @@ class ModelConfig:
 
 @dataclass
 class State:
-    """The recurrent state: shift (L, 2, C) and wkv (L, H, N, N), float32."""
+    """The recurrent state, float32: shift (L, 2, C) and wkv (see ModelConfig.state_shapes)."""
     shift: np.ndarray
     wkv: np.ndarray
 
     @staticmethod
     def zeros(cfg: ModelConfig) -> "State":
-        L, C, H, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size
-        return State(np.zeros((L, 2, C), np.float32), np.zeros((L, H, N, N), np.float32))
+        shp = cfg.state_shapes()
+        st = State(np.zeros(shp["shift"], np.float32), np.zeros(shp["wkv"], np.float32))
+        if cfg.version == "4":
+            st.wkv[:, 2] = -1e38  # pp: the running max exponent starts at -inf
+        return st
 
     def copy(self) -> "State":
         return State(self.shift.copy(), self.wkv.copy())
