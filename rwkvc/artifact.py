@@ -44,8 +44,11 @@ def check_output_dir(out: Path, force: bool) -> None:
     parent = out.resolve().parent
     if not parent.exists():
         raise RwkvcError(f"{parent}: parent directory of the output does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise RwkvcError(f"{parent}: not writable; choose an output directory you can write to")
+    try:  # a real probe: permissions, read-only file systems and root on /proc all show up here
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+    except OSError as e:
+        raise RwkvcError(f"{parent}: cannot write the output there ({e.strerror}); "
+                         "choose an output directory you can write to") from None
 
 
 def compile_to_dir(model: ir.Model, target, out: str | os.PathLike, *, dtype: str | None = None,

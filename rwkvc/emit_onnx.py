@@ -154,27 +154,84 @@ def wkv_step(g: Graph, S: str, w: str, a: str, b: str, v: str, k: str, r: str):
     return S2, g.op("MatMul", S2, r)
 
 
-def emit_wkv(g: Graph, S: str, H: int, N: int, prefill: bool, **vecs):
-    """vecs r,w,k,v,a,b: (T, C). Returns y (T, C) and the new state (H, N, N)."""
-    col = g.const([-1, H, N, 1]) if prefill else g.const([H, N, 1])
-    row = g.const([-1, H, 1, N]) if prefill else g.const([H, 1, N])
-    shaped = {n: g.op("Reshape", vecs[n], row if n in ("w", "b", "k") else col) for n in ("w", "a", "b", "v", "k", "r")}
-    if not prefill:
-        S2, y = wkv_step(g, S, *(shaped[n] for n in ("w", "a", "b", "v", "k", "r")))
-        return g.op("Reshape", y, g.const([1, H * N])), S2
+def emit_wkv(g: Graph, S: str, H: int, N: int, prefill: bool, r, logw, k, v, a, b):
+    """r, logw, k, v, a, b: (T, C) with w = exp(logw). Returns y (T, C) and the new state (H, N, N)."""
+    if prefill:
+        return emit_wkv_chunked(g, S, H, N, CHUNK, r=r, logw=logw, k=k, v=v, a=a, b=b)
+    col, row = g.const([H, N, 1]), g.const([H, 1, N])
+    w = g.op("Exp", logw)
+    shaped = {n: g.op("Reshape", x, row if n in ("w", "b", "k") else col)
+              for n, x in (("w", w), ("a", a), ("b", b), ("v", v), ("k", k), ("r", r))}
+    S2, y = wkv_step(g, S, *(shaped[n] for n in ("w", "a", "b", "v", "k", "r")))
+    return g.op("Reshape", y, g.const([1, H * N])), S2
+
+
+CHUNK = 16  # prefill WKV chunk length (a power of two)
+
+
+def emit_wkv_chunked(g: Graph, S: str, H: int, N: int, Tc: int, r, logw, k, v, a, b):
+    """The WKV recurrence over T tokens in chunks of Tc (the WY form of the generalised delta rule).
+
+    Per chunk, with gamma_t = prod_{i<=t} w_i (inclusive) and g_x its exclusive version, rescale
+        A~ = a * g_x,  B~ = b / gamma,  K~ = k / gamma,  R~ = r * gamma          (Tc, N) per head
+    and with masks strict (s < t) and incl (s <= t):
+        L = (A~ B~^T) strict,  Inv = (I - L)^-1 = prod_i (I + L^(2^i))         (Tc, Tc)
+        W1 = Inv A~,  W2 = Inv ((A~ K~^T) strict) V
+        Q = R~ + (R~ B~^T)incl W1,   Y0 = (R~ B~^T)incl W2 + (R~ K~^T)incl V
+        G = (I + W1^T B~) diag(gamma_Tc),   D = (W2^T B~ + V^T K~) diag(gamma_Tc)
+    then only this is sequential over chunks (an ONNX Scan), everything above is batched:
+        Y^T = S Q^T + Y0^T,   S <- S G + D
+    Padding tokens have w = 1 and a = b = k = v = r = 0, so they leave the state alone.
+    """
+    C = H * N
+    T = g.op("Slice", g.op("Shape", r), g.const([0]), g.const([1]))                   # (1,)
+    pad = g.op("Mod", g.op("Sub", g.const([Tc]), g.op("Mod", T, g.const([Tc]))), g.const([Tc]))
+    pads = g.op("Concat", g.const([0, 0]), pad, g.const([0]), axis=0)                  # [0, 0, pad, 0]
+
+    def chunked(x):  # (T, C) -> (nC, H, Tc, N)
+        x = g.op("Pad", x, pads)
+        return g.op("Transpose", g.op("Reshape", x, g.const([-1, Tc, H, N])), perm=[0, 2, 1, 3])
+
+    r, logw, k, v, a, b = (chunked(x) for x in (r, logw, k, v, a, b))
+    cum = g.op("CumSum", logw, g.const(2))
+    cumx = g.op("CumSum", logw, g.const(2), exclusive=1)
+    gam, inv_gam = g.op("Exp", cum), g.op("Exp", g.op("Neg", cum))
+    At = g.op("Mul", a, g.op("Exp", cumx))
+    Bt, Kt, Rt = g.op("Mul", b, inv_gam), g.op("Mul", k, inv_gam), g.op("Mul", r, gam)
+    gam_end = g.op("Exp", g.op("Slice", cum, g.const([-1]), g.const([Tc]), g.const([2])))  # (nC, H, 1, N)
+
+    tr = lambda x: g.op("Transpose", x, perm=[0, 1, 3, 2])  # noqa: E731
+    strict = g.const(np.tril(np.ones((Tc, Tc)), -1))
+    incl = g.const(np.tril(np.ones((Tc, Tc))))
+    eye_t, eye_n = g.const(np.eye(Tc)), g.const(np.eye(N))
+    BtT, KtT = tr(Bt), tr(Kt)
+    L = g.op("Mul", g.op("MatMul", At, BtT), strict)
+    Lak = g.op("Mul", g.op("MatMul", At, KtT), strict)
+    Mrb = g.op("Mul", g.op("MatMul", Rt, BtT), incl)
+    Mrk = g.op("Mul", g.op("MatMul", Rt, KtT), incl)
+    inv, Lp = g.op("Add", eye_t, L), L
+    for _ in range(int(math.log2(Tc)) - 1):
+        Lp = g.op("MatMul", Lp, Lp)
+        inv = g.op("MatMul", inv, g.op("Add", eye_t, Lp))
+    W1 = g.op("MatMul", inv, At)
+    W2 = g.op("MatMul", inv, g.op("MatMul", Lak, v))
+    Qt = tr(g.op("Add", Rt, g.op("MatMul", Mrb, W1)))                                   # (nC, H, N, Tc)
+    Y0t = tr(g.op("Add", g.op("MatMul", Mrb, W2), g.op("MatMul", Mrk, v)))              # (nC, H, N, Tc)
+    G = g.op("Mul", g.op("Add", eye_n, g.op("MatMul", tr(W1), Bt)), gam_end)            # (nC, H, N, N)
+    D = g.op("Mul", g.op("Add", g.op("MatMul", tr(W2), Bt), g.op("MatMul", tr(v), Kt)), gam_end)
+
     body = g.subgraph()
+    yt = body.op("Add", body.op("MatMul", "S_in", "q_c"), "y0_c")
+    body.nodes.append(helper.make_node("Identity", [yt], ["y_c"]))
+    body.nodes.append(helper.make_node("Add", [body.op("MatMul", "S_in", "g_c"), "d_c"], ["S_out"]))
     f = TensorProto.FLOAT
-    names = ["S_in", "w_t", "a_t", "b_t", "v_t", "k_t", "r_t"]
-    S2, y = wkv_step(body, *names)
-    body.nodes.append(helper.make_node("Identity", [S2], ["S_out"]))
-    body.nodes.append(helper.make_node("Identity", [y], ["y_t"]))
     vi = lambda n, shp: helper.make_tensor_value_info(n, f, shp)  # noqa: E731
-    gp = body.make("wkv_body",
-                   [vi("S_in", [H, N, N])] + [vi(n, [H, 1, N] if n[0] in "wbk" else [H, N, 1]) for n in names[1:]],
-                   [vi("S_out", [H, N, N]), vi("y_t", [H, N, 1])])
-    S_final, ys = g.op("Scan", S, *(shaped[n] for n in ("w", "a", "b", "v", "k", "r")), n_out=2,
-                       body=gp, num_scan_inputs=6)
-    return g.op("Reshape", ys, g.const([-1, H * N])), S_final
+    gp = body.make("wkv_chunk", [vi("S_in", [H, N, N]), vi("q_c", [H, N, Tc]), vi("y0_c", [H, N, Tc]),
+                                 vi("g_c", [H, N, N]), vi("d_c", [H, N, N])],
+                   [vi("S_out", [H, N, N]), vi("y_c", [H, N, Tc])])
+    S_final, ys = g.op("Scan", S, Qt, Y0t, G, D, n_out=2, body=gp, num_scan_inputs=4)  # ys (nC, H, N, Tc)
+    y = g.op("Reshape", g.op("Transpose", ys, perm=[0, 3, 1, 2]), g.const([-1, C]))      # (nC*Tc, C)
+    return g.op("Slice", y, g.const([0]), T, g.const([0])), S_final
 
 
 def emit_time_mix_v7(g: Graph, att: ir.TimeMix, x: str, prev: str, S: str, v_first: str | None,
@@ -186,8 +243,7 @@ def emit_time_mix_v7(g: Graph, att: ir.TimeMix, x: str, prev: str, S: str, v_fir
     L = att.lin
     r = linear(g, L["receptance"], xm["x_r"])
     w = linear(g, L["w2"], g.op("Tanh", linear(g, L["w1"], xm["x_w"])))
-    w = g.op("Exp", g.op("Mul", g.op("Sigmoid", g.op("Add", w, g.weight(p + "w0", att.vec["w0"]))),
-                         g.const(-DECAY_SCALE)))
+    logw = g.op("Mul", g.op("Sigmoid", g.op("Add", w, g.weight(p + "w0", att.vec["w0"]))), g.const(-DECAY_SCALE))
     k = linear(g, L["key"], xm["x_k"])
     v = linear(g, L["value"], xm["x_v"])
     iclr = g.op("Sigmoid", g.op("Add", g.weight(p + "a0", att.vec["a0"]), linear(g, L["a2"], linear(g, L["a1"], xm["x_a"]))))
@@ -205,7 +261,7 @@ def emit_time_mix_v7(g: Graph, att: ir.TimeMix, x: str, prev: str, S: str, v_fir
         vg = g.op("Sigmoid", g.op("Add", g.weight(p + "v0", att.vec["v0"]), linear(g, L["v2"], linear(g, L["v1"], xm["x_v"]))))
         v = g.op("Add", v, g.op("Mul", g.op("Sub", v_first, v), vg))
 
-    y, S2 = emit_wkv(g, S, H, N, prefill, r=r, w=w, k=k, v=v,
+    y, S2 = emit_wkv(g, S, H, N, prefill, r=r, logw=logw, k=k, v=v,
                      a=g.op("Neg", kk), b=g.op("Mul", kk, iclr))
 
     # group norm over each head's N channels, then the per-channel affine of ln_x

@@ -85,15 +85,19 @@ def check_finite(sd: dict) -> None:
                              "(re-export it from a healthy training step)")
 
 
-def load_model(path: str | os.PathLike) -> ir.Model:
+def load_model(path: str | os.PathLike, cluster_file: str | os.PathLike | None = None) -> ir.Model:
+    """cluster_file: RWKV-Lite's vocabulary clusters (`*-cls.npy`) for a checkpoint with a hierarchical head."""
     sd = load_state_dict(path)
-    return model_from_state_dict(sd)
+    return model_from_state_dict(sd, cluster_file=cluster_file)
 
 
-def model_from_state_dict(sd: dict) -> ir.Model:
+def model_from_state_dict(sd: dict, cluster_file: str | os.PathLike | None = None) -> ir.Model:
     arch = detect_version(sd)
     check_finite(sd)
     model = arch.to_ir(sd)
+    if cluster_file is not None:
+        from .arch import lite
+        model.head = lite.clustered_head(sd, model, cluster_file)
     try:
         ir.verify(model)
     except ValueError as e:

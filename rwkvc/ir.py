@@ -110,6 +110,74 @@ class LowRank:
         return f"lowrank {self.shape[0]}x{self.shape[1]} rank {self.rank}{extra} {self.a.dtype}"
 
 
+@register_weight_kind
+@dataclass
+class ClusteredHead:
+    """The hierarchical (clustered) head of RWKV-Lite: W (V, C) with its rows grouped into K clusters.
+
+    order (V,) int64    token ids sorted by cluster (a permutation of 0..V-1)
+    bounds (K+1,) int64 cluster k owns rows order[bounds[k]:bounds[k+1]]
+    rows (V, C)         W[order]: the head's rows, cluster by cluster
+    cluster             a weight representation (K, C) giving cluster logits (Dense, or LowRank with
+                        act "relu" for RWKV-Lite's MLP variant head_l1fc2(relu(head_l1fc1 x)))
+    top_p, min_k, max_k which clusters get exact logits, per token: the most probable ones until their
+                        cumulative probability reaches top_p, at least min_k and at most max_k of them
+
+    Inference (one token, x (C,)):  p = softmax(cluster x); S = the chosen clusters;
+        logit_t = rows_t . x                                           for t in a cluster of S
+        logit_t = logsumexp_{s in S} logit_s + log p_c - log sum_{S} p - log |c|   for t in cluster c not in S
+    so the non-chosen clusters share the mass the cluster head gives them, spread evenly over their tokens.
+    With top_p >= 1 or min_k >= K every logit is exact (`to_dense` is that exact matrix).
+    """
+    order: np.ndarray
+    bounds: np.ndarray
+    rows: np.ndarray
+    cluster: object
+    top_p: float = 0.95
+    min_k: int = 3
+    max_k: int = 100
+    kind: ClassVar[str] = "clustered"
+
+    def __post_init__(self):
+        V = self.rows.shape[0]
+        if self.order.shape != (V,) or self.bounds.ndim != 1 or int(self.bounds[0]) != 0 or int(self.bounds[-1]) != V:
+            raise ValueError(f"ClusteredHead: order {self.order.shape} / bounds {self.bounds.shape} do not describe {V} rows")
+        if np.any(np.diff(self.bounds) < 0):
+            raise ValueError("ClusteredHead.bounds must be non-decreasing")
+        if tuple(self.cluster.shape) != (self.n_clusters, self.rows.shape[1]):
+            raise ValueError(f"ClusteredHead: cluster head shape {tuple(self.cluster.shape)} != (K, C) = "
+                             f"{(self.n_clusters, self.rows.shape[1])}")
+        if not (0 < self.top_p <= 1) or self.min_k < 1 or self.max_k < self.min_k:
+            raise ValueError(f"ClusteredHead: need 0 < top_p <= 1 and 1 <= min_k <= max_k, got "
+                             f"top_p={self.top_p} min_k={self.min_k} max_k={self.max_k}")
+
+    @property
+    def n_clusters(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.rows.shape)
+
+    def row_cluster(self) -> np.ndarray:
+        """(V,) int64: the cluster of each row of `rows`."""
+        return np.repeat(np.arange(self.n_clusters, dtype=np.int64), np.diff(self.bounds))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        d = {"order": self.order, "bounds": self.bounds, "rows": self.rows}
+        d.update({"cluster." + k: v for k, v in self.cluster.arrays().items()})
+        return d
+
+    def to_dense(self) -> np.ndarray:
+        w = np.empty(self.rows.shape, np.float32)
+        w[self.order] = self.rows
+        return w
+
+    def describe(self) -> str:
+        return (f"clustered {self.shape[0]}x{self.shape[1]} K={self.n_clusters} (cluster head "
+                f"{self.cluster.describe()}) top_p={self.top_p} k={self.min_k}..{self.max_k} {self.rows.dtype}")
+
+
 @dataclass
 class Linear:
     """A matrix of the model. `name` is its official checkpoint key without `.weight`."""
@@ -158,10 +226,61 @@ class TimeMix:
 
 
 @dataclass
+class SparseFFN:
+    """Activation sparsity of a channel-mix (RWKV-Lite): per token, predict which of the F hidden units
+    fire and compute only those rows of `key` and columns of `value`.
+
+    With xk (C,) the token-shifted input of `key`:
+        mlp   = sigmoid(fc2 @ relu(fc1 @ xk)) > mlp_threshold                       (F,)  if fc1 is set
+        q     = q_scale * (q_codes @ xk) + q_zero * sum(xk)                          (F,)  if q_codes is set
+        quant = q > quantile(q, q_quantile)     (linear interpolation, as torch.quantile)
+        active = mlp | quant
+        h = relu(key @ xk)^2 where active, 0 elsewhere;   y = value @ h
+    q_codes are the `key` weight quantised to q_bits (RWKV-Lite: 1 bit, one scale and zero point for the
+    whole matrix), so q approximates key @ xk. A unit the predictors miss is dropped: lossy by design.
+    """
+    fc1: np.ndarray | None = None          # (D, C) MLP predictor, first layer
+    fc2: np.ndarray | None = None          # (F, D)
+    mlp_threshold: float = 0.7
+    q_codes: np.ndarray | None = None      # (F, C) uint8 codes in [0, 2^q_bits)
+    q_scale: float = 1.0
+    q_zero: float = 0.0
+    q_bits: int = 1
+    q_quantile: float = 0.95
+
+    def __post_init__(self):
+        if (self.fc1 is None) != (self.fc2 is None):
+            raise ValueError("SparseFFN needs both fc1 and fc2 (or neither)")
+        if self.fc1 is None and self.q_codes is None:
+            raise ValueError("SparseFFN needs at least one predictor (fc1/fc2 or q_codes)")
+        if self.fc1 is not None and self.fc1.shape[0] != self.fc2.shape[1]:
+            raise ValueError(f"SparseFFN: fc1 {self.fc1.shape} and fc2 {self.fc2.shape} disagree on the hidden width")
+        if not (0.0 <= self.q_quantile <= 1.0):
+            raise ValueError(f"SparseFFN.q_quantile must be in [0, 1], got {self.q_quantile}")
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        d = {}
+        if self.fc1 is not None:
+            d["fc1"], d["fc2"] = self.fc1, self.fc2
+        if self.q_codes is not None:
+            d["q_codes"] = self.q_codes
+        return d
+
+    def describe(self) -> str:
+        parts = []
+        if self.fc1 is not None:
+            parts.append(f"mlp predictor {self.fc1.shape[1]}->{self.fc1.shape[0]}->{self.fc2.shape[0]} > {self.mlp_threshold}")
+        if self.q_codes is not None:
+            parts.append(f"{self.q_bits}-bit key predictor top {1 - self.q_quantile:.0%}")
+        return "sparse ffn: " + " | ".join(parts)
+
+
+@dataclass
 class ChannelMix:
     version: str
     mix: dict[str, np.ndarray]        # x_k (and x_r before v7)
     lin: dict[str, Linear]            # key (F, C), value (C, F) (and receptance (C, C) before v7)
+    sparse: SparseFFN | None = None   # activation-sparsity predictors (RWKV-Lite), None = dense
 
 
 @dataclass
@@ -271,6 +390,8 @@ class Model:
             add("channel-mix", blk.ffn.mix.values())
             for lin in blk.ffn.lin.values():
                 add("channel-mix", lin.weight.arrays().values())
+            if blk.ffn.sparse is not None:
+                add("channel-mix", blk.ffn.sparse.arrays().values())
             add("norms", [blk.ln1.weight, blk.ln1.bias, blk.ln2.weight, blk.ln2.bias])
         add("norms", [self.ln_out.weight, self.ln_out.bias] + ([self.ln0.weight, self.ln0.bias] if self.ln0 else []))
         return {k: (v[0], v[1]) for k, v in out.items()}
@@ -289,6 +410,8 @@ class Model:
             lines.append(f"    ffn: mix[{', '.join(blk.ffn.mix)}]")
             for k, lin in blk.ffn.lin.items():
                 lines.append(f"      {k:<11} {lin.weight.describe()}")
+            if blk.ffn.sparse is not None:
+                lines.append(f"      {blk.ffn.sparse.describe()}")
         lines.append(f"  ln_out, head: {self.head.weight.describe()}")
         if self.init_state is not None:
             lines.append("  init_state: tuned")
@@ -314,3 +437,11 @@ def verify(model: Model) -> None:
         k, vv = blk.ffn.lin["key"], blk.ffn.lin["value"]
         if k.weight.shape != (F, C) or vv.weight.shape != (C, F):
             raise ValueError(f"blocks.{i}.ffn key/value shapes {k.weight.shape}/{vv.weight.shape} disagree with F={F}, C={C}")
+        if "receptance" in blk.ffn.lin and blk.ffn.lin["receptance"].weight.shape != (C, C):
+            raise ValueError(f"blocks.{i}.ffn receptance shape {blk.ffn.lin['receptance'].weight.shape} != (C, C) = {(C, C)}")
+        sp = blk.ffn.sparse
+        if sp is not None:
+            if sp.fc1 is not None and (sp.fc1.shape[1] != C or sp.fc2.shape[0] != F):
+                raise ValueError(f"blocks.{i} sparse-ffn predictor {sp.fc1.shape}/{sp.fc2.shape} disagrees with F={F}, C={C}")
+            if sp.q_codes is not None and sp.q_codes.shape != (F, C):
+                raise ValueError(f"blocks.{i} sparse-ffn key codes {sp.q_codes.shape} != (F, C) = {(F, C)}")

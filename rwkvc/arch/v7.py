@@ -96,12 +96,12 @@ class V7:
             return ir.Norm(vec(p + ".weight"), vec(p + ".bias"), eps)
 
         blocks = []
-        C = cfg.n_embd
         for i in range(cfg.n_layer):
             a = f"blocks.{i}.att."
             att_vec = {}
             for k in VEC:
-                att_vec[k] = vec(a + k) if a + k in sd else np.zeros(C, np.float32)
+                if not (i == 0 and k == "v0"):  # layer 0 has no value residual
+                    att_vec[k] = vec(a + k)
             att_vec["r_k"] = vec(a + "r_k")
             lins = {m: lin(a + m + ".weight") for m in SQUARE}
             for nm, a1, a2 in LORA:

@@ -90,7 +90,7 @@ def wkv7_chunked(r, w, k, v, a, b, wkv, chunk_len: int = 32):
     is a plain decaying linear recurrence, and the z_t solve a unit lower-triangular L x L system
     (the "UT transform" of the WY representation):
         (I - A_ab) Z = A~ S0^T + A_ak V,   A_xy[t, j] = (x_t * g_{t-1}) . (y_j / g_j), j < t
-    so every chunk is a few batched matmuls and one triangular solve, and only the chunk-to-chunk
+    so every chunk is a few batched matmuls and one unit-triangular inverse, and only the chunk-to-chunk
     state hand-over (S <- S M + E, Y = Q S^T + P) is sequential. Exact in exact arithmetic; the
     split g_{t-1} / g_j needs prod(w) over a chunk to stay well inside the dtype's range, which holds
     for RWKV-7 (w >= exp(-e^-0.5) = 0.545, so 0.545^64 ~ 1e-17 even for chunk_len 64).

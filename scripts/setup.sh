@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install everything rwkvc needs on a fresh Debian machine with Python 3.11 (idempotent).
+#   system: g++ (DeepSpeed's CPU op), the aarch64 cross compiler + qemu (rpi5 target), bible-kjv (demo corpus)
+#   python: torch (CPU), rwkvc with its test extras (the official `rwkv` package is the test reference)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+APT_PKGS="g++ g++-aarch64-linux-gnu qemu-user bible-kjv"
+missing=""
+for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [ -n "$missing" ]; then
+  echo "setup: apt-get install$missing" >&2
+  $SUDO apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >&2
+fi
+
+# torch first and pinned: an unpinned torch pulls several GB of CUDA packages
+$PY -c "import torch" 2>/dev/null || $PY -m pip install -q "torch==2.13.0" >&2
+$PY -m pip install -q -e ".[test,train,tvm]" >&2
+[ -x scripts/setup_tvm.sh ] && bash scripts/setup_tvm.sh >&2 || true
+echo "setup: done" >&2

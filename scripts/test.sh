@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up (idempotent) and run the whole test suite. Exit non-zero if any test fails or none ran.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh || exit 1
+PY=${PYTHON:-python3}
+$PY -m pytest -q -ra --durations=15 tests "$@"
+rc=$?
+if [ $rc -eq 5 ]; then echo "no tests ran: treating as failure" >&2; exit 1; fi
+exit $rc

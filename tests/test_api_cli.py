@@ -1,0 +1,141 @@
+"""The Python API and the CLI on a small random World-vocabulary RWKV-7."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import rwkvc
+from rwkvc.artifact import verify_hashes
+from rwkvc.testing import save_random_v7
+
+CLI = [sys.executable, "-m", "rwkvc.cli"]
+
+
+def rwkvc_cli(*args, inp=None):
+    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, input=inp, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    d = tmp_path_factory.mktemp("api")
+    ckpt = save_random_v7(d / "m.pth", n_layer=2, n_embd=64, head_size=32, vocab_size=65536, seed=3)
+    return rwkvc.compile(ckpt, d / "art"), ckpt
+
+
+@pytest.fixture(scope="module")
+def m(art):
+    return rwkvc.load(art[0])
+
+
+def test_forward_semantics(m):
+    toks = m.encode("The quick brown fox")
+    logits, state = m.forward(toks)
+    assert logits.shape == (65536,) and logits.dtype == np.float32
+    before = state.copy()
+    l1, s1 = m.forward([42], state)
+    l2, s2 = m.forward([42], state)          # the state given is not mutated, so it can be reused
+    np.testing.assert_array_equal(state.wkv, before.wkv)
+    np.testing.assert_array_equal(l1, l2)
+    # one call over all tokens == two calls continuing the state
+    l_all, _ = m.forward(toks + [42])
+    np.testing.assert_allclose(l_all, l1, atol=1e-4 * max(1, np.abs(l1).max()))
+    with pytest.raises(rwkvc.errors.RwkvcError):
+        m.forward([])
+    with pytest.raises(rwkvc.errors.RwkvcError):
+        m.forward([70000])
+
+
+def test_greedy_generation_is_the_argmax_chain(m):
+    res = []
+    text = "".join(m.stream("Hello", n=12, temperature=0, token_stop=(), result=res))
+    logits, state = m.forward(m.encode("Hello"))
+    want = []
+    for _ in range(12):
+        logits[list(m.tokenizer.unused_ids)] = -np.inf
+        t = int(np.argmax(logits))
+        want.append(t)
+        logits, state = m.forward([t], state)
+    assert res[0].tokens == want
+    assert text == m.decode(want)
+    np.testing.assert_allclose(res[0].state.wkv, state.wkv, atol=1e-5)
+
+
+def test_seeded_sampling_is_reproducible(m):
+    a = m.generate("Once", n=20, temperature=1.0, top_p=0.9, seed=7, token_stop=())
+    b = m.generate("Once", n=20, temperature=1.0, top_p=0.9, seed=7, token_stop=())
+    c = m.generate("Once", n=20, temperature=1.0, top_p=0.9, seed=8, token_stop=())
+    assert a == b and a != c
+
+
+def test_stop_string_and_token(m):
+    full = m.generate("Once", n=30, temperature=0, token_stop=())
+    stop = full[5:8]
+    cut = m.generate("Once", n=30, temperature=0, token_stop=(), stop_strings=(stop,))
+    assert cut == full[: full.index(stop)]
+    res = []
+    list(m.stream("Once", n=30, temperature=0, result=res))
+    first = res[0]
+    greedy_tokens = []
+    list(m.stream("Once", n=30, temperature=0, token_stop=(), result=greedy_tokens))
+    stop_tok = greedy_tokens[0].tokens[3]
+    res2 = []
+    list(m.stream("Once", n=30, temperature=0, token_stop=(stop_tok,), result=res2))
+    assert res2[0].tokens == greedy_tokens[0].tokens[:greedy_tokens[0].tokens.index(stop_tok)]
+    assert res2[0].stop_reason == "stop_token" and first.stop_reason in ("length", "stop_token")
+
+
+def test_manifest_hashes_and_inspect(art):
+    path, ckpt = art
+    assert verify_hashes(path) == []
+    man = json.loads((path / "manifest.json").read_text())
+    assert man["target"] == "cpu" and man["model"]["n_layer"] == 2 and man["entry_points"]["step"] == "step.onnx"
+    r = rwkvc_cli("inspect", ckpt, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    import torch
+    sd = torch.load(ckpt, weights_only=True)
+    unused = {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}   # layer 0 has no value residual
+    used = sum(v.numel() for k, v in sd.items() if k not in unused)
+    assert info["version"] == "v7" and info["params"] == used
+    assert info["components"]["embedding"]["params"] == 65536 * 64 == info["components"]["head"]["params"]
+    r = rwkvc_cli("inspect", path, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["target"] == "cpu"
+    r = rwkvc_cli("inspect", path)
+    assert "RWKV-v7" in r.stdout and "weights.bin" in r.stdout
+
+
+def test_cli_run_streams_what_the_api_generates(art, m):
+    path, _ = art
+    r = rwkvc_cli("run", path, "--prompt", "Once upon", "-n", "16", "--seed", "3", "--top-p", "0.9")
+    assert r.returncode == 0, r.stderr
+    want = m.generate("Once upon", n=16, seed=3, top_p=0.9, token_stop=(0,))
+    assert r.stdout == want + "\n"
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_state_out_in_continues(art, m, tmp_path):
+    path, _ = art
+    r1 = rwkvc_cli("run", path, "--prompt", "In the beginning", "-n", "0", "--state-out", tmp_path / "s.npz")
+    assert r1.returncode == 0, r1.stderr
+    r2 = rwkvc_cli("run", path, "--prompt", " God", "-n", "8", "--temperature", "0", "--state-in", tmp_path / "s.npz")
+    r3 = rwkvc_cli("run", path, "--prompt", "In the beginning God", "-n", "8", "--temperature", "0")
+    assert r2.returncode == 0 and r3.returncode == 0
+    assert r2.stdout == r3.stdout
+
+
+def test_cli_chat(art):
+    path, _ = art
+    r = rwkvc_cli("run", path, "--chat", "-n", "5", "--temperature", "0", inp="Hi there\nHow are you?\n\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("Assistant:") == 2
+
+
+def test_bench_json(art):
+    r = rwkvc_cli("bench", art[0], "--json", "--tokens", "4", "--prefill", "16", "--repeat", "1")
+    assert r.returncode == 0, r.stderr
+    b = json.loads(r.stdout)
+    assert b["decode_tokens_per_s"] > 0 and b["prefill_tokens_per_s"] > 0
+    assert b["peak_rss_bytes"] > 0 and b["artifact_bytes"] == sum(
+        f["bytes"] for f in json.loads((art[0] / "manifest.json").read_text())["files"].values())
