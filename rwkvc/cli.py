@@ -174,6 +174,35 @@ def bench(artifact, as_json, n_decode, n_prefill, threads, repeat):
 
 
 # ------------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--prompt", "-p", default="And God said", show_default=True)
+@click.option("-n", "n_tokens", type=int, default=120, show_default=True)
+@click.option("--target", "-t", default="cpu", show_default=True)
+@click.option("--passes", default="", help="compression recipe for the demo artifact")
+@click.option("--cache-dir", default=None, help="where the demo model and artifact are kept [~/.cache/rwkvc]")
+@click.option("--seed", type=int, default=0, show_default=True)
+def demo(prompt, n_tokens, target, passes, cache_dir, seed):
+    """The built-in default: train (once, cached) a small RWKV-7 on the KJV bible, compile it, generate."""
+    from rwkvc.training.demo import cache_root, demo as train_demo
+    from .api import load
+    from .pipeline import compile_checkpoint
+    root = Path(cache_dir) if cache_dir else cache_root()
+    ckpt = train_demo(cache_dir=root, log=lambda *a: click.echo(" ".join(map(str, a)), err=True))
+    tag = "".join(ch if ch.isalnum() else "_" for ch in passes)[:60]
+    art = root / f"demo-{target}{'-' + tag if tag else ''}"
+    if not (art / "manifest.json").exists() or art.stat().st_mtime < Path(ckpt).stat().st_mtime:
+        click.echo(f"compiling {ckpt} for {target} -> {art}", err=True)
+        compile_checkpoint(ckpt, art, target=target, passes=passes, force=True, progress=True)
+    m = load(art)
+    click.echo(f"artifact: {art}\nprompt: {prompt!r}\n", err=True)
+    sys.stdout.write(prompt)
+    for piece in m.stream(prompt, n_tokens, temperature=1.0, top_p=0.7, seed=seed, token_stop=(0,)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+# ------------------------------------------------------------------------------------------------
 def main(argv=None):
     try:
         cli.main(args=argv, prog_name="rwkvc", standalone_mode=False)
