@@ -8,6 +8,8 @@ from rwkvc.errors import RwkvcError
 # name -> "module:Class", imported on demand so that e.g. TVM is only needed for TVM artifacts
 RUNTIMES: dict[str, str] = {
     "onnxruntime": "rwkvc.runtimes.onnxruntime:OrtRuntime",
+    "tvm-host": "rwkvc.runtimes.tvm_host:TvmHostRuntime",
+    "tvm-native": "rwkvc.runtimes.tvm_native:TvmNativeRuntime",
 }
 
 

@@ -43,22 +43,62 @@ def inspect(path, as_json):
 # ------------------------------------------------------------------------------------------------
 @cli.command(name="compile")
 @click.argument("model")
-@click.option("--target", "-t", default="cpu", show_default=True, help="cpu (more with later targets)")
+@click.option("--target", "-t", default="cpu", show_default=True,
+              help="cpu (ONNX Runtime), rpi5 (TVM, aarch64 Cortex-A76), tvm-host (TVM, this CPU)")
 @click.option("-o", "--out", "out", default=None, help="artifact directory [default: MODEL name + '-' + target]")
 @click.option("--passes", default="", help='compression recipe, e.g. "svd(rank=0.25),int8"')
+@click.option("--recipe", "recipe_file", default=None, help="a TOML recipe file (see docs/COMPRESSION.md)")
+@click.option("--preset", "preset_name", default=None, help="a named recipe: int8, int4, int4-awq, lite, lite-max")
+@click.option("--calib", default=None, help="calibration text (.txt, .npy token ids or binidx prefix) for passes that learn from data")
+@click.option("--calib-tokens", type=int, default=4096, show_default=True, help="calibration tokens to use")
 @click.option("--dtype", default=None, help="compute dtype (the target's default if omitted)")
 @click.option("--force", is_flag=True, help="replace an existing output directory")
 @click.option("--dump-ir", default=None, help="write the IR after each pass into this directory")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
-def compile_cmd(model, target, out, passes, dtype, force, dump_ir, quiet):
+def compile_cmd(model, target, out, passes, recipe_file, preset_name, calib, calib_tokens, dtype, force, dump_ir, quiet):
     """Compile a checkpoint into an artifact directory."""
-    from .pipeline import compile_checkpoint
+    from .pipeline import compile_checkpoint, parse_recipe
+    from rwkvc.passes import PassContext
+    from rwkvc.passes.presets import needs_calibration, resolve
     from rwkvc.targets import get_target
     get_target(target)  # unknown target: fail before reading anything
+    text, recipe_calib = resolve(passes, recipe_file, preset_name)
+    recipe = parse_recipe(text)                       # unknown passes, bad arguments, bad order: before any work
+    calib = calib or recipe_calib
+    if calib_tokens < 16:
+        raise RwkvcError("--calib-tokens must be >= 16")
+    ctx = None
+    if recipe:
+        from .calib import default_calib_tokens, load_tokens
+        tokens = None
+        if calib:
+            tokens = load_tokens(calib, limit=calib_tokens)
+        elif needs_calibration(recipe):
+            tokens = default_calib_tokens(calib_tokens)
+            click.echo(f"note: {', '.join(needs_calibration(recipe))} calibrate on the offline KJV text; "
+                       "give --calib FILE to use your own", err=True)
+        ctx = PassContext(calib_tokens=tokens, progress=not quiet, dump_dir=dump_ir)
     out = out or f"{Path(model).stem}-{target}"
-    path = compile_checkpoint(model, out, target=target, passes=passes, dtype=dtype, force=force,
-                              progress=not quiet, dump_dir=dump_ir)
+    path = compile_checkpoint(model, out, target=target, passes=recipe, dtype=dtype, force=force,
+                              progress=not quiet, dump_dir=dump_ir, ctx=ctx)
     click.echo(f"wrote {path}", err=True)
+
+
+# ------------------------------------------------------------------------------------------------
+@cli.command(name="eval")
+@click.argument("artifact")
+@click.option("--data", required=True, help="evaluation text (.txt), .npy token ids or binidx prefix")
+@click.option("--ref", default=None, help="the uncompressed model: a checkpoint (.pth) or an artifact directory")
+@click.option("--tokens", "n_tokens", type=int, default=2000, show_default=True, help="tokens to predict")
+@click.option("--threads", type=int, default=None, help="CPU threads")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def eval_cmd(artifact, data, ref, n_tokens, threads, as_json):
+    """Perplexity of an artifact; with --ref, its delta, top-1 agreement and mean KL against the reference."""
+    from .eval import evaluate, format_report
+    if n_tokens < 1:
+        raise RwkvcError("--tokens must be >= 1")
+    r = evaluate(artifact, data, ref=ref, n_tokens=n_tokens, threads=threads or _threads_default())
+    click.echo(json.dumps(r, indent=2) if as_json else format_report(r))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -170,6 +210,10 @@ def bench(artifact, as_json, n_decode, n_prefill, threads, repeat):
         click.echo(f"decode          {r['decode_tokens_per_s']:.1f} tokens/s  ({r['decode_ms_per_token']:.2f} ms/token)")
         click.echo(f"prefill ({r['prefill_tokens']})   {r['prefill_tokens_per_s']:.1f} tokens/s")
         click.echo(f"peak RSS        {r['peak_rss_bytes'] / 1e6:.1f} MB")
+        if "weight_bytes_resident" in r:
+            click.echo(f"weights         {r['weight_bytes_resident'] / 1e6:.2f} MB resident, "
+                       f"{r['weight_bytes_read_per_token'] / 1e6:.2f} MB read per decoded token "
+                       f"({r['weight_bytes_mapped'] / 1e6:.2f} MB memory-mapped, read by rows)")
         click.echo(f"threads         {r['threads']}")
 
 

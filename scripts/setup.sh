@@ -20,5 +20,5 @@ fi
 # torch first and pinned: an unpinned torch pulls several GB of CUDA packages
 $PY -c "import torch" 2>/dev/null || $PY -m pip install -q "torch==2.13.0" >&2
 $PY -m pip install -q -e ".[test,train,tvm]" >&2
-[ -x scripts/setup_tvm.sh ] && bash scripts/setup_tvm.sh >&2 || true
+bash scripts/setup_tvm.sh >&2   # aarch64 TVM runtime wheels, cross compiler, qemu (rpi5 target)
 echo "setup: done" >&2

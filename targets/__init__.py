@@ -7,6 +7,8 @@ from .base import Capabilities, Target, unsupported
 from .cpu import CpuTarget
 
 TARGETS: dict[str, Target] = {"cpu": CpuTarget()}
+TARGETS["rpi5"] = __import__("rwkvc.targets.rpi5", fromlist=["TARGET"]).TARGET  # imports TVM only to compile
+TARGETS["tvm-host"] = __import__("rwkvc.targets.tvm_host", fromlist=["TARGET"]).TARGET  # imports TVM only to compile
 
 
 def get_target(name: str) -> Target:

@@ -1,0 +1,266 @@
+"""`--target rpi5`: the aarch64 artifact (TVM model library + native C++ runner) against the cpu artifact.
+
+Runs the runner under qemu-aarch64 on x86 hosts. Bounds: logits within 1e-4 * max(1, max |cpu logit|)
+(fp32, the same bound as the cpu artifact against the official package), step by step and as prefill;
+generated text identical to rwkvc's Python API on the cpu artifact, greedy and seeded (the runner
+reimplements numpy's SeedSequence + PCG64 and the Sampler's algorithm).
+"""
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import rwkvc
+from rwkvc.errors import RwkvcError
+from rwkvc.testing import save_random_v7
+
+
+def _toolchain_missing() -> str | None:
+    try:
+        import tvm  # noqa: F401
+    except ImportError:
+        return "Apache TVM is not installed (scripts/setup_tvm.sh)"
+    from rwkvc.targets.rpi5 import CROSS_CXX, RUNTIME_LIBS, aarch64_dir
+    if shutil.which(CROSS_CXX) is None:
+        return f"{CROSS_CXX} is not installed (scripts/setup_tvm.sh)"
+    if any(not (aarch64_dir() / "lib" / f).exists() for f in RUNTIME_LIBS):
+        return f"the aarch64 TVM runtime is not in {aarch64_dir()} (scripts/setup_tvm.sh)"
+    if platform.machine() not in ("aarch64", "arm64") and shutil.which("qemu-aarch64") is None:
+        return "qemu-aarch64 is not installed (scripts/setup_tvm.sh)"
+    return None
+
+
+MISSING = _toolchain_missing()
+needs_toolchain = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+
+L, C, N, V = 2, 128, 64, 1000
+PROMPT = "a b c\nq"          # encodes to ids < 1000, so the small vocabulary can read it
+EM_AARCH64 = 183
+
+
+def bound(ref):
+    return 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
+@pytest.fixture(scope="module")
+def arts(tmp_path_factory):
+    if MISSING:
+        pytest.skip(MISSING)
+    d = tmp_path_factory.mktemp("rpi5")
+    ckpt = save_random_v7(d / "model.pth", n_layer=L, n_embd=C, head_size=N, vocab_size=V, seed=5)
+    cpu = rwkvc.compile(ckpt, d / "cpu", target="cpu")
+    pi = rwkvc.compile(ckpt, d / "pi", target="rpi5")
+    tokens = np.random.default_rng(3).integers(0, V, 48).tolist()
+    m = rwkvc.load(cpu)
+    step_logits, st = [], None
+    for t in tokens:
+        lg, st = m.forward([t], st)
+        step_logits.append(lg)
+    return dict(dir=d, cpu=cpu, pi=pi, tokens=tokens, step_logits=np.stack(step_logits), cpu_state=st)
+
+
+def runner(art, *args, check=True):
+    from rwkvc.artifact import read_manifest
+    from rwkvc.runtimes.tvm_native import runner_command
+    cmd = runner_command(art, read_manifest(art)) + ["--artifact", str(art), *map(str, args)]
+    r = subprocess.run(cmd, capture_output=True, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stderr.decode(errors="replace")
+    return r
+
+
+def elf_machine(path: Path) -> int:
+    head = path.read_bytes()[:20]
+    assert head[:4] == b"\x7fELF", f"{path} is not an ELF file"
+    return int.from_bytes(head[18:20], "little")
+
+
+@needs_toolchain
+def test_artifact_is_aarch64_and_self_contained(arts):
+    pi = arts["pi"]
+    for f in ("model.so", "run", "lib/libtvm_runtime.so", "lib/libtvm_ffi.so"):
+        assert elf_machine(pi / f) == EM_AARCH64, f"{f} is not an aarch64 ELF"
+    assert b"$ORIGIN/lib" in (pi / "run").read_bytes(), "the runner must find lib/ relative to itself"
+    m = rwkvc.load(pi).manifest
+    assert m["runtime"] == "tvm-native" and m["arch"] == "aarch64" and m["target"] == "rpi5"
+    assert set(m["files"]) >= {"run", "model.so", "weights.bin", "params.json", "lib/libtvm_runtime.so",
+                               "tokenizer/rwkv_vocab_v20230424.txt"}
+    assert m["tvm_target"]["mcpu"] == "cortex-a76" and "+neon" in m["tvm_target"]["mattr"]
+
+
+@needs_toolchain
+def test_runner_step_by_step_matches_cpu(arts):
+    out = arts["dir"] / "step.bin"
+    toks = arts["tokens"]
+    runner(arts["pi"], "--tokens", ",".join(map(str, toks)), "--step", "--dump-logits", out)
+    got = np.fromfile(out, np.float32).reshape(len(toks), V)
+    for i, ref in enumerate(arts["step_logits"]):
+        diff = float(np.abs(got[i] - ref).max())
+        assert diff <= bound(ref), f"token {i}: max |diff| {diff:.3g} > {bound(ref):.3g}"
+
+
+@needs_toolchain
+def test_runner_prefill_and_state_files_match_cpu(arts):
+    d, toks = arts["dir"], arts["tokens"]
+    half = len(toks) // 2
+    runner(arts["pi"], "--tokens", ",".join(map(str, toks[:half])), "--state-out", d / "s1.bin",
+           "--dump-logits", d / "p1.bin")
+    runner(arts["pi"], "--tokens", ",".join(map(str, toks[half:])), "--state-in", d / "s1.bin",
+           "--state-out", d / "s2.bin", "--dump-logits", d / "p2.bin")
+    for f, i in (("p1.bin", half - 1), ("p2.bin", len(toks) - 1)):
+        got, ref = np.fromfile(d / f, np.float32), arts["step_logits"][i]
+        assert got.shape == (V,)
+        assert float(np.abs(got - ref).max()) <= bound(ref), f
+    st = np.fromfile(d / "s2.bin", np.float32)
+    ref = arts["cpu_state"]
+    ns = ref.shift.size
+    assert st.size == ns + ref.wkv.size
+    np.testing.assert_allclose(st[:ns].reshape(ref.shift.shape), ref.shift, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(st[ns:].reshape(ref.wkv.shape), ref.wkv, rtol=0,
+                               atol=1e-4 * max(1.0, float(np.abs(ref.wkv).max())))
+
+
+@needs_toolchain
+@pytest.mark.parametrize("chunks", [[1, 7, 16, 24], [48]])
+def test_python_runtime_under_qemu_matches_cpu(arts, chunks):
+    m = rwkvc.load(arts["pi"])      # runtime tvm-native: one runner process, --serve
+    toks, state, pos = arts["tokens"], None, 0
+    for c in chunks:
+        logits, state = m.forward(toks[pos:pos + c], state)
+        pos += c
+        ref = arts["step_logits"][pos - 1]
+        assert logits.shape == (V,) and logits.dtype == np.float32
+        assert float(np.abs(logits - ref).max()) <= bound(ref), f"after {pos} tokens"
+    m.runtime.close()
+
+
+GEN_CASES = {
+    "greedy": (dict(temperature=0), ["--temperature", "0"]),
+    "seeded": (dict(temperature=1.0, top_p=0.85, seed=7), ["--seed", "7"]),
+    "seeded-penalties-topk": (dict(temperature=0.7, top_p=0.9, top_k=50, alpha_presence=0.4, alpha_frequency=0.3,
+                                   alpha_decay=0.99, seed=3),
+                              ["--temperature", "0.7", "--top-p", "0.9", "--top-k", "50", "--presence", "0.4",
+                               "--frequency", "0.3", "--decay", "0.99", "--seed", "3"]),
+}
+
+
+@needs_toolchain
+@pytest.mark.parametrize("case", list(GEN_CASES))
+def test_generated_text_identical_to_python_api(arts, case):
+    kw, args = GEN_CASES[case]
+    res = []
+    text = "".join(rwkvc.load(arts["cpu"]).stream(PROMPT, 40, token_stop=(0,), result=res, **kw))
+    ids_file = arts["dir"] / f"ids-{case}.txt"
+    r = runner(arts["pi"], "--prompt", PROMPT, "-n", 40, "--ids-out", ids_file, *args)
+    ids = [int(x) for x in ids_file.read_text().strip().split(",") if x]
+    assert ids == res[0].tokens
+    assert r.stdout.decode("utf-8") == text + "\n"
+
+
+@needs_toolchain
+def test_rwkvc_run_cli_uses_qemu(arts):
+    cmd = [sys.executable, "-m", "rwkvc.cli", "run", str(arts["pi"]), "-p", PROMPT, "-n", "12", "--temperature", "0"]
+    r = subprocess.run(cmd, capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    want = rwkvc.load(arts["cpu"]).generate(PROMPT, 12, temperature=0, token_stop=(0,))
+    assert r.stdout.decode("utf-8") == want + "\n"
+
+
+@needs_toolchain
+def test_native_sampler_matches_python_sampler_on_the_same_logits(arts):
+    """Same logits in, same tokens out: the C++ sampler against rwkvc.sampling.Sampler."""
+    from rwkvc.sampling import Sampler, SamplingConfig
+    from rwkvc.tokenizer import WorldTokenizer
+    rng = np.random.default_rng(11)
+    rows = (rng.standard_normal((64, V)) * rng.choice([0.5, 2.0, 6.0], (64, 1))).astype(np.float32)
+    path = arts["dir"] / "logits.bin"
+    rows.tofile(path)
+    tok = WorldTokenizer()
+    for kw, args in [(dict(seed=1), ["--seed", "1"]),
+                     (dict(temperature=1.3, top_p=0.6, seed=2), ["--temperature", "1.3", "--top-p", "0.6", "--seed", "2"]),
+                     (dict(temperature=0.8, top_k=5, alpha_presence=1.0, alpha_frequency=0.5, seed=2 ** 40 + 3),
+                      ["--temperature", "0.8", "--top-k", "5", "--presence", "1.0", "--frequency", "0.5",
+                       "--seed", str(2 ** 40 + 3)]),
+                     (dict(temperature=0.0, alpha_frequency=2.0), ["--temperature", "0", "--frequency", "2.0"])]:
+        s = Sampler(SamplingConfig(**kw), tokenizer=tok)
+        want = []
+        for row in rows:
+            want.append(s.sample(row))
+            s.observe(want[-1])
+        got = runner(arts["pi"], "--sample-logits", path, *args).stdout.decode().strip()
+        assert [int(x) for x in got.split(",")] == want, kw
+
+
+@needs_toolchain
+def test_native_rng_is_numpy_default_rng(arts):
+    for seed in (0, 42, 2 ** 40 + 7):
+        got = runner(arts["pi"], "--rng", seed, "-n", 6).stdout.decode().split()
+        g = np.random.default_rng(seed)
+        assert [float.fromhex(x) for x in got] == [g.random() for _ in range(6)]
+
+
+@needs_toolchain
+def test_native_tokenizer_matches_python(arts):
+    from rwkvc.tokenizer import WorldTokenizer
+    tok = WorldTokenizer()
+    for text in ["Hello, world!", "中文 и русский 🎉\t\r\n\\'\"", "   x\u2002y\u200b", "\x01\x02\x7f"]:
+        got = runner(arts["pi"], "--encode", text).stdout.decode().strip()
+        assert [int(x) for x in got.split(",")] == tok.encode(text), text
+    # invalid and truncated UTF-8 decode to U+FFFD exactly as Python's errors="replace"
+    e2, e3, f0, bad = 0xE2 + 1, 0x82 + 1, 0xF0 + 1, 0xFF + 1   # single-byte tokens are byte + 1
+    for ids in [[e2, e3], [e2, 66, e3, e3], [f0, 0x9F + 1, 67], [bad, 0xC0 + 1, 0x80 + 1, 65], [e2, e3, 0xAC + 1]]:
+        got = runner(arts["pi"], "--decode", ",".join(map(str, ids))).stdout.decode("utf-8")
+        assert got == tok.decode(ids), ids
+
+
+@needs_toolchain
+def test_fp16_weights_artifact_under_qemu(arts):
+    """--dtype float16 on the Pi: fp16 panels widened in NEON registers; same numbers as the fp16-rounded IR."""
+    from rwkvc.artifact import compile_to_dir
+    from rwkvc.frontend import load_model
+    from rwkvc.targets import get_target
+    from test_tvm_host import fp16_rounded_ir
+    d = arts["dir"]
+    model = fp16_rounded_ir(load_model(d / "model.pth"))
+    cpu = compile_to_dir(model, get_target("cpu"), d / "cpu16")
+    pi = compile_to_dir(model, get_target("rpi5"), d / "pi16", dtype="float16")
+    toks = arts["tokens"][:16]
+    runner(pi, "--tokens", ",".join(map(str, toks)), "--dump-logits", d / "l16.bin")
+    ref, _ = rwkvc.load(cpu).forward(toks)
+    got = np.fromfile(d / "l16.bin", np.float32)
+    assert float(np.abs(got - ref).max()) <= bound(ref)
+
+
+def test_refuses_a_weight_kind_it_has_no_kernel_for(tmp_path):
+    """Capabilities are data: an IR with an unknown representation is refused before any work."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from rwkvc.artifact import compile_to_dir
+    from rwkvc.frontend import load_model
+    from rwkvc.targets import get_target
+
+    @dataclass
+    class Int3:
+        w: np.ndarray
+        kind: ClassVar[str] = "int3"
+        shape = property(lambda self: self.w.shape)
+
+    model = load_model(save_random_v7(tmp_path / "m.pth", n_layer=1, n_embd=64, head_size=32, vocab_size=300))
+    model.blocks[0].ffn.lin["key"].weight = Int3(model.blocks[0].ffn.lin["key"].weight.w)
+    for name in ("rpi5", "tvm-host"):
+        with pytest.raises(RwkvcError, match="no kernel for weight representation.*int3"):
+            compile_to_dir(model, get_target(name), tmp_path / name)
+        assert not (tmp_path / name).exists()
+
+
+def test_missing_qemu_is_one_clear_line(tmp_path):
+    from rwkvc.runtimes.tvm_native import runner_command
+    with pytest.raises(RwkvcError) as e:
+        runner_command(tmp_path, {"runner": "run"}, which=lambda _: None, machine="x86_64")
+    msg = str(e.value)
+    assert "\n" not in msg and "qemu-user" in msg and "apt-get install" in msg
