@@ -44,7 +44,7 @@ def inspect(path, as_json):
 @cli.command(name="compile")
 @click.argument("model")
 @click.option("--target", "-t", default="cpu", show_default=True,
-              help="cpu (ONNX Runtime), rpi5 (TVM, aarch64 Cortex-A76), tvm-host (TVM, this CPU)")
+              help="cpu (ONNX Runtime), cuda (ONNX Runtime CUDA), rpi5 (TVM, aarch64 Cortex-A76), tvm-host (TVM, this CPU)")
 @click.option("-o", "--out", "out", default=None, help="artifact directory [default: MODEL name + '-' + target]")
 @click.option("--passes", default="", help='compression recipe, e.g. "svd(rank=0.25),int8"')
 @click.option("--recipe", "recipe_file", default=None, help="a TOML recipe file (see docs/COMPRESSION.md)")

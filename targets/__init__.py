@@ -8,6 +8,7 @@ from .cpu import CpuTarget
 
 TARGETS: dict[str, Target] = {"cpu": CpuTarget()}
 TARGETS["rpi5"] = __import__("rwkvc.targets.rpi5", fromlist=["TARGET"]).TARGET  # imports TVM only to compile
+TARGETS["cuda"] = __import__("rwkvc.targets.cuda", fromlist=["TARGET"]).TARGET
 TARGETS["tvm-host"] = __import__("rwkvc.targets.tvm_host", fromlist=["TARGET"]).TARGET  # imports TVM only to compile
 
 
