@@ -42,3 +42,7 @@ PASSES: dict[str, Pass] = {}
 def register(p):
     PASSES[p.name] = p
     return p
+
+
+# the passes register themselves on import (kept at the bottom: they import Param / register from here)
+from . import quant, svd, lazy_emb, sparse_ffn, hhead, calib_quant  # noqa: E402,F401

@@ -12,9 +12,84 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def weight_traffic(path) -> dict:
+    """Weight bytes of an artifact's step graph: resident (held in memory for every token) and read per
+    decoded token, from the graph itself and the passes' calibration statistics in the manifest.
+
+    An initializer that only Gather nodes read (the embedding table, a sparse FFN's key / value rows, a
+    clustered head's rows) stays memory-mapped by ONNX Runtime: it is not resident, and a token reads
+    only the rows it gathers: one row of the embedding; the fraction the sparse-ffn / hhead passes measured
+    on calibration text for the others (their reports in manifest["passes"]). Every other initializer is
+    resident and read once per token (pre-packed by the kernels that use it)."""
+    import json
+    import re
+
+    import onnx
+    from .artifact import read_manifest
+    d = Path(path)
+    man = read_manifest(d)
+    if "step" not in man.get("entry_points", {}) or not str(man["entry_points"]["step"]).endswith(".onnx"):
+        return {}
+    m = onnx.load(str(d / man["entry_points"]["step"]), load_external_data=False)
+    g = m.graph
+    sizes = {}
+    for t in g.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        if "length" in ext:
+            sizes[t.name] = (int(ext["length"]), list(t.dims))
+    users: dict[str, list] = {}
+    for node in g.node:
+        for j, name in enumerate(node.input):
+            if name in sizes:
+                users.setdefault(name, []).append((node.op_type, j, list(node.input)))
+    reports = {p.get("name"): p for p in man.get("passes", [])}
+    ffn_frac = {int(k): v.get("fraction", 1.0) for k, v in reports.get("sparse-ffn", {}).get("layers", {}).items()}
+    head_frac = reports.get("hhead", {}).get("rows_fraction_read", 1.0)
+    resident = read = gathered_total = 0
+    parts = {"embedding": 0, "head": 0, "blocks": 0}
+    for name, (n, dims) in sizes.items():
+        us = users.get(name, [])
+        gathered = bool(us) and all(op == "Gather" and j == 0 for op, j, _ in us)
+        part = "embedding" if name.startswith("emb.") else "head" if name.startswith("head") else "blocks"
+        if not gathered:
+            resident += n
+            read += n
+            parts[part] += n
+            continue
+        gathered_total += n
+        by_token = any(ins[1] == "tokens" for _, _, ins in us)
+        rows = dims[0] if dims else 1
+        if by_token:
+            r = n / rows                                  # one row per decoded token
+        else:
+            mm = re.match(r"blocks\.(\d+)\.ffn\.", name)
+            frac = ffn_frac.get(int(mm.group(1)), 1.0) if mm else head_frac if name.startswith("head") else 1.0
+            r = n * frac
+        read += r
+        parts[part] += r
+    return {"weight_bytes_file": int(sum(n for n, _ in sizes.values())), "weight_bytes_resident": int(resident),
+            "weight_bytes_mapped": int(gathered_total), "weight_bytes_read_per_token": int(read),
+            "weight_bytes_read_per_token_by_part": {k: int(v) for k, v in parts.items()}}
+
+
+def rss_bytes() -> dict:
+    """Current resident memory of this process: anonymous (copied / pre-packed) and file-backed (mapped)."""
+    out = {}
+    try:
+        for line in open("/proc/self/status"):
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "RssAnon", "RssFile"):
+                out[k] = int(v.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
 def bench_artifact(path, n_decode=64, n_prefill=512, threads=None, repeat=3, seed=0) -> dict:
     from .api import load
+    rss0 = rss_bytes()
     m = load(path, threads=threads)
+    rss_loaded = rss_bytes()
     V = m.config.vocab_size
     rng = np.random.default_rng(seed)
     prompt = rng.integers(1, min(V, 65530), n_prefill).tolist()
@@ -49,4 +124,7 @@ def bench_artifact(path, n_decode=64, n_prefill=512, threads=None, repeat=3, see
         "prefill_tokens_per_s": n_prefill / p,
         "peak_rss_bytes": peak_rss_bytes(),
         "artifact_bytes": sum(f["bytes"] for f in files.values()),
+        **weight_traffic(path),
+        "rss_load_anon_bytes": rss_loaded.get("RssAnon", 0) - rss0.get("RssAnon", 0),
+        "rss_load_file_bytes": rss_loaded.get("RssFile", 0) - rss0.get("RssFile", 0),
     }

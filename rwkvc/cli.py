@@ -54,8 +54,10 @@ def inspect(path, as_json):
 @click.option("--dtype", default=None, help="compute dtype (the target's default if omitted)")
 @click.option("--force", is_flag=True, help="replace an existing output directory")
 @click.option("--dump-ir", default=None, help="write the IR after each pass into this directory")
+@click.option("--cluster-file", default=None, help="RWKV-Lite vocabulary clusters (*-cls.npy) for its hierarchical head")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
-def compile_cmd(model, target, out, passes, recipe_file, preset_name, calib, calib_tokens, dtype, force, dump_ir, quiet):
+def compile_cmd(model, target, out, passes, recipe_file, preset_name, calib, calib_tokens, dtype, force, dump_ir,
+                cluster_file, quiet):
     """Compile a checkpoint into an artifact directory."""
     from .pipeline import compile_checkpoint, parse_recipe
     from rwkvc.passes import PassContext
@@ -80,7 +82,7 @@ def compile_cmd(model, target, out, passes, recipe_file, preset_name, calib, cal
         ctx = PassContext(calib_tokens=tokens, progress=not quiet, dump_dir=dump_ir)
     out = out or f"{Path(model).stem}-{target}"
     path = compile_checkpoint(model, out, target=target, passes=recipe, dtype=dtype, force=force,
-                              progress=not quiet, dump_dir=dump_ir, ctx=ctx)
+                              progress=not quiet, dump_dir=dump_ir, ctx=ctx, cluster_file=cluster_file)
     click.echo(f"wrote {path}", err=True)
 
 

@@ -74,10 +74,12 @@ class Graph:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: dict[str, TensorProto] = {}
         self.n = 0
+        self.rescale: dict[str, float] = {}   # Linear name -> divisor of its output (the fp16 layer rescale)
+        self.prefix = ""                      # subgraphs name their values apart (ONNX wants one SSA scope)
 
     def fresh(self, hint="t") -> str:
         self.n += 1
-        return f"{hint}_{self.n}"
+        return f"{self.prefix}{hint}_{self.n}"
 
     def op(self, op_type: str, *inputs: str, n_out: int = 1, domain: str = "", name: str | None = None, **attrs):
         outs = [self.fresh(op_type.lower()) for _ in range(n_out)]
@@ -98,8 +100,10 @@ class Graph:
         self.inits[name] = numpy_helper.from_array(a, name)
         return name
 
-    def subgraph(self) -> "Graph":
-        return Graph(self.store, self.dtype)
+    def subgraph(self, dtype=None) -> "Graph":
+        sub = Graph(self.store, self.dtype if dtype is None else dtype)
+        sub.prefix = self.fresh("body") + "/"
+        return sub
 
     def make(self, name, inputs, outputs) -> onnx.GraphProto:
         return helper.make_graph(self.nodes, name, inputs, outputs, initializer=list(self.inits.values()))
@@ -127,9 +131,42 @@ def emit_lowrank(g: Graph, lin: ir.Linear, x: str) -> str:
 
 LINEAR_EMITTERS: dict[str, Callable[[Graph, ir.Linear, str], str]] = {"dense": emit_dense, "lowrank": emit_lowrank}
 
+# kind -> fn(weight, s) -> the representation of W / s (exactly), for the fp16 layer rescale; kinds without
+# one are rescaled through their input instead (x / s), which is exact for any linear map
+RESCALERS: dict[str, Callable[[object, float], object]] = {
+    "dense": lambda w, s: ir.Dense(np.asarray(w.w, np.float32) / s),
+    "lowrank": lambda w, s: ir.LowRank(w.a, np.asarray(w.b, np.float32) / s, w.act,
+                                       None if w.diag is None else np.asarray(w.diag, np.float32) / s),
+}
+
 
 def linear(g: Graph, lin: ir.Linear, x: str) -> str:
+    s = g.rescale.get(lin.name)
+    if s is not None and s != 1:
+        if lin.kind in RESCALERS:
+            lin = ir.Linear(lin.name, RESCALERS[lin.kind](lin.weight, s))
+        else:
+            x = g.op("Mul", x, g.const(1.0 / s))
     return LINEAR_EMITTERS[lin.kind](g, lin, x)
+
+
+def cast(g: Graph, x: str, dtype) -> str:
+    """x in `dtype` (a no-op in the graph when the compute dtype already is it)."""
+    if np.dtype(dtype) == g.dtype:
+        return x
+    return g.op("Cast", x, to=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+
+
+def f32(g: Graph, x: str) -> str:
+    """A compute-dtype tensor as float32 (for the recurrences, which always run in float32)."""
+    return cast(g, x, np.float32)
+
+
+def to_compute(g: Graph, x: str) -> str:
+    """A float32 tensor back in the compute dtype."""
+    if g.dtype == np.float32:
+        return x
+    return g.op("Cast", x, to=helper.np_dtype_to_tensor_dtype(g.dtype))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,12 +315,337 @@ def emit_time_mix_v7(g: Graph, att: ir.TimeMix, x: str, prev: str, S: str, v_fir
 def emit_channel_mix_v7(g: Graph, ffn: ir.ChannelMix, x: str, prev: str, i: int, prefill: bool) -> str:
     p = f"blocks.{i}.ffn."
     xk = g.op("Add", x, g.op("Mul", g.op("Sub", shifted(g, x, prev, prefill), x), g.weight(p + "x_k", ffn.mix["x_k"])))
+    if ffn.sparse is not None:
+        return emit_sparse_ffn(g, ffn, xk, p)
     k = g.op("Relu", linear(g, ffn.lin["key"], xk))
     return linear(g, ffn.lin["value"], g.op("Mul", k, k))
 
 
-TIME_MIX_EMITTERS = {"7": emit_time_mix_v7}
-CHANNEL_MIX_EMITTERS = {"7": emit_channel_mix_v7}
+# ----------------------------------------------------------------------------------------------
+# RWKV-4, -5, -6. Shared conventions: every token-shift mix is x + (prev - x) * mix (the importers
+# converted v4/v5's time_mix); the recurrences run in float32 whatever the compute dtype, with the
+# state in float32 (the graph casts r, k, v, w in and the result out).
+
+F32 = np.float32
+
+
+def mixed(g: Graph, x: str, xx: str, mix: np.ndarray, name: str, extra: str | None = None) -> str:
+    """x + xx * (mix (+ extra)), xx = prev - x; (T, C)."""
+    m = g.weight(name, mix)
+    if extra is not None:
+        m = g.op("Add", m, extra)
+    return g.op("Add", x, g.op("Mul", xx, m))
+
+
+def scan(g: Graph, name: str, state: list[tuple[str, list]], seqs: list[tuple[str, list]], body_fn, outs: list[list]):
+    """An ONNX Scan over axis 0 of `seqs`, carrying `state`, built in float32.
+
+    state: [(outer name, per-step shape)], seqs: [(outer name (T, ...), per-step shape)];
+    body_fn(body, *state_names, *seq_names) -> ([new state names], [per-step output names]);
+    outs: per-step output shapes. Returns (final states..., stacked outputs...)."""
+    body = g.subgraph(F32)
+    s_in = [f"s{j}_in" for j in range(len(state))]
+    x_in = [f"x{j}_t" for j in range(len(seqs))]
+    new_state, ys = body_fn(body, *s_in, *x_in)
+    for j, t in enumerate(new_state):
+        body.nodes.append(helper.make_node("Identity", [t], [f"s{j}_out"]))
+    for j, t in enumerate(ys):
+        body.nodes.append(helper.make_node("Identity", [t], [f"y{j}_t"]))
+    vi = lambda n, shp: helper.make_tensor_value_info(n, TensorProto.FLOAT, shp)  # noqa: E731
+    gp = body.make(name, [vi(n, shp) for n, (_, shp) in zip(s_in, state)] + [vi(n, shp) for n, (_, shp) in zip(x_in, seqs)],
+                   [vi(f"s{j}_out", shp) for j, (_, shp) in enumerate(state)] + [vi(f"y{j}_t", shp) for j, shp in enumerate(outs)])
+    return g.op("Scan", *(t for t, _ in state), *(t for t, _ in seqs), n_out=len(state) + len(outs),
+                body=gp, num_scan_inputs=len(seqs))
+
+
+def wkv4_step(g: Graph, S: str, k: str, v: str, w: str, u: str):
+    """RWKV-4's numerically stable WKV. S (3, C) = (aa, bb, pp) float32; k, v (C,) or (1, C); w = log decay
+    (-exp(time_decay)), u = bonus, (C,). aa/bb: the running weighted sums of v and of 1, both scaled by e^-pp.
+    Returns y (1, C) and S' (3, C)."""
+    aa, bb, pp = g.op("Split", S, axis=0, num_outputs=3, n_out=3)                    # (1, C) each
+    ww = g.op("Add", u, k)                                                           # the current token, with bonus
+    p = g.op("Max", pp, ww)
+    e1, e2 = g.op("Exp", g.op("Sub", pp, p)), g.op("Exp", g.op("Sub", ww, p))
+    y = g.op("Div", g.op("Add", g.op("Mul", e1, aa), g.op("Mul", e2, v)), g.op("Add", g.op("Mul", e1, bb), e2))
+    ww = g.op("Add", w, pp)                                                          # decay the past, add the token
+    p = g.op("Max", ww, k)
+    e1, e2 = g.op("Exp", g.op("Sub", ww, p)), g.op("Exp", g.op("Sub", k, p))
+    aa2 = g.op("Add", g.op("Mul", e1, aa), g.op("Mul", e2, v))
+    bb2 = g.op("Add", g.op("Mul", e1, bb), e2)
+    return y, g.op("Concat", aa2, bb2, p, axis=0)
+
+
+def emit_time_mix_v4(g: Graph, att: ir.TimeMix, x: str, prev: str, S: str, v_first, cfg: ir.ModelConfig,
+                     i: int, prefill: bool):
+    p = f"blocks.{i}.att."
+    C = cfg.n_embd
+    xx = g.op("Sub", shifted(g, x, prev, prefill), x)
+    L = att.lin
+    r = g.op("Sigmoid", linear(g, L["receptance"], mixed(g, x, xx, att.mix["x_r"], p + "x_r")))
+    k = f32(g, linear(g, L["key"], mixed(g, x, xx, att.mix["x_k"], p + "x_k")))            # (T, C) float32
+    v = f32(g, linear(g, L["value"], mixed(g, x, xx, att.mix["x_v"], p + "x_v")))
+    w = g.weight(p + "log_decay", -np.exp(np.asarray(att.vec["w0"], np.float64)).astype(F32), F32)
+    u = g.weight(p + "time_first", att.vec["u"], F32)
+    if not prefill:
+        y, S2 = wkv4_step(g, S, k, v, w, u)
+    else:
+        S2, _, _, ys = scan(g, "wkv4_body", [(S, [3, C]), (w, [C]), (u, [C])], [(k, [C]), (v, [C])],
+                            lambda b, s, w_, u_, k_, v_: ((lambda y, s2: ([s2, w_, u_], [y]))(*wkv4_step(b, s, k_, v_, w_, u_))),
+                            [[1, C]])
+        y = g.op("Reshape", ys, g.const([-1, C]))
+    return linear(g, L["output"], g.op("Mul", r, to_compute(g, y))), S2, v_first
+
+
+def wkv5_step(g: Graph, S: str, r: str, k: str, v: str, w: str):
+    """S (H, N, N) [value, key]; r, v (H, N, 1); k, w (H, 1, N) -> y = S r (H, N, 1), S' = S * w + v k^T."""
+    y = g.op("MatMul", S, r)
+    return y, g.op("Add", g.op("Mul", S, w), g.op("MatMul", v, k))
+
+
+def emit_wkv5(g: Graph, S: str, cfg: ir.ModelConfig, prefill: bool, r: str, k: str, v: str, w: str,
+              w_per_token: bool) -> tuple[str, str]:
+    """RWKV-5/6 matrix-state recurrence without the bonus. r, k, v: (T, C) float32; w: decay (C,) or (T, C)
+    float32. Returns y (T, C) = S_{t-1} r_t and the final state."""
+    H, N, C = cfg.n_head, cfg.head_size, cfg.n_embd
+    col = g.const([-1, H, N, 1]) if prefill else g.const([H, N, 1])
+    row = g.const([-1, H, 1, N]) if prefill else g.const([H, 1, N])
+    rc, kr, vc = g.op("Reshape", r, col), g.op("Reshape", k, row), g.op("Reshape", v, col)
+    if not prefill:
+        y, S2 = wkv5_step(g, S, rc, kr, vc, g.op("Reshape", w, g.const([H, 1, N])))
+        return g.op("Reshape", y, g.const([1, C])), S2
+    if w_per_token:
+        S2, ys = scan(g, "wkv6_body", [(S, [H, N, N])],
+                      [(rc, [H, N, 1]), (kr, [H, 1, N]), (vc, [H, N, 1]), (g.op("Reshape", w, row), [H, 1, N])],
+                      lambda b, s, r_, k_, v_, w_: ((lambda y, s2: ([s2], [y]))(*wkv5_step(b, s, r_, k_, v_, w_))),
+                      [[H, N, 1]])
+    else:
+        S2, _, ys = scan(g, "wkv5_body", [(S, [H, N, N]), (g.op("Reshape", w, g.const([H, 1, N])), [H, 1, N])],
+                         [(rc, [H, N, 1]), (kr, [H, 1, N]), (vc, [H, N, 1])],
+                         lambda b, s, w_, r_, k_, v_: ((lambda y, s2: ([s2, w_], [y]))(*wkv5_step(b, s, r_, k_, v_, w_))),
+                         [[H, N, 1]])
+    return g.op("Reshape", ys, g.const([-1, C])), S2
+
+
+def wkv5_out(g: Graph, att: ir.TimeMix, y: str, r: str, k: str, v: str, cfg: ir.ModelConfig, p: str) -> str:
+    """y + v * (u . k . r per head), then the group norm ln_x; all float32, (T, C) -> compute dtype."""
+    H, N, C = cfg.n_head, cfg.head_size, cfg.n_embd
+    heads = g.const([-1, H, N])
+    u = g.weight(p + "time_faaaa", att.vec["u"], F32)
+    ukr = g.op("ReduceSum", g.op("Reshape", g.op("Mul", g.op("Mul", u, k), r), heads), g.const([-1]), keepdims=1)
+    y = g.op("Add", y, g.op("Reshape", g.op("Mul", ukr, g.op("Reshape", v, heads)), g.const([-1, C])))
+    yh = g.op("LayerNormalization", g.op("Reshape", y, heads), g.const(np.ones(N), F32), g.const(np.zeros(N), F32),
+              axis=-1, epsilon=float(att.ln_x.eps))
+    y = g.op("Add", g.op("Mul", g.op("Reshape", yh, g.const([-1, C])), g.weight(p + "ln_x.weight", att.ln_x.weight, F32)),
+             g.weight(p + "ln_x.bias", att.ln_x.bias, F32))
+    return to_compute(g, y)
+
+
+def silu(g: Graph, x: str) -> str:
+    return g.op("Mul", x, g.op("Sigmoid", x))
+
+
+def emit_time_mix_v5(g: Graph, att: ir.TimeMix, x: str, prev: str, S: str, v_first, cfg: ir.ModelConfig,
+                     i: int, prefill: bool):
+    p = f"blocks.{i}.att."
+    xx = g.op("Sub", shifted(g, x, prev, prefill), x)
+    L = att.lin
+    r = f32(g, linear(g, L["receptance"], mixed(g, x, xx, att.mix["x_r"], p + "x_r")))
+    k = f32(g, linear(g, L["key"], mixed(g, x, xx, att.mix["x_k"], p + "x_k")))
+    v = f32(g, linear(g, L["value"], mixed(g, x, xx, att.mix["x_v"], p + "x_v")))
+    w = g.weight(p + "decay", np.exp(-np.exp(np.asarray(att.vec["w0"], np.float64))).astype(F32), F32)
+    y, S2 = emit_wkv5(g, S, cfg, prefill, r, k, v, w, w_per_token=False)
+    y = wkv5_out(g, att, y, r, k, v, cfg, p)
+    if "gate" in L:   # 5.1 / 5.2
+        y = g.op("Mul", y, silu(g, linear(g, L["gate"], mixed(g, x, xx, att.mix["x_g"], p + "x_g"))))
+    return linear(g, L["output"], y), S2, v_first
+
+
+MAA = ("w", "k", "v", "r", "g")
+
+
+def emit_time_mix_v6(g: Graph, att: ir.TimeMix, x: str, prev: str, S: str, v_first, cfg: ir.ModelConfig,
+                     i: int, prefill: bool):
+    p = f"blocks.{i}.att."
+    L = att.lin
+    D = L["maa1"].out_features // 5
+    xx = g.op("Sub", shifted(g, x, prev, prefill), x)                                       # prev - x
+    # data-dependent token shift: one LoRA down-projection for all five targets, one up-projection each
+    h = g.op("Tanh", linear(g, L["maa1"], mixed(g, x, xx, att.mix["x_x"], p + "x_x")))        # (T, 5D)
+    parts = g.op("Split", h, g.const([D] * 5), axis=-1, n_out=5)
+    xm = {m: mixed(g, x, xx, att.mix["x_" + m], p + "x_" + m, linear(g, L["maa2_" + m], part))
+          for m, part in zip(MAA, parts)}
+    r = f32(g, linear(g, L["receptance"], xm["r"]))
+    k = f32(g, linear(g, L["key"], xm["k"]))
+    v = f32(g, linear(g, L["value"], xm["v"]))
+    gate = silu(g, linear(g, L["gate"], xm["g"]))
+    # data-dependent decay, per token and channel: exp(-exp(w0 + W2 tanh(W1 x_w)))
+    wl = f32(g, linear(g, L["w2"], g.op("Tanh", linear(g, L["w1"], xm["w"]))))
+    w = g.op("Exp", g.op("Neg", g.op("Exp", g.op("Add", wl, g.weight(p + "time_decay", att.vec["w0"], F32)))))
+    y, S2 = emit_wkv5(g, S, cfg, prefill, r, k, v, w, w_per_token=True)
+    y = g.op("Mul", wkv5_out(g, att, y, r, k, v, cfg, p), gate)
+    return linear(g, L["output"], y), S2, v_first
+
+
+# ----------------------------------------------------------------------------------------------
+# Channel-mix of v4-v6 (with receptance), dense or sparse (RWKV-Lite)
+
+def emit_channel_mix_rwkv(g: Graph, ffn: ir.ChannelMix, x: str, prev: str, i: int, prefill: bool) -> str:
+    """y = sigmoid(R xr) * V relu(K xk)^2, the mixes in the IR's x + (prev - x) * mix form."""
+    p = f"blocks.{i}.ffn."
+    xx = g.op("Sub", shifted(g, x, prev, prefill), x)
+    xk = mixed(g, x, xx, ffn.mix["x_k"], p + "x_k")
+    r = g.op("Sigmoid", linear(g, ffn.lin["receptance"], mixed(g, x, xx, ffn.mix["x_r"], p + "x_r")))
+    if ffn.sparse is not None:
+        kv = emit_sparse_ffn(g, ffn, xk, p)
+    else:
+        k = g.op("Relu", linear(g, ffn.lin["key"], xk))
+        kv = linear(g, ffn.lin["value"], g.op("Mul", k, k))
+    return g.op("Mul", r, kv)
+
+
+def code_matmul(g: Graph, name: str, codes: np.ndarray, bits: int, scale: float, x: str) -> str:
+    """x (T, C) float32 @ (scale * codes)ᵀ with codes (F, C) small unsigned integers, kept packed: one
+    MatMulNBits with 2 (ONNX Runtime's narrowest), 4 or 8 bits per code, zero point 0, `scale` in every
+    block. A 1-bit key copy costs C/4 bytes per row instead of C."""
+    F, C = codes.shape
+    nbits = 2 if bits <= 2 else 4 if bits <= 4 else 8
+    block = 16
+    while block < min(C, 128):
+        block *= 2
+    nb, per = -(-C // block), 8 // nbits
+    c = np.zeros((F, nb * block), np.uint8)
+    c[:, :C] = codes
+    c = c.reshape(F, nb, block // per, per)
+    packed = np.zeros(c.shape[:-1], np.uint8)
+    for j in range(per):
+        packed |= (c[..., j] << (nbits * j)).astype(np.uint8)
+    return g.op("MatMulNBits", x, g.weight(name + "codes", packed, np.uint8),
+                g.weight(name + "scales", np.full((F, nb), scale, np.float32), F32),
+                g.weight(name + "zeros", np.zeros((F, -(-nb * nbits // 8)), np.uint8), np.uint8),
+                # accuracy_level 0: float32 activations. Level 4 quantises x to int8, which moves est enough to
+                # flip units across the quantile threshold (RWKV-Lite parity: 0.09 logit error vs 1e-6)
+                domain="com.microsoft", K=int(C), N=int(F), bits=nbits, block_size=block, accuracy_level=0)
+
+
+def sparse_ffn_mask(g: Graph, sp: ir.SparseFFN, xk: str, F: int, p: str) -> str:
+    """Which hidden units each token uses: (T, F) bool = mlp predictor | quantised-key predictor."""
+    masks = []
+    if sp.fc1 is not None:
+        h = g.op("Relu", g.op("MatMul", xk, g.weight(p + "mlp.fc1T", sp.fc1.T)))
+        logit = f32(g, g.op("MatMul", h, g.weight(p + "mlp.fc2T", sp.fc2.T)))
+        masks.append(g.op("Greater", g.op("Sigmoid", logit), g.const(sp.mlp_threshold, F32)))
+    if sp.q_codes is not None:
+        # est ~ key(xk) = q_scale * (xk @ codes^T) + q_zero * sum(xk); the codes stay packed (code_matmul)
+        xk32 = f32(g, xk)
+        est = g.op("Add", code_matmul(g, p + "key.q", sp.q_codes, sp.q_bits, sp.q_scale, xk32),
+                   g.op("Mul", g.op("ReduceSum", xk32, g.const([-1]), keepdims=1), g.const(sp.q_zero, F32)))
+        # torch.quantile(est, q) per row: linear interpolation between sorted[lo] and sorted[lo + 1];
+        # only the top F - lo values are needed, so a partial TopK finds both
+        pos = sp.q_quantile * (F - 1)
+        lo = int(math.floor(pos))
+        frac = pos - lo
+        top, _ = g.op("TopK", est, g.const([F - lo]), axis=-1, largest=1, sorted=1, n_out=2)   # (T, F - lo) desc
+        s_lo = g.op("Gather", top, g.const(F - lo - 1), axis=-1)
+        thr = s_lo
+        if frac > 0 and lo + 1 < F:
+            s_hi = g.op("Gather", top, g.const(F - lo - 2), axis=-1)
+            thr = g.op("Add", s_lo, g.op("Mul", g.op("Sub", s_hi, s_lo), g.const(frac, F32)))
+        masks.append(g.op("Greater", est, g.op("Unsqueeze", thr, g.const([-1]))))
+    return masks[0] if len(masks) == 1 else g.op("Or", masks[0], masks[1])
+
+
+def emit_sparse_ffn(g: Graph, ffn: ir.ChannelMix, xk: str, p: str) -> str:
+    """The FFN computed only where the predictors say a unit fires.
+
+        xk (T,C) ─┬─ predictors ─► mask (T,F) ──────────────┬─ any over T ─► NonZero ─► idx (n,)
+                  │                                          └─ Gather(idx) ─► m (T,n)
+                  └─ Gemm(xk, Gather(K, idx)ᵀ) ─► relu² ─► * m ─► MatMul(·, Gather(Vᵀ, idx)) ─► (T,C)
+
+    Only the n used rows of K (F, C) and of Vᵀ (F, C) are read. Non-dense key/value fall back to the
+    dense product times the mask (same result, no saving)."""
+    sp, K, Vl = ffn.sparse, ffn.lin["key"], ffn.lin["value"]
+    F = K.out_features
+    mask = sparse_ffn_mask(g, sp, xk, F, p)
+    maskf = g.op("Cast", mask, to=helper.np_dtype_to_tensor_dtype(g.dtype))              # (T, F)
+    if K.kind not in ROWS_MATMUL or Vl.kind not in COLS_MATMUL:
+        k = g.op("Relu", linear(g, K, xk))
+        return linear(g, Vl, g.op("Mul", g.op("Mul", k, k), maskf))
+    used = g.op("ReduceMax", g.op("Cast", mask, to=TensorProto.INT32), g.const([0]), keepdims=0)   # (F,)
+    idx = g.op("Reshape", g.op("NonZero", used), g.const([-1]))                           # (n,)
+    k = g.op("Relu", ROWS_MATMUL[K.kind](g, K, xk, idx))                                  # (T, n)
+    h = g.op("Mul", g.op("Mul", k, k), g.op("Gather", maskf, idx, axis=1))
+    s = g.rescale.get(Vl.name, 1.0)
+    if s != 1.0:
+        h = g.op("Mul", h, g.const(1.0 / s))
+    return COLS_MATMUL[Vl.kind](g, Vl, h, idx)                                            # (T, C)
+
+
+def rows_matmul_dense(g: Graph, lin: ir.Linear, x: str, idx: str) -> str:
+    """x (T, in) @ W[idx]ᵀ -> (T, n), reading only the rows idx of W (out, in)."""
+    return g.op("Gemm", x, g.op("Gather", g.weight(lin.name + ".w", lin.weight.w), idx, axis=0), transB=1)
+
+
+def cols_matmul_dense(g: Graph, lin: ir.Linear, h: str, idx: str) -> str:
+    """h (T, n) @ W[:, idx]ᵀ -> (T, out), reading only the rows idx of Wᵀ (in, out)."""
+    wt = g.weight(lin.name + ".wT_rows", np.ascontiguousarray(np.asarray(lin.weight.w).T))
+    return g.op("MatMul", h, g.op("Gather", wt, idx, axis=0))
+
+
+# weight kind -> the products with a subset of a matrix's rows / columns that sparse FFNs and clustered
+# heads need, reading only that subset; compression passes add theirs next to their weight math
+ROWS_MATMUL: dict[str, Callable] = {"dense": rows_matmul_dense}
+COLS_MATMUL: dict[str, Callable] = {"dense": cols_matmul_dense}
+
+
+# ----------------------------------------------------------------------------------------------
+# The clustered (hierarchical) head
+
+def emit_clustered(g: Graph, lin: ir.Linear, x: str) -> str:
+    """RWKV-Lite's hierarchical head for one token, x (1, C) -> logits (1, V) float32.
+
+        x ─► cluster head ─► log p (K,) ─► TopK ─► cumsum < top_p ─► n chosen ─► chosen (K,)
+        chosen[row_cluster] ─► NonZero ─► ridx ─► Gemm(x, rows[ridx]ᵀ) ─► exact logits (n_rows,)
+        other rows: logsumexp(exact) + log p_c - log Σ_chosen p - log |c|
+        ScatterND(exact into the approximations) ─► Gather(inverse order) ─► logits in token order
+
+    Only the rows of the chosen clusters are read and multiplied."""
+    ch = lin.weight
+    V, C = ch.shape
+    K = ch.n_clusters
+    z = f32(g, g.op("Reshape", linear(g, ir.Linear(lin.name + ".cluster", ch.cluster), x), g.const([K])))
+    logp = g.op("LogSoftmax", z, axis=0)                                                  # (K,)
+    prob = g.op("Exp", logp)
+    ps, ids = g.op("TopK", prob, g.const([K]), axis=0, largest=1, sorted=1, n_out=2)     # descending
+    below = g.op("Cast", g.op("Less", g.op("CumSum", ps, g.const(0)), g.const(ch.top_p, F32)), to=TensorProto.INT64)
+    n = g.op("Add", g.op("ReduceSum", below, keepdims=0), g.const(1))
+    n = g.op("Max", g.op("Min", n, g.const(min(ch.max_k, K))), g.const(min(ch.min_k, K)))
+    chosen_sorted = g.op("Cast", g.op("Less", g.const(np.arange(K)), n), to=TensorProto.FLOAT)
+    chosen = g.op("ScatterElements", g.const(np.zeros(K), F32), ids, chosen_sorted, axis=0)   # (K,) 0/1
+    row_cluster = g.weight(lin.name + ".row_cluster", ch.row_cluster(), np.int64)
+    ridx = g.op("NonZero", g.op("Gather", chosen, row_cluster, axis=0))                   # (1, n_rows)
+    rows = ch.rows if hasattr(ch.rows, "kind") else ir.Dense(ch.rows)
+    exact = ROWS_MATMUL[rows.kind](g, ir.Linear(lin.name + ".rows", rows), g.op("Reshape", x, g.const([1, C])),
+                                   g.op("Reshape", ridx, g.const([-1])))
+    exact = f32(g, g.op("Reshape", exact, g.const([-1])))
+    lse = g.op("ReduceLogSumExp", exact, g.const([0]), keepdims=0)
+    log_chosen = g.op("Log", g.op("ReduceSum", g.op("Mul", prob, chosen), keepdims=0))
+    log_count = g.const(np.log(np.maximum(np.diff(ch.bounds), 1)), F32)
+    approx = g.op("Sub", g.op("Add", logp, g.op("Sub", lse, log_chosen)), log_count)      # (K,)
+    base = g.op("Gather", approx, row_cluster, axis=0)                                    # (V,) in row order
+    perm = g.op("ScatterND", base, g.op("Transpose", ridx, perm=[1, 0]), exact)
+    inv = np.empty(V, np.int64)
+    inv[ch.order] = np.arange(V)
+    logits = g.op("Gather", perm, g.weight(lin.name + ".inverse_order", inv, np.int64), axis=0)
+    return g.op("Reshape", logits, g.const([1, V]))
+
+
+LINEAR_EMITTERS["clustered"] = emit_clustered
+
+
+TIME_MIX_EMITTERS = {"7": emit_time_mix_v7, "6": emit_time_mix_v6, "5.2": emit_time_mix_v5, "5.1": emit_time_mix_v5,
+                     "5.0": emit_time_mix_v5, "4": emit_time_mix_v4}
+CHANNEL_MIX_EMITTERS = {"7": emit_channel_mix_v7, "6": emit_channel_mix_rwkv, "5.2": emit_channel_mix_rwkv,
+                        "5.1": emit_channel_mix_rwkv, "5.0": emit_channel_mix_rwkv, "4": emit_channel_mix_rwkv}
 
 
 def folded_embedding(model: ir.Model, chunk: int = 8192) -> np.ndarray:
@@ -301,19 +663,52 @@ def folded_embedding(model: ir.Model, chunk: int = 8192) -> np.ndarray:
     return out
 
 
-def build_graph(model: ir.Model, store: WeightStore, prefill: bool, emb_name: str) -> onnx.ModelProto:
+RESCALE_EVERY = 6                             # the official package's RESCALE_LAYER for fp16
+RESCALE_VERSIONS = frozenset({"4", "5.0", "5.1", "5.2", "6"})
+
+
+def rescale_plan(cfg: ir.ModelConfig, dtype, every: int = RESCALE_EVERY) -> dict[str, float]:
+    """fp16 layer rescaling: att.output and ffn.value of layer i divided by 2^(i // 6), and the residual
+    halved after every 6th layer, so the residual stream stays within fp16's range. Every later use of the
+    residual goes through a LayerNorm (scale-invariant), so the logits and the state do not change.
+    every=0 turns it off."""
+    if np.dtype(dtype) != np.float16 or cfg.version not in RESCALE_VERSIONS or not every:
+        return {}
+    plan = {}
+    for i in range(cfg.n_layer):
+        s = float(2 ** (i // every))
+        if s != 1:
+            plan[f"blocks.{i}.att.output"] = plan[f"blocks.{i}.ffn.value"] = s
+    return plan
+
+
+def embed_dense(g: Graph, model: ir.Model, tokens: str) -> str:
+    """The embedding rows of `tokens`: a Gather from the folded table (ln0 applied), stored once."""
+    if "emb.folded" not in g.store.entries:
+        g.store.add("emb.folded", folded_embedding(model))
+    g.inits["emb.folded"] = g.store.entries["emb.folded"]
+    return g.op("Gather", "emb.folded", tokens, axis=0)
+
+
+# embedding representation kind -> fn(g, model, tokens) -> x (T, C); passes add theirs (lazy-emb)
+EMBEDDERS: dict[str, Callable[[Graph, ir.Model, str], str]] = {"dense": embed_dense}
+
+
+def build_graph(model: ir.Model, store: WeightStore, prefill: bool, emb_name: str = "emb.folded",
+                rescale_every: int = RESCALE_EVERY) -> onnx.ModelProto:
     cfg = model.config
     L, C, H, N, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size, cfg.vocab_size
-    g = Graph(store)
-    g.inits[emb_name] = store.entries[emb_name]
-    x = g.op("Gather", emb_name, "tokens", axis=0)                                   # (T, C)
+    g = Graph(store, store.dtype)
+    g.rescale = rescale_plan(cfg, store.dtype, rescale_every)
+    halve = bool(rescale_every) and store.dtype == np.float16 and cfg.version in RESCALE_VERSIONS
+    x = EMBEDDERS[model.emb.weight.kind](g, model, "tokens")                         # (T, C)
     shifts = g.op("Split", "shift_in", axis=0, num_outputs=L, n_out=L) if L > 1 else "shift_in"
     wkvs = g.op("Split", "wkv_in", axis=0, num_outputs=L, n_out=L) if L > 1 else "wkv_in"
     shifts, wkvs = ([shifts], [wkvs]) if L == 1 else (shifts, wkvs)
     new_shift, new_wkv = [], []
     v_first = None
     for i, blk in enumerate(model.blocks):
-        sh = g.op("Squeeze", shifts[i], g.const([0]))                                 # (2, C)
+        sh = to_compute(g, g.op("Squeeze", shifts[i], g.const([0])))                  # (2, C)
         prev_att = g.op("Slice", sh, g.const([0]), g.const([1]), g.const([0]))       # (1, C)
         prev_ffn = g.op("Slice", sh, g.const([1]), g.const([2]), g.const([0]))
         S = g.op("Squeeze", wkvs[i], g.const([0]))                                    # (H, N, N)
@@ -323,15 +718,17 @@ def build_graph(model: ir.Model, store: WeightStore, prefill: bool, emb_name: st
         x = g.op("Add", x, dx)
         xf = layer_norm(g, x, blk.ln2, f"blocks.{i}.ln2")
         x = g.op("Add", x, CHANNEL_MIX_EMITTERS[blk.ffn.version](g, blk.ffn, xf, prev_ffn, i, prefill))
+        if halve and (i + 1) % rescale_every == 0:
+            x = g.op("Mul", x, g.const(0.5))
 
         last = lambda t: g.op("Slice", t, g.const([-1]), g.const([2 ** 62]), g.const([0]))  # noqa: E731
-        new_shift.append(g.op("Unsqueeze", g.op("Concat", last(xa), last(xf), axis=0), g.const([0])))
+        new_shift.append(g.op("Unsqueeze", f32(g, g.op("Concat", last(xa), last(xf), axis=0)), g.const([0])))
         new_wkv.append(g.op("Unsqueeze", S2, g.const([0])))
 
     xl = g.op("Slice", x, g.const([-1]), g.const([2 ** 62]), g.const([0])) if prefill else x
     xl = layer_norm(g, xl, model.ln_out, "ln_out")
     logits = g.op("Reshape", linear(g, model.head, xl), g.const([V]))
-    g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
+    g.nodes.append(helper.make_node("Cast", [logits], ["logits"], to=TensorProto.FLOAT))
     g.nodes.append(helper.make_node("Concat", new_shift, ["shift_out"], axis=0) if L > 1
                    else helper.make_node("Identity", new_shift, ["shift_out"]))
     g.nodes.append(helper.make_node("Concat", new_wkv, ["wkv_out"], axis=0) if L > 1
@@ -353,14 +750,26 @@ def build_graph(model: ir.Model, store: WeightStore, prefill: bool, emb_name: st
     return m
 
 
-def emit(model: ir.Model, out_dir: str, dtype=np.float32, progress=None) -> dict[str, str]:
-    """Write step.onnx, prefill.onnx and weights.bin into out_dir. Returns {entry point: file name}."""
+FP16_VERSIONS = RESCALE_VERSIONS   # RWKV-7's emitter computes its decay in the compute dtype: float32 only
+
+
+def emit(model: ir.Model, out_dir: str, dtype=np.float32, progress=None,
+         rescale_every: int = RESCALE_EVERY) -> dict[str, str]:
+    """Write step.onnx, prefill.onnx and weights.bin into out_dir. Returns {entry point: file name}.
+
+    dtype float16: weights and activations in fp16 (the recurrences, their state, the group norms and the
+    decays in float32, through Cast nodes; the graphs' inputs and outputs stay float32), with the layer
+    rescaling of `rescale_plan` (rescale_every=0: none)."""
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float16):
+        raise ValueError(f"emit: compute dtype must be float32 or float16, got {dtype}")
+    if dtype == np.float16 and model.config.version not in FP16_VERSIONS:
+        raise ValueError(f"float16 lowering of RWKV-v{model.config.version} is not implemented; use float32")
     store = WeightStore(os.path.join(out_dir, "weights.bin"), dtype)
     try:
-        store.add("emb.folded", folded_embedding(model))
         files = {}
         for entry, prefill in (("step", False), ("prefill", True)):
-            m = build_graph(model, store, prefill, "emb.folded")
+            m = build_graph(model, store, prefill, "emb.folded", rescale_every)
             fn = f"{entry}.onnx"
             with open(os.path.join(out_dir, fn), "wb") as f:
                 f.write(m.SerializeToString())

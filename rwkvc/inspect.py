@@ -25,6 +25,27 @@ def _components_text(comps: dict) -> list[str]:
     return lines
 
 
+def _compressions_text(comp: dict) -> list[str]:
+    """RWKV-Lite's compressions found in a checkpoint, one line each."""
+    if not comp:
+        return []
+    lines = ["  RWKV-Lite compressions:"]
+    if "low_rank" in comp:
+        lr = comp["low_rank"]
+        lines.append(f"    low-rank projections {', '.join(lr['projections'])} (rank {', '.join(map(str, lr['ranks']))}; "
+                     f"{lr['variant']})")
+    if "sparse_ffn" in comp:
+        sp = comp["sparse_ffn"]
+        lines.append(f"    sparse FFN: predictors on {sp['layers']} layers (hidden width {sp['predictor_width']}) "
+                     "+ 1-bit quantised key predictor")
+    if "hierarchical_head" in comp:
+        hh = comp["hierarchical_head"]
+        lines.append(f"    hierarchical head: {hh['clusters']} vocabulary clusters"
+                     f"{' (+ MLP cluster head)' if hh['mlp_variant'] else ''}; used only with the vocabulary "
+                     "cluster file (*-cls.npy), else the dense head")
+    return lines
+
+
 def inspect_path(path: str) -> dict:
     p = Path(path)
     if p.is_dir():
@@ -42,9 +63,19 @@ def inspect_checkpoint(p: Path) -> dict:
     info = {"kind": "checkpoint", "path": str(p), "version": f"v{c.version}", "file_bytes": p.stat().st_size,
             "dtypes": dtypes, "config": c.to_dict(), "components": comps,
             "params": sum(v["params"] for v in comps.values())}
-    text = [f"{p}: RWKV-v{c.version} checkpoint ({', '.join(dtypes)}, {_fmt_bytes(info['file_bytes'])})",
-            f"  layers {c.n_layer}, n_embd {c.n_embd}, heads {c.n_head} x {c.head_size}, ffn {c.ffn_dim}, "
+    from .arch.lite import compressions
+    comp = compressions(sd)
+    info["compressions"] = comp
+    if model.init_state is not None:
+        info["init_state"] = "time_state"
+    heads = f"heads {c.n_head} x {c.head_size}" if c.version != "4" else "no heads (RWKV-4)"
+    text = [f"{p}: RWKV-v{c.version} checkpoint{' (RWKV-Lite)' if comp else ''} ({', '.join(dtypes)}, "
+            f"{_fmt_bytes(info['file_bytes'])})",
+            f"  layers {c.n_layer}, n_embd {c.n_embd}, {heads}, ffn {c.ffn_dim}, "
             f"vocab {c.vocab_size}" + (f", low-rank {dict(c.lora)}" if c.lora else "")]
+    if model.init_state is not None:
+        text.append("  initial state: tuned (time_state), used as the artifact's initial state")
+    text += _compressions_text(comp)
     text += _components_text(comps)
     info["_text"] = "\n".join(text)
     return info
@@ -61,8 +92,9 @@ def inspect_artifact(p: Path) -> dict:
             "format_version": m.get("format_version"), "source": m.get("source")}
     text = [f"{p}: rwkvc artifact for target '{m['target']}' (runtime {m.get('runtime')}, {m.get('dtype')}), "
             f"{_fmt_bytes(info['artifact_bytes'])}",
-            f"  RWKV-v{c['version']}: layers {c['n_layer']}, n_embd {c['n_embd']}, heads {c['n_head']} x "
-            f"{c['head_size']}, ffn {c['ffn_dim']}, vocab {c['vocab_size']}",
+            f"  RWKV-v{c['version']}: layers {c['n_layer']}, n_embd {c['n_embd']}, "
+            + (f"heads {c['n_head']} x {c['head_size']}" if c["version"] != "4" else "no heads (RWKV-4)")
+            + f", ffn {c['ffn_dim']}, vocab {c['vocab_size']}",
             f"  entry points: {', '.join(f'{k}={v}' for k, v in info['entry_points'].items())}",
             "  passes: " + (", ".join(x.get("name", "?") + (f" ({x['summary']})" if x.get("summary") else "")
                                       for x in info["passes"]) or "none")]

@@ -7,13 +7,13 @@ The IR is a tree of plain dataclasses:
       emb:    Embedding                a Weight of shape (V, C)
       ln0:    Norm                     folded into the embedding rows by the emitters
       blocks: [Block]
-        ln1, att: TimeMix, ln2, ffn: ChannelMix
+        ln1, att: TimeMix, ln2, ffn: ChannelMix (+ sparse: SparseFFN, RWKV-Lite's activation predictors)
       ln_out: Norm
       head:   Linear                   (V, C)
       init_state: State | None         a tuned / time_state initial state
 
-Every matrix is a `Linear` whose `weight` is a *representation* (`Dense` now; low-rank, quantised,
-sparse and clustered forms are further classes registered in `WEIGHT_KINDS`). Passes are IR -> IR
+Every matrix is a `Linear` whose `weight` is a *representation* (`Dense`, `LowRank`, `ClusteredHead`;
+quantised and other forms are further classes registered in `WEIGHT_KINDS`). Passes are IR -> IR
 rewrites that replace representations and return a report; emitters dispatch on the representation
 kind, and a target declares which kinds it can lower.
 
@@ -117,7 +117,8 @@ class ClusteredHead:
 
     order (V,) int64    token ids sorted by cluster (a permutation of 0..V-1)
     bounds (K+1,) int64 cluster k owns rows order[bounds[k]:bounds[k+1]]
-    rows (V, C)         W[order]: the head's rows, cluster by cluster
+    rows (V, C)         W[order]: the head's rows, cluster by cluster (an array, or a weight representation
+                        such as a quantised one: only the chosen clusters' rows are read, via emit_onnx.ROWS_MATMUL)
     cluster             a weight representation (K, C) giving cluster logits (Dense, or LowRank with
                         act "relu" for RWKV-Lite's MLP variant head_l1fc2(relu(head_l1fc1 x)))
     top_p, min_k, max_k which clusters get exact logits, per token: the most probable ones until their
@@ -164,18 +165,26 @@ class ClusteredHead:
         return np.repeat(np.arange(self.n_clusters, dtype=np.int64), np.diff(self.bounds))
 
     def arrays(self) -> dict[str, np.ndarray]:
-        d = {"order": self.order, "bounds": self.bounds, "rows": self.rows}
+        d = {"order": self.order, "bounds": self.bounds}
+        if isinstance(self.rows, np.ndarray):
+            d["rows"] = self.rows
+        else:
+            d.update({"rows." + k: v for k, v in self.rows.arrays().items()})
         d.update({"cluster." + k: v for k, v in self.cluster.arrays().items()})
         return d
 
+    def rows_dense(self) -> np.ndarray:
+        return self.rows if isinstance(self.rows, np.ndarray) else self.rows.to_dense()
+
     def to_dense(self) -> np.ndarray:
-        w = np.empty(self.rows.shape, np.float32)
-        w[self.order] = self.rows
+        w = np.empty(tuple(self.rows.shape), np.float32)
+        w[self.order] = self.rows_dense()
         return w
 
     def describe(self) -> str:
+        rows = self.rows.dtype if isinstance(self.rows, np.ndarray) else self.rows.describe()
         return (f"clustered {self.shape[0]}x{self.shape[1]} K={self.n_clusters} (cluster head "
-                f"{self.cluster.describe()}) top_p={self.top_p} k={self.min_k}..{self.max_k} {self.rows.dtype}")
+                f"{self.cluster.describe()}) top_p={self.top_p} k={self.min_k}..{self.max_k} rows {rows}")
 
 
 @dataclass
@@ -219,8 +228,8 @@ class Norm:
 @dataclass
 class TimeMix:
     version: str
-    mix: dict[str, np.ndarray]        # token-shift interpolation, e.g. x_r, x_w, ... (C,)
-    vec: dict[str, np.ndarray]        # other per-channel parameters, e.g. w0, a0, k_k, r_k (C,)
+    mix: dict[str, np.ndarray]        # token-shift interpolation x + (prev - x) * mix, e.g. x_r, x_w (C,)
+    vec: dict[str, np.ndarray]        # other per-channel parameters, e.g. w0 (log-log decay), u (bonus), k_k (C,)
     lin: dict[str, Linear]            # every matrix: receptance, key, value, output, w1, w2, ...
     ln_x: Norm | None = None
 

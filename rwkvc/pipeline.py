@@ -97,7 +97,7 @@ def run_passes(model: ir.Model, recipe, ctx=None) -> ir.Model:
 
 def compile_checkpoint(model_path, out_dir, target: str = "cpu", passes=None, dtype: str | None = None,
                        force: bool = False, progress: bool = False, dump_dir: str | None = None,
-                       state_path: str | None = None, ctx=None):
+                       state_path: str | None = None, ctx=None, cluster_file: str | None = None):
     """Checkpoint file -> artifact directory. Every user error is raised before anything is written."""
     from rwkvc.targets import get_target, unsupported
     from .artifact import check_output_dir, compile_to_dir
@@ -108,7 +108,7 @@ def compile_checkpoint(model_path, out_dir, target: str = "cpu", passes=None, dt
     check_output_dir(out, force)
     bar = _Progress(enabled=progress, total=2 + len(recipe))
     bar.step("load checkpoint")
-    model = load_model(model_path)
+    model = load_model(model_path, cluster_file=cluster_file)
     why = unsupported(tgt, model, dtype or tgt.capabilities.dtypes[0]) if not recipe else None
     if why:
         raise RwkvcError(why)

@@ -141,25 +141,27 @@ def save_state_dict(sd: dict, path: str | os.PathLike) -> str:
 _OFFICIAL_SCRIPT = r'''
 import sys, contextlib, io, json
 import numpy as np, torch
-path, tokens, chunks, out = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+jobs = json.loads(open(sys.argv[1]).read())
 with contextlib.redirect_stdout(io.StringIO()):
     from rwkv.model import RWKV
-    m = RWKV(path[:-4], "cpu fp32")
-res, st = {}, None
-steps = []
-for t in tokens:
-    o, st = m.forward([t], st)
-    steps.append(o.float().numpy().copy())
-res["steps"] = np.stack(steps)
-res["state"] = np.concatenate([s.float().reshape(-1).numpy() for s in st])
-for ci, ch in enumerate(chunks):
-    st, pos, outs = None, 0, []
-    for c in ch:
-        o, st = m.forward(tokens[pos:pos + c], st)
-        pos += c
-        outs.append(o.float().numpy().copy())
-    res[f"chunks{ci}"] = np.stack(outs)
-np.savez(out, **res)
+for path, tokens, chunks, out in jobs:
+    with contextlib.redirect_stdout(io.StringIO()):
+        m = RWKV(path[:-4], "cpu fp32")
+    res, st = {}, None
+    steps = []
+    for t in tokens:
+        o, st = m.forward([t], st)
+        steps.append(o.float().numpy().copy())
+    res["steps"] = np.stack(steps)
+    res["state"] = np.concatenate([s.float().reshape(-1).numpy() for s in st])
+    for ci, ch in enumerate(chunks):
+        st, pos, outs = None, 0, []
+        for c in ch:
+            o, st = m.forward(tokens[pos:pos + c], st)
+            pos += c
+            outs.append(o.float().numpy().copy())
+        res[f"chunks{ci}"] = np.stack(outs)
+    np.savez(out, **res)
 '''
 
 
@@ -171,6 +173,11 @@ def run_official(path: str, tokens: list[int], chunks: list[list[int]] = ()) -> 
                            att_x, aa, bb, pp, ffn_x; v5/v6 att_x, wkv[key, value], ffn_x)
         chunksI (n, V)     the logits after each chunk of chunks[I]
     """
+    return run_official_many([(path, tokens, chunks)])[0]
+
+
+def run_official_many(jobs) -> list[dict]:
+    """`run_official` for several (path, tokens, chunks) jobs in one subprocess (one torch import)."""
     import json
     import subprocess
     import sys
@@ -180,10 +187,16 @@ def run_official(path: str, tokens: list[int], chunks: list[list[int]] = ()) -> 
     env = {k: v for k, v in os.environ.items() if k != "RWKV_V7_ON"}
     env.update(RWKV_JIT_ON="0", RWKV_CUDA_ON="0")
     with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "out.npz")
-        proc = subprocess.run([sys.executable, "-c", _OFFICIAL_SCRIPT, str(path), json.dumps(list(map(int, tokens))),
-                               json.dumps([list(c) for c in chunks]), out], env=env, capture_output=True, text=True)
+        spec = [[str(p), list(map(int, t)), [list(c) for c in ch], os.path.join(d, f"out{j}.npz")]
+                for j, (p, t, ch) in enumerate(jobs)]
+        with open(os.path.join(d, "jobs.json"), "w") as f:
+            json.dump(spec, f)
+        proc = subprocess.run([sys.executable, "-c", _OFFICIAL_SCRIPT, os.path.join(d, "jobs.json")], env=env,
+                              capture_output=True, text=True)
         if proc.returncode:
-            raise RuntimeError(f"official rwkv package failed on {path}:\n{proc.stderr[-3000:]}")
-        with np.load(out) as z:
-            return {k: z[k] for k in z.files}
+            raise RuntimeError(f"official rwkv package failed:\n{proc.stderr[-3000:]}")
+        out = []
+        for *_, o in spec:
+            with np.load(o) as z:
+                out.append({k: z[k] for k in z.files})
+        return out

@@ -1,9 +1,15 @@
-"""`cpu`: ONNX Runtime on the host CPU (MLAS kernels), fp32."""
+"""`cpu`: ONNX Runtime on the host CPU (MLAS kernels), fp32 or fp16.
+
+float16: weights and activations in fp16 with the official package's layer rescaling (every 6 layers) and
+the recurrences in float32 (see rwkvc.emit_onnx.emit); ONNX Runtime runs fp16 ops it has no CPU kernel
+for in float32 by itself, so the saving on CPU is mostly memory. RWKV-4/5/6 only for now.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 from rwkvc import emit_onnx, ir
+from rwkvc.errors import RwkvcError
 
 from .base import Capabilities
 
@@ -14,11 +20,16 @@ class CpuTarget:
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(weight_kinds=frozenset(emit_onnx.LINEAR_EMITTERS), dtypes=("float32",),
+        return Capabilities(weight_kinds=frozenset(emit_onnx.LINEAR_EMITTERS), dtypes=("float32", "float16"),
                             versions=frozenset(emit_onnx.TIME_MIX_EMITTERS), runtime="onnxruntime",
-                            extras={"providers": ["CPUExecutionProvider"]})
+                            extras={"providers": ["CPUExecutionProvider"],
+                                    "float16_versions": sorted(emit_onnx.FP16_VERSIONS)})
 
     def compile(self, model: ir.Model, out_dir: str, options: dict, progress=None) -> dict:
-        files = emit_onnx.emit(model, out_dir, dtype=np.float32, progress=progress)
+        dtype = options.get("dtype") or "float32"
+        if dtype == "float16" and model.config.version not in emit_onnx.FP16_VERSIONS:
+            raise RwkvcError(f"target 'cpu' lowers RWKV-v{model.config.version} in float32 only "
+                             f"(float16: v{', v'.join(sorted(emit_onnx.FP16_VERSIONS))}); use --dtype float32")
+        files = emit_onnx.emit(model, out_dir, dtype=np.dtype(dtype), progress=progress)
         return {"entry_points": files, "runtime": "onnxruntime", "providers": ["CPUExecutionProvider"],
-                "dtype": "float32", "weights": "weights.bin"}
+                "dtype": dtype, "weights": "weights.bin"}

@@ -72,7 +72,8 @@ def mlp_shapes(sd, chk: cm.ShapeCheck, i: int, C: int, F: int) -> bool:
     if f1 not in sd and f2 not in sd:
         return False
     if f1 not in sd or f2 not in sd:
-        raise RwkvcError(f"RWKV-Lite checkpoint has '{f1 if f2 in sd else f2}' but not '{f2 if f2 not in sd else f1}'")
+        have, missing = (f1, f2) if f1 in sd else (f2, f1)
+        raise RwkvcError(f"RWKV-Lite checkpoint has '{have}' but not '{missing}'; the file is incomplete")
     D = int(sd[f1].shape[0])
     chk.add(f1, (D, C))
     chk.add(f2, (F, D))
@@ -161,12 +162,13 @@ def cluster_head_from_labels(W: np.ndarray, labels: np.ndarray, cluster, top_p=H
 
 def compressions(sd) -> dict:
     """Which RWKV-Lite compressions a state dict holds (for `rwkvc inspect`)."""
+    import re
     out = {}
-    fact = sorted({k.split(".", 3)[2] + "." + k.split(".", 3)[3].removesuffix("1.weight")
-                   for k in sd if k.startswith("blocks.") and k.endswith("1.weight") and ".mlp." not in k})
+    firsts = [(k, m) for k in sd for m in [re.fullmatch(r"blocks\.\d+\.(att|ffn)\.(\w+)1\.weight", k)]
+              if m and k[:-len("1.weight")] + "2.weight" in sd]
+    fact = sorted({f"{m.group(1)}.{m.group(2)}" for _, m in firsts})
     if fact:
-        ranks = sorted({int(sd[k].shape[0]) for k in sd if k.startswith("blocks.") and k.endswith("1.weight")
-                        and ".mlp." not in k})
+        ranks = sorted({int(sd[k].shape[0]) for k, _ in firsts})
         diag = any(k.endswith("_diag") for k in sd)
         out["low_rank"] = {"projections": fact, "ranks": ranks,
                            "variant": "B relu(A x)^2 + diag x" if diag else "B A x"}

@@ -1,0 +1,196 @@
+"""`hhead`: the hierarchical (clustered) head of RWKV-Lite, computing exact logits only for the most
+probable clusters of the vocabulary; only those clusters' head rows are read.
+
+Result: ir.ClusteredHead (the representation RWKV-Lite checkpoints with a `*-cls.npy` load into), lowered
+by rwkvc.emit_onnx.emit_clustered. Per token, x the head's input:
+
+    p = softmax(Wc x) over K clusters; S = the most probable clusters until their mass reaches `p`
+        (at least min_k, at most max_k);
+    logit_t = W_t . x                                  for t in a cluster of S (exact)
+    logit_t = lse_S + log p_c - log p(S) - log |c|     for t in a cluster c outside S
+
+so every token has a logit (sampling with temperature / top-p works unchanged) and the probability the
+full softmax gives the chosen clusters' tokens is exact up to the normalisation. With p=1 every
+cluster is chosen and the logits are the dense ones.
+
+Weight math (plain functions, each tested):
+    cluster_vocab(W, K)                  -> labels (V,): spherical k-means on the head rows (k-means++
+                                            seeding, a fixed number of Lloyd steps, empty clusters re-seeded)
+    distill_cluster_head(W, labels, X)   -> Wc (K, C): minimises KL(P_c || softmax(Wc x)) on calibration
+                                            hidden states X, P_c = the full head's probability mass per cluster
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from rwkvc import ir
+from rwkvc.arch.lite import cluster_head_from_labels
+from rwkvc.errors import RwkvcError
+
+from . import Param, register
+from .common import fmt_bytes
+
+
+def cluster_vocab(W: np.ndarray, K: int, iters: int = 15, seed: int = 0, chunk: int = 16384) -> np.ndarray:
+    """Spherical k-means of the rows of W (V, C) into K clusters; labels (V,) int64 in 0..K-1."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.as_tensor(np.asarray(W, np.float32))
+    X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    V = X.shape[0]
+    if K > V:
+        raise RwkvcError(f"pass hhead: k={K} clusters for a vocabulary of {V}")
+    # k-means++ seeding on a sample (the whole vocabulary is large and mostly redundant)
+    sample = X[torch.randperm(V, generator=g)[: min(V, 20 * K)]]
+    cent = [sample[torch.randint(0, len(sample), (1,), generator=g)][0]]
+    d2 = torch.full((len(sample),), float("inf"))
+    for _ in range(1, K):
+        d2 = torch.minimum(d2, 1 - sample @ cent[-1])
+        pr = d2.clamp_min(0) + 1e-12
+        cent.append(sample[torch.multinomial(pr / pr.sum(), 1, generator=g)][0])
+    C = torch.stack(cent)
+    labels = torch.zeros(V, dtype=torch.long)
+    for _ in range(iters):
+        for s in range(0, V, chunk):
+            labels[s:s + chunk] = (X[s:s + chunk] @ C.T).argmax(1)
+        sums = torch.zeros_like(C).index_add_(0, labels, X)
+        counts = torch.bincount(labels, minlength=K)
+        empty = (counts == 0).nonzero().flatten()
+        for j in empty.tolist():     # re-seed an empty cluster with a random row
+            sums[j] = X[torch.randint(0, V, (1,), generator=g)][0]
+        C = sums / sums.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    for s in range(0, V, chunk):
+        labels[s:s + chunk] = (X[s:s + chunk] @ C.T).argmax(1)
+    lab = labels.numpy().astype(np.int64)
+    # clusters left empty after the last assignment keep a token so that every cluster is non-empty
+    counts = np.bincount(lab, minlength=K)
+    big = np.argsort(-counts)
+    for j, e in enumerate(np.flatnonzero(counts == 0)):
+        donor = big[j % len(big)]
+        lab[np.flatnonzero(lab == donor)[0]] = e
+    return lab
+
+
+def cluster_mass(W: torch.Tensor, labels: torch.Tensor, X: torch.Tensor, K: int, chunk: int = 256) -> torch.Tensor:
+    """P (T, K): the full head's probability mass of each cluster for each hidden state in X (T, C)."""
+    out = []
+    for s in range(0, X.shape[0], chunk):
+        p = torch.softmax(X[s:s + chunk] @ W.T, -1)
+        out.append(torch.zeros(p.shape[0], K).index_add_(1, labels, p))
+    return torch.cat(out)
+
+
+def distill_cluster_head(W: np.ndarray, labels: np.ndarray, X: np.ndarray, K: int, steps: int = 300,
+                         lr: float = 1e-2, seed: int = 0) -> tuple[np.ndarray, float]:
+    """Wc (K, C) trained on hidden states X (T, C) to give each cluster the full head's mass; also the
+    final mean KL(P || Q) in nats."""
+    Wt = torch.as_tensor(np.asarray(W, np.float32))
+    lab = torch.as_tensor(labels)
+    Xt = torch.as_tensor(np.asarray(X, np.float32))
+    P = cluster_mass(Wt, lab, Xt, K)
+    counts = torch.bincount(lab, minlength=K).float().clamp_min(1)
+    init = torch.zeros(K, Wt.shape[1]).index_add_(0, lab, Wt) / counts[:, None]   # mean row of each cluster
+    Wc = torch.nn.Parameter(init.clone())
+    opt = torch.optim.Adam([Wc], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    logP = torch.log(P.clamp_min(1e-12))
+    kl = None
+    for _ in range(steps):
+        logQ = torch.log_softmax(Xt @ Wc.T, -1)
+        kl = (P * (logP - logQ)).sum(-1).mean()
+        opt.zero_grad()
+        kl.backward()
+        opt.step()
+        sched.step()
+    return Wc.detach().numpy().copy(), float(kl.detach())
+
+
+def selected_fraction(ch: ir.ClusteredHead, X: np.ndarray) -> tuple[float, float]:
+    """On hidden states X: (mean fraction of head rows read, mean clusters chosen) per token."""
+    cl = ch.cluster.to_dense() if ch.cluster.kind != "lowrank" or ch.cluster.act is None else None
+    if cl is None:
+        return float("nan"), float("nan")
+    p = torch.softmax(torch.as_tensor(np.asarray(X, np.float32)) @ torch.as_tensor(cl).T, -1)
+    ps, ids = torch.sort(p, -1, descending=True)
+    K = ch.n_clusters
+    n = ((torch.cumsum(ps, -1) < ch.top_p).sum(-1) + 1).clamp(min(ch.min_k, K), min(ch.max_k, K))
+    sizes = torch.as_tensor(np.diff(ch.bounds)).float()[ids]                      # (T, K) sorted
+    rows = (torch.cumsum(sizes, -1).gather(1, (n - 1)[:, None])).squeeze(1)
+    return float(rows.mean()) / ch.rows.shape[0], float(n.float().mean())
+
+
+def quantize_clustered(ch: ir.ClusteredHead, qs, name: str):
+    """The int passes on a clustered head: its cluster head like any matrix, its rows with the row-gather
+    quantiser (qs = (q, q_rows))."""
+    from .quant import quantize_rep
+    q, q_rows = qs if isinstance(qs, tuple) else (qs, qs)
+    cluster, c1 = quantize_rep(ch.cluster, q, name + ".cluster")
+    rows = ch.rows
+    c2 = False
+    if isinstance(rows, np.ndarray):
+        rows, c2 = q_rows(name + ".rows", np.asarray(rows, np.float32)), True
+    if not (c1 or c2):
+        return ch, False
+    return ir.ClusteredHead(ch.order, ch.bounds, rows, cluster, ch.top_p, ch.min_k, ch.max_k), True
+
+
+class _Final:
+    def __init__(self):
+        self.x = []
+
+    def final(self, x):
+        self.x.append(x.clone())
+
+
+class HheadPass:
+    name = "hhead"
+    requires = ()
+    forbids_after = ("int8", "int4")
+    needs_calibration = True
+    params = {
+        "k": Param(int, 200, lambda v: 2 <= v <= 65536, "a number of clusters >= 2"),
+        "p": Param(float, 0.95, lambda v: 0 < v <= 1, "a cumulative probability in (0, 1] (1: exact logits)"),
+        "min_k": Param(int, 3, lambda v: v >= 1, "at least 1"),
+        "max_k": Param(int, 100, lambda v: v >= 1, "at least 1 (and >= min_k)"),
+        "steps": Param(int, 300, lambda v: 1 <= v <= 100000, "distillation steps"),
+        "iters": Param(int, 15, lambda v: 1 <= v <= 1000, "k-means iterations"),
+        "tokens": Param(int, 4096, lambda v: v >= 64, "calibration tokens to use (>= 64)"),
+    }
+
+    def run(self, model: ir.Model, args: dict, ctx) -> tuple[ir.Model, dict]:
+        from rwkvc.calib import IRRunner, calib_tokens
+        if model.head.kind != "dense":
+            raise RwkvcError(f"pass hhead: the head is already {model.head.kind}; hhead clusters a dense head")
+        K = args["k"]
+        if args["max_k"] < args["min_k"]:
+            raise RwkvcError(f"pass hhead: max_k={args['max_k']} < min_k={args['min_k']}")
+        W = np.asarray(model.head.weight.w, np.float32)
+        V, C = W.shape
+        if K > V:
+            raise RwkvcError(f"pass hhead: k={K} clusters for a vocabulary of {V}")
+        tokens = calib_tokens(ctx, args["tokens"])
+        col = _Final()
+        run = IRRunner(model, simulate=False)
+        for _ in run.forward(tokens, hooks=col, want_logits=False):
+            pass
+        X = torch.cat(col.x).numpy()
+        labels = cluster_vocab(W, K, iters=args["iters"])
+        Wc, kl = distill_cluster_head(W, labels, X, K, steps=args["steps"])
+        exact = args["p"] >= 1.0
+        ch = cluster_head_from_labels(W, labels, ir.Dense(Wc), top_p=min(args["p"], 1.0),
+                                      min_k=K if exact else min(args["min_k"], K),
+                                      max_k=K if exact else max(min(args["max_k"], K), min(args["min_k"], K)))
+        model.head = ir.Linear(model.head.name, ch)
+        frac, n_chosen = selected_fraction(ch, X)
+        sizes = np.diff(ch.bounds)
+        read = Wc.nbytes + frac * W.nbytes
+        summary = (f"head clustered into {K} (sizes {sizes.min()}..{sizes.max()}), cluster head KL {kl:.4f}; "
+                   f"{n_chosen:.1f} clusters = {frac:.1%} of head rows read per token on calibration text; "
+                   f"head bytes read {fmt_bytes(W.nbytes)} -> {fmt_bytes(read)}")
+        return model, {"clusters": K, "cluster_sizes": [int(sizes.min()), int(np.median(sizes)), int(sizes.max())],
+                       "distill_kl": kl, "rows_fraction_read": frac, "clusters_chosen": n_chosen,
+                       "head_bytes": int(W.nbytes), "head_bytes_read_per_token": int(read),
+                       "top_p": ch.top_p, "min_k": ch.min_k, "max_k": ch.max_k, "summary": summary}
+
+
+HHEAD = register(HheadPass())

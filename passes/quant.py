@@ -1,0 +1,418 @@
+"""`int8` and `int4`: weight-only quantisation of every matrix (the head and low-rank factors included).
+
+Weight math (plain functions, NumPy references next to them):
+
+    quantize_int8(w)          -> q int8 (N, K), scale (N,)           w ~ q * scale[:, None]   (per output channel)
+    quantize_int4(w, group)   -> codes uint8 (N, Kp) in 0..15, scales (N, nb), zeros (N, nb)
+                                 w[n, k] ~ (codes[n, k] - zeros[n, k // g]) * scales[n, k // g]   (group-wise)
+    pack_int4 / unpack_int4      two codes per byte, low nibble first: ONNX Runtime's MatMulNBits layout
+
+IR representations (registered weight kinds) and their ONNX lowering on `cpu`:
+
+    Int8      "int8"      DynamicQuantizeLinear(x) -> MatMulInteger(x_u8, q_i8) -> * (x_scale * scale)
+                          (ONNX Runtime fuses this into DynamicQuantizeMatMul: int8 GEMM on the packed weights)
+    Int4      "int4"      com.microsoft MatMulNBits (bits 4, block = group; accuracy_level 4 quantises the
+                          activation to int8 per block and runs integer dot products on the 4-bit weights)
+    Factored  "factored"  W ~ B act(A x) (+ diag x) with A and B any representation: a quantised ir.LowRank
+
+The weights stay packed in the artifact and in memory; nothing is expanded to float at load time.
+Calibration-based variants (method=awq / gptq) live in passes/calib_quant.py and produce the same kinds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+from onnx import TensorProto
+
+from rwkvc import emit_onnx, ir
+from rwkvc.errors import RwkvcError
+
+from . import Param, register
+from .common import check_layers, check_selector, fmt_bytes, nbytes, selected
+
+# ----------------------------------------------------------------------------------------------
+# weight math
+
+
+def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel int8: w (N, K) ~ q * scale[:, None], q in [-127, 127]."""
+    w = np.asarray(w, np.float32)
+    amax = np.abs(w).max(axis=1)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return q.astype(np.float32) * np.asarray(scale, np.float32)[:, None]
+
+
+def effective_group(group: int, K: int) -> int:
+    """The block size used for a matrix with K inputs: `group`, or the smallest power of two >= 16 that
+    covers K when K is smaller (a 32-wide low-rank factor is not padded to 128)."""
+    g = 16
+    while g < K and g < group:
+        g *= 2
+    return min(group, g)
+
+
+def quantize_int4(w: np.ndarray, group: int, scales: np.ndarray | None = None,
+                  zeros: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric group-wise 4-bit (round to nearest). w (N, K) -> codes (N, Kp) uint8 in 0..15,
+    scales (N, nb) float32, zeros (N, nb) uint8, with nb = ceil(K / group) and Kp = nb * group (the
+    padding columns hold the zero point, i.e. dequantise to 0). Given scales/zeros are used as they are."""
+    w = np.asarray(w, np.float32)
+    N, K = w.shape
+    nb = -(-K // group)
+    wp = np.zeros((N, nb * group), np.float32)
+    wp[:, :K] = w
+    wb = wp.reshape(N, nb, group)
+    if scales is None:
+        lo = np.minimum(wb.min(-1), 0.0)
+        hi = np.maximum(wb.max(-1), 0.0)
+        scales = ((hi - lo) / 15.0).astype(np.float32)
+        scales[scales == 0] = 1.0
+        zeros = np.clip(np.rint(-lo / scales), 0, 15).astype(np.uint8)
+    codes = np.clip(np.rint(wb / scales[..., None]) + zeros[..., None], 0, 15).astype(np.uint8)
+    codes = codes.reshape(N, nb * group)
+    if K % group:
+        codes[:, K:] = np.repeat(zeros[:, -1:], nb * group - K, axis=1)
+    return codes, np.asarray(scales, np.float32), np.asarray(zeros, np.uint8)
+
+
+def dequantize_int4(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group: int, K: int) -> np.ndarray:
+    N = codes.shape[0]
+    nb = scales.shape[1]
+    c = codes.reshape(N, nb, group).astype(np.float32)
+    w = (c - zeros[..., None].astype(np.float32)) * scales[..., None]
+    return w.reshape(N, nb * group)[:, :K]
+
+
+def pack_int4(codes: np.ndarray) -> np.ndarray:
+    """(..., 2m) codes in 0..15 -> (..., m) bytes, element 2i in the low nibble, 2i+1 in the high one."""
+    c = np.asarray(codes, np.uint8)
+    if c.shape[-1] % 2:
+        c = np.concatenate([c, np.zeros(c.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_int4(packed: np.ndarray, n: int | None = None) -> np.ndarray:
+    p = np.asarray(packed, np.uint8)
+    out = np.empty(p.shape[:-1] + (2 * p.shape[-1],), np.uint8)
+    out[..., 0::2] = p & 0x0F
+    out[..., 1::2] = p >> 4
+    return out if n is None else out[..., :n]
+
+
+# ----------------------------------------------------------------------------------------------
+# representations
+
+
+@ir.register_weight_kind
+@dataclass
+class Int8:
+    """W (N, K) ~ q * scale[:, None]; q int8 (N, K), scale float32 (N,)."""
+    q: np.ndarray
+    scale: np.ndarray
+    kind: ClassVar[str] = "int8"
+
+    @staticmethod
+    def from_dense(w: np.ndarray) -> "Int8":
+        return Int8(*quantize_int8(w))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"q": self.q, "scale": self.scale}
+
+    def to_dense(self) -> np.ndarray:
+        return dequantize_int8(self.q, self.scale)
+
+    def describe(self) -> str:
+        return f"int8 {self.q.shape[0]}x{self.q.shape[1]} per-channel"
+
+
+@ir.register_weight_kind
+@dataclass
+class Int4:
+    """W (N, K) in 4-bit groups along K, stored exactly as MatMulNBits reads it:
+    packed (N, nb, group/2) uint8, scales (N, nb) float32, zeros (N, ceil(nb/2)) uint8 (4-bit, packed)."""
+    packed: np.ndarray
+    scales: np.ndarray
+    zeros: np.ndarray
+    in_features: int
+    group: int
+    accuracy_level: int = 4
+    kind: ClassVar[str] = "int4"
+
+    def __post_init__(self):
+        N, nb = self.scales.shape
+        if self.packed.shape != (N, nb, self.group // 2) or nb != -(-self.in_features // self.group):
+            raise ValueError(f"Int4: packed {self.packed.shape} / scales {self.scales.shape} do not fit "
+                             f"K={self.in_features}, group {self.group}")
+
+    @staticmethod
+    def from_codes(codes, scales, zeros, K: int, group: int, accuracy_level: int = 4) -> "Int4":
+        N = codes.shape[0]
+        nb = scales.shape[1]
+        return Int4(pack_int4(codes.reshape(N, nb, group)), np.asarray(scales, np.float32), pack_int4(zeros),
+                    K, group, accuracy_level)
+
+    @staticmethod
+    def from_dense(w: np.ndarray, group: int, accuracy_level: int = 4) -> "Int4":
+        g = effective_group(group, w.shape[1])
+        return Int4.from_codes(*quantize_int4(w, g), K=w.shape[1], group=g, accuracy_level=accuracy_level)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.scales.shape[0], self.in_features)
+
+    def codes(self) -> np.ndarray:
+        N, nb, _ = self.packed.shape
+        return unpack_int4(self.packed).reshape(N, nb * self.group)
+
+    def zero_points(self) -> np.ndarray:
+        return unpack_int4(self.zeros, self.scales.shape[1])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"packed": self.packed, "scales": self.scales, "zeros": self.zeros}
+
+    def to_dense(self) -> np.ndarray:
+        return dequantize_int4(self.codes(), self.scales, self.zero_points(), self.group, self.in_features)
+
+    def describe(self) -> str:
+        return f"int4 {self.shape[0]}x{self.shape[1]} group {self.group}"
+
+
+@ir.register_weight_kind
+@dataclass
+class Factored:
+    """W ~ B act(A x) (+ diag * x), A (rank, in) and B (out, rank) any weight representations
+    (a low-rank matrix whose factors were quantised)."""
+    a: object
+    b: object
+    act: str | None = None
+    diag: np.ndarray | None = None
+    kind: ClassVar[str] = "factored"
+
+    def __post_init__(self):
+        if self.a.shape[0] != self.b.shape[1]:
+            raise ValueError(f"Factored: a {self.a.shape} and b {self.b.shape} disagree on the rank")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.b.shape[0], self.a.shape[1])
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        d = {"a." + k: v for k, v in self.a.arrays().items()}
+        d.update({"b." + k: v for k, v in self.b.arrays().items()})
+        if self.diag is not None:
+            d["diag"] = self.diag
+        return d
+
+    def to_dense(self) -> np.ndarray:
+        if self.act is not None:
+            raise ValueError("a Factored matrix with an activation has no dense equivalent")
+        w = self.b.to_dense() @ self.a.to_dense()
+        if self.diag is not None:
+            w = w + np.diag(np.asarray(self.diag, np.float32))
+        return w
+
+    def describe(self) -> str:
+        extra = (f" act={self.act}" if self.act else "") + (" +diag" if self.diag is not None else "")
+        return f"factored {self.shape[0]}x{self.shape[1]} rank {self.rank}{extra} (a: {self.a.describe()}, b: {self.b.describe()})"
+
+
+def apply(rep, x: np.ndarray) -> np.ndarray:
+    """NumPy reference of y = W x for any representation this module knows (x (..., in) -> (..., out))."""
+    if rep.kind in ("lowrank", "factored"):
+        a = rep.a if rep.kind == "factored" else ir.Dense(rep.a)
+        b = rep.b if rep.kind == "factored" else ir.Dense(rep.b)
+        h = apply(a, x)
+        if rep.act in ("relu", "relu2"):
+            h = np.maximum(h, 0)
+            if rep.act == "relu2":
+                h = h * h
+        y = apply(b, h)
+        return y + x * rep.diag if rep.diag is not None else y
+    return x @ rep.to_dense().T
+
+
+# ----------------------------------------------------------------------------------------------
+# ONNX lowering (cpu target)
+
+
+def _to_f32(g, x):
+    return x if g.dtype == np.float32 else g.op("Cast", x, to=TensorProto.FLOAT)
+
+
+def _from_f32(g, y):
+    return y if g.dtype == np.float32 else g.op("Cast", y, to=emit_onnx.helper.np_dtype_to_tensor_dtype(g.dtype))
+
+
+def emit_int8(g, lin: ir.Linear, x: str) -> str:
+    w = lin.weight
+    xq, xs, xz = g.op("DynamicQuantizeLinear", _to_f32(g, x), n_out=3)
+    acc = g.op("MatMulInteger", xq, g.weight(lin.name + ".q8T", np.ascontiguousarray(w.q.T), np.int8), xz)
+    scale = g.op("Mul", xs, g.weight(lin.name + ".q8scale", w.scale, np.float32))
+    return _from_f32(g, g.op("Mul", g.op("Cast", acc, to=TensorProto.FLOAT), scale))
+
+
+def emit_int4(g, lin: ir.Linear, x: str) -> str:
+    w = lin.weight
+    N, K = w.shape
+    return g.op("MatMulNBits", x, g.weight(lin.name + ".q4", w.packed, np.uint8),
+                g.weight(lin.name + ".q4scales", w.scales, g.dtype), g.weight(lin.name + ".q4zeros", w.zeros, np.uint8),
+                domain="com.microsoft", K=int(K), N=int(N), bits=4, block_size=int(w.group),
+                accuracy_level=int(w.accuracy_level))
+
+
+def emit_factored(g, lin: ir.Linear, x: str) -> str:
+    f = lin.weight
+    h = emit_onnx.linear(g, ir.Linear(lin.name + ".a", f.a), x)
+    if f.act in ("relu", "relu2"):
+        h = g.op("Relu", h)
+        if f.act == "relu2":
+            h = g.op("Mul", h, h)
+    y = emit_onnx.linear(g, ir.Linear(lin.name + ".b", f.b), h)
+    if f.diag is not None:
+        y = g.op("Add", y, g.op("Mul", x, g.weight(lin.name + ".diag", f.diag)))
+    return y
+
+
+def rows_matmul_int8(g, lin: ir.Linear, x: str, idx: str) -> str:
+    """x (T, in) @ W[idx]ᵀ -> (T, n) reading only rows idx of q: Gather of int8 rows, MatMulInteger."""
+    w = lin.weight
+    xq, xs, xz = g.op("DynamicQuantizeLinear", _to_f32(g, x), n_out=3)
+    rows = g.op("Gather", g.weight(lin.name + ".q8rows", w.q, np.int8), idx, axis=0)          # (n, in)
+    acc = g.op("MatMulInteger", xq, g.op("Transpose", rows, perm=[1, 0]), xz)                   # (T, n)
+    scale = g.op("Mul", xs, g.op("Gather", g.weight(lin.name + ".q8scale", w.scale, np.float32), idx, axis=0))
+    return _from_f32(g, g.op("Mul", g.op("Cast", acc, to=TensorProto.FLOAT), scale))
+
+
+def cols_matmul_int8(g, lin: ir.Linear, h: str, idx: str) -> str:
+    """h (T, n) @ W[:, idx]ᵀ -> (T, out) reading only rows idx of qᵀ; the per-output-channel scale of W
+    applies after the integer product."""
+    w = lin.weight
+    hq, hs, hz = g.op("DynamicQuantizeLinear", _to_f32(g, h), n_out=3)
+    rows = g.op("Gather", g.weight(lin.name + ".q8T_rows", np.ascontiguousarray(w.q.T), np.int8), idx, axis=0)  # (n, out)
+    acc = g.op("MatMulInteger", hq, rows, hz)                                                    # (T, out)
+    scale = g.op("Mul", hs, g.weight(lin.name + ".q8scale", w.scale, np.float32))
+    return _from_f32(g, g.op("Mul", g.op("Cast", acc, to=TensorProto.FLOAT), scale))
+
+
+emit_onnx.LINEAR_EMITTERS["int8"] = emit_int8
+emit_onnx.LINEAR_EMITTERS["int4"] = emit_int4
+emit_onnx.LINEAR_EMITTERS["factored"] = emit_factored
+emit_onnx.ROWS_MATMUL["int8"] = rows_matmul_int8
+emit_onnx.COLS_MATMUL["int8"] = cols_matmul_int8
+
+
+# ----------------------------------------------------------------------------------------------
+# the passes
+
+
+METHODS = ("rtn", "awq", "gptq")
+
+
+def quantizer(bits: int, args: dict, calib=None):
+    """-> fn(name, w (N, K) float32, x_stats) -> representation. calib: passes.calib_quant statistics."""
+    method = args.get("method", "rtn")
+    if bits == 8:
+        if method == "rtn":
+            return lambda name, w: Int8.from_dense(w)
+    else:
+        group, acc = args["group"], args["accuracy_level"]
+        if method == "rtn":
+            return lambda name, w: Int4.from_dense(w, group, acc)
+    from . import calib_quant
+    return calib_quant.make_quantizer(bits, args, calib)
+
+
+def quantize_rep(rep, q, name: str):
+    """Quantise one representation with q(name, w); returns (new rep, changed?)."""
+    if rep.kind == "dense":
+        return q(name, np.asarray(rep.w, np.float32)), True
+    if rep.kind == "lowrank":
+        a = q(name + ".a", np.asarray(rep.a, np.float32))
+        b = q(name + ".b", np.asarray(rep.b, np.float32))
+        return Factored(a, b, rep.act, rep.diag), True
+    if rep.kind == "factored":
+        a, ca = quantize_rep(rep.a, q, name + ".a")
+        b, cb = quantize_rep(rep.b, q, name + ".b")
+        return (Factored(a, b, rep.act, rep.diag), True) if (ca or cb) else (rep, False)
+    if rep.kind == "clustered":
+        from .hhead import quantize_clustered
+        return quantize_clustered(rep, q, name)
+    if rep.kind.startswith("int"):
+        return rep, False
+    return rep, False
+
+
+class QuantPass:
+    """Matrices already quantised are left alone, so int8 and int4 combine: "int8(targets=head),int4"."""
+    requires = ()
+    forbids_after: tuple[str, ...] = ()
+
+    def __init__(self, bits: int):
+        self.bits = bits
+        self.name = f"int{bits}"
+        self.params = {
+            "targets": Param(str, "all", check_selector, "a selector such as all, att+ffn, head (see docs/COMPRESSION.md)"),
+            "layers": Param(str, "all", check_layers, "all, or block numbers/ranges joined by '+', e.g. 0-3+7"),
+            "method": Param(str, "rtn", lambda v: v in METHODS, "one of " + ", ".join(METHODS)),
+        }
+        if bits == 4:
+            self.params["group"] = Param(int, 32, lambda v: v in (16, 32, 64, 128, 256), "16, 32, 64, 128 or 256")
+            self.params["accuracy_level"] = Param(int, 4, lambda v: v in (0, 1, 4),
+                                                  "0 (float activations) or 4 (int8 activations, fastest)")
+
+    @staticmethod
+    def needs_calibration(args: dict) -> bool:
+        return args.get("method", "rtn") != "rtn"
+
+    def run(self, model: ir.Model, args: dict, ctx) -> tuple[ir.Model, dict]:
+        calib = None
+        if args.get("method", "rtn") != "rtn":
+            from . import calib_quant
+            calib = calib_quant.collect(model, args, ctx, self.name)
+        q = quantizer(self.bits, args, calib)
+        # matrices read row by row (sparse FFNs, clustered heads' rows) are int8: ONNX Runtime has no fast
+        # kernel for gathered int4 rows (GatherBlockQuantized measured ~10x slower than MatMulNBits)
+        q_rows = q if self.bits == 8 else quantizer(8, {**args, "method": "gptq" if args["method"] == "gptq" else "rtn"}, calib)
+        sparse = {id(blk.ffn.lin) for blk in model.blocks if blk.ffn.sparse is not None}
+        changed, before, after = [], 0, 0
+        for place, container, key, lin in list(selected(model, args["targets"], args["layers"])):
+            qq = q_rows if (container is not None and id(container) in sparse) else q
+            new, did = quantize_rep(lin.weight, qq, lin.name) if lin.kind != "clustered" else \
+                quantize_rep(lin.weight, (q, q_rows), lin.name)
+            if not did:
+                continue
+            before += nbytes(lin.weight)
+            after += nbytes(new)
+            changed.append(lin.name)
+            if container is None:
+                model.head = ir.Linear(lin.name, new)
+            else:
+                container[key] = ir.Linear(lin.name, new)
+        if not changed:
+            raise RwkvcError(f"pass {self.name}: no matrix to quantise (targets={args['targets']!r}, "
+                             f"layers={args['layers']!r}); they may already be quantised")
+        what = f"group {args['group']}, " if self.bits == 4 else "per-channel, "
+        summary = (f"{len(changed)} matrices to int{self.bits} ({what}{args['method']}): "
+                   f"{fmt_bytes(before)} -> {fmt_bytes(after)} ({before / max(after, 1):.2f}x)")
+        return model, {"matrices": len(changed), "bytes_before": before, "bytes_after": after,
+                       "names": changed if len(changed) <= 64 else changed[:64] + ["..."],
+                       **({"calibration": calib.summary()} if calib is not None else {}), "summary": summary}
+
+
+INT8 = register(QuantPass(8))
+INT4 = register(QuantPass(4))

@@ -1,0 +1,160 @@
+"""The compression passes' weight math on its own (no model): quantisers against their NumPy
+dequantisation, the packed layouts against ONNX Runtime's kernels, SVD, GPTQ / AWQ, predictors, k-means."""
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from rwkvc.passes import calib_quant, hhead, quant, sparse_ffn, svd
+
+
+@pytest.fixture
+def w(rng):
+    return (rng.standard_normal((96, 160)) * 0.05).astype(np.float32)
+
+
+def _session(nodes, inits, inputs):
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 9
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_int8_roundtrip(w):
+    q, s = quant.quantize_int8(w)
+    assert q.dtype == np.int8 and s.shape == (96,) and np.abs(q).max() <= 127
+    err = np.abs(quant.dequantize_int8(q, s) - w)
+    assert np.all(err <= s[:, None] / 2 + 1e-7)          # round to nearest: at most half a step
+    q0, s0 = quant.quantize_int8(np.zeros((3, 5), np.float32))
+    assert np.all(q0 == 0) and np.all(s0 == 1)
+
+
+@pytest.mark.parametrize("group", [16, 32, 64, 128])
+def test_int4_roundtrip_and_padding(w, group):
+    codes, scales, zeros = quant.quantize_int4(w, group)
+    nb = -(-160 // group)
+    assert codes.shape == (96, nb * group) and scales.shape == zeros.shape == (96, nb)
+    assert codes.max() <= 15 and zeros.max() <= 15
+    deq = quant.dequantize_int4(codes, scales, zeros, group, 160)
+    step = np.repeat(scales, group, axis=1)[:, :160]
+    assert np.all(np.abs(deq - w) <= step / 2 + 1e-6)
+    # padding columns dequantise to exactly 0
+    full = quant.dequantize_int4(codes, scales, zeros, group, nb * group)
+    assert np.all(full[:, 160:] == 0)
+    assert np.array_equal(quant.unpack_int4(quant.pack_int4(codes)), codes)
+
+
+def test_int4_representation(w):
+    rep = quant.Int4.from_dense(w, 32)
+    assert rep.shape == (96, 160) and rep.packed.shape == (96, 5, 16) and rep.zeros.shape == (96, 3)
+    codes, s, z = quant.quantize_int4(w, 32)
+    assert np.allclose(rep.to_dense(), quant.dequantize_int4(codes, s, z, 32, 160))
+    assert quant.effective_group(128, 32) == 32 and quant.effective_group(32, 300) == 32
+    assert quant.Int4.from_dense(w[:, :24], 128).group == 32       # a narrow factor is not padded to 128
+
+
+def test_matmulnbits_layout_matches_reference(w, rng):
+    """ONNX Runtime's MatMulNBits on Int4's packed arrays = x @ to_dense().T (accuracy_level 0: exact)."""
+    rep = quant.Int4.from_dense(w, 32, accuracy_level=0)
+    x = rng.standard_normal((3, 160)).astype(np.float32)
+    node = helper.make_node("MatMulNBits", ["x", "b", "s", "z"], ["y"], domain="com.microsoft", K=160, N=96,
+                            bits=4, block_size=32, accuracy_level=0)
+    s = _session([node], [numpy_helper.from_array(rep.packed, "b"), numpy_helper.from_array(rep.scales, "s"),
+                          numpy_helper.from_array(rep.zeros, "z")], [("x", TensorProto.FLOAT, [3, 160])])
+    np.testing.assert_allclose(s.run(None, {"x": x})[0], x @ rep.to_dense().T, rtol=1e-5, atol=1e-5)
+
+
+def test_matmulinteger_lowering_matches_reference(w, rng):
+    """DynamicQuantizeLinear + MatMulInteger + scales = x @ W_q.T up to the activation's 8-bit rounding."""
+    rep = quant.Int8.from_dense(w)
+    x = rng.standard_normal((2, 160)).astype(np.float32)
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+             helper.make_node("MatMulInteger", ["xq", "b", "xz"], ["acc"]),
+             helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["xs", "s"], ["sc"]), helper.make_node("Mul", ["accf", "sc"], ["y"])]
+    s = _session(nodes, [numpy_helper.from_array(np.ascontiguousarray(rep.q.T), "b"),
+                         numpy_helper.from_array(rep.scale, "s")], [("x", TensorProto.FLOAT, [2, 160])])
+    ref = x @ rep.to_dense().T
+    assert np.abs(s.run(None, {"x": x})[0] - ref).max() <= 0.01 * np.abs(ref).max()
+
+
+def test_svd_factor_exact_at_full_rank_and_energy(rng):
+    a = rng.standard_normal((64, 48)).astype(np.float32)
+    A, B = svd.svd_factor(a, 48)
+    np.testing.assert_allclose(B @ A, a, atol=1e-4)
+    low = (rng.standard_normal((64, 5)) @ rng.standard_normal((5, 48))).astype(np.float32)
+    S = svd.singular_values(low)
+    assert svd.rank_for_energy(S, 0.999999) == 5
+    A, B = svd.svd_factor(low, 5)
+    np.testing.assert_allclose(B @ A, low, atol=1e-4)
+    assert svd.choose_rank((64, 48), None, 0.25, 0) == 12 and svd.choose_rank((64, 48), None, 7, 0) == 7
+    assert svd.choose_rank((64, 48), S, 1.0, 0.5) <= 5
+    assert svd.choose_rank((64, 48), svd.singular_values(a), 1.0, 1.0) == 49   # no saving: keep dense
+
+
+def _hessian(rng, K, n=2000):
+    """Correlated inputs with unequal channel scales (what makes calibration matter)."""
+    base = rng.standard_normal((n, K)) @ rng.standard_normal((K, K)) / np.sqrt(K) + 0.3 * rng.standard_normal((n, K))
+    x = (base * np.linspace(0.2, 3, K)).astype(np.float32)
+    return x, x.T.astype(np.float64) @ x
+
+
+def test_gptq_beats_rtn_on_output_error(w, rng):
+    x, H = _hessian(rng, 160)
+    ref = x @ w.T
+    c, s, z = quant.quantize_int4(w, 32)
+    rtn = np.mean((x @ quant.dequantize_int4(c, s, z, 32, 160).T - ref) ** 2)
+    c, s, z = calib_quant.gptq_int4(w, H, 32)
+    gq = np.mean((x @ quant.dequantize_int4(c, s, z, 32, 160).T - ref) ** 2)
+    assert gq < 0.8 * rtn
+    q, sc = calib_quant.gptq_int8(w, H)
+    rtn8 = np.mean((x @ quant.dequantize_int8(*quant.quantize_int8(w)).T - ref) ** 2)
+    assert np.mean((x @ quant.dequantize_int8(q, sc).T - ref) ** 2) < rtn8
+
+
+def test_awq_no_worse_than_rtn(w, rng):
+    x, _ = _hessian(rng, 160, 512)
+    codes, sc, z, inv_s, alpha = calib_quant.awq_int4(w, x, 32)
+    deq = quant.dequantize_int4(codes, sc, z, 32, 160)
+    if inv_s is not None:
+        deq = deq * inv_s[None, :]
+    c0, s0, z0 = quant.quantize_int4(w, 32)
+    ref = x @ w.T
+    assert np.mean((x @ deq.T - ref) ** 2) <= np.mean((x @ quant.dequantize_int4(c0, s0, z0, 32, 160).T - ref) ** 2) + 1e-12
+
+
+def test_sparse_thresholds_reach_recall(rng):
+    T, F = 400, 64
+    contrib = torch.as_tensor(rng.random((T, F)) ** 4, dtype=torch.float32)
+    p = torch.clamp(contrib + 0.05 * torch.as_tensor(rng.standard_normal((T, F)), dtype=torch.float32), 0, 1)
+    est = contrib + 0.2 * torch.as_tensor(rng.standard_normal((T, F)), dtype=torch.float32)
+    for recall in (0.9, 0.99):
+        thr, q, st = sparse_ffn.choose_thresholds(p, est, contrib, recall)
+        qmask = (est > torch.quantile(est, q, dim=-1, keepdim=True)) if q < 1 else torch.zeros_like(p, dtype=torch.bool)
+        mask = qmask | (p > thr)
+        assert float((contrib * mask).sum() / contrib.sum()) >= recall - 1e-6
+        assert st["fraction"] < 1.0
+
+
+def test_mlp_predictor_learns(rng):
+    X = rng.standard_normal((1500, 16)).astype(np.float32)
+    Wk = rng.standard_normal((32, 16)).astype(np.float32)
+    fires = (X @ Wk.T) > 0
+    fc1, fc2 = sparse_ffn.train_mlp_predictor(X, fires, hidden=32, steps=300)
+    acc = float(((sparse_ffn.mlp_prob(fc1, fc2, torch.as_tensor(X)) > 0.5).numpy() == fires).mean())
+    assert acc > 0.85
+
+
+def test_cluster_vocab_and_distillation(rng):
+    centers = rng.standard_normal((8, 24))
+    W = (np.repeat(centers, 40, axis=0) + 0.05 * rng.standard_normal((320, 24))).astype(np.float32)
+    labels = hhead.cluster_vocab(W, 8, iters=10)
+    assert labels.shape == (320,) and set(labels.tolist()) == set(range(8))
+    # rows generated from one centre end up together
+    for c in range(8):
+        assert len(set(labels[c * 40:(c + 1) * 40].tolist())) == 1
+    X = rng.standard_normal((300, 24)).astype(np.float32)
+    Wc, kl = hhead.distill_cluster_head(W, labels, X, 8, steps=200)
+    assert Wc.shape == (8, 24) and kl < 0.05

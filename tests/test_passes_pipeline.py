@@ -1,0 +1,233 @@
+"""The compression passes on a small random RWKV-7: recipes and their errors, every pass's lowering
+against rwkvc's IR-level simulation (rwkvc.calib), the lossless settings, byte accounting, the CLI."""
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+import rwkvc
+from rwkvc.artifact import compile_to_dir
+from rwkvc.bench import weight_traffic
+from rwkvc.calib import IRRunner, ir_logits, load_tokens
+from rwkvc.errors import RwkvcError
+from rwkvc.frontend import load_model
+from rwkvc.passes import PASSES, PassContext
+from rwkvc.passes.presets import PRESETS, load_recipe_file, resolve
+from rwkvc.pipeline import parse_recipe, run_passes
+from rwkvc.targets import get_target
+from rwkvc.testing import save_random_v7
+
+from conftest import rwkvc_cmd
+
+V = 1000
+T = 24
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("passes")
+    return save_random_v7(d / "m.pth", n_layer=2, n_embd=128, head_size=64, vocab_size=V, seed=3,
+                          dims={"w": 32, "a": 32, "v": 32, "g": 64})
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return np.random.default_rng(5).integers(0, V, T)
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return np.random.default_rng(6).integers(0, V, 384)
+
+
+@pytest.fixture(scope="module")
+def dense_logits(ckpt, tokens):
+    return ir_logits(load_model(ckpt), tokens)
+
+
+def artifact_logits(path, tokens):
+    m = rwkvc.load(path)
+    st, out = None, []
+    for t in tokens:
+        lg, st = m.forward([int(t)], st)
+        out.append(lg)
+    return np.stack(out)
+
+
+def compiled(ckpt, recipe, calib, tmp_path):
+    model = run_passes(load_model(ckpt), parse_recipe(recipe), PassContext(calib_tokens=calib, progress=False))
+    path = compile_to_dir(model, get_target("cpu"), tmp_path / "art", force=True)
+    return model, path
+
+
+def tol(ref):
+    return 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
+# ------------------------------------------------------------------------------------------------
+# recipes
+
+
+def test_registry_and_recipe_errors():
+    assert {"int8", "int4", "svd", "sparse-ffn", "hhead", "lazy-emb"} <= set(PASSES)
+    cases = {
+        "nope": "unknown pass 'nope'",
+        "int4(group=33)": "out of range",
+        "int4(groop=32)": "unknown argument 'groop'",
+        "svd(rank=abc)": "is not a float",
+        "int8,int8": "appears twice",
+        "int4,svd": "cannot run after int4",
+        "int8,sparse-ffn": "cannot run after int8",
+        "hhead(p=0)": "out of range",
+        "svd(targets=att.q)": "out of range",
+        "int8(method=magic)": "out of range",
+        "lazy-emb(storage=int2)": "out of range",
+    }
+    for text, msg in cases.items():
+        with pytest.raises(RwkvcError, match=msg.replace("(", r"\(")):
+            parse_recipe(text)
+    r = parse_recipe("svd(rank=0.25),sparse-ffn(recall=0.99),hhead(k=200,p=0.95),int4(group=32),lazy-emb")
+    assert [n for n, _ in r] == ["svd", "sparse-ffn", "hhead", "int4", "lazy-emb"]
+    assert r[3][1]["group"] == 32 and r[2][1]["k"] == 200
+    for name in PRESETS:
+        parse_recipe(resolve(preset_name=name)[0])
+    with pytest.raises(RwkvcError, match="unknown preset"):
+        resolve(preset_name="tiny")
+    with pytest.raises(RwkvcError, match="give one of"):
+        resolve("int8", preset_name="int8")
+
+
+def test_recipe_file(tmp_path):
+    (tmp_path / "a.toml").write_text('passes = "svd(rank=0.5),int8"\ncalib = "c.txt"\n')
+    text, calib = load_recipe_file(tmp_path / "a.toml")
+    assert text == "svd(rank=0.5),int8" and calib == str(tmp_path / "c.txt")
+    (tmp_path / "b.toml").write_text('[[pass]]\nname = "svd"\nrank = 0.5\ntargets = "att"\n[[pass]]\nname = "int4"\n'
+                                     'group = 64\n')
+    text, _ = load_recipe_file(tmp_path / "b.toml")
+    assert parse_recipe(text)[1] == ("int4", {**parse_recipe("int4")[0][1], "group": 64})
+    (tmp_path / "c.toml").write_text('passes = "int8"\npreset = "int4"\n')
+    with pytest.raises(RwkvcError, match="exactly one"):
+        load_recipe_file(tmp_path / "c.toml")
+    (tmp_path / "d.toml").write_text('passes = [1, 2\n')
+    with pytest.raises(RwkvcError, match="not a valid TOML"):
+        load_recipe_file(tmp_path / "d.toml")
+
+
+# ------------------------------------------------------------------------------------------------
+# lossless settings give the dense logits
+
+
+@pytest.mark.parametrize("recipe", ["svd(rank=1.0)", "hhead(k=16,p=1.0,steps=20,tokens=128)",
+                                    "sparse-ffn(threshold=0)", "lazy-emb(storage=float32)"])
+def test_lossless(ckpt, tokens, calib, dense_logits, tmp_path, recipe):
+    model, path = compiled(ckpt, recipe, calib, tmp_path)
+    got = artifact_logits(path, tokens)
+    assert np.abs(got - dense_logits).max() <= tol(dense_logits)
+    # and the prefill graph agrees with the step graph
+    last, _ = rwkvc.load(path).forward(tokens.tolist())
+    assert np.abs(last - got[-1]).max() <= tol(dense_logits)
+
+
+# ------------------------------------------------------------------------------------------------
+# each lowering computes what the IR says (rwkvc.calib's simulation of the same representations)
+
+
+@pytest.mark.parametrize("recipe,bound", [
+    ("int4(group=32,accuracy_level=0)", 1e-4),
+    ("int4(group=128,accuracy_level=0,targets=att+ffn)", 1e-4),
+    ("svd(rank=0.5),int4(group=32,accuracy_level=0)", 1e-4),
+    ("int4(method=gptq,accuracy_level=0)", 1e-4),
+    ("int4(method=awq,accuracy_level=0)", 1e-4),
+    ("int8", 0.05),                                       # activations are quantised to 8 bits at run time
+    ("int4(group=32)", 0.05),                              # accuracy_level 4: 8-bit activations
+    ("sparse-ffn(recall=0.95,steps=50,quant=0,tokens=256)", 1e-4),
+    ("sparse-ffn(recall=0.95,steps=50,quant=0,tokens=256),int8", 0.05),
+    ("lazy-emb(storage=int8)", 0.05),
+])
+def test_lowering_matches_ir(ckpt, tokens, calib, tmp_path, recipe, bound):
+    model, path = compiled(ckpt, recipe, calib, tmp_path)
+    sim = ir_logits(model, tokens)
+    got = artifact_logits(path, tokens)
+    assert np.abs(got - sim).max() <= bound * max(1.0, float(np.abs(sim).max())), recipe
+    assert model.passes[-1]["summary"]
+
+
+def test_reports_and_bytes(ckpt, calib, tmp_path):
+    model, path = compiled(ckpt, "svd(rank=0.25),int4(group=32),lazy-emb(storage=int8)", calib, tmp_path)
+    svd_r, q_r, e_r = model.passes
+    assert svd_r["bytes_after"] < svd_r["bytes_before"] and set(svd_r["ranks"].values()) == {32}
+    assert q_r["bytes_after"] * 5 < q_r["bytes_before"]
+    assert e_r["bytes_read_per_token"] == 128 + 4
+    kinds = {lin.kind for lin in model.linears()}
+    assert kinds <= {"int4", "factored"} and model.emb.weight.kind == "lazy"
+    man = json.loads((path / "manifest.json").read_text())
+    assert [p["name"] for p in man["passes"]] == ["svd", "int4", "lazy-emb"]
+    dense = compile_to_dir(load_model(ckpt), get_target("cpu"), tmp_path / "dense", force=True)
+    wq, wd = weight_traffic(path), weight_traffic(dense)
+    assert wq["weight_bytes_resident"] * 5 < wd["weight_bytes_resident"]
+    assert wq["weight_bytes_read_per_token_by_part"]["embedding"] == 128 + 4
+    # the packed weights stay packed in the file: no float copy of a quantised matrix
+    import onnx
+    g = onnx.load(str(path / "step.onnx"), load_external_data=False).graph
+    ops = {n.op_type for n in g.node}
+    assert "MatMulNBits" in ops and "DequantizeLinear" not in ops
+
+
+def test_sparse_ffn_reads_only_predicted_rows(ckpt, calib, tmp_path):
+    model, path = compiled(ckpt, "sparse-ffn(recall=0.9,steps=50,tokens=256)", calib, tmp_path)
+    rep = model.passes[-1]
+    assert 0 < rep["mean_fraction"] < 1
+    run = IRRunner(model)
+    list(run.forward(calib[:128], want_logits=False))
+    for i in range(2):
+        used, total = run.counters[f"ffn.{i}"]
+        assert used < total
+    import onnx
+    g = onnx.load(str(path / "step.onnx"), load_external_data=False).graph
+    gathers = {n.input[0] for n in g.node if n.op_type == "Gather"}
+    assert "blocks.0.ffn.key.w" in gathers and "blocks.0.ffn.value.wT_rows" in gathers
+    assert weight_traffic(path)["weight_bytes_mapped"] > 0
+
+
+def test_hhead_and_int8_rows(ckpt, tokens, calib, dense_logits, tmp_path):
+    model, path = compiled(ckpt, "hhead(k=16,p=0.9,steps=50,tokens=256),int8", calib, tmp_path)
+    ch = model.head.weight
+    assert ch.kind == "clustered" and ch.rows.kind == "int8" and ch.cluster.kind == "int8"
+    assert sorted(ch.order.tolist()) == list(range(V))
+    got = artifact_logits(path, tokens)
+    assert got.shape == dense_logits.shape and np.isfinite(got).all()
+
+
+def test_calibration_errors(ckpt):
+    model = load_model(ckpt)
+    with pytest.raises(RwkvcError, match="outside the model's vocabulary"):
+        list(IRRunner(model).forward(np.array([5, V + 3])))
+    with pytest.raises(RwkvcError, match="no such file"):
+        load_tokens("/nonexistent/calib.txt")
+
+
+# ------------------------------------------------------------------------------------------------
+# the command line
+
+
+def test_cli_compile_recipe_and_eval(ckpt, tmp_path):
+    text = tmp_path / "calib.npy"           # token ids (the random model's vocabulary is small)
+    np.save(text, np.random.default_rng(1).integers(0, V, 300))
+    (tmp_path / "r.toml").write_text('passes = "svd(rank=0.5),int8(method=gptq),lazy-emb"\n')
+    out = tmp_path / "art"
+    r = subprocess.run(rwkvc_cmd() + ["compile", str(ckpt), "-o", str(out), "--recipe", str(tmp_path / "r.toml"),
+                                      "--calib", str(text), "-q"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    # an impossible recipe fails before any work, with one line
+    r = subprocess.run(rwkvc_cmd() + ["compile", str(ckpt), "-o", str(tmp_path / "x"), "--passes", "int4,svd"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "cannot run after int4" in r.stderr and not (tmp_path / "x").exists()
+    r = subprocess.run(rwkvc_cmd() + ["eval", str(out), "--data", str(text), "--ref", str(ckpt), "--tokens", "40",
+                                      "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["tokens"] == 40 and res["ppl"] > 0 and 0 <= res["top1_agreement"] <= 1 and res["mean_kl"] >= 0
+    r = subprocess.run(rwkvc_cmd() + ["bench", str(out), "--tokens", "4", "--prefill", "8", "--repeat", "1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "read per decoded token" in r.stdout
