@@ -238,9 +238,9 @@ def emit_wkv_chunked(g: Graph, S: str, H: int, N: int, Tc: int, r, logw, k, v, a
     gam_end = g.op("Exp", g.op("Slice", cum, g.const([-1]), g.const([Tc]), g.const([2])))  # (nC, H, 1, N)
 
     tr = lambda x: g.op("Transpose", x, perm=[0, 1, 3, 2])  # noqa: E731
-    strict = g.const(np.tril(np.ones((Tc, Tc)), -1))
-    incl = g.const(np.tril(np.ones((Tc, Tc))))
-    eye_t, eye_n = g.const(np.eye(Tc)), g.const(np.eye(N))
+    strict = g.const(np.tril(np.ones((Tc, Tc)), -1), np.float32)
+    incl = g.const(np.tril(np.ones((Tc, Tc))), np.float32)
+    eye_t, eye_n = g.const(np.eye(Tc), np.float32), g.const(np.eye(N), np.float32)
     BtT, KtT = tr(Bt), tr(Kt)
     L = g.op("Mul", g.op("MatMul", At, BtT), strict)
     Lak = g.op("Mul", g.op("MatMul", At, KtT), strict)
@@ -273,29 +273,36 @@ def emit_wkv_chunked(g: Graph, S: str, H: int, N: int, Tc: int, r, logw, k, v, a
 
 def emit_time_mix_v7(g: Graph, att: ir.TimeMix, x: str, prev: str, S: str, v_first: str | None,
                      cfg: ir.ModelConfig, i: int, prefill: bool):
+    """Projections in the compute dtype; decay, normalisation, WKV, group norm and bonus in float32."""
     H, N, C = cfg.n_head, cfg.head_size, cfg.n_embd
     p = f"blocks.{i}.att."
+    L, vec = att.lin, att.vec
+    w32 = lambda name, arr: g.weight(p + name, arr, F32)  # noqa: E731
     xx = g.op("Sub", shifted(g, x, prev, prefill), x)
-    xm = {m: g.op("Add", x, g.op("Mul", xx, g.weight(p + m, att.mix[m]))) for m in att.mix}
-    L = att.lin
-    r = linear(g, L["receptance"], xm["x_r"])
-    w = linear(g, L["w2"], g.op("Tanh", linear(g, L["w1"], xm["x_w"])))
-    logw = g.op("Mul", g.op("Sigmoid", g.op("Add", w, g.weight(p + "w0", att.vec["w0"]))), g.const(-DECAY_SCALE))
-    k = linear(g, L["key"], xm["x_k"])
-    v = linear(g, L["value"], xm["x_v"])
-    iclr = g.op("Sigmoid", g.op("Add", g.weight(p + "a0", att.vec["a0"]), linear(g, L["a2"], linear(g, L["a1"], xm["x_a"]))))
+    names = list(att.mix)
+    if prefill:
+        xm = {m: g.op("Add", x, g.op("Mul", xx, g.weight(p + m, att.mix[m]))) for m in names}
+    else:  # one token: the six mixes as one (6, C) broadcast, then a Split into rows (fewer, larger ops)
+        rows = g.op("Add", x, g.op("Mul", xx, g.weight(p + "x_mix6", np.stack([att.mix[m] for m in names]))))
+        xm = dict(zip(names, g.op("Split", rows, axis=0, num_outputs=len(names), n_out=len(names))))
+    r = f32(g, linear(g, L["receptance"], xm["x_r"]))
+    k = f32(g, linear(g, L["key"], xm["x_k"]))
+    v = f32(g, linear(g, L["value"], xm["x_v"]))
+    w = f32(g, linear(g, L["w2"], g.op("Tanh", linear(g, L["w1"], xm["x_w"]))))
+    logw = g.op("Mul", g.op("Sigmoid", g.op("Add", w, w32("w0", vec["w0"]))), g.const(-DECAY_SCALE, F32))
+    iclr = g.op("Sigmoid", g.op("Add", w32("a0", vec["a0"]), f32(g, linear(g, L["a2"], linear(g, L["a1"], xm["x_a"])))))
     gate = linear(g, L["g2"], g.op("Sigmoid", linear(g, L["g1"], xm["x_g"])))
 
     heads = g.const([-1, H, N])
-    kk = g.op("Reshape", g.op("Mul", k, g.weight(p + "k_k", att.vec["k_k"])), heads)
-    kk = g.op("Div", kk, g.op("Max", g.op("ReduceL2", kk, g.const([-1]), keepdims=1), g.const(1e-12)))
+    kk = g.op("Reshape", g.op("Mul", k, w32("k_k", vec["k_k"])), heads)
+    kk = g.op("Div", kk, g.op("Max", g.op("ReduceL2", kk, g.const([-1]), keepdims=1), g.const(1e-12, F32)))
     kk = g.op("Reshape", kk, g.const([-1, C]))
-    one = g.const(1.0)
-    k = g.op("Mul", k, g.op("Add", one, g.op("Mul", g.op("Sub", iclr, one), g.weight(p + "k_a", att.vec["k_a"]))))
+    # k * (1 + (iclr - 1) * k_a) = k * ((1 - k_a) + iclr * k_a)
+    k = g.op("Mul", k, g.op("Add", w32("k_a_c", 1.0 - vec["k_a"]), g.op("Mul", iclr, w32("k_a", vec["k_a"]))))
     if i == 0:
         v_first = v
     else:
-        vg = g.op("Sigmoid", g.op("Add", g.weight(p + "v0", att.vec["v0"]), linear(g, L["v2"], linear(g, L["v1"], xm["x_v"]))))
+        vg = g.op("Sigmoid", g.op("Add", w32("v0", vec["v0"]), f32(g, linear(g, L["v2"], linear(g, L["v1"], xm["x_v"])))))
         v = g.op("Add", v, g.op("Mul", g.op("Sub", v_first, v), vg))
 
     y, S2 = emit_wkv(g, S, H, N, prefill, r=r, logw=logw, k=k, v=v,
@@ -303,12 +310,13 @@ def emit_time_mix_v7(g: Graph, att: ir.TimeMix, x: str, prev: str, S: str, v_fir
 
     # group norm over each head's N channels, then the per-channel affine of ln_x
     yh = g.op("Reshape", y, heads)
-    yh = g.op("LayerNormalization", yh, g.const(np.ones(N)), g.const(np.zeros(N)), axis=-1, epsilon=float(att.ln_x.eps))
-    y = g.op("Add", g.op("Mul", g.op("Reshape", yh, g.const([-1, C])), g.weight(p + "ln_x.weight", att.ln_x.weight)),
-             g.weight(p + "ln_x.bias", att.ln_x.bias))
-    rk = g.op("Reshape", g.op("Mul", g.op("Mul", r, k), g.weight(p + "r_k", att.vec["r_k"])), heads)
+    yh = g.op("LayerNormalization", yh, g.const(np.ones(N), F32), g.const(np.zeros(N), F32), axis=-1,
+              epsilon=float(att.ln_x.eps))
+    y = g.op("Add", g.op("Mul", g.op("Reshape", yh, g.const([-1, C])), w32("ln_x.weight", att.ln_x.weight)),
+             w32("ln_x.bias", att.ln_x.bias))
+    rk = g.op("Reshape", g.op("Mul", g.op("Mul", r, k), w32("r_k", vec["r_k"])), heads)
     bonus = g.op("Mul", g.op("ReduceSum", rk, g.const([-1]), keepdims=1), g.op("Reshape", v, heads))
-    y = g.op("Add", y, g.op("Reshape", bonus, g.const([-1, C])))
+    y = to_compute(g, g.op("Add", y, g.op("Reshape", bonus, g.const([-1, C]))))
     return linear(g, L["output"], g.op("Mul", y, gate)), S2, v_first
 
 
@@ -664,7 +672,7 @@ def folded_embedding(model: ir.Model, chunk: int = 8192) -> np.ndarray:
 
 
 RESCALE_EVERY = 6                             # the official package's RESCALE_LAYER for fp16
-RESCALE_VERSIONS = frozenset({"4", "5.0", "5.1", "5.2", "6"})
+RESCALE_VERSIONS = frozenset({"4", "5.0", "5.1", "5.2", "6", "7"})
 
 
 def rescale_plan(cfg: ir.ModelConfig, dtype, every: int = RESCALE_EVERY) -> dict[str, float]:
@@ -702,15 +710,14 @@ def build_graph(model: ir.Model, store: WeightStore, prefill: bool, emb_name: st
     g.rescale = rescale_plan(cfg, store.dtype, rescale_every)
     halve = bool(rescale_every) and store.dtype == np.float16 and cfg.version in RESCALE_VERSIONS
     x = EMBEDDERS[model.emb.weight.kind](g, model, "tokens")                         # (T, C)
-    shifts = g.op("Split", "shift_in", axis=0, num_outputs=L, n_out=L) if L > 1 else "shift_in"
-    wkvs = g.op("Split", "wkv_in", axis=0, num_outputs=L, n_out=L) if L > 1 else "wkv_in"
-    shifts, wkvs = ([shifts], [wkvs]) if L == 1 else (shifts, wkvs)
-    new_shift, new_wkv = [], []
+    # shift (L, 2, C) -> 2L rows (1, C): [att of layer 0, ffn of layer 0, att of layer 1, ...]
+    prev_rows = g.op("Split", g.op("Reshape", to_compute(g, "shift_in"), g.const([2 * L, C])), axis=0,
+                     num_outputs=2 * L, n_out=2 * L)
+    wkvs = g.op("Split", "wkv_in", axis=0, num_outputs=L, n_out=L) if L > 1 else ["wkv_in"]
+    new_rows, new_wkv = [], []
     v_first = None
     for i, blk in enumerate(model.blocks):
-        sh = to_compute(g, g.op("Squeeze", shifts[i], g.const([0])))                  # (2, C)
-        prev_att = g.op("Slice", sh, g.const([0]), g.const([1]), g.const([0]))       # (1, C)
-        prev_ffn = g.op("Slice", sh, g.const([1]), g.const([2]), g.const([0]))
+        prev_att, prev_ffn = prev_rows[2 * i], prev_rows[2 * i + 1]                  # (1, C)
         S = g.op("Squeeze", wkvs[i], g.const([0]))                                    # (H, N, N)
 
         xa = layer_norm(g, x, blk.ln1, f"blocks.{i}.ln1")
@@ -721,16 +728,16 @@ def build_graph(model: ir.Model, store: WeightStore, prefill: bool, emb_name: st
         if halve and (i + 1) % rescale_every == 0:
             x = g.op("Mul", x, g.const(0.5))
 
-        last = lambda t: g.op("Slice", t, g.const([-1]), g.const([2 ** 62]), g.const([0]))  # noqa: E731
-        new_shift.append(g.op("Unsqueeze", f32(g, g.op("Concat", last(xa), last(xf), axis=0)), g.const([0])))
+        last = (lambda t: g.op("Slice", t, g.const([-1]), g.const([2 ** 62]), g.const([0]))) if prefill else (lambda t: t)
+        new_rows += [last(xa), last(xf)]
         new_wkv.append(g.op("Unsqueeze", S2, g.const([0])))
 
     xl = g.op("Slice", x, g.const([-1]), g.const([2 ** 62]), g.const([0])) if prefill else x
     xl = layer_norm(g, xl, model.ln_out, "ln_out")
     logits = g.op("Reshape", linear(g, model.head, xl), g.const([V]))
     g.nodes.append(helper.make_node("Cast", [logits], ["logits"], to=TensorProto.FLOAT))
-    g.nodes.append(helper.make_node("Concat", new_shift, ["shift_out"], axis=0) if L > 1
-                   else helper.make_node("Identity", new_shift, ["shift_out"]))
+    g.nodes.append(helper.make_node("Reshape", [f32(g, g.op("Concat", *new_rows, axis=0)), g.const([L, 2, C])],
+                                    ["shift_out"]))
     g.nodes.append(helper.make_node("Concat", new_wkv, ["wkv_out"], axis=0) if L > 1
                    else helper.make_node("Identity", new_wkv, ["wkv_out"]))
 
@@ -750,7 +757,7 @@ def build_graph(model: ir.Model, store: WeightStore, prefill: bool, emb_name: st
     return m
 
 
-FP16_VERSIONS = RESCALE_VERSIONS   # RWKV-7's emitter computes its decay in the compute dtype: float32 only
+FP16_VERSIONS = RESCALE_VERSIONS
 
 
 def emit(model: ir.Model, out_dir: str, dtype=np.float32, progress=None,

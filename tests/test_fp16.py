@@ -10,7 +10,7 @@ import torch
 import rwkvc
 from rwkvc import emit_onnx
 from rwkvc.errors import RwkvcError
-from rwkvc.testing import (random_v4_state_dict, random_v5_state_dict, random_v6_state_dict, save_random_v7,
+from rwkvc.testing import (random_v4_state_dict, random_v5_state_dict, random_v6_state_dict, random_v7_state_dict,
                            save_state_dict)
 
 L = 24
@@ -19,6 +19,7 @@ MAKERS = {
     "v5.2": lambda seed: random_v5_state_dict(n_layer=L, n_embd=64, head_size=32, vocab_size=500, seed=seed),
     "v6": lambda seed: random_v6_state_dict(n_layer=L, n_embd=64, head_size=32, vocab_size=500, dim_maa=16,
                                             dim_decay=32, seed=seed),
+    "v7": lambda seed: random_v7_state_dict(n_layer=L, n_embd=64, head_size=32, vocab_size=500, seed=seed),
 }
 TOKENS = np.random.default_rng(0).integers(0, 500, 16).tolist()
 
@@ -107,7 +108,7 @@ def test_rescale_plan():
     assert "blocks.5.att.output" not in plan and plan["blocks.6.att.output"] == 2
     assert plan["blocks.23.ffn.value"] == 8 and plan["blocks.12.att.output"] == 4
     assert emit_onnx.rescale_plan(cfg, np.float32) == {}
-    assert emit_onnx.rescale_plan(rwkvc.ir.ModelConfig("7", 24, 64, 32, 500, 224), np.float16) == {}
+    assert emit_onnx.rescale_plan(rwkvc.ir.ModelConfig("7", 24, 64, 32, 500, 224), np.float16) == plan
 
 
 def test_fp16_weights_are_rescaled_in_the_artifact(tmp_path):
@@ -130,8 +131,8 @@ def test_fp16_weights_are_rescaled_in_the_artifact(tmp_path):
     assert json.loads((art / "manifest.json").read_text())["dtype"] == "float16"
 
 
-def test_fp16_rwkv7_is_refused_clearly(tmp_path):
-    ckpt = save_random_v7(tmp_path / "v7.pth", n_layer=1, n_embd=64, head_size=32, vocab_size=300)
-    with pytest.raises(RwkvcError, match="RWKV-v7 in float32 only"):
-        rwkvc.compile(ckpt, tmp_path / "out", dtype="float16")
-    assert not (tmp_path / "out").exists()
+def test_fp16_rwkv7_cuda_artifact_defaults_to_fp16(tmp_path):
+    """The cuda target computes in float16 wherever the fp16 lowering exists, RWKV-7 included."""
+    sd = random_v7_state_dict(n_layer=2, n_embd=64, head_size=32, vocab_size=300)
+    art = rwkvc.compile(save_state_dict(sd, tmp_path / "v7.pth"), tmp_path / "out", target="cuda")
+    assert json.loads((art / "manifest.json").read_text())["dtype"] == "float16"
