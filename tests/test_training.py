@@ -421,3 +421,19 @@ def test_gradient_checkpointing_keeps_names_and_gradients():
         assert (p.grad is None) == (q.grad is None)
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_demo_data_parsing():
+    """The demo's KJV split (skipped without Debian's bible-kjv: `apt-get install bible-kjv`)."""
+    import shutil
+    if shutil.which("bible") is None:
+        pytest.skip("bible-kjv is not installed")
+    try:
+        from rwkvc.training import demo
+    except ImportError:
+        from training import demo
+    chs = demo.chapters(demo.bible_text())
+    assert len(chs) == 1189 and chs[0][:2] == ("Genesis", 1) and chs[-1][:2] == ("Revelation", 22)
+    assert chs[0][2].startswith("Genesis 1\n\n1 In the beginning God created the heaven and the earth.\n2 And")
+    books = {b for b, _, _ in chs}
+    assert len(books) == 66 and set(demo.HELD_OUT) <= books
