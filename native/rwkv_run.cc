@@ -7,6 +7,9 @@
 //   ./run --serve                                         binary forward() protocol on stdin/stdout
 //   --state-in FILE / --state-out FILE                    raw float32 state: shift (L,2,C) then wkv (L,H,N,N)
 //
+// Without --state-in, a run starts from the artifact's initial state: zeros, or the tuned state compiled
+// in with `rwkvc compile --state` (manifest "init_state_raw", the same raw float32 layout).
+//
 // Generation follows rwkvc's Python API (rwkvc/api.py Model.stream): prompt -> prefill, then sample,
 // stop on a stop token, observe, step, decode incrementally, stop on a stop string.
 #include <sys/types.h>
@@ -172,6 +175,14 @@ void ReadState(const std::string& path, State& st) {
   if (!ok) Fail(path + ": state file too short for this model (raw float32 shift then wkv expected)");
 }
 
+// The artifact's compiled-in initial state, if it has one (else `st` stays as it is).
+void LoadInitState(const std::string& dir, State& st) {
+  ffi::json::Object m = ffi::json::Parse(ReadFile(dir + "/manifest.json")).cast<ffi::json::Object>();
+  auto it = m.find(ffi::String("init_state_raw"));
+  if (it == m.end()) return;
+  ReadState(dir + "/" + std::string((*it).second.cast<ffi::String>()), st);
+}
+
 void WriteFloats(const std::string& path, const std::vector<const std::vector<float>*>& parts) {
   std::string tmp = path + ".tmp";
   std::FILE* f = std::fopen(tmp.c_str(), "wb");
@@ -333,6 +344,7 @@ int main(int argc, char** argv) {
     Model m(dir);
     if (a.serve) return Serve(m);
     State st = m.ZeroState();
+    LoadInitState(dir, st);
     if (!a.state_in.empty()) ReadState(a.state_in, st);
     if (!a.tokens.empty()) {
       std::vector<int64_t> ids = ParseIds(a.tokens);

@@ -131,11 +131,13 @@ class SparseFfnPass:
         "recall": Param(float, 0.99, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
         "threshold": Param(float, -1.0, lambda v: v == -1.0 or 0 <= v < 1,
                            "-1 (choose from recall) or a fixed MLP threshold in [0, 1) (0: every neuron, lossless)"),
-        "hidden": Param(int, 64, lambda v: 1 <= v <= 4096, "the MLP predictor's width, 1..4096"),
+        "hidden": Param(int, 32, lambda v: 1 <= v <= 4096, "the MLP predictor's width, 1..4096"),
         "quant": Param(int, 1, lambda v: v in (0, 1, 2), "bits of the key copy predictor: 1 (RWKV-Lite), 2, or 0 (none)"),
         "steps": Param(int, 400, lambda v: 1 <= v <= 100000, "training steps of each MLP predictor"),
         "layers": Param(str, "all", check_layers, "all, or block numbers/ranges joined by '+', e.g. 0-3+7"),
         "tokens": Param(int, 4096, lambda v: v >= 64, "calibration tokens to use (>= 64)"),
+        "max_fraction": Param(float, 0.5, lambda v: 0 < v <= 1,
+                              "a fraction in (0, 1]: a layer whose predicted rows exceed it stays dense"),
     }
 
     def run(self, model: ir.Model, args: dict, ctx) -> tuple[ir.Model, dict]:
@@ -190,6 +192,11 @@ class SparseFfnPass:
                                   q_bits=args["quant"] or 1, q_quantile=float(q))
                 stats = {**stats, "fires": float(fires.float().mean()), "mlp_threshold": float(thr),
                          "q_quantile": float(q)}
+            if col is not None and stats["fraction"] > args["max_fraction"]:
+                # the gathered rows plus the predictors would cost more than the dense (quantised) FFN
+                report_layers[i] = {"dense": True, "fraction": round(stats["fraction"], 4)}
+                after_read += kv_bytes
+                continue
             ffn.sparse = sp
             pb = sum(a.nbytes for a in sp.arrays().values())
             if sp.q_codes is not None:     # stored 1-2 bits per weight (MatMulNBits 2-bit), not a byte
@@ -197,11 +204,13 @@ class SparseFfnPass:
             pred_bytes += pb
             after_read += kv_bytes * stats["fraction"] + pb
             report_layers[i] = {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()}
-        fr = [v["fraction"] for v in report_layers.values()]
-        summary = (f"{len(report_layers)} channel-mixes sparse (recall {args['recall']:g}): "
+        kept = [i for i, v in report_layers.items() if v.get("dense")]
+        fr = [1.0 if v.get("dense") else v["fraction"] for v in report_layers.values()]
+        summary = (f"{len(report_layers) - len(kept)} channel-mixes sparse"
+                   f"{f' ({len(kept)} left dense)' if kept else ''} (recall {args['recall']:g}): "
                    f"{np.mean(fr):.1%} of FFN rows read on average; FFN bytes read per token "
                    f"{fmt_bytes(before)} -> {fmt_bytes(after_read)} (predictors {fmt_bytes(pred_bytes)})")
-        return model, {"layers": report_layers, "mean_fraction": float(np.mean(fr)),
+        return model, {"layers": report_layers, "mean_fraction": float(np.mean(fr)), "dense_layers": kept,
                        "ffn_bytes": before, "ffn_bytes_read_per_token": int(after_read),
                        "predictor_bytes": int(pred_bytes), "summary": summary}
 

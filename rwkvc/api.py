@@ -54,6 +54,19 @@ class Model:
         """The model's initial state (zeros, or a tuned state compiled in)."""
         return self._init_state.copy()
 
+    def use_state(self, state: str | os.PathLike | ir.State | None) -> ir.State:
+        """Swap the initial state every forward/stream without an explicit state starts from: a tuned
+        state file (blocks.N.att.time_state .pth/.safetensors, see rwkvc.states), a saved .npz state, an
+        ir.State, or None for the artifact's own (zeros, or the state compiled in). Returns it."""
+        if state is None:
+            self._init_state = self._load_init_state()
+        elif isinstance(state, ir.State):
+            self._init_state = self.check_state(state)
+        else:
+            from .states import state_for_model
+            self._init_state = state_for_model(state, self.config)
+        return self.init_state()
+
     def check_state(self, state: ir.State) -> ir.State:
         for name, shp in self.config.state_shapes().items():
             got = getattr(state, name).shape

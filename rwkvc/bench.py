@@ -21,7 +21,6 @@ def weight_traffic(path) -> dict:
     only the rows it gathers: one row of the embedding; the fraction the sparse-ffn / hhead passes measured
     on calibration text for the others (their reports in manifest["passes"]). Every other initializer is
     resident and read once per token (pre-packed by the kernels that use it)."""
-    import json
     import re
 
     import onnx

@@ -167,7 +167,7 @@ class IRRunner:
         inv[ch.order] = np.arange(len(ch.order))
         inv_t = torch.from_numpy(inv)
         rc = torch.from_numpy(ch.row_cluster())
-        counts = torch.from_numpy(np.maximum(np.diff(ch.bounds), 1)).float()
+        prior = torch.from_numpy(ch.row_log_prior())
         K = ch.n_clusters
         stats = self.counters.setdefault("head_rows", [0, 0])
 
@@ -187,8 +187,8 @@ class IRRunner:
             rowmask = chosen[:, rc]                                      # (T, V)
             lse = torch.logsumexp(exact.masked_fill(~rowmask, -torch.inf), -1, keepdim=True)
             log_chosen = torch.log((prob * chosen).sum(-1, keepdim=True))
-            approx = logp + lse - log_chosen - torch.log(counts)         # (T, K)
-            out = torch.where(rowmask, exact, approx[:, rc])
+            approx = logp + lse - log_chosen                            # (T, K)
+            out = torch.where(rowmask, exact, approx[:, rc] + prior)
             stats[0] += int(rowmask.sum())
             stats[1] += x.shape[0]
             return out[:, inv_t]
@@ -208,10 +208,9 @@ class IRRunner:
                 want_logits: bool = True):
         """Yield the logits (T_chunk, V) (numpy float32, or None without want_logits) chunk by chunk;
         the final state is left in self.state."""
-        from rwkvc.reference.v7 import wkv7_chunked
         m = self.model
         cfg = m.config
-        H, N, C = cfg.n_head, cfg.head_size, cfg.n_embd
+        C = cfg.n_embd
         st = state.copy() if state is not None else ir.State.zeros(cfg)
         shift = torch.from_numpy(st.shift.copy())
         wkv = torch.from_numpy(st.wkv.copy())
@@ -224,7 +223,6 @@ class IRRunner:
         with torch.no_grad():
             for s in range(0, len(tokens), chunk):
                 tk = tokens[s:s + chunk]
-                T = len(tk)
                 x = self.embed(tk)
                 v_first = None
                 for i, blk in enumerate(m.blocks):

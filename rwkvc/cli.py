@@ -55,9 +55,11 @@ def inspect(path, as_json):
 @click.option("--force", is_flag=True, help="replace an existing output directory")
 @click.option("--dump-ir", default=None, help="write the IR after each pass into this directory")
 @click.option("--cluster-file", default=None, help="RWKV-Lite vocabulary clusters (*-cls.npy) for its hierarchical head")
+@click.option("--state", "state_path", default=None,
+              help="a tuned state (train.py --train_type states) baked in as the artifact's initial state")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
 def compile_cmd(model, target, out, passes, recipe_file, preset_name, calib, calib_tokens, dtype, force, dump_ir,
-                cluster_file, quiet):
+                cluster_file, state_path, quiet):
     """Compile a checkpoint into an artifact directory."""
     from .pipeline import compile_checkpoint, parse_recipe
     from rwkvc.passes import PassContext
@@ -82,7 +84,8 @@ def compile_cmd(model, target, out, passes, recipe_file, preset_name, calib, cal
         ctx = PassContext(calib_tokens=tokens, progress=not quiet, dump_dir=dump_ir)
     out = out or f"{Path(model).stem}-{target}"
     path = compile_checkpoint(model, out, target=target, passes=recipe, dtype=dtype, force=force,
-                              progress=not quiet, dump_dir=dump_ir, ctx=ctx, cluster_file=cluster_file)
+                              progress=not quiet, dump_dir=dump_ir, ctx=ctx, cluster_file=cluster_file,
+                              state_path=state_path)
     click.echo(f"wrote {path}", err=True)
 
 
@@ -142,17 +145,21 @@ def _sampling_config(kw):
 @click.option("--prompt", "-p", default="", help="text to continue")
 @click.option("-n", "n_tokens", type=int, default=100, show_default=True, help="tokens to generate")
 @_sampling_options
+@click.option("--state", "tuned_state", default=None,
+              help="start from this tuned state (.pth from train.py --train_type states) instead of the artifact's")
 @click.option("--state-in", default=None, help="resume from a state saved with --state-out")
 @click.option("--state-out", default=None, help="save the state after generation (.npz)")
 @click.option("--chat", is_flag=True, help="interactive chat (User:/Assistant: turns) on stdin")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: ONNX Runtime's choice)")
-def run(artifact, prompt, n_tokens, state_in, state_out, chat, threads, **kw):
+def run(artifact, prompt, n_tokens, tuned_state, state_in, state_out, chat, threads, **kw):
     """Generate text from an artifact, streaming it to stdout."""
     from .api import load
     cfg = _sampling_config(kw)
     if n_tokens < 0:
         raise RwkvcError("-n must be >= 0")
     m = load(artifact, threads=threads or _threads_default())
+    if tuned_state:
+        m.use_state(tuned_state)
     state = m.load_state(state_in) if state_in else None
     if chat:
         state = _chat(m, cfg, n_tokens, state)
@@ -225,14 +232,14 @@ def bench(artifact, as_json, n_decode, n_prefill, threads, repeat):
 @click.option("-n", "n_tokens", type=int, default=120, show_default=True)
 @click.option("--target", "-t", default="cpu", show_default=True)
 @click.option("--passes", default="", help="compression recipe for the demo artifact")
-@click.option("--cache-dir", default=None, help="where the demo model and artifact are kept [~/.cache/rwkvc]")
+@click.option("--cache-dir", default=None, help="where the demo model and artifact are kept [~/.cache/rwkvc/demo]")
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo(prompt, n_tokens, target, passes, cache_dir, seed):
     """The built-in default: train (once, cached) a small RWKV-7 on the KJV bible, compile it, generate."""
     from rwkvc.training.demo import cache_root, demo as train_demo
     from .api import load
     from .pipeline import compile_checkpoint
-    root = Path(cache_dir) if cache_dir else cache_root()
+    root = Path(cache_dir) if cache_dir else cache_root() / "demo"
     ckpt = train_demo(cache_dir=root, log=lambda *a: click.echo(" ".join(map(str, a)), err=True))
     tag = "".join(ch if ch.isalnum() else "_" for ch in passes)[:60]
     art = root / f"demo-{target}{'-' + tag if tag else ''}"

@@ -629,22 +629,38 @@ def emit_clustered(g: Graph, lin: ir.Linear, x: str) -> str:
     n = g.op("Max", g.op("Min", n, g.const(min(ch.max_k, K))), g.const(min(ch.min_k, K)))
     chosen_sorted = g.op("Cast", g.op("Less", g.const(np.arange(K)), n), to=TensorProto.FLOAT)
     chosen = g.op("ScatterElements", g.const(np.zeros(K), F32), ids, chosen_sorted, axis=0)   # (K,) 0/1
-    row_cluster = g.weight(lin.name + ".row_cluster", ch.row_cluster(), np.int64)
-    ridx = g.op("NonZero", g.op("Gather", chosen, row_cluster, axis=0))                   # (1, n_rows)
+    ridx = g.op("NonZero", g.op("Greater", spread_to_rows(g, chosen, ch.bounds), g.const(0.5, F32)))  # (1, n_rows)
     rows = ch.rows if hasattr(ch.rows, "kind") else ir.Dense(ch.rows)
     exact = ROWS_MATMUL[rows.kind](g, ir.Linear(lin.name + ".rows", rows), g.op("Reshape", x, g.const([1, C])),
                                    g.op("Reshape", ridx, g.const([-1])))
     exact = f32(g, g.op("Reshape", exact, g.const([-1])))
     lse = g.op("ReduceLogSumExp", exact, g.const([0]), keepdims=0)
     log_chosen = g.op("Log", g.op("ReduceSum", g.op("Mul", prob, chosen), keepdims=0))
-    log_count = g.const(np.log(np.maximum(np.diff(ch.bounds), 1)), F32)
-    approx = g.op("Sub", g.op("Add", logp, g.op("Sub", lse, log_chosen)), log_count)      # (K,)
-    base = g.op("Gather", approx, row_cluster, axis=0)                                    # (V,) in row order
+    approx = g.op("Add", logp, g.op("Sub", lse, log_chosen))                              # (K,)
+    if ch.log_prior is None:                                                              # q_t = 1 / |c|
+        log_count = g.const(np.log(np.maximum(np.diff(ch.bounds), 1)), F32)
+        base = spread_to_rows(g, g.op("Sub", approx, log_count), ch.bounds)              # (V,) in row order
+    else:
+        base = g.op("Add", spread_to_rows(g, approx, ch.bounds),
+                    g.weight(lin.name + ".row_log_prior", ch.row_log_prior(), F32))       # + log q_t
     perm = g.op("ScatterND", base, g.op("Transpose", ridx, perm=[1, 0]), exact)
     inv = np.empty(V, np.int64)
     inv[ch.order] = np.arange(V)
-    logits = g.op("Gather", perm, g.weight(lin.name + ".inverse_order", inv, np.int64), axis=0)
+    logits = g.op("Gather", perm, g.weight(lin.name + ".inverse_order", inv, np.int32), axis=0)
     return g.op("Reshape", logits, g.const([1, V]))
+
+
+def spread_to_rows(g: Graph, v: str, bounds: np.ndarray) -> str:
+    """v (K,) float32 -> (V,) with each row holding its cluster's value, with no V-long index array: the
+    differences v[c] - v[c-1] are added at each cluster's first row (empty clusters share it and cancel),
+    then a cumulative sum."""
+    V = int(bounds[-1])
+    starts = np.asarray(bounds[:-1], np.int64)
+    keep = np.flatnonzero(starts < V)                     # trailing empty clusters own no row
+    prev = g.op("Concat", g.const(np.zeros(1), F32), g.op("Slice", v, g.const([0]), g.const([-1]), g.const([0])), axis=0)
+    delta = g.op("Gather", g.op("Sub", v, prev), g.const(keep), axis=0)
+    d = g.op("ScatterElements", g.const(np.zeros(V), F32), g.const(starts[keep]), delta, axis=0, reduction="add")
+    return g.op("CumSum", d, g.const(0))
 
 
 LINEAR_EMITTERS["clustered"] = emit_clustered

@@ -126,8 +126,10 @@ class ClusteredHead:
 
     Inference (one token, x (C,)):  p = softmax(cluster x); S = the chosen clusters;
         logit_t = rows_t . x                                           for t in a cluster of S
-        logit_t = logsumexp_{s in S} logit_s + log p_c - log sum_{S} p - log |c|   for t in cluster c not in S
-    so the non-chosen clusters share the mass the cluster head gives them, spread evenly over their tokens.
+        logit_t = logsumexp_{s in S} logit_s + log p_c - log sum_{S} p + log q_t     for t in cluster c not in S
+    so the non-chosen clusters share the mass the cluster head gives them, spread over their tokens by
+    q_t = exp(log_prior_t), a fixed distribution within each cluster (rwkvc's hhead pass: the tokens' mean
+    probability on calibration text), or evenly (q_t = 1/|c|, RWKV-Lite) when log_prior is None.
     With top_p >= 1 or min_k >= K every logit is exact (`to_dense` is that exact matrix).
     """
     order: np.ndarray
@@ -137,6 +139,7 @@ class ClusteredHead:
     top_p: float = 0.95
     min_k: int = 3
     max_k: int = 100
+    log_prior: np.ndarray | None = None   # (V,) float32 in row order, sums to 1 (as exp) within each cluster
     kind: ClassVar[str] = "clustered"
 
     def __post_init__(self):
@@ -148,6 +151,8 @@ class ClusteredHead:
         if tuple(self.cluster.shape) != (self.n_clusters, self.rows.shape[1]):
             raise ValueError(f"ClusteredHead: cluster head shape {tuple(self.cluster.shape)} != (K, C) = "
                              f"{(self.n_clusters, self.rows.shape[1])}")
+        if self.log_prior is not None and self.log_prior.shape != (V,):
+            raise ValueError(f"ClusteredHead.log_prior {self.log_prior.shape} != ({V},)")
         if not (0 < self.top_p <= 1) or self.min_k < 1 or self.max_k < self.min_k:
             raise ValueError(f"ClusteredHead: need 0 < top_p <= 1 and 1 <= min_k <= max_k, got "
                              f"top_p={self.top_p} min_k={self.min_k} max_k={self.max_k}")
@@ -171,7 +176,15 @@ class ClusteredHead:
         else:
             d.update({"rows." + k: v for k, v in self.rows.arrays().items()})
         d.update({"cluster." + k: v for k, v in self.cluster.arrays().items()})
+        if self.log_prior is not None:
+            d["log_prior"] = self.log_prior
         return d
+
+    def row_log_prior(self) -> np.ndarray:
+        """(V,) log q_t in row order: log_prior, or -log |c| (uniform within each cluster)."""
+        if self.log_prior is not None:
+            return np.asarray(self.log_prior, np.float32)
+        return -np.log(np.maximum(np.diff(self.bounds), 1)).astype(np.float32)[self.row_cluster()]
 
     def rows_dense(self) -> np.ndarray:
         return self.rows if isinstance(self.rows, np.ndarray) else self.rows.to_dense()

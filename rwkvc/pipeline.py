@@ -109,6 +109,9 @@ def compile_checkpoint(model_path, out_dir, target: str = "cpu", passes=None, dt
     bar = _Progress(enabled=progress, total=2 + len(recipe))
     bar.step("load checkpoint")
     model = load_model(model_path, cluster_file=cluster_file)
+    if state_path is not None:  # a tuned state becomes the artifact's initial state (validated here)
+        from .states import apply_state
+        apply_state(model, state_path)
     why = unsupported(tgt, model, dtype or tgt.capabilities.dtypes[0]) if not recipe else None
     if why:
         raise RwkvcError(why)

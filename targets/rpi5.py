@@ -6,6 +6,8 @@
       model.so            the Relax VM executable + kernels, cross-compiled with aarch64-linux-gnu-g++
       weights.bin         float32 parameters, page-aligned, memory-mapped by the runner
       params.json         the parameter index (name, shape, offset), in the VM's params order
+      init_state.bin      only with a tuned state (`--state`): float32 shift (L,2,C) then wkv (L,H,N,N),
+                          the runner's initial state (manifest "init_state_raw")
       tokenizer/, manifest.json
 
 On the Pi: `DIR/run --prompt TEXT -n 100`. On an x86 host, `rwkvc run DIR` runs the same binary under
@@ -113,6 +115,12 @@ class Rpi5Target:
             shutil.copyfile(tvm_dir / "lib" / f, out / "lib" / f)
         shutil.copyfile(runner, out / "run")
         os.chmod(out / "run", 0o755)
+        if model.init_state is not None:  # the runner starts from it (Python reads init_state.npz)
+            import numpy as np
+            with open(out / "init_state.bin", "wb") as f:
+                f.write(np.ascontiguousarray(model.init_state.shift, np.float32).tobytes())
+                f.write(np.ascontiguousarray(model.init_state.wkv, np.float32).tobytes())
+            fields = {**fields, "init_state_raw": "init_state.bin"}
         return {**fields, "runtime": "tvm-native", "runner": "run", "arch": "aarch64",
                 "runtime_libs": [f"lib/{f}" for f in RUNTIME_LIBS]}
 

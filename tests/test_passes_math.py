@@ -158,3 +158,15 @@ def test_cluster_vocab_and_distillation(rng):
     X = rng.standard_normal((300, 24)).astype(np.float32)
     Wc, kl = hhead.distill_cluster_head(W, labels, X, 8, steps=200)
     assert Wc.shape == (8, 24) and kl < 0.05
+
+
+def test_within_cluster_prior(rng):
+    W = rng.standard_normal((60, 8)).astype(np.float32)
+    labels = np.arange(60) % 6
+    X = rng.standard_normal((50, 8)).astype(np.float32)
+    lp = hhead.within_cluster_log_prior(W, labels, X, 6)
+    for c in range(6):
+        assert abs(np.exp(lp[labels == c]).sum() - 1) < 1e-5
+    # the approximation's mass per cluster is the cluster head's: tokens of a cluster share p_c by q_t
+    p = np.exp(lp)
+    assert p.min() > 0

@@ -141,8 +141,8 @@ def test_lossless(ckpt, tokens, calib, dense_logits, tmp_path, recipe):
     ("int4(method=awq,accuracy_level=0)", 1e-4),
     ("int8", 0.05),                                       # activations are quantised to 8 bits at run time
     ("int4(group=32)", 0.05),                              # accuracy_level 4: 8-bit activations
-    ("sparse-ffn(recall=0.95,steps=50,quant=0,tokens=256)", 1e-4),
-    ("sparse-ffn(recall=0.95,steps=50,quant=0,tokens=256),int8", 0.05),
+    ("sparse-ffn(recall=0.95,steps=50,quant=0,tokens=256,max_fraction=1)", 1e-4),
+    ("sparse-ffn(recall=0.95,steps=50,quant=0,tokens=256,max_fraction=1),int8", 0.05),
     ("lazy-emb(storage=int8)", 0.05),
 ])
 def test_lowering_matches_ir(ckpt, tokens, calib, tmp_path, recipe, bound):
@@ -175,7 +175,7 @@ def test_reports_and_bytes(ckpt, calib, tmp_path):
 
 
 def test_sparse_ffn_reads_only_predicted_rows(ckpt, calib, tmp_path):
-    model, path = compiled(ckpt, "sparse-ffn(recall=0.9,steps=50,tokens=256)", calib, tmp_path)
+    model, path = compiled(ckpt, "sparse-ffn(recall=0.9,steps=50,tokens=256,max_fraction=1)", calib, tmp_path)
     rep = model.passes[-1]
     assert 0 < rep["mean_fraction"] < 1
     run = IRRunner(model)

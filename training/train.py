@@ -4,6 +4,10 @@
     python training/train.py --config train.toml --lr_init 3e-4            # flags override the file
     torchrun --nproc_per_node 8 training/train.py ... --strategy deepspeed_stage_2
     deepspeed training/train.py ... --strategy deepspeed_stage_3
+    python training/train.py --train_type states --load_model base.pth ... [--quant 1 --quant_type nf4|int4]
+                                                        # state tuning (docs/STATE_TUNING.md), ORPO with --orpo 1
+    python training/train.py --svd "rank=0.25,targets=att+ffn" --load_model base.pth ...
+                                                        # low-rank factorisation + fine-tuning (docs/COMPRESSION.md)
 
 Re-running the same command resumes from the newest checkpoint in --proj_dir.
 """
@@ -22,10 +26,34 @@ else:
 from rwkvc.errors import RwkvcError
 
 
+def _take(argv: list[str], flag: str) -> str | None:
+    """Remove `flag VALUE` / `flag=VALUE` from argv; return VALUE (None if absent)."""
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+            del argv[i:i + 2]
+            return value
+        if a.startswith(flag + "="):
+            del argv[i]
+            return a.split("=", 1)[1]
+    return None
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if any(a == "--train_type" or a.startswith("--train_type=") for a in argv):
+            from rwkvc.training.state_tune import parse_state_args, train_states
+            train_states(parse_state_args(argv))     # only the initial states train; the base stays frozen
+            return 0
+        svd = _take(argv, "--svd")
         args = parse_args(argv)
-        train(args)
+        if svd is not None:
+            import types
+            from rwkvc.training.svd_finetune import finetune_from_args
+            finetune_from_args(types.SimpleNamespace(**args.to_dict(), svd=svd))
+        else:
+            train(args)
     except RwkvcError as e:
         import os
         if os.environ.get("RANK", "0") == "0":

@@ -79,7 +79,8 @@ class V7:
             if tuple(sd[k].shape) != shp:
                 raise RwkvcError(f"'{k}' has shape {tuple(sd[k].shape)}, expected {shp} for "
                                  f"L={cfg.n_layer} C={cfg.n_embd} H={cfg.n_head} F={cfg.ffn_dim} V={cfg.vocab_size}")
-        extra = sorted(k for k in sd if k not in shapes and not k.startswith("_"))
+        tuned = {f"blocks.{i}.att.time_state" for i in range(cfg.n_layer)}   # a state-tuned initial state
+        extra = sorted(k for k in sd if k not in shapes and k not in tuned and not k.startswith("_"))
         if extra:
             raise RwkvcError(f"unexpected key '{extra[0]}' in an RWKV-7 checkpoint"
                              f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}; "
@@ -114,8 +115,10 @@ class V7:
             ffn = ir.ChannelMix("7", {"x_k": vec(f + "x_k")},
                                 {"key": lin(f + "key.weight"), "value": lin(f + "value.weight")})
             blocks.append(ir.Block(norm(f"blocks.{i}.ln1"), att, norm(f"blocks.{i}.ln2"), ffn))
+        from .common import time_state
         return ir.Model(cfg, ir.Embedding(ir.Dense(to_numpy(sd["emb.weight"]))), norm("blocks.0.ln0"), blocks,
-                        norm("ln_out"), lin("head.weight"))
+                        norm("ln_out"), lin("head.weight"),
+                        init_state=time_state(sd, cfg.n_layer, cfg.n_head, cfg.head_size, "7"))
 
 
 def need(sd, key, ndim):
