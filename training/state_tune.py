@@ -5,10 +5,10 @@ model starts from, every weight frozen (RWKV-LM-State-4bit, RWKV-PEFT). The resu
 one (H, N, N) tensor per layer that any deployment of the unchanged model can start from.
 
     python training/train.py --train_type states --load_model base.pth --data_file data/task \\
-        --proj_dir out/task --ctx_len 256 --micro_bsz 8 --lr_init 0.02 --lr_final 0.002 --epoch_steps 100
+        --proj_dir out/task --ctx_len 256 --micro_bsz 8 --lr_init 0.1 --lr_final 0.01 --epoch_steps 100
         [--quant 1 --quant_type nf4|int4]                       # frozen base held in 4 bits
         [--orpo 1 --orpo_alpha 0.2 --rlhf_train_file pairs.jsonl --rlhf_max_corpus_len 512]
-    python training/state_tune.py ...                           # the same, before train.py dispatches here
+    python training/state_tune.py ...                           # the same (train.py dispatches here)
     from rwkvc.training.state_tune import train_states; path = train_states(args)
 
 Pieces (a straight line; each a plain function or a small module):
@@ -30,8 +30,8 @@ Quantised frozen base (the memory saving of RWKV-LM-State-4bit, without bitsandb
           (the 16 NormalFloat levels of QLoRA / bitsandbytes), 4.5 bits per weight
     int4  rwkvc's own weight math (passes/quant.py quantize_int4): asymmetric group-wise,
           w ~ (code - zero) * scale, 4 + 40/group bits per weight
-    Matrices are dequantised one at a time, per use, in the backward pass too (nothing but the packed
-    codes is kept for backward), so the resident base is the 4-bit storage.
+    Matrices are dequantised a few rows (~4 MB) at a time, per use, in the backward pass too (nothing
+    but the packed codes is kept for backward), so the resident base is the 4-bit storage.
 """
 from __future__ import annotations
 
@@ -404,6 +404,7 @@ def load_base(path: str, storage: str = "fp32", group: int = 64) -> Base:
     with torch.device("meta"):
         model = make()
     n_frozen = bytes_frozen = bytes_src = 0
+    w = mat = new = None
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, (nn.Linear, nn.Embedding)):
             continue
@@ -436,7 +437,7 @@ def load_base(path: str, storage: str = "fp32", group: int = 64) -> Base:
                 raise RwkvcError(f"{path}: checkpoint is missing '{k}' {tuple(p.shape)}")
     model.requires_grad_(False)
     model.eval()
-    del sd, rest
+    del sd, rest, w, mat, new          # `w` would keep a memory-mapped checkpoint mapped
     release_freed_memory()
     time_state = None
     if ts:
