@@ -37,7 +37,7 @@ def main():
     T = 1 if a.entry == "step" else a.tokens
     feed = {"tokens": np.random.default_rng(0).integers(1, man["model"]["vocab_size"], T),
             "shift_in": np.zeros(man["state"]["shift"], np.float32),
-            "wkv_in": np.zeros(man["state"]["wkv"], np.float32)}
+            **{f"wkv_in.{i}": np.zeros(man["state"]["wkv"][1:], np.float32) for i in range(man["state"]["wkv"][0])}}
     sess.run(None, feed)
     times = []
     for _ in range(a.runs):

@@ -45,8 +45,27 @@ class OrtRuntime:
         return self._sessions[entry]
 
     def run(self, entry: str, tokens: np.ndarray, state: ir.State) -> tuple[np.ndarray, ir.State]:
-        logits, shift, wkv = self.session(entry).run(
-            None, {"tokens": tokens, "shift_in": state.shift, "wkv_in": state.wkv})
+        """One call of an entry point. The graphs take and give each layer's matrix state as its own tensor
+        (`wkv_in.i` / `wkv_out.i`): inputs are bound to views of `state.wkv` and outputs to slices of a new
+        state array, so no state is split, concatenated or copied around the call."""
+        sess = self.session(entry)
+        vocab = sess.get_outputs()[0].shape[0]
+        if "wkv_in" in {i.name for i in sess.get_inputs()}:  # format 1 artifacts: one wkv tensor for all layers
+            logits, shift, wkv = sess.run(None, {"tokens": tokens, "shift_in": state.shift, "wkv_in": state.wkv})
+            return logits, ir.State(shift, wkv)
+        shift_in = np.ascontiguousarray(state.shift, dtype=np.float32)
+        wkv_in = np.ascontiguousarray(state.wkv, dtype=np.float32)
+        logits = np.empty(vocab, np.float32)
+        shift, wkv = np.empty_like(shift_in), np.empty_like(wkv_in)
+        b = sess.io_binding()
+        b.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
+        b.bind_cpu_input("shift_in", shift_in)
+        for name, arr in (("logits", logits), ("shift_out", shift)):
+            b.bind_output(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
+        for i in range(len(wkv_in)):
+            b.bind_cpu_input(f"wkv_in.{i}", wkv_in[i])
+            b.bind_output(f"wkv_out.{i}", "cpu", 0, np.float32, list(wkv[i].shape), wkv[i].ctypes.data)
+        sess.run_with_iobinding(b)
         return logits, ir.State(shift, wkv)
 
     def forward(self, tokens: np.ndarray, state: ir.State) -> tuple[np.ndarray, ir.State]:

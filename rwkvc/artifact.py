@@ -23,7 +23,7 @@ from . import __version__, ir
 from .errors import RwkvcError
 
 FORMAT = "rwkvc-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one wkv state input/output per layer in the ONNX graphs
 MANIFEST = "manifest.json"
 VOCAB = "rwkv_vocab_v20230424.txt"
 

@@ -88,6 +88,14 @@ class Graph:
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, domain=domain or None, **attrs))
         return outs[0] if n_out == 1 else outs
 
+    def rename(self, old: str, new: str) -> None:
+        """Give value `old` the name `new` (a graph output) wherever this graph makes or uses it."""
+        for n in self.nodes:
+            for io in (n.input, n.output):
+                for j, v in enumerate(io):
+                    if v == old:
+                        io[j] = new
+
     def weight(self, name: str, arr: np.ndarray, dtype=None) -> str:
         """A model parameter, stored once in the external weight file."""
         self.inits[name] = self.store.add(name, arr, dtype)
@@ -185,9 +193,13 @@ def shifted(g: Graph, x: str, prev: str, prefill: bool) -> str:
 
 
 def wkv_step(g: Graph, S: str, w: str, a: str, b: str, v: str, k: str, r: str):
-    """S (H,N,N); w,b,k (H,1,N); a,v,r (H,N,1) -> S', y (H,N,1).  S' = S*w + (S@a)@b + v@k, y = S'@r."""
+    """S (H,N,N); w,b,k (H,1,N); a,v,r (H,N,1) -> S', y (H,N,1).  S' = S*w + (S@a)@b + v@k, y = S'@r.
+
+    The two outer products are one rank-2 product [S@a, v] @ [b; k], so the state is swept three times
+    (Mul, MatMul, Add) instead of five."""
     sa = g.op("MatMul", S, a)
-    S2 = g.op("Add", g.op("Add", g.op("Mul", S, w), g.op("MatMul", sa, b)), g.op("MatMul", v, k))
+    upd = g.op("MatMul", g.op("Concat", sa, v, axis=2), g.op("Concat", b, k, axis=1))    # (H, N, N)
+    S2 = g.op("Add", g.op("Mul", S, w), upd)
     return S2, g.op("MatMul", S2, r)
 
 
@@ -729,12 +741,11 @@ def build_graph(model: ir.Model, store: WeightStore, prefill: bool, emb_name: st
     # shift (L, 2, C) -> 2L rows (1, C): [att of layer 0, ffn of layer 0, att of layer 1, ...]
     prev_rows = g.op("Split", g.op("Reshape", to_compute(g, "shift_in"), g.const([2 * L, C])), axis=0,
                      num_outputs=2 * L, n_out=2 * L)
-    wkvs = g.op("Split", "wkv_in", axis=0, num_outputs=L, n_out=L) if L > 1 else ["wkv_in"]
     new_rows, new_wkv = [], []
     v_first = None
     for i, blk in enumerate(model.blocks):
         prev_att, prev_ffn = prev_rows[2 * i], prev_rows[2 * i + 1]                  # (1, C)
-        S = g.op("Squeeze", wkvs[i], g.const([0]))                                    # (H, N, N)
+        S = f"wkv_in.{i}"                                                             # one input per layer
 
         xa = layer_norm(g, x, blk.ln1, f"blocks.{i}.ln1")
         dx, S2, v_first = TIME_MIX_EMITTERS[blk.att.version](g, blk.att, xa, prev_att, S, v_first, cfg, i, prefill)
@@ -746,7 +757,7 @@ def build_graph(model: ir.Model, store: WeightStore, prefill: bool, emb_name: st
 
         last = (lambda t: g.op("Slice", t, g.const([-1]), g.const([2 ** 62]), g.const([0]))) if prefill else (lambda t: t)
         new_rows += [last(xa), last(xf)]
-        new_wkv.append(g.op("Unsqueeze", S2, g.const([0])))
+        new_wkv.append(S2)
 
     xl = g.op("Slice", x, g.const([-1]), g.const([2 ** 62]), g.const([0])) if prefill else x
     xl = layer_norm(g, xl, model.ln_out, "ln_out")
@@ -754,18 +765,22 @@ def build_graph(model: ir.Model, store: WeightStore, prefill: bool, emb_name: st
     g.nodes.append(helper.make_node("Cast", [logits], ["logits"], to=TensorProto.FLOAT))
     g.nodes.append(helper.make_node("Reshape", [f32(g, g.op("Concat", *new_rows, axis=0)), g.const([L, 2, C])],
                                     ["shift_out"]))
-    g.nodes.append(helper.make_node("Concat", new_wkv, ["wkv_out"], axis=0) if L > 1
-                   else helper.make_node("Identity", new_wkv, ["wkv_out"]))
+    for i, S2 in enumerate(new_wkv):   # the node that makes layer i's new state writes wkv_out.i itself
+        if S2 == f"wkv_in.{i}":
+            g.nodes.append(helper.make_node("Identity", [S2], [f"wkv_out.{i}"]))
+        else:
+            g.rename(S2, f"wkv_out.{i}")
 
     f = TensorProto.FLOAT
     T = "T" if prefill else 1
     shp = cfg.state_shapes()
+    layer_wkv = list(shp["wkv"][1:])
     inputs = [helper.make_tensor_value_info("tokens", TensorProto.INT64, [T]),
-              helper.make_tensor_value_info("shift_in", f, list(shp["shift"])),
-              helper.make_tensor_value_info("wkv_in", f, list(shp["wkv"]))]
+              helper.make_tensor_value_info("shift_in", f, list(shp["shift"]))]
+    inputs += [helper.make_tensor_value_info(f"wkv_in.{i}", f, layer_wkv) for i in range(L)]
     outputs = [helper.make_tensor_value_info("logits", f, [V]),
-               helper.make_tensor_value_info("shift_out", f, list(shp["shift"])),
-               helper.make_tensor_value_info("wkv_out", f, list(shp["wkv"]))]
+               helper.make_tensor_value_info("shift_out", f, list(shp["shift"]))]
+    outputs += [helper.make_tensor_value_info(f"wkv_out.{i}", f, layer_wkv) for i in range(L)]
     graph = g.make("rwkv_prefill" if prefill else "rwkv_step", inputs, outputs)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
                           producer_name="rwkvc")
