@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .common import Block, token_shift
+
 
 @dataclass(frozen=True)
 class V4Config:
@@ -26,11 +28,6 @@ class V4Config:
     n_embd: int
     vocab_size: int
     ffn_dim: int
-
-
-def token_shift(x, prev):
-    """x: (B, T, C), prev: (B, C) -> the previous token's x for each t, (B, T, C)."""
-    return torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1)
 
 
 def lerp_mix(x, xx, m):
@@ -100,17 +97,6 @@ class ChannelMix(nn.Module):
         return r * self.value(k), x[:, -1]
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: V4Config, layer_id: int):
-        super().__init__()
-        C = cfg.n_embd
-        if layer_id == 0:
-            self.ln0 = nn.LayerNorm(C)
-        self.ln1, self.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
-        self.att = TimeMix(cfg)
-        self.ffn = ChannelMix(C, cfg.ffn_dim)
-
-
 @dataclass
 class State:
     """shift (L, 2, B, C), wkv (L, B, 3, C)."""
@@ -130,7 +116,8 @@ class RWKV4(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg.n_embd, i, TimeMix(cfg), ChannelMix(cfg.n_embd, cfg.ffn_dim))
+                                    for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
 

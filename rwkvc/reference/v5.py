@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .v4 import lerp_mix, token_shift
+from .common import Block, token_shift
+from .v4 import lerp_mix
 
 LN_X_EPS = 64e-5          # group-norm eps on the wkv output (RWKV-LM: 1e-5 * head_size_divisor^2)
 PROJ = ("receptance", "key", "value", "gate")
@@ -263,17 +264,9 @@ class Predictor(nn.Module):
         self.fc2 = nn.Linear(D, F_, bias=False)
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: V5Config, layer_id: int):
-        super().__init__()
-        C = cfg.n_embd
-        if layer_id == 0:
-            self.ln0 = nn.LayerNorm(C)
-        self.ln1, self.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
-        self.att = TimeMix(cfg)
-        self.ffn = ChannelMix(cfg)
-        if cfg.mlp_dim:
-            self.mlp = Predictor(C, cfg.mlp_dim, cfg.ffn_dim)
+def block(cfg: V5Config, layer_id: int) -> Block:
+    extra = {"mlp": Predictor(cfg.n_embd, cfg.mlp_dim, cfg.ffn_dim)} if cfg.mlp_dim else {}
+    return Block(cfg.n_embd, layer_id, TimeMix(cfg), ChannelMix(cfg), **extra)
 
 
 @dataclass
@@ -293,7 +286,7 @@ class RWKV5(nn.Module):
         self.cfg, self.lite = cfg, lite or LiteOptions()
         C = cfg.n_embd
         self.emb = nn.Embedding(cfg.vocab_size, C)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(C)
         self.head = nn.Linear(C, cfg.vocab_size, bias=False)
         if cfg.head_clusters:

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .v4 import token_shift
+from .common import Block, token_shift
 from .v5 import LN_X_EPS, State, group_norm, load_with_time_state, wkv5_recurrent
 
 MAA = ("w", "k", "v", "r", "g")
@@ -112,17 +112,6 @@ class ChannelMix(nn.Module):
         return r * self.value(k), x[:, -1]
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: V6Config, layer_id: int):
-        super().__init__()
-        C = cfg.n_embd
-        if layer_id == 0:
-            self.ln0 = nn.LayerNorm(C)
-        self.ln1, self.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
-        self.att = TimeMix(cfg)
-        self.ffn = ChannelMix(cfg)
-
-
 class RWKV6(nn.Module):
     time_state: torch.Tensor | None = None   # (L, H, N, N): a state-tuned initial wkv
 
@@ -130,7 +119,7 @@ class RWKV6(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg.n_embd, i, TimeMix(cfg), ChannelMix(cfg)) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
 

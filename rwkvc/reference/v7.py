@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .common import Block, token_shift
+
 # exp(-0.5): the decay is exp(-e^-0.5 * sigmoid(.)), i.e. in (e^-0.607, 1)
 DECAY_SCALE = math.exp(-0.5)
 LN_X_EPS = 64e-5  # group-norm eps on the wkv output, as in RWKV-LM (head_size_divisor 8)
@@ -145,11 +147,6 @@ def wkv7_chunked(r, w, k, v, a, b, wkv, chunk_len: int = 32):
     return y[:, :T], wkv
 
 
-def token_shift(x, prev):
-    """x: (B, T, C), prev: (B, C) -> the previous token's x for each t, (B, T, C)."""
-    return torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1)
-
-
 class TimeMix(nn.Module):
     def __init__(self, cfg: V7Config, layer_id: int):
         super().__init__()
@@ -217,17 +214,6 @@ class ChannelMix(nn.Module):
         return self.value(k), x[:, -1]
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: V7Config, layer_id: int):
-        super().__init__()
-        C = cfg.n_embd
-        if layer_id == 0:
-            self.ln0 = nn.LayerNorm(C)
-        self.ln1, self.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
-        self.att = TimeMix(cfg, layer_id)
-        self.ffn = ChannelMix(cfg)
-
-
 @dataclass
 class State:
     """The recurrent state of the whole model: shift (L, 2, B, C), wkv (L, B, H, N, N)."""
@@ -246,7 +232,7 @@ class RWKV7(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg.n_embd, i, TimeMix(cfg, i), ChannelMix(cfg)) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
 
