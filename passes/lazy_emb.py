@@ -32,21 +32,11 @@ STORAGES = ("float32", "float16", "int8")
 
 @ir.register_weight_kind
 @dataclass
-class LazyEmbedding:
-    """The (V, C) embedding table (as loaded, ln0 not folded), read row by row from disk at run time."""
-    w: np.ndarray
+class LazyEmbedding(ir.Dense):
+    """The (V, C) embedding table (as loaded, ln0 not folded), read row by row from disk at run time:
+    a dense table (shape, arrays, to_dense as ir.Dense) with its own storage type and lowering."""
     storage: str = "float16"
     kind: ClassVar[str] = "lazy"
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.w.shape)
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {"w": self.w}
-
-    def to_dense(self) -> np.ndarray:
-        return np.asarray(self.w, np.float32)
 
     def rows(self, tokens) -> np.ndarray:
         """The rows of `tokens` as the artifact will give them (before ln0)."""
