@@ -170,3 +170,31 @@ def test_within_cluster_prior(rng):
     # the approximation's mass per cluster is the cluster head's: tokens of a cluster share p_c by q_t
     p = np.exp(lp)
     assert p.min() > 0
+
+
+@pytest.mark.parametrize("level", [0, 4])
+def test_int8_lowerings_match_reference(w, rng, tmp_path, level):
+    """Both cpu lowerings of an Int8 matrix (level 4: MatMulNBits bits=8 on the re-laid-out codes; level 0:
+    DynamicQuantizeLinear + MatMulInteger) = x @ W_q.T up to the activations' 8-bit rounding, and neither
+    stores the matrix as float."""
+    import onnx
+
+    from rwkvc import emit_onnx, ir
+    rep = quant.Int8.from_dense(w, accuracy_level=level)
+    store = emit_onnx.WeightStore(str(tmp_path / "weights.bin"))
+    g = emit_onnx.Graph(store)
+    y = quant.emit_int8(g, ir.Linear("m", rep), "x")
+    g.nodes.append(helper.make_node("Identity", [y], ["y"]))
+    store.close()
+    graph = g.make("g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 160])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 9
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    ops = {n.op_type for n in m.graph.node}
+    assert ("MatMulNBits" in ops) == (level == 4) and ("MatMulInteger" in ops) == (level == 0)
+    assert (tmp_path / "weights.bin").stat().st_size < 2 * w.size      # 1 byte a weight (+ scales, alignment)
+    x = rng.standard_normal((3, 160)).astype(np.float32)
+    out = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    ref = x @ rep.to_dense().T
+    assert np.abs(out - ref).max() <= 0.01 * np.abs(ref).max()
