@@ -1,21 +1,27 @@
 """State tuning (issue 7): a tuned initial state on a frozen (optionally 4-bit) base, ORPO, merging, and
-the state compiled into artifacts. CPU only; about 2 minutes on 2 cores.
+the state compiled into artifacts. CPU only; about 2.5 minutes on 2 cores (70 s of it the demo-model test).
 
 The fixture trains a small RWKV-7 (L2 C64, vocabulary 512) with the training module on a synthetic
-language: Markov-chain "words", and question/answer documents `Q words A <answer> 0` whose answer is one
-of six fixed 4-word formats, picked at random. The narrow task is "always answer in format 1": the base
-cannot know which format a question wants (about log 6 nats on the first answer word); a tuned state
-can. What is checked:
+language: Markov-chain "words", and question/answer documents `M_k Q words A <answer> 0` whose answer is
+one of six fixed 4-word formats, picked at random and announced by the mark M_k before the question.
+The narrow task is "always answer in format 1" on questions with no mark: the base never saw one and
+cannot know which format they want (6.5 nats on the first answer word); a tuned state, playing the
+mark's part, can. (Without marks, questions in random formats, the base has no use for what precedes a
+question, and a state cannot steer it much: trained on every window, such a base took the first answer
+word only from 2.1 to 0.5 nats.) What is checked:
 
-- the tuned state raises the held-out task likelihood (whole documents by >= 0.25 nats/token; the first
-  answer word from ~1/6 to > 0.9 probability), with the base weights bit-identical (file and memory);
+- the tuned state raises the held-out task likelihood (whole documents by >= 0.3 nats/token; the first
+  answer word to > 0.8 probability), with the base weights bit-identical (file and memory);
 - the same with the base held in nf4 and in rwkvc's int4, whose matrices take < 35% of bf16's bytes;
+- on the cached KJV demo model (skipped when it is not there): a state tuned to answer verses with a fixed
+  sentence lowers held-out verses' NLL by >= 0.2 nats/token, the base file bit-identical;
+- state-tuning settings in --config files, and the settings it ignores named in one line;
 - 4-bit weight math and the chunked head loss against plain references (values and gradients);
 - one tuned state, the same logits (<= 1e-4 * max(1, max |logit|)) from: the merged checkpoint in the
   official `rwkv` package (v6: its own time_state support; v7: it has none, the state is passed in),
   the `cpu` artifact compiled with --state, the `rpi5` artifact (Python API and the native runner on
   its own), rwkvc's reference model, and Model.use_state swapping it into a plain artifact;
-- ORPO: a CSV prepared into pairs, preference accuracy on held-out pairs from chance to > 0.9;
+- ORPO: a CSV prepared into pairs, preference accuracy on held-out pairs from <= 0.8 to >= 0.9;
 - state files whose shapes do not fit are refused, naming the layer and both shapes.
 """
 from __future__ import annotations
@@ -58,6 +64,7 @@ from conftest import official_rwkv
 
 V, Q, A = 512, 300, 301
 STYLES = [[20 + 10 * k + j for j in range(4)] for k in range(6)]   # six fixed answer formats of 4 words
+MARK = 400   # MARK + k before a question: "answer in format k" (the base's general documents all have one)
 TASK_STYLE = 1
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "PYTHONUNBUFFERED": "1",
        "OMP_NUM_THREADS": "1"}
@@ -81,17 +88,19 @@ def _words(rng, succ, n):
     return w
 
 
-def _qa(rng, succ, style):
-    return [Q] + _words(rng, succ, int(rng.integers(5, 12))) + [A] + STYLES[style] + [0]
+def _qa(rng, succ, style, marked=False):
+    return [MARK + style] * marked + [Q] + _words(rng, succ, int(rng.integers(5, 12))) + [A] + STYLES[style] + [0]
 
 
 def general_docs(n, seed):
+    """What the base learns from: Markov text, and questions marked with the format their answer takes."""
     rng, succ = np.random.default_rng(seed), _succ()
     return [_words(rng, succ, int(rng.integers(20, 60))) + [0] if rng.random() < 0.5
-            else _qa(rng, succ, int(rng.integers(0, len(STYLES)))) for _ in range(n)]
+            else _qa(rng, succ, int(rng.integers(0, len(STYLES))), marked=True) for _ in range(n)]
 
 
 def task_docs(n, seed, style=TASK_STYLE):
+    """The narrow task: unmarked questions, always answered in `style` (the tuned state plays the mark)."""
     rng, succ = np.random.default_rng(seed), _succ()
     return [_qa(rng, succ, style) for _ in range(n)]
 
@@ -160,9 +169,9 @@ def first_answer_nll(base_path, state_file, storage="fp32") -> tuple[float, floa
 def test_tuned_state_raises_task_likelihood_base_bit_identical(task):
     m = metrics(Path(task["d"]) / "tuned")
     before, after = m["baseline"]["val_loss"], m["done"]["val_loss"]
-    assert before - after >= 0.25, f"held-out task loss {before:.3f} -> {after:.3f} nats/token"
+    assert before - after >= 0.3, f"held-out task loss {before:.3f} -> {after:.3f} nats/token"
     nll0, nll1 = first_answer_nll(task["base"], task["state"])
-    assert nll0 > 1.5 and nll1 < 0.1, f"first answer word NLL {nll0:.3f} -> {nll1:.3f}"
+    assert nll0 > 1.5 and nll1 < 0.2, f"first answer word NLL {nll0:.3f} -> {nll1:.3f}"
     # base weights: the file is never written, the frozen tensors in memory hash the same after training
     assert sha256(task["base"]) == task["base_sha"]
     assert m["done"]["base_unchanged"] and m["done"]["base_digest"] == m["baseline"]["base_digest"]
@@ -180,11 +189,11 @@ def test_state_tuning_on_4bit_base(task, qtype):
     m = metrics(d / f"tuned-{qtype}")
     rep = m["baseline"]
     assert rep["storage"] == qtype and rep["frozen_matrix_bytes"] < 0.35 * rep["bf16_matrix_bytes"]
-    assert m["baseline"]["val_loss"] - m["done"]["val_loss"] >= 0.2
+    assert m["baseline"]["val_loss"] - m["done"]["val_loss"] >= 0.3
     assert m["done"]["base_unchanged"] and sha256(task["base"]) == task["base_sha"]
     # a state tuned on the 4-bit base carries over to the full-precision base it will be deployed on
     nll0, nll1 = first_answer_nll(task["base"], state, "fp32")
-    assert nll1 < 0.5 * nll0, f"on the fp32 base: first answer word NLL {nll0:.3f} -> {nll1:.3f}"
+    assert nll0 > 1.5 and nll1 < 0.25, f"on the fp32 base: first answer word NLL {nll0:.3f} -> {nll1:.3f}"
 
 
 def test_resume_equals_uninterrupted(task, tmp_path):
@@ -201,6 +210,65 @@ def test_resume_equals_uninterrupted(task, tmp_path):
     assert any("resumed from" in line and "step 3" in line for line in out)
     sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+DEMO_ANSWER = "And he answered, Amen."
+DEMO_MARGIN = 0.2   # nats/token the tuned state must take off the held-out documents' NLL on the demo model
+
+
+@pytest.mark.slow
+def test_demo_model_tuned_state_raises_held_out_likelihood(tmp_path):
+    """The KJV demo model (python training/demo.py; skipped when it is not cached), taught to answer every
+    verse with a newline and DEMO_ANSWER: on 50 verses of the held-out books (which neither the base nor the
+    state saw), the whole documents' NLL falls by >= DEMO_MARGIN nats/token and the answer's by >= 1;
+    the base file is bit-identical before and after. ~2 minutes on one core."""
+    import re
+    import shutil
+    from rwkvc.tokenizer import WorldTokenizer
+    from rwkvc.training.demo import HELD_OUT, bible_text, cache_root, chapters
+    base = cache_root() / "demo" / "model" / "rwkv-final.pth"
+    if not (base.is_file() and (cache_root() / "demo" / "report.json").is_file()) or shutil.which("bible") is None:
+        pytest.skip("needs the cached demo model (python training/demo.py) and bible-kjv")
+    tok = WorldTokenizer()
+    train_v, val_v = [], []
+    for book, _, text in chapters(bible_text()):
+        for line in text.splitlines()[2:]:
+            m = re.match(r"\d+ (.+)", line)
+            if m:
+                (val_v if book in HELD_OUT else train_v).append(m.group(1))
+    rng = np.random.default_rng(0)
+    answer = tok.encode(DEMO_ANSWER)
+
+    def docs(verses, n):
+        return [tok.encode(verses[i] + "\n") + answer + [0] for i in rng.permutation(len(verses))[:n]]
+    binidx.write_binidx(tmp_path / "task", docs(train_v, 800))
+    val = docs(val_v, 50)
+    binidx.write_binidx(tmp_path / "task-val", val)
+    sha0 = sha256(base)
+    state = st.train_states(dict(load_model=str(base), data_file=str(tmp_path / "task"),
+                                 val_file=str(tmp_path / "task-val"), proj_dir=str(tmp_path / "st"), ctx_len=128,
+                                 micro_bsz=8, lr_init=0.3, lr_final=0.03, warmup_steps=10, epoch_steps=100,
+                                 epoch_count=1, accelerator="cpu", random_seed=0, enable_progress_bar=0),
+                            log=lambda *a: None)
+    m = metrics(tmp_path / "st")
+    before, after = m["baseline"]["val_loss"], m["done"]["val_loss"]
+    # the answer's tokens alone, zero state against the tuned one
+    b = st.load_base(str(base))
+    sd = torch.load(state, weights_only=True)
+    S = torch.stack([sd[KEY.format(i)] for i in range(b.n_layer)])
+    ans = []
+    for init in (None, S):
+        sm, nll = st.StateModel(b, init), []
+        with torch.no_grad():
+            for doc in val:
+                lp = sm.logprobs(torch.tensor(doc[:-1])[None], torch.tensor(doc[1:])[None])[0]
+                nll.append(-float(lp[len(doc) - 2 - len(answer):len(doc) - 2].mean()))
+        ans.append(float(np.mean(nll)))
+    print(f"\ndemo model, 50 held-out verses: NLL/token {before:.3f} -> {after:.3f}, "
+          f"answer tokens {ans[0]:.3f} -> {ans[1]:.3f}")
+    assert before - after >= DEMO_MARGIN, f"held-out NLL {before:.3f} -> {after:.3f} nats/token"
+    assert ans[0] - ans[1] >= 1.0, f"answer NLL {ans[0]:.3f} -> {ans[1]:.3f} nats/token"
+    assert sha256(base) == sha0 and m["done"]["base_unchanged"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -435,6 +503,56 @@ def test_state_file_shapes_refused(task, tmp_path):
     with pytest.raises(RwkvcError, match="RWKV-4 has no matrix"):
         state_for_model(task["state"], ir.ModelConfig(version="4", n_layer=2, n_embd=64, head_size=64,
                                                              vocab_size=V, ffn_dim=256))
+
+
+def test_state_tuning_settings_in_config_files(tmp_path):
+    """Every state-tuning flag is a TrainArgs field: a --config file holds them, flags override them."""
+    from rwkvc.training.config import load_config_file, parse_args
+    (tmp_path / "st.toml").write_text(
+        'train_type = "states"\nquant = 1\nquant_type = "int4"\nquant_group = 32\norpo = 1\norpo_alpha = 0.5\n'
+        'rlhf_max_corpus_len = 12\nrlhf_train_file = "pairs.jsonl"\nsample = "windows"\nload_state = "s.pth"\n'
+        'lr_init = 0.1\n', encoding="utf-8")
+    a = parse_args(["--config", str(tmp_path / "st.toml"), "--quant_type", "nf4"])
+    targs, sargs = st.split_args(a)
+    assert sargs == st.StateArgs(train_type="states", quant=1, quant_type="nf4", quant_group=32, orpo=1,
+                                 orpo_alpha=0.5, rlhf_max_corpus_len=12, rlhf_train_file="pairs.jsonl",
+                                 sample="windows", load_state="s.pth")
+    assert targs.lr_init == 0.1 and targs.train_type == "" and targs.quant == 0
+    # StateArgs takes its defaults from TrainArgs (one definition); only train_type differs
+    assert {f: getattr(st.StateArgs(), f) for f in st.STATE_FIELDS - {"train_type"}} == \
+           {f: getattr(TrainArgs(), f) for f in st.STATE_FIELDS - {"train_type"}}
+    # validation names the field, for int choices too; a state-tuning setting alone is refused
+    for body, msg in (("quant = 2", r"--quant 2: must be one of 0, 1"),
+                      ("quant_group = 48", r"--quant_group 48: must be one of 16, 32, 64, 128, 256"),
+                      ('sample = "x"', r"--sample 'x': must be one of docs, windows"),
+                      ("orpo_alpha = -1.0", r"--orpo_alpha -1.0: must be >= 0"),
+                      ("quant = 1", r"--quant 1: applies only to state tuning \(add --train_type states\)")):
+        (tmp_path / "bad.toml").write_text(('train_type = "states"\n' if "applies" not in msg else "") + body + "\n")
+        with pytest.raises(RwkvcError, match=msg):
+            parse_args(["--config", str(tmp_path / "bad.toml")])
+    (tmp_path / "bad.json").write_text(json.dumps({"train_type": "states", "quant": "1"}))
+    with pytest.raises(RwkvcError, match="quant must be int"):
+        load_config_file(tmp_path / "bad.json")
+
+
+def test_train_py_state_tuning_from_config_file(task, tmp_path, capsys):
+    """train.py --config FILE with train_type = "states" in the file runs state tuning; the flags it does not
+    use (DeepSpeed, several processes, the model's shape) are named in one note line, not dropped silently."""
+    from rwkvc.training.train import main as train_main
+    cfg = {"train_type": "states", "quant": 1, "quant_type": "int4", "load_model": task["base"],
+           "data_file": str(Path(task["d"]) / "task"), "proj_dir": str(tmp_path / "cfg"), "ctx_len": 64,
+           "micro_bsz": 4, "epoch_steps": 2, "epoch_count": 1, "lr_init": 0.1, "lr_final": 0.01,
+           "accelerator": "cpu", "enable_progress_bar": 0, "random_seed": 0}
+    (tmp_path / "st.json").write_text(json.dumps(cfg))
+    assert train_main(["--config", str(tmp_path / "st.json"), "--strategy", "deepspeed_stage_2", "--devices", "2",
+                       "--n_layer", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "as int4" in out and (tmp_path / "cfg" / "rwkv-final.pth").is_file()
+    notes = [line for line in out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: state tuning runs in one process and takes the model's shape from --load_model; "
+                     "ignoring --strategy deepspeed_stage_2, --n_layer 12, --devices 2"]
+    saved = json.loads((tmp_path / "cfg" / "train-args.json").read_text())
+    assert (saved["quant"], saved["quant_type"], saved["train_type"]) == (1, "int4", "states")
 
 
 def test_command_line(task, tmp_path, capsys):

@@ -174,6 +174,40 @@ def test_magic_prime_order_visits_every_window_once(tmp_path):
     assert one.shape == (6, 17) and one.dtype == torch.int64
 
 
+def test_one_pass_of_training_reads_every_window_once(tmp_path):
+    """train() with micro_bsz 4 reads, step after step, consecutive magic-prime samples, so one pass
+    (epoch_count 0) covers every ctx_len window exactly once, as RWKV-LM's sampler does. With lr 0
+    the weights never change, so each step's logged loss identifies the batch it was computed on."""
+    from rwkvc.training.trainer import train
+    synthetic_binidx(tmp_path / "d", n_docs=10, seed=3)
+    T, B = 16, 4
+    d = tdata.TokenData(str(tmp_path / "d"), T, 512, val_tokens=0)
+    p = d.magic_prime
+    steps = -(-p // B)
+    assert p > 3 * B  # several steps, the last one partly past p
+    # the batches of one pass hold each of the p windows once (rows past p wrap around and are not counted)
+    rows = torch.cat([d.batch(s, 0, 1, B) for s in range(steps)])[:p]
+    windows = {tuple(d.tokens[i * T:i * T + T + 1].tolist()) for i in range(p)}
+    assert len(windows) == p and {tuple(r.tolist()) for r in rows} == windows
+    # ... and train() reads exactly those batches
+    args = TrainArgs(data_file=str(tmp_path / "d"), proj_dir=str(tmp_path / "p"), n_layer=1, n_embd=32,
+                     head_size_a=32, ctx_len=T, vocab_size=512, micro_bsz=B, epoch_steps=steps, epoch_count=0,
+                     epoch_save=0, val_tokens=0, lr_init=0.0, lr_final=0.0, warmup_steps=-1, random_seed=5,
+                     accelerator="cpu", precision="fp32", wkv="chunked", chunk_len=8, enable_progress_bar=0)
+    final = train(args, log=lambda *a: None)
+    logged = [x["loss"] for x in map(json.loads, (tmp_path / "p" / "metrics.jsonl").read_text().splitlines())
+              if "loss" in x]
+    assert len(logged) == steps
+    model = RWKV7(tmodel.model_config(args))
+    model.load_state_dict(torch.load(final, weights_only=True))
+    _, fn = tmodel.select_wkv("chunked", torch.device("cpu"), 8)
+    with torch.no_grad():
+        want = [tmodel.LMLoss(model, fn)(b[:, :-1], b[:, 1:]).item()
+                for b in (d.batch(s, 0, 1, B) for s in range(steps))]
+    np.testing.assert_allclose(logged, want, rtol=1e-5)
+    assert len(set(np.round(want, 4))) == steps  # the check can tell batches apart
+
+
 def test_held_out_tail_and_magic_prime_adjustment(tmp_path):
     n = synthetic_binidx(tmp_path / "d")
     d = tdata.TokenData(str(tmp_path / "d"), 16, 512, val_tokens=200)

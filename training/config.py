@@ -19,6 +19,11 @@ PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 WKV_IMPLS = ("auto", "recurrent", "chunked", "fla")
 
 
+# TrainArgs settings that only state tuning reads (plus train_type, which selects it)
+STATE_TUNING_ONLY = ("quant", "quant_type", "quant_group", "orpo", "orpo_alpha", "rlhf_max_corpus_len",
+                     "rlhf_train_file", "sample", "load_state")
+
+
 def _f(default, help: str, **kw):  # noqa: A002
     return field(default=default, metadata={"help": help, **kw})
 
@@ -80,6 +85,19 @@ class TrainArgs:
     my_pile_edecay: int = _f(0, "RWKV-LM compatibility (must be 0)")
     head_size_divisor: int = _f(8, "RWKV-LM compatibility (must be 8 for RWKV-7)")
     local_rank: int = _f(-1, "set by the deepspeed launcher (LOCAL_RANK is read from the environment)")
+    # --- state tuning (docs/STATE_TUNING.md; training/state_tune.py), RWKV-LM-State-4bit's names
+    train_type: str = _f("", "states = train only the initial states of --load_model, every weight frozen "
+                             "('' = ordinary training)", choices=("", "states"))
+    quant: int = _f(0, "states: 1 = hold the frozen base in 4 bits during training", choices=(0, 1))
+    quant_type: str = _f("nf4", "states: nf4 | int4 (rwkvc's group-wise int4)", choices=("nf4", "int4"))
+    quant_group: int = _f(64, "states: inputs per 4-bit block / group", choices=(16, 32, 64, 128, 256))
+    orpo: int = _f(0, "states: 1 = ORPO preference training on --rlhf_train_file", choices=(0, 1))
+    orpo_alpha: float = _f(0.2, "states: weight of the odds-ratio loss against the SFT loss on the chosen answer")
+    rlhf_max_corpus_len: int = _f(1024, "states, ORPO: at most this many tokens of each prompt, chosen and reject")
+    rlhf_train_file: str = _f("", "states, ORPO: pairs as training/prepare_orpo.py writes (JSON lines of token ids)")
+    sample: str = _f("docs", "states: docs = each sample is one document from its start | windows = RWKV-LM's "
+                             "magic-prime ctx_len windows", choices=("docs", "windows"))
+    load_state: str = _f("", "states: start from this state file instead of zeros (e.g. an SFT state before ORPO)")
 
     def __post_init__(self):
         def need(ok, name, what):
@@ -88,7 +106,8 @@ class TrainArgs:
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices is not None:
-                need(getattr(self, f.name) in choices, f.name, f"must be one of {', '.join(c for c in choices if c)}")
+                need(getattr(self, f.name) in choices, f.name,
+                     f"must be one of {', '.join(str(c) for c in choices if c != '')}")
         need(self.data_type == "binidx", "data_type", "only binidx is supported (make it with make_data.py)")
         for name in ("vocab_size", "ctx_len", "n_layer", "n_embd", "head_size_a", "micro_bsz", "epoch_steps",
                      "chunk_len", "devices", "num_nodes"):
@@ -104,6 +123,12 @@ class TrainArgs:
         need(self.head_qk == 0, "head_qk", "is not part of RWKV-7; use 0")
         need(self.my_pile_edecay == 0, "my_pile_edecay", "is not supported; use 0")
         need(self.head_size_divisor == 8, "head_size_divisor", "RWKV-7 checkpoints assume 8")
+        need(self.orpo_alpha >= 0, "orpo_alpha", "must be >= 0")
+        need(self.rlhf_max_corpus_len >= 1, "rlhf_max_corpus_len", "must be >= 1")
+        if not self.train_type:  # the state-tuning settings mean nothing to ordinary training: say so
+            for name in STATE_TUNING_ONLY:
+                need(getattr(self, name) == TrainArgs.__dataclass_fields__[name].default, name,
+                     "applies only to state tuning (add --train_type states)")
 
     @property
     def ffn_dim(self) -> int:

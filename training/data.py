@@ -102,12 +102,15 @@ class TokenData:
         """First token of sample number ii (1-based, counted over the whole run)."""
         return ((self.factor * ii * ii * ii) % self.plan.magic_prime) * self.ctx_len
 
-    def batch(self, step: int, rank: int, world: int, micro_bsz: int) -> torch.Tensor:
-        """(micro_bsz, ctx_len + 1) int64 tokens for this process at this (0-based) step."""
+    def batch(self, step: int, rank: int, world: int, micro_bsz: int, offset: int = 0) -> torch.Tensor:
+        """(micro_bsz, ctx_len + 1) int64 tokens for this process at this (0-based) step.
+
+        `step` counts steps, not samples: step s reads samples offset + s * world * micro_bsz + 1 onwards.
+        `offset` is a number of samples already drawn before step 0 (e.g. by the run that made the model)."""
         T = self.ctx_len
         rows = []
         for j in range(micro_bsz):
-            ii = 1 + step * world * micro_bsz + j * world + rank
+            ii = 1 + offset + step * world * micro_bsz + j * world + rank
             i = self.sample_start(ii)
             rows.append(self.tokens[i:i + T + 1])
         return torch.from_numpy(np.stack(rows).astype(np.int64))

@@ -5,7 +5,8 @@
 The text comes from Debian's bible-kjv package (`apt-get install bible-kjv`; the `bible` command), so
 nothing is downloaded. Every chapter is one document. The books in HELD_OUT never reach training;
 they are the validation set. The result is cached in ~/.cache/rwkvc/demo/ ($RWKV_CACHE/demo/ when
-RWKV_CACHE is set, or the cache_dir argument) and reused while the recipe is unchanged.
+RWKV_CACHE is set, or the cache_dir argument) and reused while the recipe (RECIPE and RECIPE_VERSION)
+is unchanged.
 
 The report (demo/report.json) compares the validation loss with a unigram baseline: the training
 tokens' unigram distribution evaluated on the held-out tokens (add-alpha smoothed, alpha chosen on
@@ -43,6 +44,11 @@ BIBLE_RANGE = "gen1:1-rev22:21"
 HELD_OUT = ("Ruth", "Ecclesiastes", "Jonah", "Philippians")
 
 REQUIRED_MARGIN = 1.0  # nats/token the demo must beat the unigram baseline by (docs/TRAINING.md)
+
+# Bumped whenever the same RECIPE would train a different model, so a cached demo is retrained:
+# 2 = the trainer reads consecutive magic-prime samples (version 1 passed its sample count where
+#     TokenData.batch takes a step number, so it read other windows, some twice, some never).
+RECIPE_VERSION = 2
 
 RECIPE = dict(
     n_layer=4, n_embd=128, head_size_a=64, ctx_len=128, micro_bsz=8, vocab_size=65536,
@@ -120,7 +126,7 @@ def demo(cache_dir: str | os.PathLike | None = None, force: bool = False, log=pr
     final, report_path = proj / "rwkv-final.pth", root / "report.json"
     if final.is_file() and report_path.is_file() and not force:
         report = json.loads(report_path.read_text())
-        if report.get("recipe") == recipe:
+        if report.get("recipe") == recipe and report.get("recipe_version", 1) == RECIPE_VERSION:
             log(f"demo: reusing {final} (val_loss {report['val_loss']:.4f}, unigram {report['unigram_loss']:.4f})")
             return final
     if proj.exists():
@@ -140,7 +146,7 @@ def demo(cache_dir: str | os.PathLike | None = None, force: bool = False, log=pr
               "steps": val["step"], "wall_s": round(wall, 1), "train_s": val["time"],
               "params": sum(v.numel() for v in __import__("torch").load(path, weights_only=True).values()),
               "held_out_books": list(HELD_OUT), "val_tokens": int(data.num_val_targets),
-              "train_data_tokens": int(data.plan.train_len), "recipe": recipe}
+              "train_data_tokens": int(data.plan.train_len), "recipe": recipe, "recipe_version": RECIPE_VERSION}
     report["required_margin_nats"] = REQUIRED_MARGIN
     report_path.write_text(json.dumps(report, indent=1))
     if report["margin_nats"] < REQUIRED_MARGIN:

@@ -71,24 +71,26 @@ NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488
                     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0])
 
 
-def _f(default, help: str, **kw):  # noqa: A002
-    return field(default=default, metadata={"help": help, **kw})
+def _like(name: str, default=None):
+    """A StateArgs field with TrainArgs' default, help and choices: config.py defines each setting once."""
+    f = TrainArgs.__dataclass_fields__[name]
+    return field(default=f.default if default is None else default, metadata=f.metadata)
 
 
 @dataclass(frozen=True)
 class StateArgs:
-    """The state-tuning settings on top of TrainArgs (flag names as RWKV-LM-State-4bit)."""
-    train_type: str = _f("states", "states: train only the initial states", choices=("states", ""))
-    quant: int = _f(0, "1 = hold the frozen base in 4 bits during training", choices=(0, 1))
-    quant_type: str = _f("nf4", "nf4 | int4 (rwkvc's group-wise int4)", choices=("nf4", "int4"))
-    quant_group: int = _f(64, "inputs per 4-bit block / group", choices=(16, 32, 64, 128, 256))
-    orpo: int = _f(0, "1 = ORPO preference training on --rlhf_train_file", choices=(0, 1))
-    orpo_alpha: float = _f(0.2, "weight of the odds-ratio loss against the SFT loss on the chosen answer")
-    rlhf_max_corpus_len: int = _f(1024, "ORPO: at most this many tokens of each prompt, chosen and reject")
-    rlhf_train_file: str = _f("", "ORPO pairs, as training/prepare_orpo.py writes (JSON lines of token ids)")
-    sample: str = _f("docs", "docs: each sample is one document from its start (what a state is for) | "
-                             "windows: RWKV-LM's magic-prime ctx_len windows", choices=("docs", "windows"))
-    load_state: str = _f("", "start from this state file instead of zeros (e.g. an SFT state before ORPO)")
+    """The state-tuning settings (flag names as RWKV-LM-State-4bit). They are TrainArgs fields too, so flags
+    and --config files hold them; split_args takes them out of a TrainArgs / dict into this."""
+    train_type: str = _like("train_type", "states")
+    quant: int = _like("quant")
+    quant_type: str = _like("quant_type")
+    quant_group: int = _like("quant_group")
+    orpo: int = _like("orpo")
+    orpo_alpha: float = _like("orpo_alpha")
+    rlhf_max_corpus_len: int = _like("rlhf_max_corpus_len")
+    rlhf_train_file: str = _like("rlhf_train_file")
+    sample: str = _like("sample")
+    load_state: str = _like("load_state")
 
     def __post_init__(self):
         for f in fields(self):
@@ -109,6 +111,20 @@ class StateArgs:
 
 
 STATE_FIELDS = {f.name for f in fields(StateArgs)}
+# TrainArgs settings state tuning does not read: the model's shape comes from --load_model, and it runs in
+# one process (the state is tiny); a value other than the default is named in one note line
+IGNORED = ("n_layer", "n_embd", "head_size_a", "dim_ffn", "vocab_size", "devices", "num_nodes", "ds_bucket_mb",
+           "my_pile_stage", "weight_decay")
+
+
+def ignored_settings(args: TrainArgs) -> list[str]:
+    """'--flag value' for each setting given a non-default value that state tuning does not use."""
+    out = [] if args.strategy in ("auto", "single") else [f"--strategy {args.strategy}"]
+    for name in IGNORED:
+        v = getattr(args, name)
+        if v != TrainArgs.__dataclass_fields__[name].default:
+            out.append(f"--{name} {v}")
+    return out
 
 
 def split_args(args) -> tuple[TrainArgs, StateArgs]:
@@ -664,8 +680,10 @@ def train_states(args, log=None) -> Path:
     say = log or print
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RwkvcError("state tuning runs in one process (the state is tiny); launch it without torchrun/deepspeed")
-    if args.strategy not in ("auto", "single"):
-        say(f"note: --strategy {args.strategy} is ignored by state tuning (one process)")
+    ignored = ignored_settings(args)
+    if ignored:
+        say(f"note: state tuning runs in one process and takes the model's shape from --load_model; ignoring "
+            f"{', '.join(ignored)}")
     if not args.load_model:
         raise RwkvcError("--load_model is required: state tuning trains the initial state of a given model")
     if not Path(args.load_model).is_file():

@@ -145,7 +145,7 @@ def finetune(load_model: str, data_file: str, proj_dir: str, rank: float = 0.25,
     losses = []
     for step in range(steps):
         engine.set_lr(lr_at(step, args, steps, micro_bsz))
-        batch = data.batch(sample_offset + step * micro_bsz, 0, 1, micro_bsz)
+        batch = data.batch(step, 0, 1, micro_bsz, offset=sample_offset)
         losses.append(engine.train_step(batch[:, :-1], batch[:, 1:]))
     final_loss = _val_loss(engine, data, micro_bsz)
     log(f"svd fine-tune: {steps} steps in {time.time() - t0:.0f} s; val loss {trunc_loss:.4f} -> {final_loss:.4f} "

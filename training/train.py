@@ -42,13 +42,14 @@ def _take(argv: list[str], flag: str) -> str | None:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if any(a == "--train_type" or a.startswith("--train_type=") for a in argv):
-            from rwkvc.training.state_tune import parse_state_args, train_states
-            train_states(parse_state_args(argv))     # only the initial states train; the base stays frozen
-            return 0
         svd = _take(argv, "--svd")
-        args = parse_args(argv)
-        if svd is not None:
+        args = parse_args(argv)                      # flags > --config file > defaults, state tuning's included
+        if args.train_type == "states":              # only the initial states train; the base stays frozen
+            if svd is not None:
+                raise RwkvcError("--svd and --train_type states are different runs; give one of them")
+            from rwkvc.training.state_tune import train_states
+            train_states(args)
+        elif svd is not None:
             import types
             from rwkvc.training.svd_finetune import finetune_from_args
             finetune_from_args(types.SimpleNamespace(**args.to_dict(), svd=svd))

@@ -193,7 +193,7 @@ def train(args, log=None) -> Path:
         while step < plan.total_steps:
             lr = lr_at(step, args, plan.total_steps, plan.real_bsz)
             engine.set_lr(lr)
-            batch = data.batch(samples, dist_info.rank, dist_info.world, args.micro_bsz)
+            batch = data.batch(step, dist_info.rank, dist_info.world, args.micro_bsz)  # a step, not a sample count
             loss = engine.train_step(batch[:, :-1], batch[:, 1:])
             step, samples = step + 1, samples + plan.real_bsz
             now = time.time()
