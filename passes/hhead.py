@@ -181,7 +181,7 @@ class HheadPass:
     params = {
         "k": Param(int, 200, lambda v: 2 <= v <= 65536, "a number of clusters >= 2"),
         "p": Param(float, 0.95, lambda v: 0 < v <= 1, "a cumulative probability in (0, 1] (1: exact logits)"),
-        "min_k": Param(int, 6, lambda v: v >= 1, "at least 1"),
+        "min_k": Param(int, 12, lambda v: v >= 1, "at least 1"),
         "max_k": Param(int, 100, lambda v: v >= 1, "at least 1 (and >= min_k)"),
         "steps": Param(int, 300, lambda v: 1 <= v <= 100000, "distillation steps"),
         "iters": Param(int, 40, lambda v: 1 <= v <= 1000, "k-means iterations"),

@@ -30,13 +30,14 @@ CASES = {
     "int8": ("int8", 1.0, 0.98),
     "int8-gptq": ("int8(method=gptq)", 1.0, 0.98),
     "int4": ("int4(group=32)", 5.0, None),
+    "int4-g128": ("int4(group=128)", 5.0, None),
     "int4-gptq": ("int4(group=32,method=gptq)", 5.0, None),
     "int4-awq": ("int4(group=32,method=awq)", 5.0, None),
     "svd-energy": ("svd(energy=0.9)", None, None),
     "hhead": ("hhead(k=200,p=0.95)", 2.0, 0.98),
     "sparse-ffn": ("sparse-ffn(recall=0.99,tokens=2048)", 3.0, None),
     "lazy-emb": ("lazy-emb(storage=int8)", 1.0, 0.98),
-    "all": ("svd(rank=0.5,targets=att.r+att.k+att.v+att.o),sparse-ffn(recall=0.99),hhead(k=200,p=0.95),"
+    "all": ("svd(rank=0.5,targets=att.r+att.k+att.v+att.o),sparse-ffn(recall=0.99),hhead(k=200,p=0.95,min_k=6),"
             "int4(group=32,method=gptq),lazy-emb(storage=int8)", 10.0, None),
 }
 RESULTS: dict[str, dict] = {}
@@ -144,7 +145,7 @@ def test_svd_finetune_wins_back_loss(trained, tmp_path):
     root = Path(trained["ckpt"]).parents[1]
     train_p, val_p = build_data(root / "data", RECIPE["ctx_len"], log=lambda *a: None)
     out = finetune(str(trained["ckpt"]), train_p, str(tmp_path / "ft"), rank=0.25, targets="att+ffn", steps=24,
-                   val_file=val_p, lr_init=3e-4, lr_final=1e-4, sample_offset=1600, log=lambda *a: None)
+                   val_file=val_p, lr_init=3e-4, lr_final=1e-4, sample_offset=4096, log=lambda *a: None)
     rep = json.loads((tmp_path / "ft" / "svd-report.json").read_text())
     print(f"\nsvd fine-tune: val loss dense {rep['val_loss_dense']:.4f}, truncated {rep['val_loss_truncated']:.4f}, "
           f"fine-tuned {rep['val_loss_finetuned']:.4f}")
