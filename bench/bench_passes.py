@@ -45,9 +45,9 @@ RECIPES = {
     "sparse-ffn": "sparse-ffn(recall=0.99)",
     "hhead": "hhead(k=200,p=0.95)",
     "lazy-emb": "lazy-emb(storage=int8)",
-    "all": "svd(rank=0.25,targets=att.r+att.k+att.v+att.o),sparse-ffn(recall=0.99),hhead(k=200,p=0.95),"
+    "all": "svd(rank=0.25,targets=att.r+att.k+att.v+att.o),sparse-ffn(recall=0.99),hhead(k=200,p=0.95,min_k=6),"
            "int4(group=32),lazy-emb(storage=int8)",
-    "all-g128": "svd(rank=0.25,targets=att.r+att.k+att.v+att.o),sparse-ffn(recall=0.99),hhead(k=200,p=0.95),"
+    "all-g128": "svd(rank=0.25,targets=att.r+att.k+att.v+att.o),sparse-ffn(recall=0.99),hhead(k=200,p=0.95,min_k=6),"
                 "int4(group=128),lazy-emb(storage=int8)",
 }
 SHAPE_01B = dict(n_layer=12, n_embd=768, head_size=64, vocab_size=65536, dims={"w": 64, "a": 64, "v": 32, "g": 128},
