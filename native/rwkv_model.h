@@ -61,7 +61,9 @@ class Model {
   int64_t L = 0, C = 0, H = 0, N = 0, V = 0;
   std::string dir, vocab_file;
 
-  explicit Model(const std::string& artifact_dir, int64_t prefill_chunk = 512)
+  // prefill_chunk: as the Python runtimes (1024): int8 matrices quantise their input per call, so the
+  // chunking is part of the numbers
+  explicit Model(const std::string& artifact_dir, int64_t prefill_chunk = 1024)
       : dir(artifact_dir), chunk_(prefill_chunk) {
     ffi::json::Object m = ffi::json::Parse(ReadFile(dir + "/manifest.json")).cast<ffi::json::Object>();
     ffi::json::Object cfg = JsonAt(m, "model").cast<ffi::json::Object>();
@@ -115,6 +117,18 @@ class Model {
 
   static DLDataType F32() { return DLDataType{kDLFloat, 32, 1}; }
 
+  // params.json dtypes: float matrices and vectors, int8 / uint8 packed quantised weights (int8 codes,
+  // 4-bit code pairs, zero points), int32 / int64 indices (clustered head order and bounds)
+  static DLDataType ParamDType(const std::string& dt) {
+    if (dt == "float32") return DLDataType{kDLFloat, 32, 1};
+    if (dt == "float16") return DLDataType{kDLFloat, 16, 1};
+    if (dt == "int8") return DLDataType{kDLInt, 8, 1};
+    if (dt == "uint8") return DLDataType{kDLUInt, 8, 1};
+    if (dt == "int32") return DLDataType{kDLInt, 32, 1};
+    if (dt == "int64") return DLDataType{kDLInt, 64, 1};
+    throw std::runtime_error("params.json: parameter dtype " + dt + " is not supported by this runner");
+  }
+
   void LoadParams(const std::string& index_path) {
     ffi::json::Object idx = ffi::json::Parse(ReadFile(index_path)).cast<ffi::json::Object>();
     std::string wpath = dir + "/" + std::string(JsonAt(idx, "file").cast<ffi::String>());
@@ -130,14 +144,12 @@ class Model {
     for (const ffi::Any& e : JsonAt(idx, "params").cast<ffi::json::Array>()) {
       ffi::json::Object o = e.cast<ffi::json::Object>();
       std::string dt = std::string(JsonAt(o, "dtype").cast<ffi::String>());
-      if (dt != "float32" && dt != "float16")
-        throw std::runtime_error("params.json: parameter dtype " + dt + " is not supported by this runner");
+      DLDataType dtype = ParamDType(dt);
       std::vector<int64_t> shape;
       for (const ffi::Any& d : JsonAt(o, "shape").cast<ffi::json::Array>()) shape.push_back(d.cast<int64_t>());
       int64_t off = JsonAt(o, "offset").cast<int64_t>(), nbytes = JsonAt(o, "nbytes").cast<int64_t>();
       if (off + nbytes > static_cast<int64_t>(map_len_)) throw std::runtime_error("weights.bin is truncated");
-      uint8_t bits = dt == "float16" ? 16 : 32;
-      ts.push_back(Borrow(static_cast<char*>(map_) + off, shape, DLDataType{kDLFloat, bits, 1}));
+      ts.push_back(Borrow(static_cast<char*>(map_) + off, shape, dtype));
     }
     params_ = ffi::Array<ffi::Tensor>(ts.begin(), ts.end());
   }

@@ -23,7 +23,6 @@ class TvmHostRuntime:
         except ImportError:
             raise RwkvcError("this artifact needs Apache TVM: pip install apache-tvm "
                              "(or run scripts/setup_tvm.sh)") from None
-        from rwkvc.targets.tvm_lower import read_params
         self.path, self.manifest, self.prefill_chunk = Path(path), manifest, prefill_chunk
         try:
             lib = tvm.runtime.load_module(str(self.path / manifest["library"]))
@@ -32,9 +31,26 @@ class TvmHostRuntime:
                              "recompile the artifact with this TVM") from None
         self.dev = tvm.cpu()
         self.vm = relax.VirtualMachine(lib, self.dev)
-        self.params = [tvm.runtime.tensor(np.ascontiguousarray(a), self.dev) for a in read_params(str(self.path))]
+        self.params = self._params(tvm)
         self._tensor = tvm.runtime.tensor
         self._fns = {e: self.vm[e] for e in ("step", "prefill")}
+
+    def _params(self, tvm):
+        """The parameters as TVM tensors over a copy-on-write memory map of weights.bin (zero-copy via
+        DLPack; the VM never writes them): only the pages a step touches become resident, e.g. the rows of
+        a lazy embedding, the chosen clusters of a clustered head. Falls back to copies where DLPack refuses."""
+        import json
+        with open(self.path / "params.json") as f:
+            index = json.load(f)
+        mm = np.memmap(self.path / index["file"], dtype=np.uint8, mode="c")
+        out = []
+        for e in index["params"]:
+            a = mm[e["offset"]:e["offset"] + e["nbytes"]].view(e["dtype"]).reshape(e["shape"])
+            try:
+                out.append(tvm.runtime.from_dlpack(a))
+            except Exception:  # noqa: BLE001  (an old numpy / TVM without DLPack for this array)
+                out.append(tvm.runtime.tensor(np.ascontiguousarray(a), self.dev))
+        return out
 
     def run(self, entry: str, tokens: np.ndarray, state: ir.State) -> tuple[np.ndarray, ir.State]:
         t = self._tensor

@@ -4,7 +4,8 @@
       run                 native runner (C++ over the TVM runtime; tokenizer + sampler built in)
       lib/                libtvm_runtime.so, libtvm_ffi.so (aarch64, from the apache-tvm wheels; rpath $ORIGIN/lib)
       model.so            the Relax VM executable + kernels, cross-compiled with aarch64-linux-gnu-g++
-      weights.bin         float32 parameters, page-aligned, memory-mapped by the runner
+      weights.bin         parameters, page-aligned, memory-mapped by the runner: float32 (float16 with
+                          --dtype float16) and, for compressed IR, packed int8 / 4-bit codes with their scales
       params.json         the parameter index (name, shape, offset), in the VM's params order
       init_state.bin      only with a tuned state (`--state`): float32 shift (L,2,C) then wkv (L,H,N,N),
                           the runner's initial state (manifest "init_state_raw")
@@ -25,7 +26,7 @@ from rwkvc import ir
 from rwkvc.errors import RwkvcError
 
 from .base import Capabilities
-from .tvm_lower import LINEAR_LOWERINGS, TIME_MIX_LOWERINGS, WEIGHT_DTYPES
+from .tvm_lower import TIME_MIX_LOWERINGS, WEIGHT_DTYPES, weight_kinds
 
 NATIVE_DIR = Path(__file__).resolve().parent.parent / "native"
 NATIVE_SOURCES = ("rwkv_run.cc", "rwkv_model.h", "sampler.h", "world_tokenizer.h")
@@ -84,7 +85,7 @@ class Rpi5Target:
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(
-            weight_kinds=frozenset(LINEAR_LOWERINGS),
+            weight_kinds=weight_kinds(),
             # float16: matrices and embedding stored in fp16 (half the bytes and memory traffic),
             # widened to fp32 in registers; all arithmetic and the state stay fp32
             dtypes=WEIGHT_DTYPES,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rwkvc import ir
 
 from .base import Capabilities
-from .tvm_lower import LINEAR_LOWERINGS, TIME_MIX_LOWERINGS, WEIGHT_DTYPES
+from .tvm_lower import TIME_MIX_LOWERINGS, WEIGHT_DTYPES, weight_kinds
 
 
 class TvmHostTarget:
@@ -14,7 +14,7 @@ class TvmHostTarget:
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(weight_kinds=frozenset(LINEAR_LOWERINGS),
+        return Capabilities(weight_kinds=weight_kinds(),
             # float16: matrices and embedding stored in fp16 (half the bytes and memory traffic),
             # widened to fp32 in registers; all arithmetic and the state stay fp32
             dtypes=WEIGHT_DTYPES,
@@ -29,7 +29,8 @@ class TvmHostTarget:
         return {"kind": "llvm", "mtriple": cg.llvm_get_system_triple(), "mcpu": cg.llvm_get_system_cpu()}
 
     def compile(self, model: ir.Model, out_dir: str, options: dict, progress=None) -> dict:
-        from .tvm_lower import KernelShape, compile_model
+        from .tvm_lower import KernelShape, check_lowerable, compile_model
+        check_lowerable(model)
         ks = KernelShape(**self.capabilities.extras["kernel"], weights=options.get("dtype") or "float32")
         fields = compile_model(model, out_dir, self.llvm_target(), ks, progress=progress)
         return {**fields, "runtime": "tvm-host"}

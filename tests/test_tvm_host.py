@@ -136,3 +136,65 @@ def test_fp16_weights_match_the_rounded_model(tmp_path):
     lc, _ = mc.forward(toks)
     lh, _ = mh.forward(toks)
     assert float(np.abs(lh - lc).max()) <= bound(lc)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compressed IR: every weight kind the TVM lowering has, against the cpu artifact of the same IR.
+# Bounds and the rounding-flip allowance of int8 are explained in test_rpi5.py (QUANT_CASES).
+
+COMPRESSED = {
+    # name: (IR changes before the passes, recipe)
+    # continuous: factored int4 (fp32 activations), AWQ's scaled input, the int8 lazy embedding: strict 1e-4
+    "svd-int4-awq": (None, "svd(rank=0.25),int4(group=32,method=awq,accuracy_level=1),lazy-emb(storage=int8)"),
+    # RWKV-Lite: sparse FFN (MLP + 1-bit key predictors), clustered head with int8 rows, int8 elsewhere
+    "lite-int8": ("sparse", "hhead(k=24,p=0.9,min_k=2,max_k=12),int8(accuracy_level=0),lazy-emb(storage=float16)"),
+}
+
+
+@pytest.fixture(scope="module", params=list(COMPRESSED))
+def ccase(request, tmp_path_factory):
+    from test_rpi5 import INT8_FLIPS, compressed_ir
+    prep, recipe = COMPRESSED[request.param]
+    d = tmp_path_factory.mktemp(request.param)
+    V = 1000
+    ckpt = save_random_v7(d / "model.pth", n_layer=2, n_embd=128, head_size=64, vocab_size=V, seed=21)
+    model = compressed_ir(ckpt, prep, recipe, V)
+    cpu = compile_to_dir(model, get_target("cpu"), d / "cpu")
+    host = compile_to_dir(model, get_target("tvm-host"), d / "host")
+    toks = np.random.default_rng(4).integers(0, V, T).tolist()
+    return dict(name=request.param, cpu=cpu, host=host, tokens=toks, flips=INT8_FLIPS if "int8" in request.param else 0)
+
+
+def test_compressed_steps_match_cpu(ccase):
+    """Each token from the cpu artifact's state (so a rounding flip stays one token's)."""
+    from test_rpi5 import assert_logits_match
+    mc, mh = rwkvc.load(ccase["cpu"]), rwkvc.load(ccase["host"])
+    got, ref, st = [], [], None
+    for t in ccase["tokens"]:
+        got.append(mh.forward([t], st)[0])
+        lc, st = mc.forward([t], st)
+        ref.append(lc)
+    assert_logits_match(np.stack(got), np.stack(ref), ccase["name"], ccase["flips"])
+
+
+@pytest.mark.parametrize("chunks", [[T], [3, 17, 20]])
+def test_compressed_prefill_matches_cpu(ccase, chunks):
+    """Prefill chunks from the cpu artifact's state after each chunk; int8 quantises per chunk on both."""
+    from test_rpi5 import assert_logits_match
+    mc, mh = rwkvc.load(ccase["cpu"]), rwkvc.load(ccase["host"])
+    toks, st, pos, got, ref = ccase["tokens"], None, 0, [], []
+    for c in chunks:
+        got.append(mh.forward(toks[pos:pos + c], st)[0])
+        lc, st = mc.forward(toks[pos:pos + c], st)
+        ref.append(lc)
+        pos += c
+    assert_logits_match(np.stack(got), np.stack(ref), f"{ccase['name']} prefill {chunks}", ccase["flips"])
+
+
+def test_lowering_covers_every_weight_kind():
+    """The kinds the passes register are the kinds the TVM targets declare (the capabilities are data)."""
+    import rwkvc.passes  # noqa: F401  (registers the passes' kinds)
+    from rwkvc.targets.tvm_lower import weight_kinds
+    assert weight_kinds() == set(ir.WEIGHT_KINDS)
+    assert get_target("tvm-host").capabilities.weight_kinds == weight_kinds()
+
