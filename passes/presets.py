@@ -28,8 +28,9 @@ PRESETS: dict[str, tuple[str, str]] = {
     # name: (recipe, what it is for)
     "int8": ("int8,lazy-emb(storage=int8)",
              "every matrix int8 per channel, embedding memory-mapped: ~4x smaller, near-lossless"),
-    "int4": ("int4(group=32),lazy-emb(storage=int8)",
-             "every matrix int4 (group 32), embedding memory-mapped: ~7x smaller"),
+    "int4": ("int4(group=128),lazy-emb(storage=int8)",
+             "every matrix int4 (group 128: ONNX Runtime's fastest 4-bit kernel here), embedding memory-mapped: "
+             "~7x smaller"),
     "int4-awq": ("int4(group=32,method=awq),lazy-emb(storage=int8)",
                  "int4 with activation-aware scaling (needs calibration text)"),
     "lite": ("svd(rank=0.25,targets=att.r+att.k+att.v+att.o),sparse-ffn(recall=0.99),"
