@@ -31,6 +31,7 @@ class OrtRuntime:
                              "compile for --target cpu")
         self.providers = wanted
         self._sessions: dict[str, object] = {}
+        self._io_cache: dict[str, tuple] = {}
         self.session("step")
 
     def session(self, entry: str):
@@ -48,9 +49,8 @@ class OrtRuntime:
         """One call of an entry point. The graphs take and give each layer's matrix state as its own tensor
         (`wkv_in.i` / `wkv_out.i`): inputs are bound to views of `state.wkv` and outputs to slices of a new
         state array, so no state is split, concatenated or copied around the call."""
-        sess = self.session(entry)
-        vocab = sess.get_outputs()[0].shape[0]
-        if "wkv_in" in {i.name for i in sess.get_inputs()}:  # format 1 artifacts: one wkv tensor for all layers
+        sess, legacy, vocab, names = self._io(entry)
+        if legacy:  # format 1 artifacts: one wkv tensor for all layers
             logits, shift, wkv = sess.run(None, {"tokens": tokens, "shift_in": state.shift, "wkv_in": state.wkv})
             return logits, ir.State(shift, wkv)
         shift_in = np.ascontiguousarray(state.shift, dtype=np.float32)
@@ -60,13 +60,24 @@ class OrtRuntime:
         b = sess.io_binding()
         b.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
         b.bind_cpu_input("shift_in", shift_in)
-        for name, arr in (("logits", logits), ("shift_out", shift)):
-            b.bind_output(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
-        for i in range(len(wkv_in)):
-            b.bind_cpu_input(f"wkv_in.{i}", wkv_in[i])
-            b.bind_output(f"wkv_out.{i}", "cpu", 0, np.float32, list(wkv[i].shape), wkv[i].ctypes.data)
+        b.bind_output("logits", "cpu", 0, np.float32, [vocab], logits.ctypes.data)
+        b.bind_output("shift_out", "cpu", 0, np.float32, list(shift.shape), shift.ctypes.data)
+        layer = list(wkv.shape[1:])
+        for i, (n_in, n_out) in enumerate(names):
+            b.bind_cpu_input(n_in, wkv_in[i])
+            b.bind_output(n_out, "cpu", 0, np.float32, layer, wkv[i].ctypes.data)
         sess.run_with_iobinding(b)
         return logits, ir.State(shift, wkv)
+
+    def _io(self, entry: str):
+        """(session, format-1 graph?, vocabulary size, [(wkv_in.i, wkv_out.i)]) of an entry point, looked up once."""
+        if entry not in self._io_cache:
+            sess = self.session(entry)
+            inputs = [i.name for i in sess.get_inputs()]
+            layers = sum(n.startswith("wkv_in.") for n in inputs)
+            self._io_cache[entry] = (sess, "wkv_in" in inputs, sess.get_outputs()[0].shape[0],
+                                     [(f"wkv_in.{i}", f"wkv_out.{i}") for i in range(layers)])
+        return self._io_cache[entry]
 
     def forward(self, tokens: np.ndarray, state: ir.State) -> tuple[np.ndarray, ir.State]:
         if len(tokens) == 1:
