@@ -37,7 +37,7 @@ else:
     from .data import TokenData, unigram_loss
     from .make_data import make_data
     from .trainer import train
-from rwkvc.errors import RwkvcError
+from rwkvc.errors import RwkvcError, exit_status
 
 BIBLE_RANGE = "gen1:1-rev22:21"
 # four books of different kinds (narrative, wisdom, prophecy, epistle) with no close parallels elsewhere
@@ -162,12 +162,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache_dir", default=None, help="default: $RWKV_CACHE/demo or ~/.cache/rwkvc/demo")
     ap.add_argument("--force", action="store_true", help="retrain even if a cached model exists")
     a = ap.parse_args(argv)
-    try:
-        print(demo(a.cache_dir, force=a.force))
-    except RwkvcError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: print(demo(a.cache_dir, force=a.force)))
 
 
 if __name__ == "__main__":

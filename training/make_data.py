@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script from a source checkout
     from training.binidx import MMapIndexedDataset, MMapIndexedDatasetBuilder, magic_prime
 else:
     from .binidx import MMapIndexedDataset, MMapIndexedDatasetBuilder, magic_prime
-from rwkvc.errors import RwkvcError
+from rwkvc.errors import RwkvcError, exit_status
 
 EOD = 0  # end-of-document token of the World tokenizer
 
@@ -137,12 +137,8 @@ def main(argv=None) -> int:
                     help="plain text only: split documents on this string (escapes like \\n allowed)")
     a = ap.parse_args(argv)
     sep = a.doc_sep.encode().decode("unicode_escape") if a.doc_sep else None
-    try:
-        make_data(a.input, a.n_epoch, a.ctx_len, out=a.out, seed=None if a.seed < 0 else a.seed, doc_sep=sep)
-    except RwkvcError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: make_data(a.input, a.n_epoch, a.ctx_len, out=a.out,
+                                         seed=None if a.seed < 0 else a.seed, doc_sep=sep))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rwkvc.errors import RwkvcError
+from rwkvc.errors import RwkvcError, exit_status
 
 
 def merge_state(base: str | os.PathLike, state: str | os.PathLike, out: str | os.PathLike,
@@ -60,12 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("out", help="the merged checkpoint to write (.pth)")
     ap.add_argument("--force", action="store_true", help="replace OUT if it exists")
     a = ap.parse_args(argv)
-    try:
-        merge_state(a.base, a.state, a.out, force=a.force)
-    except RwkvcError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: merge_state(a.base, a.state, a.out, force=a.force))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rwkvc.errors import RwkvcError
+from rwkvc.errors import RwkvcError, exit_status
 
 ALIASES = {"prompt": ("prompt",), "chosen": ("chosen",), "reject": ("reject", "rejected")}
 EOD = 0
@@ -119,7 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no_eod", action="store_true", help="do not end chosen/reject with token 0")
     a = ap.parse_args(argv)
-    try:
+
+    def run():
         vocab = None
         if a.load_model:
             from rwkvc.frontend import load_state_dict
@@ -128,10 +129,7 @@ def main(argv=None) -> int:
                 raise RwkvcError(f"{a.load_model}: no emb.weight; not an RWKV checkpoint")
             vocab = int(sd["emb.weight"].shape[0])
         prepare(a.input_csv, a.output_save, a.target_pair_count, a.seed, not a.no_eod, vocab)
-    except RwkvcError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(run)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ if __package__ in (None, ""):  # run as a script from a source checkout
     __package__ = "training"  # noqa: A001  (so the relative imports below resolve)
     import training  # noqa: F401
 
-from rwkvc.errors import RwkvcError
+from rwkvc.errors import RwkvcError, exit_status
 
 from . import checkpoint as ckpt
 from .config import TrainArgs, as_train_args, build_parser, load_config_file
@@ -892,12 +892,7 @@ def parse_state_args(argv=None) -> tuple[TrainArgs, StateArgs]:
 
 
 def main(argv=None) -> int:
-    try:
-        train_states(parse_state_args(argv))
-    except RwkvcError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: train_states(parse_state_args(argv)))
 
 
 if __name__ == "__main__":
