@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rwkvc.errors import RwkvcError
+
 STATE_FORMAT = "rwkvc-train-state/1"
 STATE_SUFFIX = ".train-state.pt"
 KEEP_STATES = 2  # optimizer states older than the newest KEEP_STATES checkpoints are deleted
@@ -94,6 +96,28 @@ def load_checkpoint(proj_dir, tag) -> tuple[dict, dict]:
     if state.get("format") != STATE_FORMAT:
         raise ValueError(f"unknown training-state format {state.get('format')!r}")
     return weights, state
+
+
+def resume_latest(proj_dir, candidates, restore, say) -> tuple[str, dict] | None:
+    """Resume from the newest loadable checkpoint of `candidates` ((step, tag), newest first, as
+    list_checkpoints gives them): restore(tag, weights, state) puts it into the run. A checkpoint that fails
+    to load is skipped with a warning and the one before is tried, as RWKV-LM does; a RwkvcError (a
+    checkpoint of another kind of run) stops. Restores the RNG state and returns (tag, state), or None when
+    there are no candidates."""
+    for _, tag in candidates:
+        try:
+            weights, state = load_checkpoint(proj_dir, tag)
+            restore(tag, weights, state)
+        except RwkvcError:
+            raise
+        except Exception as e:
+            say(f"warning: cannot resume from rwkv-{tag}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            continue
+        set_rng_state(state["rng"])
+        return tag, state
+    if candidates:
+        raise RwkvcError(f"no checkpoint in {proj_dir} could be loaded; move them away to start afresh")
+    return None
 
 
 def prune_states(proj_dir, keep: int = KEEP_STATES):

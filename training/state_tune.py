@@ -737,32 +737,26 @@ def train_states(args, log=None) -> Path:
     # ---- resume
     step = samples = 0
     resumed: dict = {}
-    for s, tag in resume:
-        try:
-            weights, state = ckpt.load_checkpoint(proj, tag)
-            if state.get("kind") != "states":
-                raise RwkvcError(f"{proj} holds checkpoints of a full training run ({ckpt.weights_path(proj, tag).name}); "
-                                 "give state tuning its own --proj_dir")
-            st = torch.stack([weights[f"blocks.{i}.att.time_state"] for i in range(base.n_layer)]).float()
-            if st.shape != sm.state.shape:
-                raise RwkvcError(f"{ckpt.weights_path(proj, tag)} holds states of shape {tuple(st.shape)}, "
-                                 f"this model needs {tuple(sm.state.shape)}; give another --proj_dir")
-            with torch.no_grad():
-                sm.state.copy_(st)
-            opt.load_state_dict(state["optimizer"])
-        except RwkvcError:
-            raise
-        except Exception as e:
-            say(f"warning: cannot resume from rwkv-{tag}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-            continue
-        step, samples, seed = state["step"], state["samples"], state.get("seed", seed)
-        task.seed, resumed = seed, state
-        ckpt.set_rng_state(state["rng"])
+
+    def restore(tag, weights, state):
+        if state.get("kind") != "states":
+            raise RwkvcError(f"{proj} holds checkpoints of a full training run ({ckpt.weights_path(proj, tag).name}); "
+                             "give state tuning its own --proj_dir")
+        st = torch.stack([weights[f"blocks.{i}.att.time_state"] for i in range(base.n_layer)]).float()
+        if st.shape != sm.state.shape:
+            raise RwkvcError(f"{ckpt.weights_path(proj, tag)} holds states of shape {tuple(st.shape)}, "
+                             f"this model needs {tuple(sm.state.shape)}; give another --proj_dir")
+        with torch.no_grad():
+            sm.state.copy_(st)
+        opt.load_state_dict(state["optimizer"])
+
+    found = ckpt.resume_latest(proj, resume, restore, say)
+    if found:
+        tag, resumed = found
+        step, samples, seed = resumed["step"], resumed["samples"], resumed.get("seed", seed)
+        task.seed = seed
         say(f"resumed from {ckpt.weights_path(proj, tag)}: step {step}, {samples} samples")
-        break
     else:
-        if resume:
-            raise RwkvcError(f"no checkpoint in {proj} could be loaded; move them away to start afresh")
         torch.manual_seed(seed)
 
     proj.mkdir(parents=True, exist_ok=True)

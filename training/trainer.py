@@ -136,24 +136,18 @@ def train(args, log=None) -> Path:
 
     # ---- resume
     step, samples, epoch_val = 0, 0, None
-    for s, tag in resume:
-        try:
-            weights, state = ckpt.load_checkpoint(proj, tag)
-            if state.get("world") != dist_info.world and args.strategy.startswith("deepspeed"):
-                raise RwkvcError(f"{tag} was written by {state.get('world')} processes; resume with as many")
-            engine.load_state(str(proj), state, weights)
-        except RwkvcError:
-            raise
-        except Exception as e:  # a damaged checkpoint: try the one before, as RWKV-LM does
-            say(f"warning: cannot resume from rwkv-{tag}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-            continue
+
+    def restore(tag, weights, state):
+        if state.get("world") != dist_info.world and args.strategy.startswith("deepspeed"):
+            raise RwkvcError(f"{tag} was written by {state.get('world')} processes; resume with as many")
+        engine.load_state(str(proj), state, weights)
+
+    found = ckpt.resume_latest(proj, resume, restore, say)
+    if found:
+        tag, state = found
         step, samples, seed = state["step"], state["samples"], state.get("seed", seed)
-        ckpt.set_rng_state(state["rng"])
         say(f"resumed from {ckpt.weights_path(proj, tag)}: step {step}, {samples} samples, lr {state['lr']:.3g}")
-        break
     else:
-        if resume:
-            raise RwkvcError(f"no checkpoint in {proj} could be loaded; move them away to start afresh")
         torch.manual_seed(seed)
 
     n_params = sum(p.numel() for p in model.parameters())
