@@ -11,7 +11,7 @@ IR representations (registered weight kinds) and their ONNX lowering on `cpu`:
 
     Int8      "int8"      accuracy_level 4 (default): com.microsoft MatMulNBits (bits 8, blocks of 128 along K,
                           codes q + 128, the row's scale per block); ONNX Runtime quantises the activation to
-                          int8 per block inside the kernel (~2x faster than the level-0 form here).
+                          int8 per block inside the kernel (faster decode than the level-0 form here: docs/BENCHMARKS.md).
                           accuracy_level 0: DynamicQuantizeLinear(x) -> MatMulInteger(x_u8, q_i8) -> * (x_scale
                           * scale) (fused into DynamicQuantizeMatMul), integer math any runtime reproduces exactly
     Int4      "int4"      com.microsoft MatMulNBits (bits 4, block = group; accuracy_level 4 quantises the
@@ -360,6 +360,7 @@ def quantizer(bits: int, args: dict, calib=None):
     method = args.get("method", "rtn")
     acc = args.get("accuracy_level", 4)
     if bits == 8:
+        acc = 4 if acc == 4 else 0   # int8 has levels 0 and 4; an int4 pass's rows quantiser passes 0/1/4
         if method == "rtn":
             return lambda name, w: Int8.from_dense(w, acc)
     else:
@@ -411,8 +412,8 @@ class QuantPass:
             "method": Param(str, "rtn", lambda v: v in METHODS, "one of " + ", ".join(METHODS)),
         }
         if bits == 4:
-            # 128 by default: MatMulNBits' int8-activation kernel runs ~3x faster at 128 than at 32 here, at
-            # +0.15 % vs +0.08 % perplexity on the demo model (docs/COMPRESSION.md)
+            # 128 by default: ONNX Runtime's MatMulNBits decoded faster at 128 than at 32 in two of the three
+            # 0.1B runs in docs/BENCHMARKS.md, at +0.15 % vs +0.08 % perplexity on the demo (docs/COMPRESSION.md)
             self.params["group"] = Param(int, 128, lambda v: v in (16, 32, 64, 128, 256), "16, 32, 64, 128 or 256")
             self.params["accuracy_level"] = Param(int, 4, lambda v: v in (0, 1, 4),
                                                   "0 (float activations) or 4 (int8 activations, fastest)")
