@@ -10,6 +10,28 @@ from rwkvc import ir
 from rwkvc.errors import RwkvcError
 
 
+DENSE_EMBEDDING = "emb.folded"   # rwkvc.emit_onnx.embed_dense's table
+
+
+def _dense_embedding(graph_path: Path) -> dict[str, np.ndarray]:
+    """{name: array} of the dense embedding table of a graph whose weights are external, read into memory."""
+    import onnx
+    from onnx import helper
+    m = onnx.load(str(graph_path), load_external_data=False)
+    for t in m.graph.initializer:
+        if t.name == DENSE_EMBEDDING and t.data_location == onnx.TensorProto.EXTERNAL:
+            ext = {e.key: e.value for e in t.external_data}
+            dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+            count = int(np.prod(t.dims))
+            arr = np.fromfile(graph_path.parent / ext["location"], dtype=dtype, count=count,
+                              offset=int(ext.get("offset", 0)))
+            if arr.size != count:
+                raise RwkvcError(f"{graph_path.parent / ext['location']}: truncated (the embedding table "
+                                 "ends past the end of the file); recompile the artifact")
+            return {t.name: arr.reshape(tuple(t.dims))}
+    return {}
+
+
 class OrtRuntime:
     """forward(tokens (T,) int64, state) -> logits (V,) float32, new state."""
 
@@ -30,6 +52,14 @@ class OrtRuntime:
                              f"does not have (available: {', '.join(avail)}); install onnxruntime-gpu or "
                              "compile for --target cpu")
         self.providers = wanted
+        # the dense embedding is read by a Gather only, so ONNX Runtime would leave it memory-mapped and
+        # each new token's row could be a page fault on the file (the lazy-emb pass is the way to keep it
+        # on disk); hold it in memory like every other weight, one copy shared by both sessions
+        self._resident = {}
+        if wanted == ["CPUExecutionProvider"]:
+            for name, arr in _dense_embedding(self.path / manifest["entry_points"]["step"]).items():
+                self._resident[name] = ort.OrtValue.ortvalue_from_numpy(arr)
+                so.add_initializer(name, self._resident[name])
         self._sessions: dict[str, object] = {}
         self._io_cache: dict[str, tuple] = {}
         self.session("step")

@@ -16,14 +16,17 @@ def weight_traffic(path) -> dict:
     """Weight bytes of an artifact's step graph: resident (held in memory for every token) and read per
     decoded token, from the graph itself and the passes' calibration statistics in the manifest.
 
-    An initializer that only Gather nodes read (the embedding table, a sparse FFN's key / value rows, a
-    clustered head's rows) stays memory-mapped by ONNX Runtime: it is not resident, and a token reads
+    An initializer that only Gather nodes read (the lazy embedding table, a sparse FFN's key / value rows,
+    a clustered head's rows) stays memory-mapped by ONNX Runtime: it is not resident, and a token reads
     only the rows it gathers: one row of the embedding; the fraction the sparse-ffn / hhead passes measured
-    on calibration text for the others (their reports in manifest["passes"]). Every other initializer is
-    resident and read once per token (pre-packed by the kernels that use it)."""
+    on calibration text for the others (their reports in manifest["passes"]). The dense embedding is
+    gathered too, but the runtime holds it in memory (runtimes/onnxruntime.py): resident, one row read.
+    Every other initializer is resident and read once per token (pre-packed by the kernels that use it)."""
     import re
 
     import onnx
+    from rwkvc.runtimes.onnxruntime import DENSE_EMBEDDING
+
     from .artifact import read_manifest
     d = Path(path)
     man = read_manifest(d)
@@ -50,12 +53,15 @@ def weight_traffic(path) -> dict:
         us = users.get(name, [])
         gathered = bool(us) and all(op == "Gather" and j == 0 for op, j, _ in us)
         part = "embedding" if name.startswith("emb.") else "head" if name.startswith("head") else "blocks"
-        if not gathered:
+        if name == DENSE_EMBEDDING:                       # held in memory by the runtime; one row a token
+            resident += n
+        elif not gathered:
             resident += n
             read += n
             parts[part] += n
             continue
-        gathered_total += n
+        else:
+            gathered_total += n
         by_token = any(ins[1] == "tokens" for _, _, ins in us)
         rows = dims[0] if dims else 1
         if by_token:

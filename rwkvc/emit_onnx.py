@@ -221,15 +221,19 @@ CHUNK = 16  # prefill WKV chunk length (a power of two)
 def emit_wkv_chunked(g: Graph, S: str, H: int, N: int, Tc: int, r, logw, k, v, a, b):
     """The WKV recurrence over T tokens in chunks of Tc (the WY form of the generalised delta rule).
 
-    Per chunk, with gamma_t = prod_{i<=t} w_i (inclusive) and g_x its exclusive version, rescale
+    Inside the chunks it works on Z = Sᵀ (keys by values), so every per-chunk product comes out in the
+    (Tc, N) layout of the inputs. Per chunk, with gamma_t = prod_{i<=t} w_i (inclusive), g_x its
+    exclusive version and gamma_end = gamma_Tc, rescale
         A~ = a * g_x,  B~ = b / gamma,  K~ = k / gamma,  R~ = r * gamma          (Tc, N) per head
     and with masks strict (s < t) and incl (s <= t):
-        L = (A~ B~^T) strict,  Inv = (I - L)^-1 = prod_i (I + L^(2^i))         (Tc, Tc)
-        W1 = Inv A~,  W2 = Inv ((A~ K~^T) strict) V
-        Q = R~ + (R~ B~^T)incl W1,   Y0 = (R~ B~^T)incl W2 + (R~ K~^T)incl V
-        G = (I + W1^T B~) diag(gamma_Tc),   D = (W2^T B~ + V^T K~) diag(gamma_Tc)
+        L = (A~ B~ᵀ) strict,  Inv = (I - L)^-1 = prod_i (I + L^(2^i))         (Tc, Tc)
+        W1 = Inv A~,  W2 = Inv ((A~ K~ᵀ) strict) V
+        Q = R~ + (R~ B~ᵀ)incl W1,   Y0 = (R~ B~ᵀ)incl W2 + (R~ K~ᵀ)incl V
     then only this is sequential over chunks (an ONNX Scan), everything above is batched:
-        Y^T = S Q^T + Y0^T,   S <- S G + D
+        [Y; U1] = [Q; W1] Z + [Y0; W2]                                            (2Tc, N)
+        Z <- gamma_end ⊙ Z + [B~ gamma_end; K~ gamma_end]ᵀ [U1; V]               a rank-2Tc update
+    (B~ gamma_end = b * gamma_end / gamma is at most |b|: no large intermediate values.) The per-chunk
+    matrices are (Tc, N) or (2Tc, N); no (N, N) matrix per chunk is ever materialised.
     Padding tokens have w = 1 and a = b = k = v = r = 0, so they leave the state alone.
     """
     C = H * N
@@ -243,16 +247,18 @@ def emit_wkv_chunked(g: Graph, S: str, H: int, N: int, Tc: int, r, logw, k, v, a
 
     r, logw, k, v, a, b = (chunked(x) for x in (r, logw, k, v, a, b))
     cum = g.op("CumSum", logw, g.const(2))
-    cumx = g.op("CumSum", logw, g.const(2), exclusive=1)
+    cumx = g.op("Sub", cum, logw)                                                       # exclusive cumsum
+    cum_end = g.op("Slice", cum, g.const([-1]), g.const([Tc]), g.const([2]))            # (nC, H, 1, N)
     gam, inv_gam = g.op("Exp", cum), g.op("Exp", g.op("Neg", cum))
     At = g.op("Mul", a, g.op("Exp", cumx))
     Bt, Kt, Rt = g.op("Mul", b, inv_gam), g.op("Mul", k, inv_gam), g.op("Mul", r, gam)
-    gam_end = g.op("Exp", g.op("Slice", cum, g.const([-1]), g.const([Tc]), g.const([2])))  # (nC, H, 1, N)
+    to_end = g.op("Exp", g.op("Sub", cum_end, cum))                                    # gamma_end / gamma <= 1
+    BKe = g.op("Concat", g.op("Mul", b, to_end), g.op("Mul", k, to_end), axis=2)        # (nC, H, 2Tc, N)
 
     tr = lambda x: g.op("Transpose", x, perm=[0, 1, 3, 2])  # noqa: E731
     strict = g.const(np.tril(np.ones((Tc, Tc)), -1), np.float32)
     incl = g.const(np.tril(np.ones((Tc, Tc))), np.float32)
-    eye_t, eye_n = g.const(np.eye(Tc), np.float32), g.const(np.eye(N), np.float32)
+    eye_t = g.const(np.eye(Tc), np.float32)
     BtT, KtT = tr(Bt), tr(Kt)
     L = g.op("Mul", g.op("MatMul", At, BtT), strict)
     Lak = g.op("Mul", g.op("MatMul", At, KtT), strict)
@@ -264,23 +270,27 @@ def emit_wkv_chunked(g: Graph, S: str, H: int, N: int, Tc: int, r, logw, k, v, a
         inv = g.op("MatMul", inv, g.op("Add", eye_t, Lp))
     W1 = g.op("MatMul", inv, At)
     W2 = g.op("MatMul", inv, g.op("MatMul", Lak, v))
-    Qt = tr(g.op("Add", Rt, g.op("MatMul", Mrb, W1)))                                   # (nC, H, N, Tc)
-    Y0t = tr(g.op("Add", g.op("MatMul", Mrb, W2), g.op("MatMul", Mrk, v)))              # (nC, H, N, Tc)
-    G = g.op("Mul", g.op("Add", eye_n, g.op("MatMul", tr(W1), Bt)), gam_end)            # (nC, H, N, N)
-    D = g.op("Mul", g.op("Add", g.op("MatMul", tr(W2), Bt), g.op("MatMul", tr(v), Kt)), gam_end)
+    QW = g.op("Concat", g.op("Add", Rt, g.op("MatMul", Mrb, W1)), W1, axis=2)          # (nC, H, 2Tc, N)
+    Y0W = g.op("Concat", g.op("Add", g.op("MatMul", Mrb, W2), g.op("MatMul", Mrk, v)), W2, axis=2)
+    BKeT = tr(BKe)                                                                      # (nC, H, N, 2Tc)
+    decay_end = tr(g.op("Exp", cum_end))                                                # (nC, H, N, 1)
 
     body = g.subgraph()
-    yt = body.op("Add", body.op("MatMul", "S_in", "q_c"), "y0_c")
-    body.nodes.append(helper.make_node("Identity", [yt], ["y_c"]))
-    body.nodes.append(helper.make_node("Add", [body.op("MatMul", "S_in", "g_c"), "d_c"], ["S_out"]))
+    P = body.op("Add", body.op("MatMul", "qw_c", "Z_in"), "y0w_c")                     # (H, 2Tc, N)
+    y_c, u1 = body.op("Split", P, body.const([Tc, Tc]), axis=1, n_out=2)
+    body.nodes.append(helper.make_node("Identity", [y_c], ["y_c"]))
+    U = body.op("Concat", u1, "v_c", axis=1)                                            # (H, 2Tc, N)
+    body.nodes.append(helper.make_node("Add", [body.op("Mul", "Z_in", "e_c"), body.op("MatMul", "bk_c", U)],
+                                       ["Z_out"]))
     f = TensorProto.FLOAT
     vi = lambda n, shp: helper.make_tensor_value_info(n, f, shp)  # noqa: E731
-    gp = body.make("wkv_chunk", [vi("S_in", [H, N, N]), vi("q_c", [H, N, Tc]), vi("y0_c", [H, N, Tc]),
-                                 vi("g_c", [H, N, N]), vi("d_c", [H, N, N])],
-                   [vi("S_out", [H, N, N]), vi("y_c", [H, N, Tc])])
-    S_final, ys = g.op("Scan", S, Qt, Y0t, G, D, n_out=2, body=gp, num_scan_inputs=4)  # ys (nC, H, N, Tc)
-    y = g.op("Reshape", g.op("Transpose", ys, perm=[0, 3, 1, 2]), g.const([-1, C]))      # (nC*Tc, C)
-    return g.op("Slice", y, g.const([0]), T, g.const([0])), S_final
+    gp = body.make("wkv_chunk", [vi("Z_in", [H, N, N]), vi("qw_c", [H, 2 * Tc, N]), vi("y0w_c", [H, 2 * Tc, N]),
+                                 vi("v_c", [H, Tc, N]), vi("bk_c", [H, N, 2 * Tc]), vi("e_c", [H, N, 1])],
+                   [vi("Z_out", [H, N, N]), vi("y_c", [H, Tc, N])])
+    Z = g.op("Transpose", S, perm=[0, 2, 1])
+    Z_final, ys = g.op("Scan", Z, QW, Y0W, v, BKeT, decay_end, n_out=2, body=gp, num_scan_inputs=5)
+    y = g.op("Reshape", g.op("Transpose", ys, perm=[0, 2, 1, 3]), g.const([-1, C]))      # (nC*Tc, C)
+    return g.op("Slice", y, g.const([0]), T, g.const([0])), g.op("Transpose", Z_final, perm=[0, 2, 1])
 
 
 def emit_time_mix_v7(g: Graph, att: ir.TimeMix, x: str, prev: str, S: str, v_first: str | None,
@@ -750,6 +760,10 @@ def build_graph(model: ir.Model, store: WeightStore, prefill: bool, emb_name: st
         xa = layer_norm(g, x, blk.ln1, f"blocks.{i}.ln1")
         dx, S2, v_first = TIME_MIX_EMITTERS[blk.att.version](g, blk.att, xa, prev_att, S, v_first, cfg, i, prefill)
         x = g.op("Add", x, dx)
+        if prefill and i == L - 1:
+            # a prefill returns the last token's logits only: the last channel-mix needs that token and the
+            # one before it (its token shift), not all T (the widest product of the layer, done for 2 rows)
+            x = g.op("Slice", x, g.const([-2]), g.const([2 ** 62]), g.const([0]))
         xf = layer_norm(g, x, blk.ln2, f"blocks.{i}.ln2")
         x = g.op("Add", x, CHANNEL_MIX_EMITTERS[blk.ffn.version](g, blk.ffn, xf, prev_ffn, i, prefill))
         if halve and (i + 1) % rescale_every == 0:
