@@ -23,7 +23,7 @@ SHAPE = dict(n_layer=12, n_embd=768, head_size=64, vocab_size=65536, dims={"w": 
 
 
 def bandwidth_gbps(threads: int) -> float:
-    exe = Path(tempfile.gettempdir()) / "rwkvc-bandwidth-v2"
+    exe = Path(tempfile.gettempdir()) / "rwkvc-bandwidth-v3"
     if not exe.exists():
         subprocess.run(["cc", "-O3", "-march=native", "-fopenmp", str(HERE / "bandwidth.c"), "-o", str(exe)], check=True)
     out = subprocess.run([str(exe)], env={**os.environ, "OMP_NUM_THREADS": str(threads)},

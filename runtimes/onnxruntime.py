@@ -9,6 +9,8 @@ import numpy as np
 from rwkvc import ir
 from rwkvc.errors import RwkvcError
 
+from . import hugepages
+
 
 DENSE_EMBEDDING = "emb.folded"   # rwkvc.emit_onnx.embed_dense's table
 
@@ -36,7 +38,7 @@ class OrtRuntime:
     """forward(tokens (T,) int64, state) -> logits (V,) float32, new state."""
 
     def __init__(self, path: Path, manifest: dict, threads: int | None = None, providers=None,
-                 prefill_chunk: int = 1024):
+                 prefill_chunk: int = 1024, huge_pages: bool = True):
         import onnxruntime as ort
         self.path, self.manifest, self.prefill_chunk = Path(path), manifest, prefill_chunk
         so = ort.SessionOptions()
@@ -52,14 +54,17 @@ class OrtRuntime:
                              f"does not have (available: {', '.join(avail)}); install onnxruntime-gpu or "
                              "compile for --target cpu")
         self.providers = wanted
+        self.huge_pages = huge_pages and wanted == ["CPUExecutionProvider"] and hugepages.enabled()
         # the dense embedding is read by a Gather only, so ONNX Runtime would leave it memory-mapped and
         # each new token's row could be a page fault on the file (the lazy-emb pass is the way to keep it
         # on disk); hold it in memory like every other weight, one copy shared by both sessions
-        self._resident = {}
+        self.held: dict[str, np.ndarray] = {}
+        self._held_values = []                      # the OrtValues over them must outlive the sessions
         if wanted == ["CPUExecutionProvider"]:
-            for name, arr in _dense_embedding(self.path / manifest["entry_points"]["step"]).items():
-                self._resident[name] = ort.OrtValue.ortvalue_from_numpy(arr)
-                so.add_initializer(name, self._resident[name])
+            self.held = _dense_embedding(self.path / manifest["entry_points"]["step"])
+            for name, arr in self.held.items():
+                self._held_values.append(ort.OrtValue.ortvalue_from_numpy(arr))
+                so.add_initializer(name, self._held_values[-1])
         self._sessions: dict[str, object] = {}
         self._io_cache: dict[str, tuple] = {}
         self.session("step")
@@ -68,12 +73,18 @@ class OrtRuntime:
         if entry not in self._sessions:
             import onnxruntime as ort
             fn = self.path / self.manifest["entry_points"][entry]
+            before = hugepages.anonymous_regions() if self.huge_pages else set()
             try:
                 self._sessions[entry] = ort.InferenceSession(str(fn), self.so, providers=self.providers)
             except Exception as e:  # ORT raises its own Fail/InvalidGraph types
                 raise RwkvcError(f"{fn}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]}); "
                                  "recompile the artifact") from None
+            if self.huge_pages:   # the weights the session just packed (and the embedding held above)
+                hugepages.collapse((hugepages.anonymous_regions() - before) | self._held_regions())
         return self._sessions[entry]
+
+    def _held_regions(self):
+        return {(a.ctypes.data, a.ctypes.data + a.nbytes) for a in self.held.values()}
 
     def run(self, entry: str, tokens: np.ndarray, state: ir.State) -> tuple[np.ndarray, ir.State]:
         """One call of an entry point. The graphs take and give each layer's matrix state as its own tensor

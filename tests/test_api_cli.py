@@ -147,7 +147,7 @@ def test_dense_embedding_is_held_in_memory(art, m):
     and the bench accounting counts it as resident with one row read per token."""
     from rwkvc.bench import weight_traffic
     from rwkvc.runtimes.onnxruntime import DENSE_EMBEDDING
-    held = m.runtime._resident[DENSE_EMBEDDING].numpy()
+    held = m.runtime.held[DENSE_EMBEDDING]
     assert held.shape == (65536, 64) and held.dtype == np.float32
     from rwkvc.emit_onnx import folded_embedding
     from rwkvc.frontend import load_model
