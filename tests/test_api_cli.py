@@ -155,3 +155,32 @@ def test_dense_embedding_is_held_in_memory(art, m):
     w = weight_traffic(art[0])
     assert w["weight_bytes_resident"] >= held.nbytes and w["weight_bytes_mapped"] == 0
     assert w["weight_bytes_read_per_token_by_part"]["embedding"] == 64 * 4
+
+
+def test_huge_pages_collapse_keeps_contents():
+    """runtimes/hugepages.py advises and collapses large anonymous mappings; the contents stay the same,
+    and the region is then backed by huge pages (where the kernel can: THP on, Linux >= 6.1)."""
+    from rwkvc.runtimes import hugepages
+    if not hugepages.enabled():
+        pytest.skip("transparent huge pages are off on this machine")
+    before = hugepages.anonymous_regions()
+    a = np.arange(16 << 20, dtype=np.float32)              # 64 MiB of its own mapping(s)
+    a += 1
+    lo_a, hi_a = a.ctypes.data, a.ctypes.data + a.nbytes
+    overlap = lambda lo, hi: max(0, min(hi, hi_a) - max(lo, lo_a))  # noqa: E731
+    new = hugepages.anonymous_regions() - before
+    assert sum(overlap(lo, hi) for lo, hi in new) >= 48 << 20
+    done = hugepages.collapse(new)
+    np.testing.assert_array_equal(a[:5], [1, 2, 3, 4, 5])
+    assert a[-1] == (16 << 20)
+    if done == 0:
+        pytest.skip("MADV_COLLAPSE is not supported by this kernel")
+    huge, cur = 0, (0, 0)
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                cur = tuple(int(x, 16) for x in head.split("-"))
+            elif head == "AnonHugePages:" and overlap(*cur):
+                huge += int(line.split()[1]) * 1024
+    assert huge >= 32 << 20
