@@ -106,6 +106,7 @@ def main():
     if not (art / "manifest.json").exists():
         rwkvc.compile(ckpt, art, target="cpu", force=True)
     wbytes = weight_bytes_per_token(load_model(ckpt))
+    load_before = os.getloadavg()[0]
     bw = bandwidth_gbps(a.threads)
     best = {}
     for _ in range(a.rounds):
@@ -115,7 +116,8 @@ def main():
             for k in ("prefill_s", "decode_s"):
                 b[k] = min(b[k], r[k])
             b["rss"] = max(b["rss"], r["rss"])
-    res = {"machine": {"cpus": os.cpu_count(), "threads": a.threads, "read_bandwidth_GBps": bw},
+    res = {"machine": {"cpus": os.cpu_count(), "threads": a.threads, "read_bandwidth_GBps": bw,
+                       "load_average_1min": [load_before, os.getloadavg()[0]]},   # other jobs skew both engines
            "model": {**SHAPE, "file_dtype": "bf16", "weight_bytes_per_token_fp32": wbytes},
            "prefill_tokens": a.prefill, "decode_tokens": a.decode}
     for eng, b in best.items():
