@@ -272,7 +272,6 @@ def emit_wkv_chunked(g: Graph, S: str, H: int, N: int, Tc: int, r, logw, k, v, a
     W2 = g.op("MatMul", inv, g.op("MatMul", Lak, v))
     QW = g.op("Concat", g.op("Add", Rt, g.op("MatMul", Mrb, W1)), W1, axis=2)          # (nC, H, 2Tc, N)
     Y0W = g.op("Concat", g.op("Add", g.op("MatMul", Mrb, W2), g.op("MatMul", Mrk, v)), W2, axis=2)
-    BKeT = tr(BKe)                                                                      # (nC, H, N, 2Tc)
     decay_end = tr(g.op("Exp", cum_end))                                                # (nC, H, N, 1)
 
     body = g.subgraph()
@@ -280,15 +279,16 @@ def emit_wkv_chunked(g: Graph, S: str, H: int, N: int, Tc: int, r, logw, k, v, a
     y_c, u1 = body.op("Split", P, body.const([Tc, Tc]), axis=1, n_out=2)
     body.nodes.append(helper.make_node("Identity", [y_c], ["y_c"]))
     U = body.op("Concat", u1, "v_c", axis=1)                                            # (H, 2Tc, N)
-    body.nodes.append(helper.make_node("Add", [body.op("Mul", "Z_in", "e_c"), body.op("MatMul", "bk_c", U)],
+    bkT = body.op("Transpose", "bk_c", perm=[0, 2, 1])   # folded into the MatMul (transA) by ORT
+    body.nodes.append(helper.make_node("Add", [body.op("Mul", "Z_in", "e_c"), body.op("MatMul", bkT, U)],
                                        ["Z_out"]))
     f = TensorProto.FLOAT
     vi = lambda n, shp: helper.make_tensor_value_info(n, f, shp)  # noqa: E731
     gp = body.make("wkv_chunk", [vi("Z_in", [H, N, N]), vi("qw_c", [H, 2 * Tc, N]), vi("y0w_c", [H, 2 * Tc, N]),
-                                 vi("v_c", [H, Tc, N]), vi("bk_c", [H, N, 2 * Tc]), vi("e_c", [H, N, 1])],
+                                 vi("v_c", [H, Tc, N]), vi("bk_c", [H, 2 * Tc, N]), vi("e_c", [H, N, 1])],
                    [vi("Z_out", [H, N, N]), vi("y_c", [H, Tc, N])])
     Z = g.op("Transpose", S, perm=[0, 2, 1])
-    Z_final, ys = g.op("Scan", Z, QW, Y0W, v, BKeT, decay_end, n_out=2, body=gp, num_scan_inputs=5)
+    Z_final, ys = g.op("Scan", Z, QW, Y0W, v, BKe, decay_end, n_out=2, body=gp, num_scan_inputs=5)
     y = g.op("Reshape", g.op("Transpose", ys, perm=[0, 2, 1, 3]), g.const([-1, C]))      # (nC*Tc, C)
     return g.op("Slice", y, g.const([0]), T, g.const([0])), g.op("Transpose", Z_final, perm=[0, 2, 1])
 
