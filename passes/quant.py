@@ -200,7 +200,7 @@ class Int4:
 
 @ir.register_weight_kind
 @dataclass
-class Factored:
+class Factored(ir.TwoFactors):
     """W ~ B act(A x) (+ diag * x), A (rank, in) and B (out, rank) any weight representations
     (a low-rank matrix whose factors were quantised)."""
     a: object
@@ -210,16 +210,7 @@ class Factored:
     kind: ClassVar[str] = "factored"
 
     def __post_init__(self):
-        if self.a.shape[0] != self.b.shape[1]:
-            raise ValueError(f"Factored: a {self.a.shape} and b {self.b.shape} disagree on the rank")
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.b.shape[0], self.a.shape[1])
-
-    @property
-    def rank(self) -> int:
-        return self.a.shape[0]
+        self.check_factors()
 
     def arrays(self) -> dict[str, np.ndarray]:
         d = {"a." + k: v for k, v in self.a.arrays().items()}

@@ -63,9 +63,27 @@ def register_weight_kind(cls):
     return cls
 
 
+class TwoFactors:
+    """Shape and rank of W ~ B act(A x) with a (rank, in) and b (out, rank), whatever a and b hold."""
+    a: object
+    b: object
+
+    def check_factors(self):
+        if self.a.shape[0] != self.b.shape[1]:
+            raise ValueError(f"{type(self).__name__}: a {self.a.shape} and b {self.b.shape} disagree on the rank")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.b.shape[0], self.a.shape[1])
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+
 @register_weight_kind
 @dataclass
-class LowRank:
+class LowRank(TwoFactors):
     """W ~ B act(A x) (+ diag * x): y = act(x @ A.T) @ B.T (+ x * diag).
 
     a (rank, in), b (out, rank). act: None, "relu" or "relu2" (squared relu), as RWKV-Lite's
@@ -78,18 +96,9 @@ class LowRank:
     kind: ClassVar[str] = "lowrank"
 
     def __post_init__(self):
-        if self.a.shape[0] != self.b.shape[1]:
-            raise ValueError(f"LowRank: a {self.a.shape} and b {self.b.shape} disagree on the rank")
+        self.check_factors()
         if self.act not in (None, "relu", "relu2"):
             raise ValueError(f"LowRank.act must be None, 'relu' or 'relu2', got {self.act!r}")
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.b.shape[0], self.a.shape[1])
-
-    @property
-    def rank(self) -> int:
-        return self.a.shape[0]
 
     def arrays(self) -> dict[str, np.ndarray]:
         d = {"a": self.a, "b": self.b}
