@@ -203,16 +203,15 @@ def wkv_step(g: Graph, S: str, w: str, a: str, b: str, v: str, k: str, r: str):
     return S2, g.op("MatMul", S2, r)
 
 
-def emit_wkv(g: Graph, S: str, H: int, N: int, prefill: bool, r, logw, k, v, a, b):
-    """r, logw, k, v, a, b: (T, C) with w = exp(logw). Returns y (T, C) and the new state (H, N, N)."""
-    if prefill:
-        return emit_wkv_chunked(g, S, H, N, CHUNK, r=r, logw=logw, k=k, v=v, a=a, b=b)
+def emit_wkv_one(g: Graph, S: str, H: int, N: int, r, logw, k, v, a, b):
+    """One token: r, logw, k, v, a, b (1, C) -> y (H, N, 1), the new state, and the per-head shaped
+    inputs {name: (H, N, 1) column or (H, 1, N) row} for a caller that keeps working per head."""
     col, row = g.const([H, N, 1]), g.const([H, 1, N])
     w = g.op("Exp", logw)
     shaped = {n: g.op("Reshape", x, row if n in ("w", "b", "k") else col)
               for n, x in (("w", w), ("a", a), ("b", b), ("v", v), ("k", k), ("r", r))}
     S2, y = wkv_step(g, S, *(shaped[n] for n in ("w", "a", "b", "v", "k", "r")))
-    return g.op("Reshape", y, g.const([1, H * N])), S2
+    return y, S2, shaped
 
 
 CHUNK = 16  # prefill WKV chunk length (a power of two)
@@ -327,8 +326,18 @@ def emit_time_mix_v7(g: Graph, att: ir.TimeMix, x: str, prev: str, S: str, v_fir
         vg = g.op("Sigmoid", g.op("Add", w32("v0", vec["v0"]), f32(g, linear(g, L["v2"], linear(g, L["v1"], xm["x_v"])))))
         v = g.op("Add", v, g.op("Mul", g.op("Sub", v_first, v), vg))
 
-    y, S2 = emit_wkv(g, S, H, N, prefill, r=r, logw=logw, k=k, v=v,
-                     a=g.op("Neg", kk), b=g.op("Mul", kk, iclr))
+    if not prefill:   # one token: group norm and bonus on the per-head columns, no reshapes between
+        y, S2, sh = emit_wkv_one(g, S, H, N, r=r, logw=logw, k=k, v=v, a=g.op("Neg", kk), b=g.op("Mul", kk, iclr))
+        percol = lambda name, arr: g.weight(p + name + ".col", np.asarray(arr, np.float32).reshape(H, N, 1), F32)  # noqa: E731
+        yn = g.op("LayerNormalization", y, g.const(np.ones((N, 1)), F32), g.const(np.zeros((N, 1)), F32),
+                  axis=1, epsilon=float(att.ln_x.eps))                                  # over each head's N
+        yn = g.op("Add", g.op("Mul", yn, percol("ln_x.weight", att.ln_x.weight)), percol("ln_x.bias", att.ln_x.bias))
+        # bonus: v * sum_n(r k r_k) per head = v_col * (k_row @ (r_col * r_k))
+        rk = g.op("MatMul", sh["k"], g.op("Mul", sh["r"], percol("r_k", vec["r_k"])))   # (H, 1, 1)
+        y = g.op("Reshape", g.op("Add", yn, g.op("Mul", sh["v"], rk)), g.const([1, C]))
+        return linear(g, L["output"], g.op("Mul", to_compute(g, y), gate)), S2, v_first
+
+    y, S2 = emit_wkv_chunked(g, S, H, N, CHUNK, r=r, logw=logw, k=k, v=v, a=g.op("Neg", kk), b=g.op("Mul", kk, iclr))
 
     # group norm over each head's N channels, then the per-channel affine of ln_x
     yh = g.op("Reshape", y, heads)
