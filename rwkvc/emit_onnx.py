@@ -336,7 +336,7 @@ def emit_channel_mix_v7(g: Graph, ffn: ir.ChannelMix, x: str, prev: str, i: int,
     p = f"blocks.{i}.ffn."
     xk = g.op("Add", x, g.op("Mul", g.op("Sub", shifted(g, x, prev, prefill), x), g.weight(p + "x_k", ffn.mix["x_k"])))
     if ffn.sparse is not None:
-        return emit_sparse_ffn(g, ffn, xk, p)
+        return emit_sparse_ffn(g, ffn, xk, p, prefill)
     k = g.op("Relu", linear(g, ffn.lin["key"], xk))
     return linear(g, ffn.lin["value"], g.op("Mul", k, k))
 
@@ -516,19 +516,26 @@ def emit_channel_mix_rwkv(g: Graph, ffn: ir.ChannelMix, x: str, prev: str, i: in
     xk = mixed(g, x, xx, ffn.mix["x_k"], p + "x_k")
     r = g.op("Sigmoid", linear(g, ffn.lin["receptance"], mixed(g, x, xx, ffn.mix["x_r"], p + "x_r")))
     if ffn.sparse is not None:
-        kv = emit_sparse_ffn(g, ffn, xk, p)
+        kv = emit_sparse_ffn(g, ffn, xk, p, prefill)
     else:
         k = g.op("Relu", linear(g, ffn.lin["key"], xk))
         kv = linear(g, ffn.lin["value"], g.op("Mul", k, k))
     return g.op("Mul", r, kv)
 
 
+def code_storage_bits(bits: int) -> int:
+    """Bits per code in code_matmul's packing: 4 for codes of up to 4 bits (ONNX Runtime's float32 MatMulNBits
+    kernel is fast only for 4-bit weights: its 2-bit accuracy_level-0 path took ~0.13 ms for a 512x128
+    predictor against ~5 us for 4-bit), 8 above."""
+    return 4 if bits <= 4 else 8
+
+
 def code_matmul(g: Graph, name: str, codes: np.ndarray, bits: int, scale: float, x: str) -> str:
     """x (T, C) float32 @ (scale * codes)ᵀ with codes (F, C) small unsigned integers, kept packed: one
-    MatMulNBits with 2 (ONNX Runtime's narrowest), 4 or 8 bits per code, zero point 0, `scale` in every
-    block. A 1-bit key copy costs C/4 bytes per row instead of C."""
+    MatMulNBits with code_storage_bits(bits) per code, zero point 0, `scale` in every block. A 1-bit key
+    copy costs C/2 bytes per row instead of 4C."""
     F, C = codes.shape
-    nbits = 2 if bits <= 2 else 4 if bits <= 4 else 8
+    nbits = code_storage_bits(bits)
     block = 16
     while block < min(C, 128):
         block *= 2
@@ -574,26 +581,33 @@ def sparse_ffn_mask(g: Graph, sp: ir.SparseFFN, xk: str, F: int, p: str) -> str:
     return masks[0] if len(masks) == 1 else g.op("Or", masks[0], masks[1])
 
 
-def emit_sparse_ffn(g: Graph, ffn: ir.ChannelMix, xk: str, p: str) -> str:
+def emit_sparse_ffn(g: Graph, ffn: ir.ChannelMix, xk: str, p: str, prefill: bool = True) -> str:
     """The FFN computed only where the predictors say a unit fires.
 
         xk (T,C) ─┬─ predictors ─► mask (T,F) ──────────────┬─ any over T ─► NonZero ─► idx (n,)
                   │                                          └─ Gather(idx) ─► m (T,n)
                   └─ Gemm(xk, Gather(K, idx)ᵀ) ─► relu² ─► * m ─► MatMul(·, Gather(Vᵀ, idx)) ─► (T,C)
 
-    Only the n used rows of K (F, C) and of Vᵀ (F, C) are read. Non-dense key/value fall back to the
-    dense product times the mask (same result, no saving)."""
+    Only the n used rows of K (F, C) and of Vᵀ (F, C) are read. In the step graph (T = 1, prefill False)
+    the one token uses every unit of idx, so neither the any over T nor m is needed. Non-dense key/value
+    fall back to the dense product times the mask (same result, no saving)."""
     sp, K, Vl = ffn.sparse, ffn.lin["key"], ffn.lin["value"]
     F = K.out_features
     mask = sparse_ffn_mask(g, sp, xk, F, p)
-    maskf = g.op("Cast", mask, to=helper.np_dtype_to_tensor_dtype(g.dtype))              # (T, F)
     if K.kind not in ROWS_MATMUL or Vl.kind not in COLS_MATMUL:
+        maskf = g.op("Cast", mask, to=helper.np_dtype_to_tensor_dtype(g.dtype))          # (T, F)
         k = g.op("Relu", linear(g, K, xk))
         return linear(g, Vl, g.op("Mul", g.op("Mul", k, k), maskf))
-    used = g.op("ReduceMax", g.op("Cast", mask, to=TensorProto.INT32), g.const([0]), keepdims=0)   # (F,)
+    if prefill:
+        used = g.op("ReduceMax", g.op("Cast", mask, to=TensorProto.INT32), g.const([0]), keepdims=0)   # (F,)
+    else:
+        used = g.op("Reshape", mask, g.const([-1]))                                       # (F,) bool
     idx = g.op("Reshape", g.op("NonZero", used), g.const([-1]))                           # (n,)
     k = g.op("Relu", ROWS_MATMUL[K.kind](g, K, xk, idx))                                  # (T, n)
-    h = g.op("Mul", g.op("Mul", k, k), g.op("Gather", maskf, idx, axis=1))
+    h = g.op("Mul", k, k)
+    if prefill:
+        maskf = g.op("Cast", mask, to=helper.np_dtype_to_tensor_dtype(g.dtype))          # (T, F)
+        h = g.op("Mul", h, g.op("Gather", maskf, idx, axis=1))
     s = g.rescale.get(Vl.name, 1.0)
     if s != 1.0:
         h = g.op("Mul", h, g.const(1.0 / s))
