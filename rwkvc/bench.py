@@ -17,9 +17,11 @@ def weight_traffic(path) -> dict:
     decoded token, from the graph itself and the passes' calibration statistics in the manifest.
 
     An initializer that only Gather nodes read (the embedding table, a sparse FFN's key / value rows, a
-    clustered head's rows) stays memory-mapped by ONNX Runtime: it is not resident, and a token reads
-    only the rows it gathers: one row of the embedding; the fraction the sparse-ffn / hhead passes measured
-    on calibration text for the others (their reports in manifest["passes"]). Every other initializer is
+    clustered head's rows and its per-block row / token tables) stays memory-mapped by ONNX Runtime: it is
+    not resident, and a token reads only the rows it gathers: one row of the embedding; the fraction the
+    sparse-ffn / hhead passes measured on calibration text for the others (their reports in
+    manifest["passes"]; the head's tables are read by blocks of rows, which rounds that fraction up by
+    about half a block per chosen cluster). Every other initializer is
     resident and read once per token (pre-packed by the kernels that use it)."""
     import re
 

@@ -634,15 +634,39 @@ COLS_MATMUL: dict[str, Callable] = {"dense": cols_matmul_dense}
 # ----------------------------------------------------------------------------------------------
 # The clustered (hierarchical) head
 
+HEAD_BLOCK = 16   # rows per block of the clustered head's row gather (blocks never straddle two clusters)
+
+
+def head_blocks(bounds: np.ndarray, B: int = HEAD_BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cluster c's rows bounds[c]:bounds[c+1] cut into ceil(|c| / B) blocks of B row slots; a cluster's last
+    block is padded with copies of its last row. -> block_cluster (Nb,) int32, slot_row (Nb, B) int32 and
+    slot_pad (Nb, B) float32: 0, or -inf for a padding slot (a copy must not count twice in a logsumexp)."""
+    bounds = np.asarray(bounds, np.int64)
+    sizes = np.diff(bounds)
+    nblk = -(-sizes // B)
+    block_cluster = np.repeat(np.arange(len(sizes)), nblk)                                # (Nb,)
+    first = np.repeat(np.cumsum(nblk) - nblk, nblk)
+    off = (np.arange(len(block_cluster)) - first)[:, None] * B + np.arange(B)             # (Nb, B) within cluster
+    size = sizes[block_cluster][:, None]
+    slot_row = bounds[block_cluster][:, None] + np.minimum(off, size - 1)
+    slot_pad = np.where(off < size, 0.0, -np.inf)
+    return block_cluster.astype(np.int32), slot_row.astype(np.int32), slot_pad.astype(np.float32)
+
+
 def emit_clustered(g: Graph, lin: ir.Linear, x: str) -> str:
     """RWKV-Lite's hierarchical head for one token, x (1, C) -> logits (1, V) float32.
 
-        x ─► cluster head ─► log p (K,) ─► TopK ─► cumsum < top_p ─► n chosen ─► chosen (K,)
-        chosen[row_cluster] ─► NonZero ─► ridx ─► Gemm(x, rows[ridx]ᵀ) ─► exact logits (n_rows,)
-        other rows: logsumexp(exact) + log p_c - log Σ_chosen p - log |c|
-        ScatterND(exact into the approximations) ─► Gather(inverse order) ─► logits in token order
+        x ─► cluster head ─► log p (K,) ─► TopK ─► cumsum < top_p ─► n chosen ─► chosen (K,) 0/1
+        chosen[block_cluster] ─► NonZero ─► chosen blocks (nb,) ─► their row slots (nb·B,), token ids
+        Gemm(x, rows[slots]ᵀ) ─► exact logits of the chosen clusters' rows (padding slots repeat a row)
+        approx (K,) = log p + logsumexp(exact) - log Σ_chosen p           (padding slots masked out)
+        logits = approx[token_cluster] + log q      (V,) in token order, every token
+        ScatterElements(exact at the slots' token ids) ─► logits
 
-    Only the rows of the chosen clusters are read and multiplied."""
+    Only the rows of the chosen clusters are read and multiplied. Per token the work over the whole
+    vocabulary is one GatherElements from the (K,) table (ONNX Runtime's Gather is ~10x slower per
+    element), an Add of log q and the copy inside ScatterElements; the rest is over K clusters,
+    Nb ~ V / B + K blocks or the ~n_rows chosen rows."""
     ch = lin.weight
     V, C = ch.shape
     K = ch.n_clusters
@@ -655,38 +679,38 @@ def emit_clustered(g: Graph, lin: ir.Linear, x: str) -> str:
     n = g.op("Max", g.op("Min", n, g.const(min(ch.max_k, K))), g.const(min(ch.min_k, K)))
     chosen_sorted = g.op("Cast", g.op("Less", g.const(np.arange(K)), n), to=TensorProto.FLOAT)
     chosen = g.op("ScatterElements", g.const(np.zeros(K), F32), ids, chosen_sorted, axis=0)   # (K,) 0/1
-    ridx = g.op("NonZero", g.op("Greater", spread_to_rows(g, chosen, ch.bounds), g.const(0.5, F32)))  # (1, n_rows)
+
+    block_cluster, slot_row, slot_pad = head_blocks(ch.bounds)
+    order = np.asarray(ch.order, np.int64)
+    in_chosen = g.op("GatherElements", chosen, g.weight(lin.name + ".block_cluster", block_cluster, np.int32), axis=0)
+    blocks = g.op("Reshape", g.op("NonZero", g.op("Greater", in_chosen, g.const(0.5, F32))), g.const([-1]))   # (nb,)
+    slots = g.op("Reshape", g.op("Gather", g.weight(lin.name + ".slot_row", slot_row, np.int32), blocks, axis=0),
+                 g.const([-1]))                                                           # (nb·B,) row of each slot
     rows = ch.rows if hasattr(ch.rows, "kind") else ir.Dense(ch.rows)
-    exact = ROWS_MATMUL[rows.kind](g, ir.Linear(lin.name + ".rows", rows), g.op("Reshape", x, g.const([1, C])),
-                                   g.op("Reshape", ridx, g.const([-1])))
-    exact = f32(g, g.op("Reshape", exact, g.const([-1])))
-    lse = g.op("ReduceLogSumExp", exact, g.const([0]), keepdims=0)
+    exact = ROWS_MATMUL[rows.kind](g, ir.Linear(lin.name + ".rows", rows), g.op("Reshape", x, g.const([1, C])), slots)
+    exact = f32(g, g.op("Reshape", exact, g.const([-1])))                                 # (nb·B,)
+    pad = g.op("Reshape", g.op("Gather", g.weight(lin.name + ".slot_pad", slot_pad, F32), blocks, axis=0),
+               g.const([-1]))
+    lse = g.op("ReduceLogSumExp", g.op("Add", exact, pad), g.const([0]), keepdims=0)
     log_chosen = g.op("Log", g.op("ReduceSum", g.op("Mul", prob, chosen), keepdims=0))
     approx = g.op("Add", logp, g.op("Sub", lse, log_chosen))                              # (K,)
+
+    token_cluster = np.empty(V, np.int32)
+    token_cluster[order] = ch.row_cluster()
+    tc = g.weight(lin.name + ".token_cluster", token_cluster, np.int32)
     if ch.log_prior is None:                                                              # q_t = 1 / |c|
         log_count = g.const(np.log(np.maximum(np.diff(ch.bounds), 1)), F32)
-        base = spread_to_rows(g, g.op("Sub", approx, log_count), ch.bounds)              # (V,) in row order
+        base = g.op("GatherElements", g.op("Sub", approx, log_count), tc, axis=0)         # (V,) token order
     else:
-        base = g.op("Add", spread_to_rows(g, approx, ch.bounds),
-                    g.weight(lin.name + ".row_log_prior", ch.row_log_prior(), F32))       # + log q_t
-    perm = g.op("ScatterND", base, g.op("Transpose", ridx, perm=[1, 0]), exact)
-    inv = np.empty(V, np.int64)
-    inv[ch.order] = np.arange(V)
-    logits = g.op("Gather", perm, g.weight(lin.name + ".inverse_order", inv, np.int32), axis=0)
+        lq = np.empty(V, np.float32)
+        lq[order] = ch.row_log_prior()
+        base = g.op("Add", g.op("GatherElements", approx, tc, axis=0),
+                    g.weight(lin.name + ".token_log_prior", lq, F32))                    # + log q_t
+    # padding slots write their row's exact logit again: the same value, so duplicates are harmless
+    tokens = g.op("Reshape", g.op("Gather", g.weight(lin.name + ".slot_token", order[slot_row].astype(np.int32),
+                                                     np.int32), blocks, axis=0), g.const([-1]))
+    logits = g.op("ScatterElements", base, tokens, exact, axis=0)
     return g.op("Reshape", logits, g.const([1, V]))
-
-
-def spread_to_rows(g: Graph, v: str, bounds: np.ndarray) -> str:
-    """v (K,) float32 -> (V,) with each row holding its cluster's value, with no V-long index array: the
-    differences v[c] - v[c-1] are added at each cluster's first row (empty clusters share it and cancel),
-    then a cumulative sum."""
-    V = int(bounds[-1])
-    starts = np.asarray(bounds[:-1], np.int64)
-    keep = np.flatnonzero(starts < V)                     # trailing empty clusters own no row
-    prev = g.op("Concat", g.const(np.zeros(1), F32), g.op("Slice", v, g.const([0]), g.const([-1]), g.const([0])), axis=0)
-    delta = g.op("Gather", g.op("Sub", v, prev), g.const(keep), axis=0)
-    d = g.op("ScatterElements", g.const(np.zeros(V), F32), g.const(starts[keep]), delta, axis=0, reduction="add")
-    return g.op("CumSum", d, g.const(0))
 
 
 LINEAR_EMITTERS["clustered"] = emit_clustered
