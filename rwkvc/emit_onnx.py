@@ -572,12 +572,12 @@ def sparse_ffn_mask(g: Graph, sp: ir.SparseFFN, xk: str, F: int, p: str) -> str:
         lo = int(math.floor(pos))
         frac = pos - lo
         top, _ = g.op("TopK", est, g.const([F - lo]), axis=-1, largest=1, sorted=1, n_out=2)   # (T, F - lo) desc
-        s_lo = g.op("Gather", top, g.const(F - lo - 1), axis=-1)
+        s_lo = g.op("Gather", top, g.const([F - lo - 1]), axis=-1)                          # (T, 1)
         thr = s_lo
         if frac > 0 and lo + 1 < F:
-            s_hi = g.op("Gather", top, g.const(F - lo - 2), axis=-1)
+            s_hi = g.op("Gather", top, g.const([F - lo - 2]), axis=-1)
             thr = g.op("Add", s_lo, g.op("Mul", g.op("Sub", s_hi, s_lo), g.const(frac, F32)))
-        masks.append(g.op("Greater", est, g.op("Unsqueeze", thr, g.const([-1]))))
+        masks.append(g.op("Greater", est, thr))
     return masks[0] if len(masks) == 1 else g.op("Or", masks[0], masks[1])
 
 
@@ -656,7 +656,7 @@ def head_blocks(bounds: np.ndarray, B: int = HEAD_BLOCK) -> tuple[np.ndarray, np
 def emit_clustered(g: Graph, lin: ir.Linear, x: str) -> str:
     """RWKV-Lite's hierarchical head for one token, x (1, C) -> logits (1, V) float32.
 
-        x ─► cluster head ─► log p (K,) ─► TopK ─► cumsum < top_p ─► n chosen ─► chosen (K,) 0/1
+        x ─► cluster head ─► log p (K,) ─► TopK ─► mass before each rank < top_p ─► chosen (K,) 0/1
         chosen[block_cluster] ─► NonZero ─► chosen blocks (nb,) ─► their row slots (nb·B,), token ids
         Gemm(x, rows[slots]ᵀ) ─► exact logits of the chosen clusters' rows (padding slots repeat a row)
         approx (K,) = log p + logsumexp(exact) - log Σ_chosen p           (padding slots masked out)
@@ -674,10 +674,12 @@ def emit_clustered(g: Graph, lin: ir.Linear, x: str) -> str:
     logp = g.op("LogSoftmax", z, axis=0)                                                  # (K,)
     prob = g.op("Exp", logp)
     ps, ids = g.op("TopK", prob, g.const([K]), axis=0, largest=1, sorted=1, n_out=2)     # descending
-    below = g.op("Cast", g.op("Less", g.op("CumSum", ps, g.const(0)), g.const(ch.top_p, F32)), to=TensorProto.INT64)
-    n = g.op("Add", g.op("ReduceSum", below, keepdims=0), g.const(1))
-    n = g.op("Max", g.op("Min", n, g.const(min(ch.max_k, K))), g.const(min(ch.min_k, K)))
-    chosen_sorted = g.op("Cast", g.op("Less", g.const(np.arange(K)), n), to=TensorProto.FLOAT)
+    # the j-th most probable cluster is chosen iff the clusters before it hold < top_p (n = 1 + #{cumsum < top_p}
+    # takes exactly those), forced for j < min_k, excluded for j >= max_k: one compare with a per-rank bound
+    lo_n, hi_n = min(ch.min_k, K), min(ch.max_k, K)
+    bound = np.where(np.arange(K) < lo_n, np.inf, np.where(np.arange(K) < hi_n, ch.top_p, -np.inf))
+    before = g.op("CumSum", ps, g.const(0), exclusive=1)                                  # (K,) mass before rank j
+    chosen_sorted = g.op("Cast", g.op("Less", before, g.const(bound, F32)), to=TensorProto.FLOAT)
     chosen = g.op("ScatterElements", g.const(np.zeros(K), F32), ids, chosen_sorted, axis=0)   # (K,) 0/1
 
     block_cluster, slot_row, slot_pad = head_blocks(ch.bounds)
