@@ -558,26 +558,20 @@ def sparse_ffn_mask(g: Graph, sp: ir.SparseFFN, xk: str, F: int, p: str) -> str:
     """Which hidden units each token uses: (T, F) bool = mlp predictor | quantised-key predictor."""
     masks = []
     if sp.fc1 is not None:
-        h = g.op("Relu", g.op("MatMul", xk, g.weight(p + "mlp.fc1T", sp.fc1.T)))
+        h = g.op("Relu", g.op("Gemm", xk, g.weight(p + "mlp.fc1T", sp.fc1.T)))            # one FusedGemm in ORT
         logit = f32(g, g.op("MatMul", h, g.weight(p + "mlp.fc2T", sp.fc2.T)))
         masks.append(g.op("Greater", g.op("Sigmoid", logit), g.const(sp.mlp_threshold, F32)))
     if sp.q_codes is not None:
-        # est ~ key(xk) = q_scale * (xk @ codes^T) + q_zero * sum(xk); the codes stay packed (code_matmul)
-        xk32 = f32(g, xk)
-        est = g.op("Add", code_matmul(g, p + "key.q", sp.q_codes, sp.q_bits, sp.q_scale, xk32),
-                   g.op("Mul", g.op("ReduceSum", xk32, g.const([-1]), keepdims=1), g.const(sp.q_zero, F32)))
-        # torch.quantile(est, q) per row: linear interpolation between sorted[lo] and sorted[lo + 1];
-        # only the top F - lo values are needed, so a partial TopK finds both
-        pos = sp.q_quantile * (F - 1)
-        lo = int(math.floor(pos))
-        frac = pos - lo
+        # est = q_scale * (xk @ codes^T) + q_zero * sum(xk) > quantile(est, q) per row, with torch.quantile's
+        # linear interpolation between the sorted values s[lo] <= thr <= s[lo + 1]. No est lies strictly
+        # between two neighbours of the sorted order, so est > thr <=> est > s[lo] (up to thr rounding onto
+        # s[lo + 1] when the two are an ulp apart), and s[lo] is the (F - lo)-th largest, found by a partial
+        # TopK. The q_zero * sum(xk) term shifts every est of a token alike, so it cannot change the order and
+        # is left out; the codes stay packed (code_matmul).
+        est = code_matmul(g, p + "key.q", sp.q_codes, sp.q_bits, sp.q_scale, f32(g, xk))   # (T, F)
+        lo = int(math.floor(sp.q_quantile * (F - 1)))
         top, _ = g.op("TopK", est, g.const([F - lo]), axis=-1, largest=1, sorted=1, n_out=2)   # (T, F - lo) desc
-        s_lo = g.op("Gather", top, g.const([F - lo - 1]), axis=-1)                          # (T, 1)
-        thr = s_lo
-        if frac > 0 and lo + 1 < F:
-            s_hi = g.op("Gather", top, g.const([F - lo - 2]), axis=-1)
-            thr = g.op("Add", s_lo, g.op("Mul", g.op("Sub", s_hi, s_lo), g.const(frac, F32)))
-        masks.append(g.op("Greater", est, thr))
+        masks.append(g.op("Greater", est, g.op("Gather", top, g.const([F - lo - 1]), axis=-1)))   # est > s[lo]
     return masks[0] if len(masks) == 1 else g.op("Or", masks[0], masks[1])
 
 
@@ -802,7 +796,10 @@ def build_graph(model: ir.Model, store: WeightStore, prefill: bool, emb_name: st
     xl = g.op("Slice", x, g.const([-1]), g.const([2 ** 62]), g.const([0])) if prefill else x
     xl = layer_norm(g, xl, model.ln_out, "ln_out")
     logits = g.op("Reshape", linear(g, model.head, xl), g.const([V]))
-    g.nodes.append(helper.make_node("Cast", [logits], ["logits"], to=TensorProto.FLOAT))
+    if g.dtype == np.float32:
+        g.rename(logits, "logits")                       # no copy of the V logits (a Cast to float32 is one)
+    else:
+        g.nodes.append(helper.make_node("Cast", [logits], ["logits"], to=TensorProto.FLOAT))
     g.nodes.append(helper.make_node("Reshape", [f32(g, g.op("Concat", *new_rows, axis=0)), g.const([L, 2, C])],
                                     ["shift_out"]))
     for i, S2 in enumerate(new_wkv):   # the node that makes layer i's new state writes wkv_out.i itself
