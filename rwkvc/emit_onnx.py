@@ -650,7 +650,7 @@ def head_blocks(bounds: np.ndarray, B: int = HEAD_BLOCK) -> tuple[np.ndarray, np
 def emit_clustered(g: Graph, lin: ir.Linear, x: str) -> str:
     """RWKV-Lite's hierarchical head for one token, x (1, C) -> logits (1, V) float32.
 
-        x ─► cluster head ─► log p (K,) ─► TopK ─► mass before each rank < top_p ─► chosen (K,) 0/1
+        x ─► cluster head ─► log p (K,) ─► TopK ─► mass before each rank < top_p ─► chosen (K,) bool
         chosen[block_cluster] ─► NonZero ─► chosen blocks (nb,) ─► their row slots (nb·B,), token ids
         Gemm(x, rows[slots]ᵀ) ─► exact logits of the chosen clusters' rows (padding slots repeat a row)
         approx (K,) = log p + logsumexp(exact) - log Σ_chosen p           (padding slots masked out)
@@ -673,13 +673,13 @@ def emit_clustered(g: Graph, lin: ir.Linear, x: str) -> str:
     lo_n, hi_n = min(ch.min_k, K), min(ch.max_k, K)
     bound = np.where(np.arange(K) < lo_n, np.inf, np.where(np.arange(K) < hi_n, ch.top_p, -np.inf))
     before = g.op("CumSum", ps, g.const(0), exclusive=1)                                  # (K,) mass before rank j
-    chosen_sorted = g.op("Cast", g.op("Less", before, g.const(bound, F32)), to=TensorProto.FLOAT)
-    chosen = g.op("ScatterElements", g.const(np.zeros(K), F32), ids, chosen_sorted, axis=0)   # (K,) 0/1
+    chosen = g.op("ScatterElements", g.const(np.zeros(K, bool), bool), ids, g.op("Less", before, g.const(bound, F32)),
+                  axis=0)                                                                 # (K,) bool
 
     block_cluster, slot_row, slot_pad = head_blocks(ch.bounds)
     order = np.asarray(ch.order, np.int64)
     in_chosen = g.op("GatherElements", chosen, g.weight(lin.name + ".block_cluster", block_cluster, np.int32), axis=0)
-    blocks = g.op("Reshape", g.op("NonZero", g.op("Greater", in_chosen, g.const(0.5, F32))), g.const([-1]))   # (nb,)
+    blocks = g.op("Reshape", g.op("NonZero", in_chosen), g.const([-1]))                  # (nb,)
     slots = g.op("Reshape", g.op("Gather", g.weight(lin.name + ".slot_row", slot_row, np.int32), blocks, axis=0),
                  g.const([-1]))                                                           # (nb·B,) row of each slot
     rows = ch.rows if hasattr(ch.rows, "kind") else ir.Dense(ch.rows)
@@ -688,7 +688,7 @@ def emit_clustered(g: Graph, lin: ir.Linear, x: str) -> str:
     pad = g.op("Reshape", g.op("Gather", g.weight(lin.name + ".slot_pad", slot_pad, F32), blocks, axis=0),
                g.const([-1]))
     lse = g.op("ReduceLogSumExp", g.op("Add", exact, pad), g.const([0]), keepdims=0)
-    log_chosen = g.op("Log", g.op("ReduceSum", g.op("Mul", prob, chosen), keepdims=0))
+    log_chosen = g.op("Log", g.op("ReduceSum", g.op("Where", chosen, prob, g.const(0.0, F32)), keepdims=0))
     approx = g.op("Add", logp, g.op("Sub", lse, log_chosen))                              # (K,)
 
     token_cluster = np.empty(V, np.int32)
