@@ -702,7 +702,7 @@ def emit_clustered(g: Graph, lin: ir.Linear, x: str) -> str:
         lq[order] = ch.row_log_prior()
         base = g.op("Add", g.op("GatherElements", approx, tc, axis=0),
                     g.weight(lin.name + ".token_log_prior", lq, F32))                    # + log q_t
-    # padding slots write their row's exact logit again: the same value, so duplicates are harmless
+    # a padding slot writes its row's logit again (ScatterElements keeps the later write; the same dot product)
     tokens = g.op("Reshape", g.op("Gather", g.weight(lin.name + ".slot_token", order[slot_row].astype(np.int32),
                                                      np.int32), blocks, axis=0), g.const([-1]))
     logits = g.op("ScatterElements", base, tokens, exact, axis=0)
