@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rwkvc import ir
+from rwkvc import emit_onnx, ir
 from rwkvc.arch import lite
 from rwkvc.errors import RwkvcError
 
@@ -199,8 +199,8 @@ class SparseFfnPass:
                 continue
             ffn.sparse = sp
             pb = sum(a.nbytes for a in sp.arrays().values())
-            if sp.q_codes is not None:     # stored 1-2 bits per weight (MatMulNBits 2-bit), not a byte
-                pb += sp.q_codes.size // 4 - sp.q_codes.nbytes
+            if sp.q_codes is not None:     # stored packed (emit_onnx.code_matmul: 4 bits per 1-bit code), not a byte
+                pb += sp.q_codes.size * emit_onnx.code_storage_bits(sp.q_bits) // 8 - sp.q_codes.nbytes
             pred_bytes += pb
             after_read += kv_bytes * stats["fraction"] + pb
             report_layers[i] = {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()}

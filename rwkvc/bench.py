@@ -16,12 +16,15 @@ def weight_traffic(path) -> dict:
     """Weight bytes of an artifact's step graph: resident (held in memory for every token) and read per
     decoded token, from the graph itself and the passes' calibration statistics in the manifest.
 
-    An initializer that only Gather nodes read (the lazy embedding table, a sparse FFN's key / value rows,
-    a clustered head's rows) stays memory-mapped by ONNX Runtime: it is not resident, and a token reads
-    only the rows it gathers: one row of the embedding; the fraction the sparse-ffn / hhead passes measured
-    on calibration text for the others (their reports in manifest["passes"]). The dense embedding is
-    gathered too, but the runtime holds it in memory (runtimes/onnxruntime.py): resident, one row read.
-    Every other initializer is resident and read once per token (pre-packed by the kernels that use it)."""
+    An initializer that only Gather / GatherElements nodes read as their data (the lazy embedding table, a
+    sparse FFN's key / value rows, a clustered head's rows, their scales and the head's per-block row /
+    token tables) stays memory-mapped by ONNX Runtime: it is not resident, and a token reads only the rows
+    it gathers: one row of the embedding; the fraction the sparse-ffn / hhead passes measured on
+    calibration text for the others (their reports in manifest["passes"]; the head's tables are read by
+    blocks of rows, which rounds that fraction up by about half a block per chosen cluster). The dense
+    embedding is gathered too, but the runtime holds it in memory (runtimes/onnxruntime.py): resident,
+    one row read. Every other initializer is resident and read once per token (pre-packed by the kernels
+    that use it)."""
     import re
 
     import onnx
@@ -51,7 +54,7 @@ def weight_traffic(path) -> dict:
     parts = {"embedding": 0, "head": 0, "blocks": 0}
     for name, (n, dims) in sizes.items():
         us = users.get(name, [])
-        gathered = bool(us) and all(op == "Gather" and j == 0 for op, j, _ in us)
+        gathered = bool(us) and all(op in ("Gather", "GatherElements") and j == 0 for op, j, _ in us)
         part = "embedding" if name.startswith("emb.") else "head" if name.startswith("head") else "blocks"
         if name == DENSE_EMBEDDING:                       # held in memory by the runtime; one row a token
             resident += n

@@ -355,7 +355,7 @@ def emit_channel_mix_v7(g: Graph, ffn: ir.ChannelMix, x: str, prev: str, i: int,
     p = f"blocks.{i}.ffn."
     xk = g.op("Add", x, g.op("Mul", g.op("Sub", shifted(g, x, prev, prefill), x), g.weight(p + "x_k", ffn.mix["x_k"])))
     if ffn.sparse is not None:
-        return emit_sparse_ffn(g, ffn, xk, p)
+        return emit_sparse_ffn(g, ffn, xk, p, prefill)
     k = g.op("Relu", linear(g, ffn.lin["key"], xk))
     return linear(g, ffn.lin["value"], g.op("Mul", k, k))
 
@@ -535,19 +535,26 @@ def emit_channel_mix_rwkv(g: Graph, ffn: ir.ChannelMix, x: str, prev: str, i: in
     xk = mixed(g, x, xx, ffn.mix["x_k"], p + "x_k")
     r = g.op("Sigmoid", linear(g, ffn.lin["receptance"], mixed(g, x, xx, ffn.mix["x_r"], p + "x_r")))
     if ffn.sparse is not None:
-        kv = emit_sparse_ffn(g, ffn, xk, p)
+        kv = emit_sparse_ffn(g, ffn, xk, p, prefill)
     else:
         k = g.op("Relu", linear(g, ffn.lin["key"], xk))
         kv = linear(g, ffn.lin["value"], g.op("Mul", k, k))
     return g.op("Mul", r, kv)
 
 
+def code_storage_bits(bits: int) -> int:
+    """Bits per code in code_matmul's packing: 4 for codes of up to 4 bits (ONNX Runtime's float32 MatMulNBits
+    kernel is fast only for 4-bit weights: its 2-bit accuracy_level-0 path took ~0.13 ms for a 512x128
+    predictor against ~5 us for 4-bit), 8 above."""
+    return 4 if bits <= 4 else 8
+
+
 def code_matmul(g: Graph, name: str, codes: np.ndarray, bits: int, scale: float, x: str) -> str:
     """x (T, C) float32 @ (scale * codes)ᵀ with codes (F, C) small unsigned integers, kept packed: one
-    MatMulNBits with 2 (ONNX Runtime's narrowest), 4 or 8 bits per code, zero point 0, `scale` in every
-    block. A 1-bit key copy costs C/4 bytes per row instead of C."""
+    MatMulNBits with code_storage_bits(bits) per code, zero point 0, `scale` in every block. A 1-bit key
+    copy costs C/2 bytes per row instead of 4C."""
     F, C = codes.shape
-    nbits = 2 if bits <= 2 else 4 if bits <= 4 else 8
+    nbits = code_storage_bits(bits)
     block = 16
     while block < min(C, 128):
         block *= 2
@@ -570,49 +577,50 @@ def sparse_ffn_mask(g: Graph, sp: ir.SparseFFN, xk: str, F: int, p: str) -> str:
     """Which hidden units each token uses: (T, F) bool = mlp predictor | quantised-key predictor."""
     masks = []
     if sp.fc1 is not None:
-        h = g.op("Relu", g.op("MatMul", xk, g.weight(p + "mlp.fc1T", sp.fc1.T)))
+        h = g.op("Relu", g.op("Gemm", xk, g.weight(p + "mlp.fc1T", sp.fc1.T)))            # one FusedGemm in ORT
         logit = f32(g, g.op("MatMul", h, g.weight(p + "mlp.fc2T", sp.fc2.T)))
         masks.append(g.op("Greater", g.op("Sigmoid", logit), g.const(sp.mlp_threshold, F32)))
     if sp.q_codes is not None:
-        # est ~ key(xk) = q_scale * (xk @ codes^T) + q_zero * sum(xk); the codes stay packed (code_matmul)
-        xk32 = f32(g, xk)
-        est = g.op("Add", code_matmul(g, p + "key.q", sp.q_codes, sp.q_bits, sp.q_scale, xk32),
-                   g.op("Mul", g.op("ReduceSum", xk32, g.const([-1]), keepdims=1), g.const(sp.q_zero, F32)))
-        # torch.quantile(est, q) per row: linear interpolation between sorted[lo] and sorted[lo + 1];
-        # only the top F - lo values are needed, so a partial TopK finds both
-        pos = sp.q_quantile * (F - 1)
-        lo = int(math.floor(pos))
-        frac = pos - lo
+        # est = q_scale * (xk @ codes^T) + q_zero * sum(xk) > quantile(est, q) per row, with torch.quantile's
+        # linear interpolation between the sorted values s[lo] <= thr <= s[lo + 1]. No est lies strictly
+        # between two neighbours of the sorted order, so est > thr <=> est > s[lo] (up to thr rounding onto
+        # s[lo + 1] when the two are an ulp apart), and s[lo] is the (F - lo)-th largest, found by a partial
+        # TopK. The q_zero * sum(xk) term shifts every est of a token alike, so it cannot change the order and
+        # is left out; the codes stay packed (code_matmul).
+        est = code_matmul(g, p + "key.q", sp.q_codes, sp.q_bits, sp.q_scale, f32(g, xk))   # (T, F)
+        lo = int(math.floor(sp.q_quantile * (F - 1)))
         top, _ = g.op("TopK", est, g.const([F - lo]), axis=-1, largest=1, sorted=1, n_out=2)   # (T, F - lo) desc
-        s_lo = g.op("Gather", top, g.const(F - lo - 1), axis=-1)
-        thr = s_lo
-        if frac > 0 and lo + 1 < F:
-            s_hi = g.op("Gather", top, g.const(F - lo - 2), axis=-1)
-            thr = g.op("Add", s_lo, g.op("Mul", g.op("Sub", s_hi, s_lo), g.const(frac, F32)))
-        masks.append(g.op("Greater", est, g.op("Unsqueeze", thr, g.const([-1]))))
+        masks.append(g.op("Greater", est, g.op("Gather", top, g.const([F - lo - 1]), axis=-1)))   # est > s[lo]
     return masks[0] if len(masks) == 1 else g.op("Or", masks[0], masks[1])
 
 
-def emit_sparse_ffn(g: Graph, ffn: ir.ChannelMix, xk: str, p: str) -> str:
+def emit_sparse_ffn(g: Graph, ffn: ir.ChannelMix, xk: str, p: str, prefill: bool = True) -> str:
     """The FFN computed only where the predictors say a unit fires.
 
         xk (T,C) ─┬─ predictors ─► mask (T,F) ──────────────┬─ any over T ─► NonZero ─► idx (n,)
                   │                                          └─ Gather(idx) ─► m (T,n)
                   └─ Gemm(xk, Gather(K, idx)ᵀ) ─► relu² ─► * m ─► MatMul(·, Gather(Vᵀ, idx)) ─► (T,C)
 
-    Only the n used rows of K (F, C) and of Vᵀ (F, C) are read. Non-dense key/value fall back to the
-    dense product times the mask (same result, no saving)."""
+    Only the n used rows of K (F, C) and of Vᵀ (F, C) are read. In the step graph (T = 1, prefill False)
+    the one token uses every unit of idx, so neither the any over T nor m is needed. Non-dense key/value
+    fall back to the dense product times the mask (same result, no saving)."""
     sp, K, Vl = ffn.sparse, ffn.lin["key"], ffn.lin["value"]
     F = K.out_features
     mask = sparse_ffn_mask(g, sp, xk, F, p)
-    maskf = g.op("Cast", mask, to=helper.np_dtype_to_tensor_dtype(g.dtype))              # (T, F)
     if K.kind not in ROWS_MATMUL or Vl.kind not in COLS_MATMUL:
+        maskf = g.op("Cast", mask, to=helper.np_dtype_to_tensor_dtype(g.dtype))          # (T, F)
         k = g.op("Relu", linear(g, K, xk))
         return linear(g, Vl, g.op("Mul", g.op("Mul", k, k), maskf))
-    used = g.op("ReduceMax", g.op("Cast", mask, to=TensorProto.INT32), g.const([0]), keepdims=0)   # (F,)
+    if prefill:
+        used = g.op("ReduceMax", g.op("Cast", mask, to=TensorProto.INT32), g.const([0]), keepdims=0)   # (F,)
+    else:
+        used = g.op("Reshape", mask, g.const([-1]))                                       # (F,) bool
     idx = g.op("Reshape", g.op("NonZero", used), g.const([-1]))                           # (n,)
     k = g.op("Relu", ROWS_MATMUL[K.kind](g, K, xk, idx))                                  # (T, n)
-    h = g.op("Mul", g.op("Mul", k, k), g.op("Gather", maskf, idx, axis=1))
+    h = g.op("Mul", k, k)
+    if prefill:
+        maskf = g.op("Cast", mask, to=helper.np_dtype_to_tensor_dtype(g.dtype))          # (T, F)
+        h = g.op("Mul", h, g.op("Gather", maskf, idx, axis=1))
     s = g.rescale.get(Vl.name, 1.0)
     if s != 1.0:
         h = g.op("Mul", h, g.const(1.0 / s))
@@ -639,15 +647,39 @@ COLS_MATMUL: dict[str, Callable] = {"dense": cols_matmul_dense}
 # ----------------------------------------------------------------------------------------------
 # The clustered (hierarchical) head
 
+HEAD_BLOCK = 16   # rows per block of the clustered head's row gather (blocks never straddle two clusters)
+
+
+def head_blocks(bounds: np.ndarray, B: int = HEAD_BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cluster c's rows bounds[c]:bounds[c+1] cut into ceil(|c| / B) blocks of B row slots; a cluster's last
+    block is padded with copies of its last row. -> block_cluster (Nb,) int32, slot_row (Nb, B) int32 and
+    slot_pad (Nb, B) float32: 0, or -inf for a padding slot (a copy must not count twice in a logsumexp)."""
+    bounds = np.asarray(bounds, np.int64)
+    sizes = np.diff(bounds)
+    nblk = -(-sizes // B)
+    block_cluster = np.repeat(np.arange(len(sizes)), nblk)                                # (Nb,)
+    first = np.repeat(np.cumsum(nblk) - nblk, nblk)
+    off = (np.arange(len(block_cluster)) - first)[:, None] * B + np.arange(B)             # (Nb, B) within cluster
+    size = sizes[block_cluster][:, None]
+    slot_row = bounds[block_cluster][:, None] + np.minimum(off, size - 1)
+    slot_pad = np.where(off < size, 0.0, -np.inf)
+    return block_cluster.astype(np.int32), slot_row.astype(np.int32), slot_pad.astype(np.float32)
+
+
 def emit_clustered(g: Graph, lin: ir.Linear, x: str) -> str:
     """RWKV-Lite's hierarchical head for one token, x (1, C) -> logits (1, V) float32.
 
-        x ─► cluster head ─► log p (K,) ─► TopK ─► cumsum < top_p ─► n chosen ─► chosen (K,)
-        chosen[row_cluster] ─► NonZero ─► ridx ─► Gemm(x, rows[ridx]ᵀ) ─► exact logits (n_rows,)
-        other rows: logsumexp(exact) + log p_c - log Σ_chosen p - log |c|
-        ScatterND(exact into the approximations) ─► Gather(inverse order) ─► logits in token order
+        x ─► cluster head ─► log p (K,) ─► TopK ─► mass before each rank < top_p ─► chosen (K,) bool
+        chosen[block_cluster] ─► NonZero ─► chosen blocks (nb,) ─► their row slots (nb·B,), token ids
+        Gemm(x, rows[slots]ᵀ) ─► exact logits of the chosen clusters' rows (padding slots repeat a row)
+        approx (K,) = log p + logsumexp(exact) - log Σ_chosen p           (padding slots masked out)
+        logits = approx[token_cluster] + log q      (V,) in token order, every token
+        ScatterElements(exact at the slots' token ids) ─► logits
 
-    Only the rows of the chosen clusters are read and multiplied."""
+    Only the rows of the chosen clusters are read and multiplied. Per token the work over the whole
+    vocabulary is one GatherElements from the (K,) table (ONNX Runtime's Gather is ~10x slower per
+    element), an Add of log q and the copy inside ScatterElements; the rest is over K clusters,
+    Nb ~ V / B + K blocks or the ~n_rows chosen rows."""
     ch = lin.weight
     V, C = ch.shape
     K = ch.n_clusters
@@ -655,43 +687,45 @@ def emit_clustered(g: Graph, lin: ir.Linear, x: str) -> str:
     logp = g.op("LogSoftmax", z, axis=0)                                                  # (K,)
     prob = g.op("Exp", logp)
     ps, ids = g.op("TopK", prob, g.const([K]), axis=0, largest=1, sorted=1, n_out=2)     # descending
-    below = g.op("Cast", g.op("Less", g.op("CumSum", ps, g.const(0)), g.const(ch.top_p, F32)), to=TensorProto.INT64)
-    n = g.op("Add", g.op("ReduceSum", below, keepdims=0), g.const(1))
-    n = g.op("Max", g.op("Min", n, g.const(min(ch.max_k, K))), g.const(min(ch.min_k, K)))
-    chosen_sorted = g.op("Cast", g.op("Less", g.const(np.arange(K)), n), to=TensorProto.FLOAT)
-    chosen = g.op("ScatterElements", g.const(np.zeros(K), F32), ids, chosen_sorted, axis=0)   # (K,) 0/1
-    ridx = g.op("NonZero", g.op("Greater", spread_to_rows(g, chosen, ch.bounds), g.const(0.5, F32)))  # (1, n_rows)
+    # the j-th most probable cluster is chosen iff the clusters before it hold < top_p (n = 1 + #{cumsum < top_p}
+    # takes exactly those), forced for j < min_k, excluded for j >= max_k: one compare with a per-rank bound
+    lo_n, hi_n = min(ch.min_k, K), min(ch.max_k, K)
+    bound = np.where(np.arange(K) < lo_n, np.inf, np.where(np.arange(K) < hi_n, ch.top_p, -np.inf))
+    before = g.op("CumSum", ps, g.const(0), exclusive=1)                                  # (K,) mass before rank j
+    chosen = g.op("ScatterElements", g.const(np.zeros(K, bool), bool), ids, g.op("Less", before, g.const(bound, F32)),
+                  axis=0)                                                                 # (K,) bool
+
+    block_cluster, slot_row, slot_pad = head_blocks(ch.bounds)
+    order = np.asarray(ch.order, np.int64)
+    in_chosen = g.op("GatherElements", chosen, g.weight(lin.name + ".block_cluster", block_cluster, np.int32), axis=0)
+    blocks = g.op("Reshape", g.op("NonZero", in_chosen), g.const([-1]))                  # (nb,)
+    slots = g.op("Reshape", g.op("Gather", g.weight(lin.name + ".slot_row", slot_row, np.int32), blocks, axis=0),
+                 g.const([-1]))                                                           # (nb·B,) row of each slot
     rows = ch.rows if hasattr(ch.rows, "kind") else ir.Dense(ch.rows)
-    exact = ROWS_MATMUL[rows.kind](g, ir.Linear(lin.name + ".rows", rows), g.op("Reshape", x, g.const([1, C])),
-                                   g.op("Reshape", ridx, g.const([-1])))
-    exact = f32(g, g.op("Reshape", exact, g.const([-1])))
-    lse = g.op("ReduceLogSumExp", exact, g.const([0]), keepdims=0)
-    log_chosen = g.op("Log", g.op("ReduceSum", g.op("Mul", prob, chosen), keepdims=0))
+    exact = ROWS_MATMUL[rows.kind](g, ir.Linear(lin.name + ".rows", rows), g.op("Reshape", x, g.const([1, C])), slots)
+    exact = f32(g, g.op("Reshape", exact, g.const([-1])))                                 # (nb·B,)
+    pad = g.op("Reshape", g.op("Gather", g.weight(lin.name + ".slot_pad", slot_pad, F32), blocks, axis=0),
+               g.const([-1]))
+    lse = g.op("ReduceLogSumExp", g.op("Add", exact, pad), g.const([0]), keepdims=0)
+    log_chosen = g.op("Log", g.op("ReduceSum", g.op("Where", chosen, prob, g.const(0.0, F32)), keepdims=0))
     approx = g.op("Add", logp, g.op("Sub", lse, log_chosen))                              # (K,)
+
+    token_cluster = np.empty(V, np.int32)
+    token_cluster[order] = ch.row_cluster()
+    tc = g.weight(lin.name + ".token_cluster", token_cluster, np.int32)
     if ch.log_prior is None:                                                              # q_t = 1 / |c|
         log_count = g.const(np.log(np.maximum(np.diff(ch.bounds), 1)), F32)
-        base = spread_to_rows(g, g.op("Sub", approx, log_count), ch.bounds)              # (V,) in row order
+        base = g.op("GatherElements", g.op("Sub", approx, log_count), tc, axis=0)         # (V,) token order
     else:
-        base = g.op("Add", spread_to_rows(g, approx, ch.bounds),
-                    g.weight(lin.name + ".row_log_prior", ch.row_log_prior(), F32))       # + log q_t
-    perm = g.op("ScatterND", base, g.op("Transpose", ridx, perm=[1, 0]), exact)
-    inv = np.empty(V, np.int64)
-    inv[ch.order] = np.arange(V)
-    logits = g.op("Gather", perm, g.weight(lin.name + ".inverse_order", inv, np.int32), axis=0)
+        lq = np.empty(V, np.float32)
+        lq[order] = ch.row_log_prior()
+        base = g.op("Add", g.op("GatherElements", approx, tc, axis=0),
+                    g.weight(lin.name + ".token_log_prior", lq, F32))                    # + log q_t
+    # a padding slot writes its row's logit again (ScatterElements keeps the later write; the same dot product)
+    tokens = g.op("Reshape", g.op("Gather", g.weight(lin.name + ".slot_token", order[slot_row].astype(np.int32),
+                                                     np.int32), blocks, axis=0), g.const([-1]))
+    logits = g.op("ScatterElements", base, tokens, exact, axis=0)
     return g.op("Reshape", logits, g.const([1, V]))
-
-
-def spread_to_rows(g: Graph, v: str, bounds: np.ndarray) -> str:
-    """v (K,) float32 -> (V,) with each row holding its cluster's value, with no V-long index array: the
-    differences v[c] - v[c-1] are added at each cluster's first row (empty clusters share it and cancel),
-    then a cumulative sum."""
-    V = int(bounds[-1])
-    starts = np.asarray(bounds[:-1], np.int64)
-    keep = np.flatnonzero(starts < V)                     # trailing empty clusters own no row
-    prev = g.op("Concat", g.const(np.zeros(1), F32), g.op("Slice", v, g.const([0]), g.const([-1]), g.const([0])), axis=0)
-    delta = g.op("Gather", g.op("Sub", v, prev), g.const(keep), axis=0)
-    d = g.op("ScatterElements", g.const(np.zeros(V), F32), g.const(starts[keep]), delta, axis=0, reduction="add")
-    return g.op("CumSum", d, g.const(0))
 
 
 LINEAR_EMITTERS["clustered"] = emit_clustered
@@ -785,7 +819,10 @@ def build_graph(model: ir.Model, store: WeightStore, prefill: bool, emb_name: st
     xl = g.op("Slice", x, g.const([-1]), g.const([2 ** 62]), g.const([0])) if prefill else x
     xl = layer_norm(g, xl, model.ln_out, "ln_out")
     logits = g.op("Reshape", linear(g, model.head, xl), g.const([V]))
-    g.nodes.append(helper.make_node("Cast", [logits], ["logits"], to=TensorProto.FLOAT))
+    if g.dtype == np.float32:
+        g.rename(logits, "logits")                       # no copy of the V logits (a Cast to float32 is one)
+    else:
+        g.nodes.append(helper.make_node("Cast", [logits], ["logits"], to=TensorProto.FLOAT))
     g.nodes.append(helper.make_node("Reshape", [f32(g, g.op("Concat", *new_rows, axis=0)), g.const([L, 2, C])],
                                     ["shift_out"]))
     for i, S2 in enumerate(new_wkv):   # the node that makes layer i's new state writes wkv_out.i itself

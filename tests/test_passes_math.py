@@ -172,6 +172,21 @@ def test_within_cluster_prior(rng):
     assert p.min() > 0
 
 
+def test_head_blocks_cover_each_row_once():
+    """The clustered head's block layout: every row in exactly one real slot of a block of its own cluster;
+    padding slots repeat their cluster's last row and are marked -inf; empty clusters own no block."""
+    from rwkvc.emit_onnx import head_blocks
+    bounds = np.array([0, 5, 5, 21, 24, 24, 40])                 # sizes 5, 0, 16, 3, 0, 16
+    bc, rows, pad = head_blocks(bounds, B=4)
+    sizes = np.diff(bounds)
+    assert bc.tolist() == [0, 0, 2, 2, 2, 2, 3, 5, 5, 5, 5]
+    real = pad == 0
+    assert sorted(rows[real].tolist()) == list(range(40))
+    cluster = np.repeat(np.arange(len(sizes)), sizes)
+    assert (cluster[rows] == bc[:, None]).all()
+    assert np.isneginf(pad[~real]).all() and (rows[~real] == (bounds[1:] - 1)[bc[np.nonzero(~real)[0]]]).all()
+
+
 @pytest.mark.parametrize("level", [0, 4])
 def test_int8_lowerings_match_reference(w, rng, tmp_path, level):
     """Both cpu lowerings of an Int8 matrix (level 4: MatMulNBits bits=8 on the re-laid-out codes; level 0:

@@ -144,6 +144,8 @@ def test_lossless(ckpt, tokens, calib, dense_logits, tmp_path, recipe):
     ("sparse-ffn(recall=0.95,steps=50,quant=0,tokens=256,max_fraction=1)", 1e-4),
     ("sparse-ffn(recall=0.95,steps=50,quant=0,tokens=256,max_fraction=1),int8", 0.05),
     ("lazy-emb(storage=int8)", 0.05),
+    ("hhead(k=16,p=0.9,min_k=2,steps=50,tokens=256)", 1e-4),
+    ("hhead(k=16,p=0.9,min_k=2,steps=50,tokens=256,prior=uniform)", 1e-4),
 ])
 def test_lowering_matches_ir(ckpt, tokens, calib, tmp_path, recipe, bound):
     model, path = compiled(ckpt, recipe, calib, tmp_path)
