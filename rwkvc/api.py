@@ -38,6 +38,7 @@ class Model:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.config = ir.ModelConfig.from_dict(self.manifest["model"])
+        self._state_shapes = None
         self.runtime = get_runtime(self.manifest["runtime"])(self.path, self.manifest, threads=threads, **runtime_options)
         self.tokenizer = WorldTokenizer(self.path / self.manifest["tokenizer"]["file"])
         self._init_state = self._load_init_state()
@@ -68,10 +69,15 @@ class Model:
         return self.init_state()
 
     def check_state(self, state: ir.State) -> ir.State:
-        for name, shp in self.config.state_shapes().items():
+        if self._state_shapes is None:
+            self._state_shapes = self.config.state_shapes()
+        for name, shp in self._state_shapes.items():
             got = getattr(state, name).shape
             if tuple(got) != shp:
                 raise RwkvcError(f"state.{name} has shape {tuple(got)}, this model needs {shp}")
+        ok = lambda a: a.dtype == np.float32 and a.flags.c_contiguous  # noqa: E731
+        if ok(state.shift) and ok(state.wkv):      # the usual case (a state this model returned): no copy
+            return state
         return ir.State(np.ascontiguousarray(state.shift, np.float32), np.ascontiguousarray(state.wkv, np.float32))
 
     def save_state(self, state: ir.State, path: str | os.PathLike) -> None:
@@ -96,8 +102,9 @@ class Model:
         toks = np.atleast_1d(np.asarray(tokens, dtype=np.int64))
         if toks.ndim != 1 or toks.size == 0:
             raise RwkvcError("forward needs at least one token id")
-        if toks.min() < 0 or toks.max() >= self.config.vocab_size:
-            bad = int(toks.max() if toks.max() >= self.config.vocab_size else toks.min())
+        lo, hi = (int(toks[0]),) * 2 if toks.size == 1 else (int(toks.min()), int(toks.max()))
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = hi if hi >= self.config.vocab_size else lo
             raise RwkvcError(f"token id {bad} is outside this model's vocabulary 0..{self.config.vocab_size - 1} "
                              "(was the model trained with the RWKV World tokenizer?)")
         state = self.init_state() if state is None else self.check_state(state)
