@@ -335,6 +335,8 @@ def cols_matmul_int8(g, lin: ir.Linear, h: str, idx: str) -> str:
 
 
 emit_onnx.LINEAR_EMITTERS["int8"] = emit_int8
+# level 0 and the gathered-row products (sparse FFN, clustered head) quantise x per tensor
+emit_onnx.ROWS_COUPLED["int8"] = lambda w, in_sparse_ffn: in_sparse_ffn or w.accuracy_level == 0
 emit_onnx.LINEAR_EMITTERS["int4"] = emit_int4
 emit_onnx.LINEAR_EMITTERS["factored"] = emit_factored
 emit_onnx.ROWS_MATMUL["int8"] = rows_matmul_int8

@@ -783,6 +783,23 @@ def embed_dense(g: Graph, model: ir.Model, tokens: str) -> str:
 EMBEDDERS: dict[str, Callable[[Graph, ir.Model, str], str]] = {"dense": embed_dense}
 
 
+# weight kind -> fn(weight, in a sparse FFN) -> whether its lowering quantises a product's input with one
+# scale for all rows (DynamicQuantizeLinear): the rows of a prefill then depend on each other, so the last
+# channel-mix keeps all T rows, to compute what every other target computes; passes register theirs
+ROWS_COUPLED: dict[str, Callable[[object, bool], bool]] = {}
+
+
+def rows_coupled(ffn: ir.ChannelMix) -> bool:
+    sparse = ffn.sparse is not None
+
+    def walk(w) -> bool:
+        f = ROWS_COUPLED.get(getattr(w, "kind", ""))
+        if f is not None and f(w, sparse):
+            return True
+        return any(walk(v) for v in vars(w).values() if hasattr(v, "kind")) if hasattr(w, "__dict__") else False
+    return any(walk(lin.weight) for lin in ffn.lin.values())
+
+
 def build_graph(model: ir.Model, store: WeightStore, prefill: bool, emb_name: str = "emb.folded",
                 rescale_every: int = RESCALE_EVERY) -> onnx.ModelProto:
     cfg = model.config
@@ -803,7 +820,7 @@ def build_graph(model: ir.Model, store: WeightStore, prefill: bool, emb_name: st
         xa = layer_norm(g, x, blk.ln1, f"blocks.{i}.ln1")
         dx, S2, v_first = TIME_MIX_EMITTERS[blk.att.version](g, blk.att, xa, prev_att, S, v_first, cfg, i, prefill)
         x = g.op("Add", x, dx)
-        if prefill and i == L - 1:
+        if prefill and i == L - 1 and not rows_coupled(blk.ffn):
             # a prefill returns the last token's logits only: the last channel-mix needs that token and the
             # one before it (its token shift), not all T (the widest product of the layer, done for 2 rows)
             x = g.op("Slice", x, g.const([-2]), g.const([2 ** 62]), g.const([0]))
