@@ -11,6 +11,7 @@ returned state is new, and the old one can be used again (to branch a conversati
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,13 @@ class Model:
         self.manifest = read_manifest(self.path)
         self.config = ir.ModelConfig.from_dict(self.manifest["model"])
         self._state_shapes = None
-        self.runtime = get_runtime(self.manifest["runtime"])(self.path, self.manifest, threads=threads, **runtime_options)
+        runtime = get_runtime(self.manifest["runtime"])
+        known = set(inspect.signature(runtime).parameters) - {"path", "manifest", "threads"}
+        unknown = sorted(set(runtime_options) - known)
+        if unknown:
+            raise RwkvcError(f"rwkvc.load: option {unknown[0]!r} is not one the {self.manifest['runtime']} runtime "
+                             f"of this artifact takes (it takes: {', '.join(sorted(known)) or 'none'})")
+        self.runtime = runtime(self.path, self.manifest, threads=threads, **runtime_options)
         self.tokenizer = WorldTokenizer(self.path / self.manifest["tokenizer"]["file"])
         self._init_state = self._load_init_state()
 

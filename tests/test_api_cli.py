@@ -185,3 +185,9 @@ def test_huge_pages_collapse_keeps_contents():
             elif head == "AnonHugePages:" and overlap(*cur):
                 huge += int(line.split()[1]) * 1024
     assert huge >= 32 << 20
+
+
+def test_unknown_runtime_option_is_a_clear_error(art):
+    with pytest.raises(rwkvc.errors.RwkvcError, match="option 'hugepages' is not one the onnxruntime runtime"):
+        rwkvc.load(art[0], hugepages=False)
+    assert rwkvc.load(art[0], huge_pages=False).runtime.huge_pages is False
