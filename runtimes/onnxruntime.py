@@ -7,12 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from rwkvc import ir
+from rwkvc.emit_onnx import DENSE_EMBEDDING
 from rwkvc.errors import RwkvcError
 
 from . import hugepages
-
-
-DENSE_EMBEDDING = "emb.folded"   # rwkvc.emit_onnx.embed_dense's table
 
 
 def _dense_embedding(graph_path: Path) -> dict[str, np.ndarray]:
@@ -54,17 +52,18 @@ class OrtRuntime:
                              f"does not have (available: {', '.join(avail)}); install onnxruntime-gpu or "
                              "compile for --target cpu")
         self.providers = wanted
-        self.huge_pages = huge_pages and wanted == ["CPUExecutionProvider"] and hugepages.enabled()
+        cpu = wanted == ["CPUExecutionProvider"]
+        self.huge_pages = huge_pages and cpu and hugepages.enabled()
         # the dense embedding is read by a Gather only, so ONNX Runtime would leave it memory-mapped and
         # each new token's row could be a page fault on the file (the lazy-emb pass is the way to keep it
         # on disk); hold it in memory like every other weight, one copy shared by both sessions
-        self.held: dict[str, np.ndarray] = {}
+        self.held: dict[str, np.ndarray] = _dense_embedding(self.path / manifest["entry_points"]["step"]) if cpu else {}
         self._held_values = []                      # the OrtValues over them must outlive the sessions
-        if wanted == ["CPUExecutionProvider"]:
-            self.held = _dense_embedding(self.path / manifest["entry_points"]["step"])
-            for name, arr in self.held.items():
-                self._held_values.append(ort.OrtValue.ortvalue_from_numpy(arr))
-                so.add_initializer(name, self._held_values[-1])
+        for name, arr in self.held.items():
+            self._held_values.append(ort.OrtValue.ortvalue_from_numpy(arr))
+            so.add_initializer(name, self._held_values[-1])
+        if self.huge_pages:
+            hugepages.collapse({(a.ctypes.data, a.ctypes.data + a.nbytes) for a in self.held.values()})
         self._sessions: dict[str, object] = {}
         self._io_cache: dict[str, tuple] = {}
         self.session("step")
@@ -79,12 +78,9 @@ class OrtRuntime:
             except Exception as e:  # ORT raises its own Fail/InvalidGraph types
                 raise RwkvcError(f"{fn}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]}); "
                                  "recompile the artifact") from None
-            if self.huge_pages:   # the weights the session just packed (and the embedding held above)
-                hugepages.collapse((hugepages.anonymous_regions() - before) | self._held_regions())
+            if self.huge_pages:   # the weights the session just packed
+                hugepages.collapse(hugepages.anonymous_regions() - before)
         return self._sessions[entry]
-
-    def _held_regions(self):
-        return {(a.ctypes.data, a.ctypes.data + a.nbytes) for a in self.held.values()}
 
     def run(self, entry: str, tokens: np.ndarray, state: ir.State) -> tuple[np.ndarray, ir.State]:
         """One call of an entry point. The graphs take and give each layer's matrix state as its own tensor

@@ -39,7 +39,7 @@ class Model:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.config = ir.ModelConfig.from_dict(self.manifest["model"])
-        self._state_shapes = None
+        self._state_shapes = self.config.state_shapes()
         runtime = get_runtime(self.manifest["runtime"])
         known = set(inspect.signature(runtime).parameters) - {"path", "manifest", "threads"}
         unknown = sorted(set(runtime_options) - known)
@@ -76,8 +76,6 @@ class Model:
         return self.init_state()
 
     def check_state(self, state: ir.State) -> ir.State:
-        if self._state_shapes is None:
-            self._state_shapes = self.config.state_shapes()
         for name, shp in self._state_shapes.items():
             got = getattr(state, name).shape
             if tuple(got) != shp:

@@ -28,9 +28,8 @@ def weight_traffic(path) -> dict:
     import re
 
     import onnx
-    from rwkvc.runtimes.onnxruntime import DENSE_EMBEDDING
-
     from .artifact import read_manifest
+    from .emit_onnx import DENSE_EMBEDDING
     d = Path(path)
     man = read_manifest(d)
     if "step" not in man.get("entry_points", {}) or not str(man["entry_points"]["step"]).endswith(".onnx"):
@@ -56,13 +55,13 @@ def weight_traffic(path) -> dict:
         us = users.get(name, [])
         gathered = bool(us) and all(op in ("Gather", "GatherElements") and j == 0 for op, j, _ in us)
         part = "embedding" if name.startswith("emb.") else "head" if name.startswith("head") else "blocks"
-        if name == DENSE_EMBEDDING:                       # held in memory by the runtime; one row a token
-            resident += n
-        elif not gathered:
+        if not gathered:
             resident += n
             read += n
             parts[part] += n
             continue
+        if name == DENSE_EMBEDDING:                       # held in memory by the runtime; one row a token
+            resident += n
         else:
             gathered_total += n
         by_token = any(ins[1] == "tokens" for _, _, ins in us)

@@ -771,12 +771,15 @@ def rescale_plan(cfg: ir.ModelConfig, dtype, every: int = RESCALE_EVERY) -> dict
     return plan
 
 
+DENSE_EMBEDDING = "emb.folded"   # the dense table's initializer (runtimes/onnxruntime.py holds it in memory)
+
+
 def embed_dense(g: Graph, model: ir.Model, tokens: str) -> str:
     """The embedding rows of `tokens`: a Gather from the folded table (ln0 applied), stored once."""
-    if "emb.folded" not in g.store.entries:
-        g.store.add("emb.folded", folded_embedding(model))
-    g.inits["emb.folded"] = g.store.entries["emb.folded"]
-    return g.op("Gather", "emb.folded", tokens, axis=0)
+    if DENSE_EMBEDDING not in g.store.entries:
+        g.store.add(DENSE_EMBEDDING, folded_embedding(model))
+    g.inits[DENSE_EMBEDDING] = g.store.entries[DENSE_EMBEDDING]
+    return g.op("Gather", DENSE_EMBEDDING, tokens, axis=0)
 
 
 # embedding representation kind -> fn(g, model, tokens) -> x (T, C); passes add theirs (lazy-emb)
@@ -792,11 +795,9 @@ ROWS_COUPLED: dict[str, Callable[[object, bool], bool]] = {}
 def rows_coupled(ffn: ir.ChannelMix) -> bool:
     sparse = ffn.sparse is not None
 
-    def walk(w) -> bool:
-        f = ROWS_COUPLED.get(getattr(w, "kind", ""))
-        if f is not None and f(w, sparse):
-            return True
-        return any(walk(v) for v in vars(w).values() if hasattr(v, "kind")) if hasattr(w, "__dict__") else False
+    def walk(w) -> bool:   # the weight, then the representations nested in it (factored, scaled...)
+        f = ROWS_COUPLED.get(w.kind)
+        return (f is not None and f(w, sparse)) or any(walk(v) for v in vars(w).values() if hasattr(v, "kind"))
     return any(walk(lin.weight) for lin in ffn.lin.values())
 
 
