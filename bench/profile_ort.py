@@ -33,6 +33,9 @@ def main():
     so.intra_op_num_threads = a.threads
     so.enable_profiling = True
     so.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "prof")
+    if man.get("custom_ops"):
+        from rwkvc.runtimes import ortops
+        ortops.register(so)
     sess = ort.InferenceSession(str(d / man["entry_points"][a.entry]), so, providers=["CPUExecutionProvider"])
     T = 1 if a.entry == "step" else a.tokens
     feed = {"tokens": np.random.default_rng(0).integers(1, man["model"]["vocab_size"], T),

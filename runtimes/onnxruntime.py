@@ -44,6 +44,10 @@ class OrtRuntime:
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.so = so
+        if manifest.get("custom_ops"):
+            from . import ortops
+            ortops.require(manifest["custom_ops"])
+            ortops.register(so)
         wanted = providers or manifest.get("providers") or ["CPUExecutionProvider"]
         avail = ort.get_available_providers()
         missing = [p for p in wanted if p not in avail]

@@ -57,9 +57,12 @@ def inspect(path, as_json):
 @click.option("--cluster-file", default=None, help="RWKV-Lite vocabulary clusters (*-cls.npy) for its hierarchical head")
 @click.option("--state", "state_path", default=None,
               help="a tuned state (train.py --train_type states) baked in as the artifact's initial state")
+@click.option("--fused/--no-fused", default=None,
+              help="cpu target: run the step's element-wise work on rwkvc's fused kernels (RWKV-7, float32; "
+                   "built once with g++) [default: where they apply and g++ exists]")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
 def compile_cmd(model, target, out, passes, recipe_file, preset_name, calib, calib_tokens, dtype, force, dump_ir,
-                cluster_file, state_path, quiet):
+                cluster_file, state_path, fused, quiet):
     """Compile a checkpoint into an artifact directory."""
     from .pipeline import compile_checkpoint, parse_recipe
     from rwkvc.passes import PassContext
@@ -85,8 +88,14 @@ def compile_cmd(model, target, out, passes, recipe_file, preset_name, calib, cal
     out = out or f"{Path(model).stem}-{target}"
     path = compile_checkpoint(model, out, target=target, passes=recipe, dtype=dtype, force=force,
                               progress=not quiet, dump_dir=dump_ir, ctx=ctx, cluster_file=cluster_file,
-                              state_path=state_path)
+                              state_path=state_path, options=target_options(target, fused))
     click.echo(f"wrote {path}", err=True)
+
+
+def target_options(target: str, fused: bool | None) -> dict:
+    if fused is not None and target != "cpu":
+        raise RwkvcError(f"--fused/--no-fused apply to --target cpu, not {target}")
+    return {} if fused is None else {"fused": fused}
 
 
 # ------------------------------------------------------------------------------------------------

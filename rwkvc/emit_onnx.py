@@ -360,6 +360,57 @@ def emit_channel_mix_v7(g: Graph, ffn: ir.ChannelMix, x: str, prev: str, i: int,
     return linear(g, ffn.lin["value"], g.op("Mul", k, k))
 
 
+FUSED_DOMAIN = "ai.rwkvc"   # rwkvc's own CPU kernels (native/ort_ops.cc, registered by runtimes/ortops.py)
+
+
+def fused_step_supported(model: ir.Model, dtype) -> bool:
+    """The fused one-token step: RWKV-7 in float32 (the kernels are float32)."""
+    return model.config.version == "7" and np.dtype(dtype) == np.float32
+
+
+def emit_block_v7_fused(g: Graph, blk, x: str, dx: str, prev_att: str, prev_ffn: str, S: str, v_first: str | None,
+                        cfg: ir.ModelConfig, i: int):
+    """One RWKV-7 layer of the one-token step on rwkvc's fused kernels: the residual add, layer norm and
+    token-shift mixes are one Rwkv7Mix node, everything between the projections and the output projection
+    one Rwkv7WkvStep node. The residual stream enters as x + dx (the add happens in the Mix kernel).
+    Returns x, dx (the layer's channel-mix output, still to be added), the two shift rows, S', v_first."""
+    att, ffn = blk.att, blk.ffn
+    p = f"blocks.{i}.att."
+    L, vec = att.lin, att.vec
+    w32 = lambda name, arr: g.weight(p + name, arr, F32)  # noqa: E731
+    names = list(att.mix)
+    outs = g.op("Rwkv7Mix6", x, dx, g.weight(f"blocks.{i}.ln1.weight", blk.ln1.weight),
+                g.weight(f"blocks.{i}.ln1.bias", blk.ln1.bias), prev_att,
+                g.weight(p + "x_mix6", np.stack([att.mix[m] for m in names])),
+                domain=FUSED_DOMAIN, n_out=2 + len(names), eps=float(blk.ln1.eps))
+    x, xa, xm = outs[0], outs[1], dict(zip(names, outs[2:]))
+    r = linear(g, L["receptance"], xm["x_r"])
+    k = linear(g, L["key"], xm["x_k"])
+    v = linear(g, L["value"], xm["x_v"])
+    w = linear(g, L["w2"], g.op("Tanh", linear(g, L["w1"], xm["x_w"])))
+    a = linear(g, L["a2"], linear(g, L["a1"], xm["x_a"]))
+    gate = linear(g, L["g2"], g.op("Sigmoid", linear(g, L["g1"], xm["x_g"])))
+    if i == 0:   # layer 0 has no value residual: vg, v_first and v0 are placeholders (attribute first=1)
+        v_first, vg, v0 = v, v, w32("w0", vec["w0"])
+    else:
+        vg, v0 = linear(g, L["v2"], linear(g, L["v1"], xm["x_v"])), w32("v0", vec["v0"])
+    y, S2 = g.op("Rwkv7WkvStep", r, w, k, v, a, vg, v_first, gate, S, w32("w0", vec["w0"]), w32("a0", vec["a0"]),
+                 v0, w32("k_k", vec["k_k"]), w32("k_a", vec["k_a"]), w32("r_k", vec["r_k"]),
+                 w32("ln_x.weight", att.ln_x.weight), w32("ln_x.bias", att.ln_x.bias),
+                 domain=FUSED_DOMAIN, n_out=2, eps=float(att.ln_x.eps), first=int(i == 0))
+    dx_att = linear(g, L["output"], y)
+    pf = f"blocks.{i}.ffn."
+    x, xf, xk = g.op("Rwkv7Mix1", x, dx_att, g.weight(f"blocks.{i}.ln2.weight", blk.ln2.weight),
+                     g.weight(f"blocks.{i}.ln2.bias", blk.ln2.bias), prev_ffn,
+                     g.weight(pf + "x_k", ffn.mix["x_k"]),
+                     domain=FUSED_DOMAIN, n_out=3, eps=float(blk.ln2.eps))
+    if ffn.sparse is not None:
+        dx = emit_sparse_ffn(g, ffn, xk, pf, False)
+    else:
+        dx = linear(g, ffn.lin["value"], g.op("ReluSquare", linear(g, ffn.lin["key"], xk), domain=FUSED_DOMAIN))
+    return x, dx, xa, xf, S2, v_first
+
+
 # ----------------------------------------------------------------------------------------------
 # RWKV-4, -5, -6. Shared conventions: every token-shift mix is x + (prev - x) * mix (the importers
 # converted v4/v5's time_mix); the recurrences run in float32 whatever the compute dtype, with the
@@ -801,8 +852,10 @@ def rows_coupled(ffn: ir.ChannelMix) -> bool:
     return any(walk(lin.weight) for lin in ffn.lin.values())
 
 
-def build_graph(model: ir.Model, store: WeightStore, prefill: bool, emb_name: str = "emb.folded",
-                rescale_every: int = RESCALE_EVERY) -> onnx.ModelProto:
+def build_graph(model: ir.Model, store: WeightStore, prefill: bool, rescale_every: int = RESCALE_EVERY,
+                fused: bool = False) -> onnx.ModelProto:
+    """The step (prefill=False) or prefill graph. fused: the step's element-wise work on rwkvc's own kernels
+    (FUSED_DOMAIN; see emit_block_v7_fused), where fused_step_supported."""
     cfg = model.config
     L, C, H, N, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size, cfg.vocab_size
     g = Graph(store, store.dtype)
@@ -814,9 +867,16 @@ def build_graph(model: ir.Model, store: WeightStore, prefill: bool, emb_name: st
                      num_outputs=2 * L, n_out=2 * L)
     new_rows, new_wkv = [], []
     v_first = None
+    fused = fused and not prefill and fused_step_supported(model, store.dtype)
+    dx = g.const(np.zeros((1, C)), F32) if fused else None
     for i, blk in enumerate(model.blocks):
         prev_att, prev_ffn = prev_rows[2 * i], prev_rows[2 * i + 1]                  # (1, C)
         S = f"wkv_in.{i}"                                                             # one input per layer
+        if fused:
+            x, dx, xa, xf, S2, v_first = emit_block_v7_fused(g, blk, x, dx, prev_att, prev_ffn, S, v_first, cfg, i)
+            new_rows += [xa, xf]
+            new_wkv.append(S2)
+            continue
 
         xa = layer_norm(g, x, blk.ln1, f"blocks.{i}.ln1")
         dx, S2, v_first = TIME_MIX_EMITTERS[blk.att.version](g, blk.att, xa, prev_att, S, v_first, cfg, i, prefill)
@@ -834,6 +894,8 @@ def build_graph(model: ir.Model, store: WeightStore, prefill: bool, emb_name: st
         new_rows += [last(xa), last(xf)]
         new_wkv.append(S2)
 
+    if fused:
+        x = g.op("Add", x, dx)
     xl = g.op("Slice", x, g.const([-1]), g.const([2 ** 62]), g.const([0])) if prefill else x
     xl = layer_norm(g, xl, model.ln_out, "ln_out")
     logits = g.op("Reshape", linear(g, model.head, xl), g.const([V]))
@@ -860,8 +922,10 @@ def build_graph(model: ir.Model, store: WeightStore, prefill: bool, emb_name: st
                helper.make_tensor_value_info("shift_out", f, list(shp["shift"]))]
     outputs += [helper.make_tensor_value_info(f"wkv_out.{i}", f, layer_wkv) for i in range(L)]
     graph = g.make("rwkv_prefill" if prefill else "rwkv_step", inputs, outputs)
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
-                          producer_name="rwkvc")
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
+    if fused:
+        opsets.append(helper.make_opsetid(FUSED_DOMAIN, 1))
+    m = helper.make_model(graph, opset_imports=opsets, producer_name="rwkvc")
     m.ir_version = 9
     return m
 
@@ -870,7 +934,7 @@ FP16_VERSIONS = RESCALE_VERSIONS
 
 
 def emit(model: ir.Model, out_dir: str, dtype=np.float32, progress=None,
-         rescale_every: int = RESCALE_EVERY) -> dict[str, str]:
+         rescale_every: int = RESCALE_EVERY, fused: bool = False) -> dict[str, str]:
     """Write step.onnx, prefill.onnx and weights.bin into out_dir. Returns {entry point: file name}.
 
     dtype float16: weights and activations in fp16 (the recurrences, their state, the group norms and the
@@ -885,7 +949,7 @@ def emit(model: ir.Model, out_dir: str, dtype=np.float32, progress=None,
     try:
         files = {}
         for entry, prefill in (("step", False), ("prefill", True)):
-            m = build_graph(model, store, prefill, "emb.folded", rescale_every)
+            m = build_graph(model, store, prefill, rescale_every, fused)
             fn = f"{entry}.onnx"
             with open(os.path.join(out_dir, fn), "wb") as f:
                 f.write(m.SerializeToString())

@@ -97,7 +97,8 @@ def run_passes(model: ir.Model, recipe, ctx=None) -> ir.Model:
 
 def compile_checkpoint(model_path, out_dir, target: str = "cpu", passes=None, dtype: str | None = None,
                        force: bool = False, progress: bool = False, dump_dir: str | None = None,
-                       state_path: str | None = None, ctx=None, cluster_file: str | None = None):
+                       state_path: str | None = None, ctx=None, cluster_file: str | None = None,
+                       options: dict | None = None):
     """Checkpoint file -> artifact directory. Every user error is raised before anything is written."""
     from rwkvc.targets import get_target, unsupported
     from .artifact import check_output_dir, compile_to_dir
@@ -122,7 +123,7 @@ def compile_checkpoint(model_path, out_dir, target: str = "cpu", passes=None, dt
             bar.step(f"pass {item[0]}")
             model = run_passes(model, [item], ctx)
     bar.step(f"lower for {tgt.name}")
-    path = compile_to_dir(model, tgt, out, dtype=dtype, source=str(model_path), force=force,
+    path = compile_to_dir(model, tgt, out, dtype=dtype, source=str(model_path), force=force, options=options,
                           progress=lambda entry: None)
     bar.step("done")
     bar.close()

@@ -1,0 +1,103 @@
+"""rwkvc's fused CPU kernels (native/ort_ops.cc, domain ai.rwkvc) in the cpu target's step graph.
+
+The fused step must compute what the plain-ONNX step computes (float tolerance: it reorders float32 sums
+and uses its own exp), agree with the artifact's own prefill, and the options around it must fail clearly.
+The parity tests against the official package (test_v7_parity.py) run the fused step too: it is the
+default wherever g++ exists.
+"""
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import rwkvc
+from rwkvc.errors import RwkvcError
+from rwkvc.runtimes import ortops
+from rwkvc.testing import save_random_v7
+
+pytestmark = pytest.mark.skipif(ortops.compiler() is None, reason="no C++ compiler for the fused kernels")
+
+SHAPES = {
+    # n_layer, n_embd, head_size, vocab, low-rank dims
+    "h64": (3, 128, 64, 1000, None),
+    "h32-c96": (2, 96, 32, 777, {"w": 32, "a": 32, "v": 32, "g": 64}),
+}
+
+
+def step_ops(art) -> set[tuple[str, str]]:
+    m = onnx.load(str(art / "step.onnx"), load_external_data=False)
+    return {(n.domain, n.op_type) for n in m.graph.node}
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def pair(request, tmp_path_factory):
+    L, C, N, V, dims = SHAPES[request.param]
+    d = tmp_path_factory.mktemp(request.param)
+    ckpt = save_random_v7(d / "m.pth", n_layer=L, n_embd=C, head_size=N, vocab_size=V, dims=dims, seed=C + N)
+    fused = rwkvc.compile(ckpt, d / "fused", target="cpu")
+    plain = rwkvc.compile(ckpt, d / "plain", target="cpu", options={"fused": False})
+    return ckpt, fused, plain, V
+
+
+def test_default_cpu_step_is_fused_and_plain_has_no_custom_ops(pair):
+    _, fused, plain, _ = pair
+    ops = step_ops(fused)
+    assert {("ai.rwkvc", "Rwkv7Mix6"), ("ai.rwkvc", "Rwkv7WkvStep"), ("ai.rwkvc", "Rwkv7Mix1")} <= ops
+    assert not any(dom == "ai.rwkvc" for dom, _ in step_ops(plain))
+    man = json.loads((fused / "manifest.json").read_text())
+    assert man["custom_ops"] == {"domain": "ai.rwkvc", "version": ortops.VERSION, "entry_points": ["step"]}
+    assert "custom_ops" not in json.loads((plain / "manifest.json").read_text())
+    onnx.checker.check_model(str(fused / "step.onnx"), full_check=True)
+
+
+def test_fused_step_matches_plain_step_and_prefill(pair):
+    _, fused, plain, V = pair
+    toks = np.random.default_rng(V).integers(0, V, 40).tolist()
+    a, b = rwkvc.load(fused), rwkvc.load(plain)
+    sa = sb = None
+    for i, t in enumerate(toks):
+        la, sa = a.forward([t], sa)
+        lb, sb = b.forward([t], sb)
+        scale = max(1.0, float(np.abs(lb).max()))
+        assert float(np.abs(la - lb).max()) <= 2e-5 * scale, f"token {i}"
+    np.testing.assert_allclose(sa.wkv, sb.wkv, rtol=0, atol=2e-5 * max(1.0, float(np.abs(sb.wkv).max())))
+    np.testing.assert_allclose(sa.shift, sb.shift, rtol=0, atol=2e-5)
+    lp, sp = a.forward(toks, None)          # the prefill graph is plain ONNX: an independent check
+    assert float(np.abs(lp - la).max()) <= 2e-5 * max(1.0, float(np.abs(lp).max()))
+    np.testing.assert_allclose(sp.wkv, sa.wkv, rtol=0, atol=2e-5 * max(1.0, float(np.abs(sp.wkv).max())))
+
+
+def test_fused_with_sparse_ffn_and_int8_runs_the_packed_graph(pair, tmp_path):
+    ckpt, _, _, V = pair
+    art = rwkvc.compile(ckpt, tmp_path / "q", target="cpu", passes="int8")
+    assert ("ai.rwkvc", "Rwkv7WkvStep") in step_ops(art)
+    m = rwkvc.load(art)
+    logits, state = m.forward([1, 2, 3])
+    logits2, _ = m.forward([4], state)
+    assert np.isfinite(logits2).all() and logits2.shape == (V,)
+
+
+def test_artifact_from_another_kernel_version_is_refused(pair, tmp_path):
+    import shutil
+    _, fused, _, _ = pair
+    d = tmp_path / "old"
+    shutil.copytree(fused, d)
+    man = json.loads((d / "manifest.json").read_text())
+    man["custom_ops"]["version"] = ortops.VERSION + 1
+    (d / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(RwkvcError, match="recompile the artifact"):
+        rwkvc.load(d)
+
+
+def test_fused_option_errors(pair, tmp_path):
+    from rwkvc.cli import target_options
+    with pytest.raises(RwkvcError, match="--target cpu"):
+        target_options("tvm-host", True)
+    from rwkvc.testing import random_v6_state_dict, save_state_dict
+    v6 = save_state_dict(random_v6_state_dict(), tmp_path / "v6.pth")
+    with pytest.raises(RwkvcError, match="cover RWKV-7 in float32, not RWKV-v6"):
+        rwkvc.compile(v6, tmp_path / "x", target="cpu", options={"fused": True})
+    assert not (tmp_path / "x").exists()
+    plain = rwkvc.compile(v6, tmp_path / "y", target="cpu")      # the default: plain ONNX where not covered
+    assert "custom_ops" not in json.loads((plain / "manifest.json").read_text())
