@@ -17,7 +17,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "ort_abi.h"
 
@@ -233,6 +236,76 @@ void wkv_compute(const Attrs& at, OrtKernelContext* ctx) {
   }
 }
 
+// The recurrence over T tokens for one head, on the transposed state Z = S^T held in a local buffer:
+// every product is then a sum of scaled rows of Z (no horizontal reductions), and Z stays in L1.
+//   sa = sum_j a_j Z_j;  Z_j <- w_j Z_j + b_j sa + k_j v;  y = sum_j r_j Z_j      (rows Z_j of length N)
+template <int64_t NT>
+void wkv7_seq_head(float* Z, int64_t n, int64_t T, int64_t C, const float* r, const float* logw, const float* k,
+                   const float* v, const float* a, const float* b, float* y) {
+  const int64_t N = NT ? NT : n;
+  float sa[256], acc[256], w[256];
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t o = t * C;
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j) w[j] = fast_exp(logw[o + j]);
+    for (int64_t i = 0; i < N; ++i) sa[i] = 0, acc[i] = 0;
+    for (int64_t j = 0; j < N; ++j) {
+      const float aj = a[o + j];
+      const float* Zj = Z + j * N;
+#pragma omp simd
+      for (int64_t i = 0; i < N; ++i) sa[i] += aj * Zj[i];
+    }
+    const float* vt = v + o;
+    for (int64_t j = 0; j < N; ++j) {
+      const float wj = w[j], bj = b[o + j], kj = k[o + j], rj = r[o + j];
+      float* Zj = Z + j * N;
+#pragma omp simd
+      for (int64_t i = 0; i < N; ++i) {
+        const float z = Zj[i] * wj + sa[i] * bj + vt[i] * kj;
+        Zj[i] = z;
+        acc[i] += z * rj;
+      }
+    }
+    for (int64_t i = 0; i < N; ++i) y[o + i] = acc[i];
+  }
+}
+
+int g_threads = 1;   // set by the runtime (rwkvc_ort_ops_set_threads): the session's intra-op threads
+
+// Rwkv7WkvSeq(r, logw, k, v, a, b (T, C), S (H, N, N)) -> y (T, C), S' (H, N, N): the prefill's WKV,
+// token by token (the exact recurrence), heads split over g_threads threads.
+void wkv_seq_compute(const Attrs&, OrtKernelContext* ctx) {
+  Tensor in[7];
+  for (size_t i = 0; i < 7; ++i) in[i] = input(ctx, i);
+  const Tensor& S = in[6];
+  const int64_t H = S.dims[0], N = S.dims[1], C = H * N, T = in[0].size / C;
+  const int64_t ydims[2] = {T, C};
+  float* y = output(ctx, 0, ydims, 2);
+  float* S2 = output(ctx, 1, S.dims, 3);
+  if (N > 256) return;
+  auto run = [&](int64_t h0, int64_t h1) {
+    std::vector<float> buf(N * N);
+    float* Z = buf.data();
+    for (int64_t h = h0; h < h1; ++h) {
+      const float* Sh = S.data + h * N * N;
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t j = 0; j < N; ++j) Z[j * N + i] = Sh[i * N + j];
+      const int64_t o = h * N;
+      auto fn = N == 64 ? wkv7_seq_head<64> : N == 32 ? wkv7_seq_head<32> : wkv7_seq_head<0>;
+      fn(Z, N, T, C, in[0].data + o, in[1].data + o, in[2].data + o, in[3].data + o, in[4].data + o,
+         in[5].data + o, y + o);
+      float* S2h = S2 + h * N * N;
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t j = 0; j < N; ++j) S2h[i * N + j] = Z[j * N + i];
+    }
+  };
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(g_threads, H));
+  std::vector<std::thread> pool;
+  for (int64_t p = 1; p < nt; ++p) pool.emplace_back(run, H * p / nt, H * (p + 1) / nt);
+  run(0, H / nt);   // this thread: the first share
+  for (auto& th : pool) th.join();
+}
+
 void relu_square_compute(const Attrs&, OrtKernelContext* ctx) {
   Tensor x = input(ctx, 0);
   float* out = output(ctx, 0, x.dims, x.rank);
@@ -310,6 +383,7 @@ OpDef g_ops[] = {
     make("Rwkv7Mix6", 6, 8, mix_compute),
     make("Rwkv7WkvStep", 17, 2, wkv_compute),
     make("ReluSquare", 1, 1, relu_square_compute),
+    make("Rwkv7WkvSeq", 7, 2, wkv_seq_compute),
 };
 
 }  // namespace
@@ -327,3 +401,6 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
 
 // the library's version of the op set, for rwkvc.runtimes.ortops to check what it loaded
 extern "C" __attribute__((visibility("default"))) int rwkvc_ort_ops_version() { return 1; }
+
+// threads for the kernels that split work (Rwkv7WkvSeq); the runtime passes its intra-op thread count
+extern "C" __attribute__((visibility("default"))) void rwkvc_ort_ops_set_threads(int n) { g_threads = n > 0 ? n : 1; }

@@ -47,7 +47,7 @@ class OrtRuntime:
         if manifest.get("custom_ops"):
             from . import ortops
             ortops.require(manifest["custom_ops"])
-            ortops.register(so)
+            ortops.register(so, threads)
         wanted = providers or manifest.get("providers") or ["CPUExecutionProvider"]
         avail = ort.get_available_providers()
         missing = [p for p in wanted if p not in avail]

@@ -22,7 +22,7 @@ from rwkvc.errors import RwkvcError
 DOMAIN = "ai.rwkvc"
 VERSION = 1
 SOURCES = ("ort_ops.cc", "ort_abi.h")
-FLAGS = ["-std=c++17", "-O3", "-march=native", "-fopenmp-simd", "-fno-trapping-math", "-fno-math-errno", "-fPIC", "-shared", "-fvisibility=hidden"]
+FLAGS = ["-std=c++17", "-O3", "-march=native", "-fopenmp-simd", "-fno-trapping-math", "-fno-math-errno", "-fPIC", "-shared", "-fvisibility=hidden", "-pthread"]
 
 
 def _source_dir() -> Path:
@@ -91,6 +91,8 @@ def require(spec: dict) -> None:
         raise RwkvcError(f"{lib}: not version {VERSION} of rwkvc's fused kernels; delete it so it is rebuilt")
 
 
-def register(so) -> None:
-    """Register the library into an onnxruntime.SessionOptions."""
+def register(so, threads: int | None = None) -> None:
+    """Register the library into an onnxruntime.SessionOptions; `threads` for the kernels that split their
+    work (the prefill's WKV; one setting per process, the last session's)."""
     so.register_custom_ops_library(library())
+    ctypes.CDLL(library()).rwkvc_ort_ops_set_threads(int(threads or os.cpu_count() or 1))

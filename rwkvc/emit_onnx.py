@@ -76,6 +76,7 @@ class Graph:
         self.n = 0
         self.rescale: dict[str, float] = {}   # Linear name -> divisor of its output (the fp16 layer rescale)
         self.prefix = ""                      # subgraphs name their values apart (ONNX wants one SSA scope)
+        self.fused = False                    # rwkvc's own kernels (FUSED_DOMAIN) may be used
 
     def fresh(self, hint="t") -> str:
         self.n += 1
@@ -337,7 +338,12 @@ def emit_time_mix_v7(g: Graph, att: ir.TimeMix, x: str, prev: str, S: str, v_fir
         y = g.op("Reshape", g.op("Add", yn, g.op("Mul", sh["v"], rk)), g.const([1, C]))
         return linear(g, L["output"], g.op("Mul", to_compute(g, y), gate)), S2, v_first
 
-    y, S2 = emit_wkv_chunked(g, S, H, N, CHUNK, r=r, logw=logw, k=k, v=v, a=g.op("Neg", kk), b=g.op("Mul", kk, iclr))
+    if g.fused:   # rwkvc's kernel: the exact recurrence token by token, heads over threads
+        y, S2 = g.op("Rwkv7WkvSeq", r, logw, k, v, g.op("Neg", kk), g.op("Mul", kk, iclr), S, domain=FUSED_DOMAIN,
+                     n_out=2)
+    else:
+        y, S2 = emit_wkv_chunked(g, S, H, N, CHUNK, r=r, logw=logw, k=k, v=v, a=g.op("Neg", kk),
+                                 b=g.op("Mul", kk, iclr))
 
     # group norm over each head's N channels, then the per-channel affine of ln_x
     yh = g.op("Reshape", y, heads)
@@ -364,7 +370,7 @@ FUSED_DOMAIN = "ai.rwkvc"   # rwkvc's own CPU kernels (native/ort_ops.cc, regist
 
 
 def fused_step_supported(model: ir.Model, dtype) -> bool:
-    """The fused one-token step: RWKV-7 in float32 (the kernels are float32)."""
+    """rwkvc's fused kernels (the step's element-wise work, the prefill's WKV): RWKV-7 in float32."""
     return model.config.version == "7" and np.dtype(dtype) == np.float32
 
 
@@ -854,8 +860,8 @@ def rows_coupled(ffn: ir.ChannelMix) -> bool:
 
 def build_graph(model: ir.Model, store: WeightStore, prefill: bool, rescale_every: int = RESCALE_EVERY,
                 fused: bool = False) -> onnx.ModelProto:
-    """The step (prefill=False) or prefill graph. fused: the step's element-wise work on rwkvc's own kernels
-    (FUSED_DOMAIN; see emit_block_v7_fused), where fused_step_supported."""
+    """The step (prefill=False) or prefill graph. fused: rwkvc's own kernels (FUSED_DOMAIN) for the step's
+    element-wise work (emit_block_v7_fused) and the prefill's WKV, where fused_step_supported."""
     cfg = model.config
     L, C, H, N, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size, cfg.vocab_size
     g = Graph(store, store.dtype)
@@ -867,13 +873,14 @@ def build_graph(model: ir.Model, store: WeightStore, prefill: bool, rescale_ever
                      num_outputs=2 * L, n_out=2 * L)
     new_rows, new_wkv = [], []
     v_first = None
-    fused = fused and not prefill and fused_step_supported(model, store.dtype)
-    dx = g.const(np.zeros((1, C)), F32) if fused else None
+    g.fused = fused = fused and fused_step_supported(model, store.dtype)
+    step_fused = fused and not prefill
+    res = g.const(np.zeros((1, C)), F32) if step_fused else None   # the fused step's pending residual
     for i, blk in enumerate(model.blocks):
         prev_att, prev_ffn = prev_rows[2 * i], prev_rows[2 * i + 1]                  # (1, C)
         S = f"wkv_in.{i}"                                                             # one input per layer
-        if fused:
-            x, dx, xa, xf, S2, v_first = emit_block_v7_fused(g, blk, x, dx, prev_att, prev_ffn, S, v_first, cfg, i)
+        if step_fused:
+            x, res, xa, xf, S2, v_first = emit_block_v7_fused(g, blk, x, res, prev_att, prev_ffn, S, v_first, cfg, i)
             new_rows += [xa, xf]
             new_wkv.append(S2)
             continue
@@ -894,8 +901,8 @@ def build_graph(model: ir.Model, store: WeightStore, prefill: bool, rescale_ever
         new_rows += [last(xa), last(xf)]
         new_wkv.append(S2)
 
-    if fused:
-        x = g.op("Add", x, dx)
+    if step_fused:
+        x = g.op("Add", x, res)
     xl = g.op("Slice", x, g.const([-1]), g.const([2 ** 62]), g.const([0])) if prefill else x
     xl = layer_norm(g, xl, model.ln_out, "ln_out")
     logits = g.op("Reshape", linear(g, model.head, xl), g.const([V]))

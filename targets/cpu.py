@@ -38,7 +38,7 @@ class CpuTarget:
                   "dtype": dtype, "weights": "weights.bin"}
         if fused:
             from rwkvc.runtimes import ortops
-            fields["custom_ops"] = {"domain": ortops.DOMAIN, "version": ortops.VERSION, "entry_points": ["step"]}
+            fields["custom_ops"] = {"domain": ortops.DOMAIN, "version": ortops.VERSION, "entry_points": sorted(files)}
         return fields
 
 

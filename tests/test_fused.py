@@ -25,8 +25,8 @@ SHAPES = {
 }
 
 
-def step_ops(art) -> set[tuple[str, str]]:
-    m = onnx.load(str(art / "step.onnx"), load_external_data=False)
+def step_ops(art, entry="step") -> set[tuple[str, str]]:
+    m = onnx.load(str(art / f"{entry}.onnx"), load_external_data=False)
     return {(n.domain, n.op_type) for n in m.graph.node}
 
 
@@ -44,14 +44,15 @@ def test_default_cpu_step_is_fused_and_plain_has_no_custom_ops(pair):
     _, fused, plain, _ = pair
     ops = step_ops(fused)
     assert {("ai.rwkvc", "Rwkv7Mix6"), ("ai.rwkvc", "Rwkv7WkvStep"), ("ai.rwkvc", "Rwkv7Mix1")} <= ops
-    assert not any(dom == "ai.rwkvc" for dom, _ in step_ops(plain))
+    assert ("ai.rwkvc", "Rwkv7WkvSeq") in step_ops(fused, "prefill")
+    assert not any(dom == "ai.rwkvc" for dom, _ in step_ops(plain) | step_ops(plain, "prefill"))
     man = json.loads((fused / "manifest.json").read_text())
-    assert man["custom_ops"] == {"domain": "ai.rwkvc", "version": ortops.VERSION, "entry_points": ["step"]}
+    assert man["custom_ops"] == {"domain": "ai.rwkvc", "version": ortops.VERSION, "entry_points": ["prefill", "step"]}
     assert "custom_ops" not in json.loads((plain / "manifest.json").read_text())
     onnx.checker.check_model(str(fused / "step.onnx"), full_check=True)
 
 
-def test_fused_step_matches_plain_step_and_prefill(pair):
+def test_fused_step_and_prefill_match_the_plain_graphs(pair):
     _, fused, plain, V = pair
     toks = np.random.default_rng(V).integers(0, V, 40).tolist()
     a, b = rwkvc.load(fused), rwkvc.load(plain)
@@ -63,9 +64,17 @@ def test_fused_step_matches_plain_step_and_prefill(pair):
         assert float(np.abs(la - lb).max()) <= 2e-5 * scale, f"token {i}"
     np.testing.assert_allclose(sa.wkv, sb.wkv, rtol=0, atol=2e-5 * max(1.0, float(np.abs(sb.wkv).max())))
     np.testing.assert_allclose(sa.shift, sb.shift, rtol=0, atol=2e-5)
-    lp, sp = a.forward(toks, None)          # the prefill graph is plain ONNX: an independent check
-    assert float(np.abs(lp - la).max()) <= 2e-5 * max(1.0, float(np.abs(lp).max()))
-    np.testing.assert_allclose(sp.wkv, sa.wkv, rtol=0, atol=2e-5 * max(1.0, float(np.abs(sp.wkv).max())))
+    for chunks in ([40], [1, 17, 22]):     # the fused prefill (token by token) against the plain one (chunked)
+        sp = sq = None
+        pos = 0
+        for c in chunks:
+            lp, sp = a.forward(toks[pos:pos + c], sp)
+            lq, sq = b.forward(toks[pos:pos + c], sq)
+            pos += c
+            assert float(np.abs(lp - lq).max()) <= 2e-5 * max(1.0, float(np.abs(lq).max())), chunks
+        assert float(np.abs(lp - la).max()) <= 2e-5 * max(1.0, float(np.abs(lp).max()))
+        np.testing.assert_allclose(sp.wkv, sq.wkv, rtol=0, atol=2e-5 * max(1.0, float(np.abs(sq.wkv).max())))
+        np.testing.assert_allclose(sp.wkv, sa.wkv, rtol=0, atol=2e-5 * max(1.0, float(np.abs(sa.wkv).max())))
 
 
 def test_fused_with_sparse_ffn_and_int8_runs_the_packed_graph(pair, tmp_path):
