@@ -6,7 +6,8 @@
 // own (MatMul, MatMulNBits, ...):
 //
 //   Rwkv7Mix(x, dx, ln.weight, ln.bias, prev, mix (M, C))  attr eps
-//       -> s = x + dx, n = LayerNorm(s), n + (prev - n) * mix[m] for each of the M rows     (2 + M outputs)
+//       -> s = x + dx, n = LayerNorm(s), n + (shift(n) - n) * mix[m] for each of the M rows (2 + M outputs;
+//          x is (T, C): shift(n) is n one row back, its first row prev)
 //   Rwkv7WkvStep(r, w, k, v, a, vg, v_first, g, S (H, N, N), w0, a0, v0, k_k, k_a, r_k, ln_x.weight,
 //                ln_x.bias)  attrs eps, first
 //       -> y (1, C): the time-mix's output before its output projection, S' (H, N, N)
@@ -174,19 +175,32 @@ struct Attrs {
 
 // ---- the kernels ---------------------------------------------------------------------------------------
 
+// Rows t = 0..T-1 of x (T, C) plus dx (T, C, or one row broadcast): s = x + dx, n = LayerNorm(s) per row,
+// and for each mix row m: n_t + (n_{t-1} - n_t) * mix[m], with n_{-1} = prev (the token shift).
 void mix_compute(const Attrs& at, OrtKernelContext* ctx) {
   Tensor x = input(ctx, 0), dx = input(ctx, 1), lw = input(ctx, 2), lb = input(ctx, 3), prev = input(ctx, 4),
          mix = input(ctx, 5);
-  const int64_t C = lw.size, M = mix.size / C;
-  const int64_t row[2] = {1, C};
-  float* s = output(ctx, 0, row, 2);
-  float* n = output(ctx, 1, row, 2);
-  for (int64_t c = 0; c < C; ++c) s[c] = x.data[c] + dx.data[c];
-  layer_norm(s, lw.data, lb.data, at.eps, C, n);
-  for (int64_t m = 0; m < M; ++m) {
-    float* o = output(ctx, 2 + m, row, 2);
-    const float* mm = mix.data + m * C;
-    for (int64_t c = 0; c < C; ++c) o[c] = n[c] + (prev.data[c] - n[c]) * mm[c];
+  const int64_t C = lw.size, M = mix.size / C, T = x.size / C, dstride = dx.size == C ? 0 : C;
+  const int64_t dims[2] = {T, C};
+  float* s = output(ctx, 0, dims, 2);
+  float* n = output(ctx, 1, dims, 2);
+  float* o[8];
+  for (int64_t m = 0; m < M && m < 8; ++m) o[m] = output(ctx, 2 + m, dims, 2);
+  for (int64_t t = 0; t < T; ++t) {
+    float* st = s + t * C;
+    float* nt = n + t * C;
+    const float* xt = x.data + t * C;
+    const float* dt = dx.data + t * dstride;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) st[c] = xt[c] + dt[c];
+    layer_norm(st, lw.data, lb.data, at.eps, C, nt);
+    const float* pv = t == 0 ? prev.data : nt - C;
+    for (int64_t m = 0; m < M && m < 8; ++m) {
+      float* om = o[m] + t * C;
+      const float* mm = mix.data + m * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) om[c] = nt[c] + (pv[c] - nt[c]) * mm[c];
+    }
   }
 }
 

@@ -193,9 +193,6 @@ class _Collector:
 def collect(model: ir.Model, args: dict, ctx, passname: str) -> CalibStats:
     from rwkvc.calib import IRRunner, calib_tokens
     method = args.get("method", "rtn")
-    if model.config.version != "7":
-        raise RwkvcError(f"pass {passname}: method={method} calibrates by running the model, which rwkvc does "
-                         f"for RWKV-7 only; use method=rtn for RWKV-v{model.config.version}")
     tokens = calib_tokens(ctx, 4096)
     wanted = {lin.name for _, _, _, lin in selected(model, args["targets"], args["layers"])}
     stats = CalibStats(method, len(tokens))

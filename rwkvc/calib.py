@@ -113,8 +113,9 @@ def _t(a) -> torch.Tensor:
 
 class IRRunner:
     def __init__(self, model: ir.Model, simulate: bool = True):
-        if model.config.version != "7":
-            raise RwkvcError(f"calibration runs RWKV-7 models; this one is RWKV-v{model.config.version}")
+        if model.config.version not in TIME_MIXES:
+            raise RwkvcError(f"calibration runs RWKV-{', '.join(sorted(TIME_MIXES))} models; this one is "
+                             f"RWKV-v{model.config.version}")
         self.model, self.simulate = model, simulate
         self._fns: dict[str, object] = {}
         self.hooks = None
@@ -227,7 +228,8 @@ class IRRunner:
                 v_first = None
                 for i, blk in enumerate(m.blocks):
                     xa = ln(x, blk.ln1)
-                    dx, wkv[i], v_first = self.time_mix(blk.att, xa, shift[i, 0], wkv[i], v_first, i, hooks)
+                    dx, wkv[i], v_first = TIME_MIXES[cfg.version](self, blk.att, xa, shift[i, 0], wkv[i], v_first, i,
+                                                                  hooks)
                     shift[i, 0] = xa[-1]
                     x = x + dx
                     xf = ln(x, blk.ln2)
@@ -270,8 +272,77 @@ class IRRunner:
         y = y + bonus.view(T, C)
         return lin("output", y * g), S2[0], v_first
 
+    # -- RWKV-4, -5, -6 (the maths of emit_onnx's lowerings, in float32 torch) ------------------
+    def _mixes(self, mix: dict, x, prev):
+        xx = torch.cat([prev[None], x[:-1]], 0) - x
+        return xx, {k: x + xx * _t(v) for k, v in mix.items()}
+
+    def time_mix_v4(self, att: ir.TimeMix, x, prev, S, v_first, i, hooks):
+        _, xm = self._mixes(att.mix, x, prev)
+        lin = lambda k, z: self.lin(att.lin[k], z, hooks)  # noqa: E731
+        r = torch.sigmoid(lin("receptance", xm["x_r"]))
+        k, v = lin("key", xm["x_k"]), lin("value", xm["x_v"])
+        w = -torch.exp(_t(att.vec["w0"]))
+        u = _t(att.vec["u"])
+        aa, bb, pp = S[0].clone(), S[1].clone(), S[2].clone()
+        ys = []
+        for t in range(x.shape[0]):   # the numerically stable form of emit_onnx.wkv4_step
+            ww = u + k[t]
+            p = torch.maximum(pp, ww)
+            e1, e2 = torch.exp(pp - p), torch.exp(ww - p)
+            ys.append((e1 * aa + e2 * v[t]) / (e1 * bb + e2))
+            ww = w + pp
+            p = torch.maximum(ww, k[t])
+            e1, e2 = torch.exp(ww - p), torch.exp(k[t] - p)
+            aa, bb, pp = e1 * aa + e2 * v[t], e1 * bb + e2, p
+        return lin("output", r * torch.stack(ys)), torch.stack([aa, bb, pp]), v_first
+
+    def _wkv5(self, att: ir.TimeMix, S, r, k, v, w):
+        """y_t = S_{t-1} r_t + v_t (u k_t . r_t) per head, S_t = S_{t-1} diag(w_t) + v_t k_t^T, then ln_x.
+        w: (C,) or (T, C)."""
+        cfg = self.model.config
+        H, N, C = cfg.n_head, cfg.head_size, cfg.n_embd
+        T = r.shape[0]
+        w = w.expand(T, C) if w.dim() == 1 else w
+        S = S.clone()
+        ys = []
+        for t in range(T):
+            rt, kt, vt, wt = (z[t].view(H, N) for z in (r, k, v, w))
+            ys.append((S @ rt[..., None])[..., 0])
+            S = S * wt[:, None, :] + vt[..., None] * kt[:, None, :]
+        y = torch.stack(ys).view(T, C)
+        u = _t(att.vec["u"]).view(H, N)
+        y = y + (v.view(T, H, N) * (u * k.view(T, H, N) * r.view(T, H, N)).sum(-1, keepdim=True)).view(T, C)
+        y = torch.nn.functional.layer_norm(y.view(T, H, N), (N,), eps=att.ln_x.eps).view(T, C)
+        return y * _t(att.ln_x.weight) + _t(att.ln_x.bias), S
+
+    def time_mix_v5(self, att: ir.TimeMix, x, prev, S, v_first, i, hooks):
+        _, xm = self._mixes(att.mix, x, prev)
+        lin = lambda k, z: self.lin(att.lin[k], z, hooks)  # noqa: E731
+        r, k, v = lin("receptance", xm["x_r"]), lin("key", xm["x_k"]), lin("value", xm["x_v"])
+        y, S2 = self._wkv5(att, S, r, k, v, torch.exp(-torch.exp(_t(att.vec["w0"]))))
+        if "gate" in att.lin:
+            y = y * torch.nn.functional.silu(lin("gate", xm["x_g"]))
+        return lin("output", y), S2, v_first
+
+    def time_mix_v6(self, att: ir.TimeMix, x, prev, S, v_first, i, hooks):
+        from rwkvc.emit_onnx import MAA
+        L = att.lin
+        lin = lambda k, z: self.lin(L[k], z, hooks)  # noqa: E731
+        D = L["maa1"].out_features // 5
+        xx = torch.cat([prev[None], x[:-1]], 0) - x
+        h = torch.tanh(lin("maa1", x + xx * _t(att.mix["x_x"])))
+        xm = {m: x + xx * (_t(att.mix["x_" + m]) + lin("maa2_" + m, h[:, j * D:(j + 1) * D]))
+              for j, m in enumerate(MAA)}
+        r, k, v = lin("receptance", xm["r"]), lin("key", xm["k"]), lin("value", xm["v"])
+        gate = torch.nn.functional.silu(lin("gate", xm["g"]))
+        w = torch.exp(-torch.exp(lin("w2", torch.tanh(lin("w1", xm["w"]))) + _t(att.vec["w0"])))
+        y, S2 = self._wkv5(att, S, r, k, v, w)
+        return lin("output", y * gate), S2, v_first
+
     def channel_mix(self, ffn: ir.ChannelMix, x, prev, i, hooks):
-        xk = x + (torch.cat([prev[None], x[:-1]], 0) - x) * _t(ffn.mix["x_k"])
+        xx, xm = self._mixes(ffn.mix, x, prev)
+        xk = xm["x_k"]
         pre = self.lin(ffn.lin["key"], xk, hooks)
         if hooks is not None and hasattr(hooks, "ffn"):
             hooks.ffn(i, xk, pre)
@@ -282,7 +353,14 @@ class IRRunner:
             st[0] += int(mask.sum())
             st[1] += mask.numel()
             h = h * mask
-        return self.lin(ffn.lin["value"], h, hooks)
+        out = self.lin(ffn.lin["value"], h, hooks)
+        if "receptance" in ffn.lin:   # RWKV-4/5/6
+            out = torch.sigmoid(self.lin(ffn.lin["receptance"], xm["x_r"], hooks)) * out
+        return out
+
+
+TIME_MIXES = {"7": IRRunner.time_mix, "6": IRRunner.time_mix_v6, "5.2": IRRunner.time_mix_v5,
+              "5.1": IRRunner.time_mix_v5, "5.0": IRRunner.time_mix_v5, "4": IRRunner.time_mix_v4}
 
 
 def sparse_mask(sp: ir.SparseFFN, xk: torch.Tensor) -> torch.Tensor:

@@ -294,17 +294,21 @@ def emit_wkv_chunked(g: Graph, S: str, H: int, N: int, Tc: int, r, logw, k, v, a
 
 
 def emit_time_mix_v7(g: Graph, att: ir.TimeMix, x: str, prev: str, S: str, v_first: str | None,
-                     cfg: ir.ModelConfig, i: int, prefill: bool):
-    """Projections in the compute dtype; decay, normalisation, WKV, group norm and bonus in float32."""
+                     cfg: ir.ModelConfig, i: int, prefill: bool, xm: dict[str, str] | None = None):
+    """Projections in the compute dtype; decay, normalisation, WKV, group norm and bonus in float32.
+    xm: the six token-shift mixes, where the caller made them (the fused prefill's Rwkv7Mix6)."""
     H, N, C = cfg.n_head, cfg.head_size, cfg.n_embd
     p = f"blocks.{i}.att."
     L, vec = att.lin, att.vec
     w32 = lambda name, arr: g.weight(p + name, arr, F32)  # noqa: E731
-    xx = g.op("Sub", shifted(g, x, prev, prefill), x)
     names = list(att.mix)
-    if prefill:
+    if xm is not None:
+        pass
+    elif prefill:
+        xx = g.op("Sub", shifted(g, x, prev, prefill), x)
         xm = {m: g.op("Add", x, g.op("Mul", xx, g.weight(p + m, att.mix[m]))) for m in names}
     else:  # one token: the six mixes as one (6, C) broadcast, then a Split into rows (fewer, larger ops)
+        xx = g.op("Sub", shifted(g, x, prev, prefill), x)
         rows = g.op("Add", x, g.op("Mul", xx, g.weight(p + "x_mix6", np.stack([att.mix[m] for m in names]))))
         xm = dict(zip(names, g.op("Split", rows, axis=0, num_outputs=len(names), n_out=len(names))))
     r = f32(g, linear(g, L["receptance"], xm["x_r"]))
@@ -375,11 +379,13 @@ def fused_step_supported(model: ir.Model, dtype) -> bool:
 
 
 def emit_block_v7_fused(g: Graph, blk, x: str, dx: str, prev_att: str, prev_ffn: str, S: str, v_first: str | None,
-                        cfg: ir.ModelConfig, i: int):
-    """One RWKV-7 layer of the one-token step on rwkvc's fused kernels: the residual add, layer norm and
-    token-shift mixes are one Rwkv7Mix node, everything between the projections and the output projection
-    one Rwkv7WkvStep node. The residual stream enters as x + dx (the add happens in the Mix kernel).
-    Returns x, dx (the layer's channel-mix output, still to be added), the two shift rows, S', v_first."""
+                        cfg: ir.ModelConfig, i: int, prefill: bool = False, trim: bool = False):
+    """One RWKV-7 layer on rwkvc's fused kernels: the residual add, layer norm and token-shift mixes are one
+    Rwkv7Mix node; in the step, everything between the projections and the output projection is one
+    Rwkv7WkvStep node (a prefill does that part as emit_time_mix_v7, with the Rwkv7WkvSeq recurrence).
+    The residual stream enters as x + dx (the add happens in the Mix kernel). trim: the channel-mix on the
+    last two rows only (the last layer of a prefill). Returns x, dx (the layer's channel-mix output, still
+    to be added), the layer's LayerNorm outputs (their last rows are the shift state), S', v_first."""
     att, ffn = blk.att, blk.ffn
     p = f"blocks.{i}.att."
     L, vec = att.lin, att.vec
@@ -390,6 +396,11 @@ def emit_block_v7_fused(g: Graph, blk, x: str, dx: str, prev_att: str, prev_ffn:
                 g.weight(p + "x_mix6", np.stack([att.mix[m] for m in names])),
                 domain=FUSED_DOMAIN, n_out=2 + len(names), eps=float(blk.ln1.eps))
     x, xa, xm = outs[0], outs[1], dict(zip(names, outs[2:]))
+    if prefill:
+        dx_att, S2, v_first = emit_time_mix_v7(g, att, xa, prev_att, S, v_first, cfg, i, True, xm=xm)
+        if trim:
+            x, dx_att = (g.op("Slice", t, g.const([-2]), g.const([2 ** 62]), g.const([0])) for t in (x, dx_att))
+        return (*emit_channel_mix_v7_fused(g, blk, x, dx_att, prev_ffn, i, True), xa, S2, v_first)
     r = linear(g, L["receptance"], xm["x_r"])
     k = linear(g, L["key"], xm["x_k"])
     v = linear(g, L["value"], xm["x_v"])
@@ -405,16 +416,19 @@ def emit_block_v7_fused(g: Graph, blk, x: str, dx: str, prev_att: str, prev_ffn:
                  w32("ln_x.weight", att.ln_x.weight), w32("ln_x.bias", att.ln_x.bias),
                  domain=FUSED_DOMAIN, n_out=2, eps=float(att.ln_x.eps), first=int(i == 0))
     dx_att = linear(g, L["output"], y)
-    pf = f"blocks.{i}.ffn."
-    x, xf, xk = g.op("Rwkv7Mix1", x, dx_att, g.weight(f"blocks.{i}.ln2.weight", blk.ln2.weight),
-                     g.weight(f"blocks.{i}.ln2.bias", blk.ln2.bias), prev_ffn,
-                     g.weight(pf + "x_k", ffn.mix["x_k"]),
+    x, dx, xf = emit_channel_mix_v7_fused(g, blk, x, dx_att, prev_ffn, i, False)
+    return x, dx, xf, xa, S2, v_first
+
+
+def emit_channel_mix_v7_fused(g: Graph, blk, x: str, dx: str, prev: str, i: int, prefill: bool):
+    """x + dx, ln2 and the token shift in one Rwkv7Mix1, then the FFN. Returns x, the FFN's output, ln2(x)."""
+    ffn, pf = blk.ffn, f"blocks.{i}.ffn."
+    x, xf, xk = g.op("Rwkv7Mix1", x, dx, g.weight(f"blocks.{i}.ln2.weight", blk.ln2.weight),
+                     g.weight(f"blocks.{i}.ln2.bias", blk.ln2.bias), prev, g.weight(pf + "x_k", ffn.mix["x_k"]),
                      domain=FUSED_DOMAIN, n_out=3, eps=float(blk.ln2.eps))
     if ffn.sparse is not None:
-        dx = emit_sparse_ffn(g, ffn, xk, pf, False)
-    else:
-        dx = linear(g, ffn.lin["value"], g.op("ReluSquare", linear(g, ffn.lin["key"], xk), domain=FUSED_DOMAIN))
-    return x, dx, xa, xf, S2, v_first
+        return x, emit_sparse_ffn(g, ffn, xk, pf, prefill), xf
+    return x, linear(g, ffn.lin["value"], g.op("ReluSquare", linear(g, ffn.lin["key"], xk), domain=FUSED_DOMAIN)), xf
 
 
 # ----------------------------------------------------------------------------------------------
@@ -874,14 +888,16 @@ def build_graph(model: ir.Model, store: WeightStore, prefill: bool, rescale_ever
     new_rows, new_wkv = [], []
     v_first = None
     g.fused = fused = fused and fused_step_supported(model, store.dtype)
-    step_fused = fused and not prefill
-    res = g.const(np.zeros((1, C)), F32) if step_fused else None   # the fused step's pending residual
+    res = g.const(np.zeros((1, C)), F32) if fused else None   # the fused layers' pending residual
+    last = (lambda t: g.op("Slice", t, g.const([-1]), g.const([2 ** 62]), g.const([0]))) if prefill else (lambda t: t)
     for i, blk in enumerate(model.blocks):
         prev_att, prev_ffn = prev_rows[2 * i], prev_rows[2 * i + 1]                  # (1, C)
         S = f"wkv_in.{i}"                                                             # one input per layer
-        if step_fused:
-            x, res, xa, xf, S2, v_first = emit_block_v7_fused(g, blk, x, res, prev_att, prev_ffn, S, v_first, cfg, i)
-            new_rows += [xa, xf]
+        if fused:
+            trim = prefill and i == L - 1 and not rows_coupled(blk.ffn)
+            x, res, xf, xa, S2, v_first = emit_block_v7_fused(g, blk, x, res, prev_att, prev_ffn, S, v_first, cfg, i,
+                                                              prefill, trim)
+            new_rows += [last(xa), last(xf)]
             new_wkv.append(S2)
             continue
 
@@ -897,11 +913,10 @@ def build_graph(model: ir.Model, store: WeightStore, prefill: bool, rescale_ever
         if halve and (i + 1) % rescale_every == 0:
             x = g.op("Mul", x, g.const(0.5))
 
-        last = (lambda t: g.op("Slice", t, g.const([-1]), g.const([2 ** 62]), g.const([0]))) if prefill else (lambda t: t)
         new_rows += [last(xa), last(xf)]
         new_wkv.append(S2)
 
-    if step_fused:
+    if fused:
         x = g.op("Add", x, res)
     xl = g.op("Slice", x, g.const([-1]), g.const([2 ** 62]), g.const([0])) if prefill else x
     xl = layer_norm(g, xl, model.ln_out, "ln_out")
