@@ -89,13 +89,14 @@ def inspect_artifact(p: Path) -> dict:
             "version": f"v{c['version']}", "config": c, "passes": m.get("passes", []),
             "entry_points": m.get("entry_points", {}), "dtype": m.get("dtype"),
             "files": m.get("files", {}), "artifact_bytes": sum(f["bytes"] for f in m.get("files", {}).values()),
-            "format_version": m.get("format_version"), "source": m.get("source")}
+            "format_version": m.get("format_version"), "source": m.get("source"), "custom_ops": m.get("custom_ops")}
     text = [f"{p}: rwkvc artifact for target '{m['target']}' (runtime {m.get('runtime')}, {m.get('dtype')}), "
             f"{_fmt_bytes(info['artifact_bytes'])}",
             f"  RWKV-v{c['version']}: layers {c['n_layer']}, n_embd {c['n_embd']}, "
             + (f"heads {c['n_head']} x {c['head_size']}" if c["version"] != "4" else "no heads (RWKV-4)")
             + f", ffn {c['ffn_dim']}, vocab {c['vocab_size']}",
-            f"  entry points: {', '.join(f'{k}={v}' for k, v in info['entry_points'].items())}",
+            f"  entry points: {', '.join(f'{k}={v}' for k, v in info['entry_points'].items())}"
+            + (f" (rwkvc kernels {m['custom_ops']['domain']} v{m['custom_ops']['version']})" if m.get("custom_ops") else ""),
             "  passes: " + (", ".join(x.get("name", "?") + (f" ({x['summary']})" if x.get("summary") else "")
                                       for x in info["passes"]) or "none")]
     for rel, f in info["files"].items():
