@@ -302,15 +302,13 @@ def emit_time_mix_v7(g: Graph, att: ir.TimeMix, x: str, prev: str, S: str, v_fir
     L, vec = att.lin, att.vec
     w32 = lambda name, arr: g.weight(p + name, arr, F32)  # noqa: E731
     names = list(att.mix)
-    if xm is not None:
-        pass
-    elif prefill:
+    if xm is None:
         xx = g.op("Sub", shifted(g, x, prev, prefill), x)
-        xm = {m: g.op("Add", x, g.op("Mul", xx, g.weight(p + m, att.mix[m]))) for m in names}
-    else:  # one token: the six mixes as one (6, C) broadcast, then a Split into rows (fewer, larger ops)
-        xx = g.op("Sub", shifted(g, x, prev, prefill), x)
-        rows = g.op("Add", x, g.op("Mul", xx, g.weight(p + "x_mix6", np.stack([att.mix[m] for m in names]))))
-        xm = dict(zip(names, g.op("Split", rows, axis=0, num_outputs=len(names), n_out=len(names))))
+        if prefill:
+            xm = {m: g.op("Add", x, g.op("Mul", xx, g.weight(p + m, att.mix[m]))) for m in names}
+        else:  # one token: the six mixes as one (6, C) broadcast, then a Split into rows (fewer, larger ops)
+            rows = g.op("Add", x, g.op("Mul", xx, g.weight(p + "x_mix6", np.stack([att.mix[m] for m in names]))))
+            xm = dict(zip(names, g.op("Split", rows, axis=0, num_outputs=len(names), n_out=len(names))))
     r = f32(g, linear(g, L["receptance"], xm["x_r"]))
     k = f32(g, linear(g, L["key"], xm["x_k"]))
     v = f32(g, linear(g, L["value"], xm["x_v"]))
