@@ -65,8 +65,12 @@ def library() -> str:
             raise RwkvcError("this artifact uses rwkvc's fused CPU kernels, which are built once with a C++ "
                              "compiler, and none was found: apt-get install g++ (or set CXX), or recompile with "
                              "--fused off")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
+        except OSError as e:
+            raise RwkvcError(f"cannot write rwkvc's fused kernels into {out_dir} ({e.strerror}); set RWKV_CACHE "
+                             "to a writable directory") from None
         os.close(fd)
         try:
             r = subprocess.run([cxx, *FLAGS, str(src / "ort_ops.cc"), "-o", tmp], capture_output=True, text=True)

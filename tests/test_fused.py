@@ -113,3 +113,15 @@ def test_fused_option_errors(pair, tmp_path):
     assert not (tmp_path / "x").exists()
     plain = rwkvc.compile(v6, tmp_path / "y", target="cpu")      # the default: plain ONNX where not covered
     assert "custom_ops" not in json.loads((plain / "manifest.json").read_text())
+
+
+def test_unwritable_cache_is_a_clear_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")          # a cache "directory" under a regular file: no one can create it, not even root
+    monkeypatch.setenv("RWKV_CACHE", str(blocker / "cache"))
+    ortops.library.cache_clear()
+    try:
+        with pytest.raises(RwkvcError, match="set RWKV_CACHE"):
+            ortops.library()
+    finally:
+        ortops.library.cache_clear()
