@@ -125,3 +125,14 @@ def test_unwritable_cache_is_a_clear_error(tmp_path, monkeypatch):
             ortops.library()
     finally:
         ortops.library.cache_clear()
+
+
+def test_without_a_compiler_compile_falls_back_or_refuses(pair, tmp_path, monkeypatch, capsys):
+    ckpt = pair[0]
+    monkeypatch.setattr(ortops, "compiler", lambda: None)
+    art = rwkvc.compile(ckpt, tmp_path / "fallback", target="cpu")
+    assert "custom_ops" not in json.loads((art / "manifest.json").read_text())
+    assert "no C++ compiler found" in capsys.readouterr().err
+    with pytest.raises(RwkvcError, match="no C\\+\\+ compiler"):
+        rwkvc.compile(ckpt, tmp_path / "forced", target="cpu", options={"fused": True})
+    assert not (tmp_path / "forced").exists()
