@@ -2,8 +2,8 @@
 //
 // The cpu target's one-token step graph of an RWKV-7 model would otherwise run ~70 ONNX Runtime kernels a
 // layer, most of them element-wise work on one 768-wide row that costs less than the executor's ~2.5 us
-// per kernel. These ops fold that work into three kernels a layer; the matrix products stay ONNX Runtime's
-// own (MatMul, MatMulNBits, ...):
+// per kernel. These ops fold that work into four kernels a layer, and serve the prefill too; the matrix
+// products stay ONNX Runtime's own (MatMul, MatMulNBits, ...):
 //
 //   Rwkv7Mix(x, dx, ln.weight, ln.bias, prev, mix (M, C))  attr eps
 //       -> s = x + dx, n = LayerNorm(s), n + (shift(n) - n) * mix[m] for each of the M rows (2 + M outputs;
@@ -12,6 +12,7 @@
 //                ln_x.bias)  attrs eps, first
 //       -> y (1, C): the time-mix's output before its output projection, S' (H, N, N)
 //   ReluSquare(x) -> max(x, 0)^2
+//   Rwkv7WkvSeq(r, logw, k, v, a, b (T, C), S (H, N, N)) -> y (T, C), S': the prefill's recurrence
 //
 // Built by rwkvc.runtimes.ortops with the host's g++ and registered into each session from rwkvc's own
 // package (never from an artifact). ort_abi.h declares the few parts of ONNX Runtime's C API it uses.
@@ -216,7 +217,7 @@ void wkv_compute(const Attrs& at, OrtKernelContext* ctx) {
   const int64_t row[2] = {1, C};
   float* y = output(ctx, 0, row, 2);
   float* S2 = output(ctx, 1, S.dims, 3);
-  if (N > 256) return;   // the emitter refuses head sizes over 256 for this kernel
+  if (N > 256) return;   // emit_onnx.fused_supported: heads of at most FUSED_MAX_HEAD = 256
   const HeadFn head = head_kernel(N);
   const bool first = at.first != 0;
   float decay[256], kk[256], kn[256], aa[256], bb[256], vv[256];
@@ -245,8 +246,8 @@ void wkv_compute(const Attrs& at, OrtKernelContext* ctx) {
 #pragma omp simd
       for (int64_t j = 0; j < N; ++j) vv[j] = v[o + j] + (vf[o + j] - v[o + j]) * sigmoid(v0[o + j] + vg[o + j]);
     }
-    head(S.data + h * N * N, S2 + h * N * N, N, r + o, decay, kn, vv, aa, bb, r_k + o, lnw + o, lnb + o,
-              g + o, at.eps, y + o);
+    head(S.data + h * N * N, S2 + h * N * N, N, r + o, decay, kn, vv, aa, bb, r_k + o, lnw + o, lnb + o, g + o,
+         at.eps, y + o);
   }
 }
 
@@ -296,7 +297,7 @@ void wkv_seq_compute(const Attrs&, OrtKernelContext* ctx) {
   const int64_t ydims[2] = {T, C};
   float* y = output(ctx, 0, ydims, 2);
   float* S2 = output(ctx, 1, S.dims, 3);
-  if (N > 256) return;
+  if (N > 256) return;   // as above
   auto run = [&](int64_t h0, int64_t h1) {
     std::vector<float> buf(N * N);
     float* Z = buf.data();

@@ -17,9 +17,9 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from rwkvc.emit_onnx import FUSED_DOMAIN as DOMAIN
 from rwkvc.errors import RwkvcError
 
-DOMAIN = "ai.rwkvc"
 VERSION = 1
 SOURCES = ("ort_ops.cc", "ort_abi.h")
 FLAGS = ["-std=c++17", "-O3", "-march=native", "-fopenmp-simd", "-fno-trapping-math", "-fno-math-errno", "-fPIC", "-shared", "-fvisibility=hidden", "-pthread"]
@@ -64,7 +64,7 @@ def library() -> str:
         if cxx is None:
             raise RwkvcError("this artifact uses rwkvc's fused CPU kernels, which are built once with a C++ "
                              "compiler, and none was found: apt-get install g++ (or set CXX), or recompile with "
-                             "--fused off")
+                             "--no-fused")
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
@@ -77,7 +77,7 @@ def library() -> str:
             if r.returncode != 0:
                 last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
                 raise RwkvcError(f"building rwkvc's fused CPU kernels with {cxx} failed ({last[:200]}); "
-                                 "recompile the artifact with --fused off")
+                                 "recompile the artifact with --no-fused")
             os.replace(tmp, lib)
         finally:
             if os.path.exists(tmp):

@@ -371,9 +371,14 @@ def emit_channel_mix_v7(g: Graph, ffn: ir.ChannelMix, x: str, prev: str, i: int,
 FUSED_DOMAIN = "ai.rwkvc"   # rwkvc's own CPU kernels (native/ort_ops.cc, registered by runtimes/ortops.py)
 
 
-def fused_step_supported(model: ir.Model, dtype) -> bool:
-    """rwkvc's fused kernels (the step's element-wise work, the prefill's WKV): RWKV-7 in float32."""
-    return model.config.version == "7" and np.dtype(dtype) == np.float32
+FUSED_MAX_HEAD = 256          # the kernels keep a head's vectors in fixed buffers of this size
+
+
+def fused_supported(model: ir.Model, dtype) -> bool:
+    """rwkvc's fused kernels (the step's element-wise work, the prefill's WKV and mixes): RWKV-7 in float32,
+    heads of at most FUSED_MAX_HEAD channels."""
+    cfg = model.config
+    return cfg.version == "7" and np.dtype(dtype) == np.float32 and cfg.head_size <= FUSED_MAX_HEAD
 
 
 def emit_block_v7_fused(g: Graph, blk, x: str, dx: str, prev_att: str, prev_ffn: str, S: str, v_first: str | None,
@@ -873,7 +878,7 @@ def rows_coupled(ffn: ir.ChannelMix) -> bool:
 def build_graph(model: ir.Model, store: WeightStore, prefill: bool, rescale_every: int = RESCALE_EVERY,
                 fused: bool = False) -> onnx.ModelProto:
     """The step (prefill=False) or prefill graph. fused: rwkvc's own kernels (FUSED_DOMAIN) for the step's
-    element-wise work (emit_block_v7_fused) and the prefill's WKV, where fused_step_supported."""
+    element-wise work (emit_block_v7_fused) and the prefill's WKV, where fused_supported."""
     cfg = model.config
     L, C, H, N, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size, cfg.vocab_size
     g = Graph(store, store.dtype)
@@ -885,7 +890,7 @@ def build_graph(model: ir.Model, store: WeightStore, prefill: bool, rescale_ever
                      num_outputs=2 * L, n_out=2 * L)
     new_rows, new_wkv = [], []
     v_first = None
-    g.fused = fused = fused and fused_step_supported(model, store.dtype)
+    g.fused = fused = fused and fused_supported(model, store.dtype)
     res = g.const(np.zeros((1, C)), F32) if fused else None   # the fused layers' pending residual
     last = (lambda t: g.op("Slice", t, g.const([-1]), g.const([2 ** 62]), g.const([0]))) if prefill else (lambda t: t)
     for i, blk in enumerate(model.blocks):

@@ -44,14 +44,15 @@ class CpuTarget:
 
 def fused_kernels(model: ir.Model, dtype: str, want: bool | None) -> bool:
     """Whether the step graph uses rwkvc's fused kernels. want None (the default): where the model is one
-    they cover (RWKV-7, float32) and this machine has the C++ compiler that builds them once."""
+    they cover (RWKV-7, float32, emit_onnx.fused_supported) and this machine has the C++ compiler that builds them once."""
     from rwkvc.runtimes import ortops
-    covered = emit_onnx.fused_step_supported(model, dtype)
+    covered = emit_onnx.fused_supported(model, dtype)
     if want is False or (want is None and not covered):
         return False
     if not covered:
         raise RwkvcError(f"--fused: rwkvc's fused kernels cover RWKV-7 in float32, not RWKV-v{model.config.version} "
-                         f"in {dtype}; drop --fused")
+                         f"in {dtype} (and heads of at most {emit_onnx.FUSED_MAX_HEAD} channels; this model's have "
+                         f"{model.config.head_size}); drop --fused")
     if ortops.compiler() is None:
         if want:
             raise RwkvcError("--fused: no C++ compiler to build rwkvc's fused kernels with (apt-get install g++, "

@@ -113,6 +113,12 @@ def test_fused_option_errors(pair, tmp_path):
     assert not (tmp_path / "x").exists()
     plain = rwkvc.compile(v6, tmp_path / "y", target="cpu")      # the default: plain ONNX where not covered
     assert "custom_ops" not in json.loads((plain / "manifest.json").read_text())
+    # heads wider than the kernels' buffers: plain ONNX by default, a clear error when asked for
+    wide = save_random_v7(tmp_path / "wide.pth", n_layer=1, n_embd=512, head_size=512, vocab_size=100)
+    plain = rwkvc.compile(wide, tmp_path / "w", target="cpu")
+    assert "custom_ops" not in json.loads((plain / "manifest.json").read_text())
+    with pytest.raises(RwkvcError, match="heads of at most 256"):
+        rwkvc.compile(wide, tmp_path / "w2", target="cpu", options={"fused": True})
 
 
 def test_unwritable_cache_is_a_clear_error(tmp_path, monkeypatch):
