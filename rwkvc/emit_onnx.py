@@ -293,6 +293,20 @@ def emit_wkv_chunked(g: Graph, S: str, H: int, N: int, Tc: int, r, logw, k, v, a
     return g.op("Slice", y, g.const([0]), T, g.const([0])), g.op("Transpose", Z_final, perm=[0, 2, 1])
 
 
+def v7_projections(g: Graph, att: ir.TimeMix, xm: dict[str, str], i: int) -> dict[str, str]:
+    """The time-mix's products of its six mixes, in the compute dtype: r, k, v, the gate g, the LoRA outputs
+    w (before w0 and the decay's squashing) and a (before a0), and after layer 0 vg (before v0)."""
+    L = att.lin
+    out = {"r": linear(g, L["receptance"], xm["x_r"]), "k": linear(g, L["key"], xm["x_k"]),
+           "v": linear(g, L["value"], xm["x_v"]),
+           "w": linear(g, L["w2"], g.op("Tanh", linear(g, L["w1"], xm["x_w"]))),
+           "a": linear(g, L["a2"], linear(g, L["a1"], xm["x_a"])),
+           "g": linear(g, L["g2"], g.op("Sigmoid", linear(g, L["g1"], xm["x_g"])))}
+    if i:
+        out["vg"] = linear(g, L["v2"], linear(g, L["v1"], xm["x_v"]))
+    return out
+
+
 def emit_time_mix_v7(g: Graph, att: ir.TimeMix, x: str, prev: str, S: str, v_first: str | None,
                      cfg: ir.ModelConfig, i: int, prefill: bool, xm: dict[str, str] | None = None):
     """Projections in the compute dtype; decay, normalisation, WKV, group norm and bonus in float32.
@@ -309,13 +323,11 @@ def emit_time_mix_v7(g: Graph, att: ir.TimeMix, x: str, prev: str, S: str, v_fir
         else:  # one token: the six mixes as one (6, C) broadcast, then a Split into rows (fewer, larger ops)
             rows = g.op("Add", x, g.op("Mul", xx, g.weight(p + "x_mix6", np.stack([att.mix[m] for m in names]))))
             xm = dict(zip(names, g.op("Split", rows, axis=0, num_outputs=len(names), n_out=len(names))))
-    r = f32(g, linear(g, L["receptance"], xm["x_r"]))
-    k = f32(g, linear(g, L["key"], xm["x_k"]))
-    v = f32(g, linear(g, L["value"], xm["x_v"]))
-    w = f32(g, linear(g, L["w2"], g.op("Tanh", linear(g, L["w1"], xm["x_w"]))))
-    logw = g.op("Mul", g.op("Sigmoid", g.op("Add", w, w32("w0", vec["w0"]))), g.const(-DECAY_SCALE, F32))
-    iclr = g.op("Sigmoid", g.op("Add", w32("a0", vec["a0"]), f32(g, linear(g, L["a2"], linear(g, L["a1"], xm["x_a"])))))
-    gate = linear(g, L["g2"], g.op("Sigmoid", linear(g, L["g1"], xm["x_g"])))
+    pr = v7_projections(g, att, xm, i)
+    r, k, v = (f32(g, pr[n]) for n in "rkv")
+    logw = g.op("Mul", g.op("Sigmoid", g.op("Add", f32(g, pr["w"]), w32("w0", vec["w0"]))), g.const(-DECAY_SCALE, F32))
+    iclr = g.op("Sigmoid", g.op("Add", w32("a0", vec["a0"]), f32(g, pr["a"])))
+    gate = pr["g"]
 
     heads = g.const([-1, H, N])
     kk = g.op("Reshape", g.op("Mul", k, w32("k_k", vec["k_k"])), heads)
@@ -326,7 +338,7 @@ def emit_time_mix_v7(g: Graph, att: ir.TimeMix, x: str, prev: str, S: str, v_fir
     if i == 0:
         v_first = v
     else:
-        vg = g.op("Sigmoid", g.op("Add", w32("v0", vec["v0"]), f32(g, linear(g, L["v2"], linear(g, L["v1"], xm["x_v"])))))
+        vg = g.op("Sigmoid", g.op("Add", w32("v0", vec["v0"]), f32(g, pr["vg"])))
         v = g.op("Add", v, g.op("Mul", g.op("Sub", v_first, v), vg))
 
     if not prefill:   # one token: group norm and bonus on the per-head columns, no reshapes between
@@ -404,17 +416,13 @@ def emit_block_v7_fused(g: Graph, blk, x: str, dx: str, prev_att: str, prev_ffn:
         if trim:
             x, dx_att = (g.op("Slice", t, g.const([-2]), g.const([2 ** 62]), g.const([0])) for t in (x, dx_att))
         return (*emit_channel_mix_v7_fused(g, blk, x, dx_att, prev_ffn, i, True), xa, S2, v_first)
-    r = linear(g, L["receptance"], xm["x_r"])
-    k = linear(g, L["key"], xm["x_k"])
-    v = linear(g, L["value"], xm["x_v"])
-    w = linear(g, L["w2"], g.op("Tanh", linear(g, L["w1"], xm["x_w"])))
-    a = linear(g, L["a2"], linear(g, L["a1"], xm["x_a"]))
-    gate = linear(g, L["g2"], g.op("Sigmoid", linear(g, L["g1"], xm["x_g"])))
+    pr = v7_projections(g, att, xm, i)
     if i == 0:   # layer 0 has no value residual: vg, v_first and v0 are placeholders (attribute first=1)
-        v_first, vg, v0 = v, v, w32("w0", vec["w0"])
+        v_first, vg, v0 = pr["v"], pr["v"], w32("w0", vec["w0"])
     else:
-        vg, v0 = linear(g, L["v2"], linear(g, L["v1"], xm["x_v"])), w32("v0", vec["v0"])
-    y, S2 = g.op("Rwkv7WkvStep", r, w, k, v, a, vg, v_first, gate, S, w32("w0", vec["w0"]), w32("a0", vec["a0"]),
+        vg, v0 = pr["vg"], w32("v0", vec["v0"])
+    y, S2 = g.op("Rwkv7WkvStep", pr["r"], pr["w"], pr["k"], pr["v"], pr["a"], vg, v_first, pr["g"], S,
+                 w32("w0", vec["w0"]), w32("a0", vec["a0"]),
                  v0, w32("k_k", vec["k_k"]), w32("k_a", vec["k_a"]), w32("r_k", vec["r_k"]),
                  w32("ln_x.weight", att.ln_x.weight), w32("ln_x.bias", att.ln_x.bias),
                  domain=FUSED_DOMAIN, n_out=2, eps=float(att.ln_x.eps), first=int(i == 0))
