@@ -190,7 +190,7 @@ class _Collector:
         self.linear("head", x)
 
 
-def collect(model: ir.Model, args: dict, ctx, passname: str) -> CalibStats:
+def collect(model: ir.Model, args: dict, ctx) -> CalibStats:
     from rwkvc.calib import IRRunner, calib_tokens
     method = args.get("method", "rtn")
     tokens = calib_tokens(ctx, 4096)

@@ -425,7 +425,7 @@ class QuantPass:
         calib = None
         if args.get("method", "rtn") != "rtn":
             from . import calib_quant
-            calib = calib_quant.collect(model, args, ctx, self.name)
+            calib = calib_quant.collect(model, args, ctx)
         q = quantizer(self.bits, args, calib)
         # matrices read row by row (sparse FFNs, clustered heads' rows) are int8: ONNX Runtime has no fast
         # kernel for gathered int4 rows (GatherBlockQuantized measured ~10x slower than MatMulNBits)

@@ -242,13 +242,18 @@ class IRRunner:
                 yield logits
         self.state = ir.State(shift.numpy(), wkv.numpy())
 
+    @staticmethod
+    def _mixes(mix: dict, x, prev):
+        """xx = shift(x) - x (the first row's predecessor is prev) and x + xx * mix for each mix."""
+        xx = torch.cat([prev[None], x[:-1]], 0) - x
+        return xx, {k: x + xx * _t(v) for k, v in mix.items()}
+
     def time_mix(self, att: ir.TimeMix, x, prev, S, v_first, i, hooks):
         from rwkvc.reference.v7 import wkv7_chunked
         cfg = self.model.config
         H, N, C = cfg.n_head, cfg.head_size, cfg.n_embd
         T = x.shape[0]
-        xx = torch.cat([prev[None], x[:-1]], 0) - x
-        xm = {k: x + xx * _t(v) for k, v in att.mix.items()}
+        _, xm = self._mixes(att.mix, x, prev)
         L, V = att.lin, att.vec
         lin = lambda k, z: self.lin(L[k], z, hooks)  # noqa: E731
         r = lin("receptance", xm["x_r"])
@@ -273,9 +278,6 @@ class IRRunner:
         return lin("output", y * g), S2[0], v_first
 
     # -- RWKV-4, -5, -6 (the maths of emit_onnx's lowerings, in float32 torch) ------------------
-    def _mixes(self, mix: dict, x, prev):
-        xx = torch.cat([prev[None], x[:-1]], 0) - x
-        return xx, {k: x + xx * _t(v) for k, v in mix.items()}
 
     def time_mix_v4(self, att: ir.TimeMix, x, prev, S, v_first, i, hooks):
         _, xm = self._mixes(att.mix, x, prev)
@@ -330,7 +332,7 @@ class IRRunner:
         L = att.lin
         lin = lambda k, z: self.lin(L[k], z, hooks)  # noqa: E731
         D = L["maa1"].out_features // 5
-        xx = torch.cat([prev[None], x[:-1]], 0) - x
+        xx, _ = self._mixes({}, x, prev)
         h = torch.tanh(lin("maa1", x + xx * _t(att.mix["x_x"])))
         xm = {m: x + xx * (_t(att.mix["x_" + m]) + lin("maa2_" + m, h[:, j * D:(j + 1) * D]))
               for j, m in enumerate(MAA)}
@@ -341,7 +343,7 @@ class IRRunner:
         return lin("output", y * gate), S2, v_first
 
     def channel_mix(self, ffn: ir.ChannelMix, x, prev, i, hooks):
-        xx, xm = self._mixes(ffn.mix, x, prev)
+        _, xm = self._mixes(ffn.mix, x, prev)
         xk = xm["x_k"]
         pre = self.lin(ffn.lin["key"], xk, hooks)
         if hooks is not None and hasattr(hooks, "ffn"):
