@@ -18,9 +18,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from rwkvc.emit_onnx import FUSED_DOMAIN as DOMAIN
+from rwkvc.emit_onnx import FUSED_VERSION as VERSION
 from rwkvc.errors import RwkvcError
 
-VERSION = 1
 SOURCES = ("ort_ops.cc", "ort_abi.h")
 FLAGS = ["-std=c++17", "-O3", "-march=native", "-fopenmp-simd", "-fno-trapping-math", "-fno-math-errno", "-fPIC", "-shared", "-fvisibility=hidden", "-pthread"]
 
@@ -75,7 +75,8 @@ def library() -> str:
         try:
             r = subprocess.run([cxx, *FLAGS, str(src / "ort_ops.cc"), "-o", tmp], capture_output=True, text=True)
             if r.returncode != 0:
-                last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+                lines = r.stderr.strip().splitlines() or ["(no output)"]
+                last = next((ln for ln in lines if "error" in ln), lines[-1])
                 raise RwkvcError(f"building rwkvc's fused CPU kernels with {cxx} failed ({last[:200]}); "
                                  "recompile the artifact with --no-fused")
             os.replace(tmp, lib)
@@ -87,9 +88,10 @@ def library() -> str:
 
 def require(spec: dict) -> None:
     """Check an artifact's manifest["custom_ops"] against the kernels this rwkvc builds."""
-    if spec.get("domain") != DOMAIN or spec.get("version") != VERSION:
-        raise RwkvcError(f"this artifact uses fused kernels {spec.get('domain')} v{spec.get('version')}; this rwkvc "
-                         f"provides {DOMAIN} v{VERSION}: recompile the artifact with this rwkvc")
+    v = spec.get("version")
+    if spec.get("domain") != DOMAIN or not isinstance(v, int) or not 1 <= v <= VERSION:
+        raise RwkvcError(f"this artifact uses fused kernels {spec.get('domain')} v{v}; this rwkvc provides "
+                         f"{DOMAIN} v1 to v{VERSION}: recompile the artifact with this rwkvc")
     lib = library()
     if ctypes.CDLL(lib).rwkvc_ort_ops_version() != VERSION:
         raise RwkvcError(f"{lib}: not version {VERSION} of rwkvc's fused kernels; delete it so it is rebuilt")

@@ -16,9 +16,9 @@ def weight_traffic(path) -> dict:
     """Weight bytes of an artifact's step graph: resident (held in memory for every token) and read per
     decoded token, from the graph itself and the passes' calibration statistics in the manifest.
 
-    An initializer that only Gather / GatherElements nodes read as their data (the lazy embedding table, a
-    sparse FFN's key / value rows, a clustered head's rows, their scales and the head's per-block row /
-    token tables) stays memory-mapped by ONNX Runtime: it is not resident, and a token reads only the rows
+    An initializer that only Gather / GatherElements nodes read as their data, or rwkvc's fused kernels read
+    row by row (emit_onnx.FUSED_ROW_INPUTS) (the lazy embedding table, a sparse FFN's key / value rows, a
+    clustered head's rows, their scales and the head's per-block row / token tables) stays memory-mapped by ONNX Runtime: it is not resident, and a token reads only the rows
     it gathers: one row of the embedding; the fraction the sparse-ffn / hhead passes measured on
     calibration text for the others (their reports in manifest["passes"]; the head's tables are read by
     blocks of rows, which rounds that fraction up by about half a block per chosen cluster). The dense
@@ -29,7 +29,7 @@ def weight_traffic(path) -> dict:
 
     import onnx
     from .artifact import read_manifest
-    from .emit_onnx import DENSE_EMBEDDING
+    from .emit_onnx import DENSE_EMBEDDING, FUSED_ROW_INPUTS
     d = Path(path)
     man = read_manifest(d)
     if "step" not in man.get("entry_points", {}) or not str(man["entry_points"]["step"]).endswith(".onnx"):
@@ -53,7 +53,8 @@ def weight_traffic(path) -> dict:
     parts = {"embedding": 0, "head": 0, "blocks": 0}
     for name, (n, dims) in sizes.items():
         us = users.get(name, [])
-        gathered = bool(us) and all(op in ("Gather", "GatherElements") and j == 0 for op, j, _ in us)
+        gathered = bool(us) and all((op in ("Gather", "GatherElements") and j == 0) or (op, j) in FUSED_ROW_INPUTS
+                                    for op, j, _ in us)
         part = "embedding" if name.startswith("emb.") else "head" if name.startswith("head") else "blocks"
         if not gathered:
             resident += n

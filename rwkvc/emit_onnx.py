@@ -293,18 +293,55 @@ def emit_wkv_chunked(g: Graph, S: str, H: int, N: int, Tc: int, r, logw, k, v, a
     return g.op("Slice", y, g.const([0]), T, g.const([0])), g.op("Transpose", Z_final, perm=[0, 2, 1])
 
 
-def v7_projections(g: Graph, att: ir.TimeMix, xm: dict[str, str], i: int) -> dict[str, str]:
+def v7_projections(g: Graph, att: ir.TimeMix, xm: dict[str, str], i: int, fuse: bool = False) -> dict[str, str]:
     """The time-mix's products of its six mixes, in the compute dtype: r, k, v, the gate g, the LoRA outputs
-    w (before w0 and the decay's squashing) and a (before a0), and after layer 0 vg (before v0)."""
+    w (before w0 and the decay's squashing) and a (before a0), and after layer 0 vg (before v0).
+    fuse: int4 low-rank pairs as one Rwkv7LowRankQ4 node each (the fused step)."""
     L = att.lin
-    out = {"r": linear(g, L["receptance"], xm["x_r"]), "k": linear(g, L["key"], xm["x_k"]),
-           "v": linear(g, L["value"], xm["x_v"]),
-           "w": linear(g, L["w2"], g.op("Tanh", linear(g, L["w1"], xm["x_w"]))),
-           "a": linear(g, L["a2"], linear(g, L["a1"], xm["x_a"])),
-           "g": linear(g, L["g2"], g.op("Sigmoid", linear(g, L["g1"], xm["x_g"])))}
+    out = {"r": projection(g, L["receptance"], xm["x_r"], fuse), "k": projection(g, L["key"], xm["x_k"], fuse),
+           "v": projection(g, L["value"], xm["x_v"], fuse),
+           "w": lora(g, L["w1"], L["w2"], "tanh", xm["x_w"], fuse),
+           "a": lora(g, L["a1"], L["a2"], None, xm["x_a"], fuse),
+           "g": lora(g, L["g1"], L["g2"], "sigmoid", xm["x_g"], fuse)}
     if i:
-        out["vg"] = linear(g, L["v2"], linear(g, L["v1"], xm["x_v"]))
+        out["vg"] = lora(g, L["v1"], L["v2"], None, xm["x_v"], fuse)
     return out
+
+
+LOWRANK_Q4_ACTS = {None: 0, "tanh": 1, "sigmoid": 2, "relu": 3, "relu2": 4}   # Rwkv7LowRankQ4's act attribute
+ACT_OPS = {"tanh": "Tanh", "sigmoid": "Sigmoid"}
+
+
+def lowrank_q4(g: Graph, a: tuple[str, object], b: tuple[str, object], act: str | None, x: str) -> str | None:
+    """B act(A x) as one Rwkv7LowRankQ4 node when both factors (name, representation) are int4, else None.
+    The factors keep the names emit_int4 gives them (stored once for the step and the prefill)."""
+    if not (g.fused and not g.rescale and act in LOWRANK_Q4_ACTS and a[1].kind == "int4" and b[1].kind == "int4"):
+        return None
+    ins = []
+    for name, w in (a, b):
+        ins += [g.weight(name + ".q4", w.packed, np.uint8), g.weight(name + ".q4scales", w.scales, F32),
+                g.weight(name + ".q4zeros", w.zeros, np.uint8)]
+    return g.op("Rwkv7LowRankQ4", f32(g, x), *ins, domain=FUSED_DOMAIN, act=LOWRANK_Q4_ACTS[act])
+
+
+def projection(g: Graph, lin: ir.Linear, x: str, fuse: bool = False) -> str:
+    """linear(), or with fuse an int4-factored matrix (svd, then int4) as one Rwkv7LowRankQ4 node."""
+    w = lin.weight
+    if fuse and lin.kind == "factored" and w.diag is None:
+        y = lowrank_q4(g, (lin.name + ".a", w.a), (lin.name + ".b", w.b), w.act, x)
+        if y is not None:
+            return y
+    return linear(g, lin, x)
+
+
+def lora(g: Graph, first: ir.Linear, second: ir.Linear, act: str | None, x: str, fuse: bool = False) -> str:
+    """second(act(first(x))): a RWKV-7 LoRA; with fuse and int4 factors one Rwkv7LowRankQ4 node."""
+    if fuse:
+        y = lowrank_q4(g, (first.name, first.weight), (second.name, second.weight), act, x)
+        if y is not None:
+            return y
+    h = linear(g, first, x)
+    return linear(g, second, g.op(ACT_OPS[act], h) if act else h)
 
 
 def emit_time_mix_v7(g: Graph, att: ir.TimeMix, x: str, prev: str, S: str, v_first: str | None,
@@ -381,6 +418,13 @@ def emit_channel_mix_v7(g: Graph, ffn: ir.ChannelMix, x: str, prev: str, i: int,
 
 
 FUSED_DOMAIN = "ai.rwkvc"   # rwkvc's own CPU kernels (native/ort_ops.cc, registered by runtimes/ortops.py)
+FUSED_VERSION = 2           # the op set's version: 1 the RWKV-7 step / prefill kernels, 2 adds the sparse FFN
+                            # and clustered head kernels; a library of version n runs artifacts of 1..n
+# (op, input index) of the fused kernels that read only some rows of that input (rwkvc.bench.weight_traffic)
+FUSED_ROW_INPUTS = {("Rwkv7SparseFfn", 4), ("Rwkv7SparseFfn", 5), ("Rwkv7SparseFfn", 6),
+                    ("Rwkv7SparseFfnF32", 4), ("Rwkv7SparseFfnF32", 6),
+                    ("Rwkv7ClusteredHead", 2), ("Rwkv7ClusteredHead", 3), ("Rwkv7ClusteredHead", 5),
+                    ("Rwkv7ClusteredHeadF32", 2), ("Rwkv7ClusteredHeadF32", 5)}
 
 
 FUSED_MAX_HEAD = 256          # the kernels keep a head's vectors in fixed buffers of this size
@@ -416,7 +460,7 @@ def emit_block_v7_fused(g: Graph, blk, x: str, dx: str, prev_att: str, prev_ffn:
         if trim:
             x, dx_att = (g.op("Slice", t, g.const([-2]), g.const([2 ** 62]), g.const([0])) for t in (x, dx_att))
         return (*emit_channel_mix_v7_fused(g, blk, x, dx_att, prev_ffn, i, True), xa, S2, v_first)
-    pr = v7_projections(g, att, xm, i)
+    pr = v7_projections(g, att, xm, i, fuse=True)
     if i == 0:   # layer 0 has no value residual: vg, v_first and v0 are placeholders (attribute first=1)
         v_first, vg, v0 = pr["v"], pr["v"], w32("w0", vec["w0"])
     else:
@@ -426,7 +470,7 @@ def emit_block_v7_fused(g: Graph, blk, x: str, dx: str, prev_att: str, prev_ffn:
                  v0, w32("k_k", vec["k_k"]), w32("k_a", vec["k_a"]), w32("r_k", vec["r_k"]),
                  w32("ln_x.weight", att.ln_x.weight), w32("ln_x.bias", att.ln_x.bias),
                  domain=FUSED_DOMAIN, n_out=2, eps=float(att.ln_x.eps), first=int(i == 0))
-    dx_att = linear(g, L["output"], y)
+    dx_att = projection(g, L["output"], y, fuse=True)
     x, dx, xf = emit_channel_mix_v7_fused(g, blk, x, dx_att, prev_ffn, i, False)
     return x, dx, xf, xa, S2, v_first
 
@@ -438,8 +482,70 @@ def emit_channel_mix_v7_fused(g: Graph, blk, x: str, dx: str, prev: str, i: int,
                      g.weight(f"blocks.{i}.ln2.bias", blk.ln2.bias), prev, g.weight(pf + "x_k", ffn.mix["x_k"]),
                      domain=FUSED_DOMAIN, n_out=3, eps=float(blk.ln2.eps))
     if ffn.sparse is not None:
+        if not prefill and sparse_ffn_fusable(g, ffn):
+            return x, emit_sparse_ffn_fused(g, ffn, xk, pf), xf
         return x, emit_sparse_ffn(g, ffn, xk, pf, prefill), xf
     return x, linear(g, ffn.lin["value"], g.op("ReluSquare", linear(g, ffn.lin["key"], xk), domain=FUSED_DOMAIN)), xf
+
+
+# the fused sparse FFN and clustered head read int8 rows (with their scales) or float32 rows
+FUSED_ROWS = ("int8", "dense")
+
+
+def _rows(g: Graph, lin: ir.Linear, transposed: bool = False) -> tuple[str, str]:
+    """(rows, scale) inputs of a fused op for a dense or int8 matrix W (out, in): the rows of W, or of Wᵀ
+    (transposed), under the names the plain graph's row gathers use (stored once for both graphs); an int8
+    matrix's per-output-channel scale, or an empty tensor for a float one."""
+    w = lin.weight
+    if w.kind == "int8":
+        q = np.ascontiguousarray(w.q.T) if transposed else w.q
+        rows = g.weight(lin.name + (".q8T_rows" if transposed else ".q8rows"), q, np.int8)
+        return rows, g.weight(lin.name + ".q8scale", w.scale, F32)
+    wt = np.ascontiguousarray(np.asarray(w.w).T) if transposed else w.w
+    return g.weight(lin.name + (".wT_rows" if transposed else ".w"), wt, F32), g.const(np.zeros(0, np.float32), F32)
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """(F, C) codes of up to `bits` bits -> (F, ceil(C bits / 8)) uint8, `bits` (1, 2, 4 or 8) a code,
+    little-endian within each byte: the Rwkv7SparseFfn kernel's layout."""
+    F, C = codes.shape
+    per = 8 // bits
+    c = np.zeros((F, -(-C // per) * per), np.uint8)
+    c[:, :C] = codes
+    c = c.reshape(F, -1, per)
+    out = np.zeros(c.shape[:2], np.uint8)
+    for j in range(per):
+        out |= (c[..., j] << (bits * j)).astype(np.uint8)
+    return out
+
+
+def sparse_ffn_fusable(g: Graph, ffn: ir.ChannelMix) -> bool:
+    K, Vl = ffn.lin["key"], ffn.lin["value"]
+    return g.fused and not g.rescale and K.kind == Vl.kind and K.kind in FUSED_ROWS
+
+
+def emit_sparse_ffn_fused(g: Graph, ffn: ir.ChannelMix, xk: str, p: str) -> str:
+    """The step's sparse FFN as one Rwkv7SparseFfn node: the predictors, then only the fired units' rows of
+    the key matrix and of the transposed value matrix, read from the mapped weights (no gathers, no index
+    bookkeeping: ~20 ONNX Runtime kernels become one). The same units fire as in emit_sparse_ffn; the
+    int8 rows multiply float32 activations (the plain graph quantises them per tensor: DynamicQuantizeLinear)."""
+    sp, K, Vl = ffn.sparse, ffn.lin["key"], ffn.lin["value"]
+    F = K.out_features
+    if sp.fc1 is not None:
+        fc1, fc2 = g.weight(p + "mlp.fc1T", sp.fc1.T, F32), g.weight(p + "mlp.fc2T", sp.fc2.T, F32)
+    else:
+        fc1 = fc2 = g.const(np.zeros(0, np.float32), F32)
+    attrs = {"mlp_threshold": float(sp.mlp_threshold)} if sp.fc1 is not None else {}
+    if sp.q_codes is not None:
+        bits = next(b for b in (1, 2, 4, 8) if b >= sp.q_bits)
+        codes = g.weight(p + f"key.q{bits}bit", pack_codes(sp.q_codes, bits), np.uint8)
+        attrs.update(q_scale=float(sp.q_scale), q_lo=int(math.floor(sp.q_quantile * (F - 1))), q_bits=bits)
+    else:
+        codes = g.const(np.zeros(0, np.uint8), np.uint8)
+    kr, ks = _rows(g, K)
+    vr, vs = _rows(g, Vl, transposed=True)
+    op = "Rwkv7SparseFfn" if K.kind == "int8" else "Rwkv7SparseFfnF32"
+    return g.op(op, f32(g, xk), fc1, fc2, codes, kr, ks, vr, vs, domain=FUSED_DOMAIN, **attrs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -748,6 +854,40 @@ def head_blocks(bounds: np.ndarray, B: int = HEAD_BLOCK) -> tuple[np.ndarray, np
     return block_cluster.astype(np.int32), slot_row.astype(np.int32), slot_pad.astype(np.float32)
 
 
+def clustered_fusable(g: Graph, ch) -> bool:
+    rows = ch.rows if hasattr(ch.rows, "kind") else ir.Dense(ch.rows)
+    return getattr(g, "fused", False) and not g.rescale and rows.kind in FUSED_ROWS and ch.n_clusters < 2 ** 16
+
+
+def emit_clustered_fused(g: Graph, lin: ir.Linear, x: str) -> str:
+    """The clustered head as one Rwkv7ClusteredHead node after the cluster head's product: the same clusters
+    are chosen and the same logits made as in emit_clustered, the chosen clusters' rows read straight from
+    the mapped weights (cluster by cluster: no block tables), every other token's logit written in token
+    order from a (V,) uint16 cluster table."""
+    ch = lin.weight
+    V, C = ch.shape
+    K = ch.n_clusters
+    z = f32(g, g.op("Reshape", linear(g, ir.Linear(lin.name + ".cluster", ch.cluster), x), g.const([K])))
+    rows = ch.rows if hasattr(ch.rows, "kind") else ir.Dense(ch.rows)
+    rr, rs = _rows(g, ir.Linear(lin.name + ".rows", rows))
+    order = np.asarray(ch.order, np.int64)
+    token_cluster = np.empty(V, np.uint16)
+    token_cluster[order] = ch.row_cluster()
+    if ch.log_prior is None:
+        lq = g.const(np.zeros(0, np.float32), F32)
+    else:
+        q = np.empty(V, np.float32)
+        q[order] = ch.row_log_prior()
+        lq = g.weight(lin.name + ".token_log_prior", q, F32)
+    logits = g.op("Rwkv7ClusteredHead" if rows.kind == "int8" else "Rwkv7ClusteredHeadF32",
+                  f32(g, g.op("Reshape", x, g.const([1, C]))), z, rr, rs,
+                  g.weight(lin.name + ".bounds", np.asarray(ch.bounds, np.int32), np.int32),
+                  g.weight(lin.name + ".row_token", order.astype(np.int32), np.int32),
+                  g.weight(lin.name + ".token_cluster16", token_cluster, np.uint16), lq, domain=FUSED_DOMAIN,
+                  top_p=float(ch.top_p), min_k=int(min(ch.min_k, K)), max_k=int(min(ch.max_k, K)))
+    return logits
+
+
 def emit_clustered(g: Graph, lin: ir.Linear, x: str) -> str:
     """RWKV-Lite's hierarchical head for one token, x (1, C) -> logits (1, V) float32.
 
@@ -761,7 +901,9 @@ def emit_clustered(g: Graph, lin: ir.Linear, x: str) -> str:
     Only the rows of the chosen clusters are read and multiplied. Per token the work over the whole
     vocabulary is one GatherElements from the (K,) table (ONNX Runtime's Gather is ~10x slower per
     element), an Add of log q and the copy inside ScatterElements; the rest is over K clusters,
-    Nb ~ V / B + K blocks or the ~n_rows chosen rows."""
+    Nb ~ V / B + K blocks or the ~n_rows chosen rows. With rwkvc's fused kernels: emit_clustered_fused."""
+    if clustered_fusable(g, lin.weight):
+        return emit_clustered_fused(g, lin, x)
     ch = lin.weight
     V, C = ch.shape
     K = ch.n_clusters

@@ -51,7 +51,7 @@ def test_default_cpu_step_is_fused_and_plain_has_no_custom_ops(pair):
     assert "custom_ops" not in json.loads((plain / "manifest.json").read_text())
     onnx.checker.check_model(str(fused / "step.onnx"), full_check=True)
     from rwkvc.inspect import inspect_artifact
-    assert "rwkvc kernels ai.rwkvc v1" in inspect_artifact(fused)["_text"]
+    assert f"rwkvc kernels ai.rwkvc v{ortops.VERSION}" in inspect_artifact(fused)["_text"]
     assert "rwkvc kernels" not in inspect_artifact(plain)["_text"]
 
 
