@@ -142,3 +142,100 @@ def test_without_a_compiler_compile_falls_back_or_refuses(pair, tmp_path, monkey
     with pytest.raises(RwkvcError, match="no C\\+\\+ compiler"):
         rwkvc.compile(ckpt, tmp_path / "forced", target="cpu", options={"fused": True})
     assert not (tmp_path / "forced").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# op set v2: the compression passes' step kernels (Rwkv7SparseFfn*, Rwkv7ClusteredHead*, Rwkv7LowRankQ4)
+
+SPARSE_HHEAD = "sparse-ffn(recall=0.9,steps=40,tokens=256,max_fraction=1),hhead(k=16,p=0.9,min_k=2,steps=40,tokens=256)"
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    d = tmp_path_factory.mktemp("v2")
+    ckpt = save_random_v7(d / "m.pth", n_layer=2, n_embd=128, head_size=64, vocab_size=1000, seed=11,
+                          dims={"w": 32, "a": 32, "v": 32, "g": 64})
+    return ckpt, np.random.default_rng(12).integers(0, 1000, 384)
+
+
+def passes_model(ckpt, recipe, calib):
+    from rwkvc.frontend import load_model
+    from rwkvc.passes import PassContext
+    from rwkvc.pipeline import parse_recipe, run_passes
+    return run_passes(load_model(ckpt), parse_recipe(recipe), PassContext(calib_tokens=calib, progress=False))
+
+
+def lower(model, out, fused):
+    from rwkvc.artifact import compile_to_dir
+    from rwkvc.targets import get_target
+    return compile_to_dir(model, get_target("cpu"), out, force=True, options={"fused": fused})
+
+
+def step_logits(art, toks):
+    m, st, out = rwkvc.load(art), None, []
+    for t in toks:
+        lg, st = m.forward([int(t)], st)
+        out.append(lg)
+    return np.stack(out), st
+
+
+def assert_close(got, ref, rel):
+    assert float(np.abs(got - ref).max()) <= rel * max(1.0, float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("recipe,ops,bound", [
+    # float32 rows: the fused kernels make the plain graph's numbers, up to float summation order
+    (SPARSE_HHEAD, {"Rwkv7SparseFfnF32", "Rwkv7ClusteredHeadF32"}, 2e-5),
+    # int4 factors with float activations on both sides (accuracy_level 0): the same products
+    ("svd(rank=0.5),int4(group=32,accuracy_level=0)", {"Rwkv7LowRankQ4"}, 1e-4),
+    ("int4(group=16,accuracy_level=0)", {"Rwkv7LowRankQ4"}, 1e-4),
+])
+def test_compressed_step_kernels_match_the_plain_graph(small, tmp_path, recipe, ops, bound):
+    ckpt, calib = small
+    model = passes_model(ckpt, recipe, calib)
+    fused, plain = lower(model, tmp_path / "f", True), lower(model, tmp_path / "p", False)
+    assert {("ai.rwkvc", o) for o in ops} <= step_ops(fused)
+    assert not {n for _, n in step_ops(fused)} & {"NonZero", "TopK", "ScatterElements"}   # no bookkeeping left
+    toks = calib[-48:]
+    lf, sf = step_logits(fused, toks)
+    lp, sp = step_logits(plain, toks)
+    assert_close(lf, lp, bound)
+    assert_close(sf.wkv, sp.wkv, bound)
+    # and the artifact's own prefill (plain ONNX for these parts) agrees with its fused step
+    last, _ = rwkvc.load(fused).forward(toks.tolist())
+    assert_close(last, lf[-1], bound)
+
+
+def test_int8_rows_match_the_plain_graph_on_their_float_values(small, tmp_path):
+    """The fused kernels multiply int8 rows by float32 activations (the plain graph quantises the activations
+    to 8 bits per tensor first). Against the plain graph over the same rows dequantised to float32 they
+    agree to float tolerance: the kernels read the int8 codes and scales exactly."""
+    from rwkvc import ir
+    ckpt, calib = small
+    model = passes_model(ckpt, SPARSE_HHEAD + ",int8", calib)
+    fused = lower(model, tmp_path / "f", True)
+    assert {("ai.rwkvc", "Rwkv7SparseFfn"), ("ai.rwkvc", "Rwkv7ClusteredHead")} <= step_ops(fused)
+    for blk in model.blocks:
+        for key in ("key", "value"):
+            lin = blk.ffn.lin[key]
+            assert lin.kind == "int8"
+            blk.ffn.lin[key] = ir.Linear(lin.name, ir.Dense(lin.weight.to_dense()))
+    ch = model.head.weight
+    assert ch.rows.kind == "int8"
+    ch.rows = ir.Dense(ch.rows.to_dense())
+    plain = lower(model, tmp_path / "p", False)
+    toks = calib[-48:]
+    assert_close(step_logits(fused, toks)[0], step_logits(plain, toks)[0], 2e-5)
+
+
+def test_older_kernel_versions_still_load(pair, tmp_path):
+    import shutil
+    _, fused, plain, V = pair
+    d = tmp_path / "v1"
+    shutil.copytree(fused, d)
+    man = json.loads((d / "manifest.json").read_text())
+    man["custom_ops"]["version"] = 1      # an artifact of the first op set: its ops are all still here
+    (d / "manifest.json").write_text(json.dumps(man))
+    a, _ = rwkvc.load(d).forward([1, 2, 3])
+    b, _ = rwkvc.load(plain).forward([1, 2, 3])
+    assert_close(a, b, 2e-5)
