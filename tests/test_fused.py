@@ -190,7 +190,9 @@ def assert_close(got, ref, rel):
     ("svd(rank=0.5),int4(group=32,accuracy_level=0)", {"Rwkv7LowRankQ4"}, 1e-4),
     ("int4(group=16,accuracy_level=0)", {"Rwkv7LowRankQ4"}, 1e-4),
 ])
-def test_compressed_step_kernels_match_the_plain_graph(small, tmp_path, recipe, ops, bound):
+def test_compressed_step_kernels_match_the_plain_graph(small, tmp_path, monkeypatch, recipe, ops, bound):
+    from rwkvc import emit_onnx
+    monkeypatch.setattr(emit_onnx, "LOWRANK_Q4", True)     # off by default (see emit_onnx.LOWRANK_Q4)
     ckpt, calib = small
     model = passes_model(ckpt, recipe, calib)
     fused, plain = lower(model, tmp_path / "f", True), lower(model, tmp_path / "p", False)
