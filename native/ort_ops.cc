@@ -351,9 +351,8 @@ void relu_square_compute(const Attrs&, OrtKernelContext* ctx) {
 
 // ---- the compression passes' step kernels (version 2) ------------------------------------------------
 
-// dot(x, row) for a float32 row, or an int8 row (the caller applies its scale); 16 partial sums, which
-// GCC keeps in one vector register (a plain reduction loop came out as in-order scalar adds)
 #ifdef __AVX512F__
+// 16 elements of a float32 / int8 / uint8 row as floats
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
@@ -363,6 +362,9 @@ inline __m512 load16(const uint8_t* p) {
 }
 #endif
 
+// dot(x, row) for a float32 row, or an int8 / uint8 row (the caller applies its scale). Without AVX-512: 16
+// partial sums, which GCC keeps in one vector register (a plain reduction loop came out as in-order scalar
+// adds).
 template <class W>
 inline float dot_row(const float* x, const W* row, int64_t C) {
 #ifdef __AVX512F__
@@ -393,18 +395,16 @@ inline float dot_row(const float* x, const W* row, int64_t C) {
 // partial sum at each byte position (one add per entry to build, one lookup per byte of a row).
 void code_dot(const uint8_t* codes, int64_t F, int64_t C, int64_t bits, const float* x, float* est) {
   const int64_t per = 8 / bits, rb = (C + per - 1) / per, mask = (1 << bits) - 1;
-  std::vector<float> xp(rb * per, 0.0f);
+  std::vector<float> xp(rb * per + 16, 0.0f);   // x, zero-padded to whole bytes and one vector past them
   std::memcpy(xp.data(), x, C * sizeof(float));
 #ifdef __AVX512F__
   if (bits == 1) {   // 16 codes are a lane mask: a masked add of 16 floats of x
-    std::vector<float> xv(rb * 8 + 16, 0.0f);
-    std::memcpy(xv.data(), x, C * sizeof(float));
     for (int64_t f = 0; f < F; ++f) {
       const uint8_t* row = codes + f * rb;
       __m512 acc = _mm512_setzero_ps();
       for (int64_t p = 0; p < rb; p += 2) {
         const __mmask16 m = __mmask16(row[p] | (p + 1 < rb ? row[p + 1] << 8 : 0));
-        acc = _mm512_mask_add_ps(acc, m, acc, _mm512_loadu_ps(xv.data() + p * 8));
+        acc = _mm512_mask_add_ps(acc, m, acc, _mm512_loadu_ps(xp.data() + p * 8));
       }
       est[f] = _mm512_reduce_add_ps(acc);
     }

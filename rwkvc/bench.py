@@ -16,10 +16,10 @@ def weight_traffic(path) -> dict:
     """Weight bytes of an artifact's step graph: resident (held in memory for every token) and read per
     decoded token, from the graph itself and the passes' calibration statistics in the manifest.
 
-    An initializer that only Gather / GatherElements nodes read as their data, or rwkvc's fused kernels read
-    row by row (emit_onnx.FUSED_ROW_INPUTS) (the lazy embedding table, a sparse FFN's key / value rows, a
-    clustered head's rows, their scales and the head's per-block row / token tables) stays memory-mapped by ONNX Runtime: it is not resident, and a token reads only the rows
-    it gathers: one row of the embedding; the fraction the sparse-ffn / hhead passes measured on
+    An initializer that only Gather / GatherElements nodes read as their data, or that rwkvc's fused kernels
+    read row by row (emit_onnx.FUSED_ROW_INPUTS) (the lazy embedding table, a sparse FFN's key / value rows,
+    a clustered head's rows, their scales and the head's per-block row / token tables) stays memory-mapped
+    by ONNX Runtime: it is not resident, and a token reads only the rows it gathers: one row of the embedding; the fraction the sparse-ffn / hhead passes measured on
     calibration text for the others (their reports in manifest["passes"]; the head's tables are read by
     blocks of rows, which rounds that fraction up by about half a block per chosen cluster). The dense
     embedding is gathered too, but the runtime holds it in memory (runtimes/onnxruntime.py): resident,

@@ -754,10 +754,7 @@ def code_matmul(g: Graph, name: str, codes: np.ndarray, bits: int, scale: float,
     nb, per = -(-C // block), 8 // nbits
     c = np.zeros((F, nb * block), np.uint8)
     c[:, :C] = codes
-    c = c.reshape(F, nb, block // per, per)
-    packed = np.zeros(c.shape[:-1], np.uint8)
-    for j in range(per):
-        packed |= (c[..., j] << (nbits * j)).astype(np.uint8)
+    packed = pack_codes(c, nbits).reshape(F, nb, block // per)
     return g.op("MatMulNBits", x, g.weight(name + "codes", packed, np.uint8),
                 g.weight(name + "scales", np.full((F, nb), scale, np.float32), F32),
                 g.weight(name + "zeros", np.zeros((F, -(-nb * nbits // 8)), np.uint8), np.uint8),
@@ -859,9 +856,13 @@ def head_blocks(bounds: np.ndarray, B: int = HEAD_BLOCK) -> tuple[np.ndarray, np
     return block_cluster.astype(np.int32), slot_row.astype(np.int32), slot_pad.astype(np.float32)
 
 
+def head_rows(ch) -> object:
+    """A clustered head's rows as a weight representation (an imported head may hold a bare array)."""
+    return ch.rows if hasattr(ch.rows, "kind") else ir.Dense(ch.rows)
+
+
 def clustered_fusable(g: Graph, ch) -> bool:
-    rows = ch.rows if hasattr(ch.rows, "kind") else ir.Dense(ch.rows)
-    return getattr(g, "fused", False) and not g.rescale and rows.kind in FUSED_ROWS and ch.n_clusters < 2 ** 16
+    return g.fused and not g.rescale and head_rows(ch).kind in FUSED_ROWS and ch.n_clusters < 2 ** 16
 
 
 def emit_clustered_fused(g: Graph, lin: ir.Linear, x: str) -> str:
@@ -873,7 +874,7 @@ def emit_clustered_fused(g: Graph, lin: ir.Linear, x: str) -> str:
     V, C = ch.shape
     K = ch.n_clusters
     z = f32(g, g.op("Reshape", linear(g, ir.Linear(lin.name + ".cluster", ch.cluster), x), g.const([K])))
-    rows = ch.rows if hasattr(ch.rows, "kind") else ir.Dense(ch.rows)
+    rows = head_rows(ch)
     rr, rs = _rows(g, ir.Linear(lin.name + ".rows", rows))
     order = np.asarray(ch.order, np.int64)
     token_cluster = np.empty(V, np.uint16)
@@ -930,7 +931,7 @@ def emit_clustered(g: Graph, lin: ir.Linear, x: str) -> str:
     blocks = g.op("Reshape", g.op("NonZero", in_chosen), g.const([-1]))                  # (nb,)
     slots = g.op("Reshape", g.op("Gather", g.weight(lin.name + ".slot_row", slot_row, np.int32), blocks, axis=0),
                  g.const([-1]))                                                           # (nb·B,) row of each slot
-    rows = ch.rows if hasattr(ch.rows, "kind") else ir.Dense(ch.rows)
+    rows = head_rows(ch)
     exact = ROWS_MATMUL[rows.kind](g, ir.Linear(lin.name + ".rows", rows), g.op("Reshape", x, g.const([1, C])), slots)
     exact = f32(g, g.op("Reshape", exact, g.const([-1])))                                 # (nb·B,)
     pad = g.op("Reshape", g.op("Gather", g.weight(lin.name + ".slot_pad", slot_pad, F32), blocks, axis=0),
