@@ -19,7 +19,8 @@
 //   Rwkv7SparseFfn / Rwkv7SparseFfnF32(xk (1, C), fc1T (C, D), fc2T (D, F), codes (F, bytes), key rows
 //       (F, C), key scale (F,), value rows Vᵀ (F, C), value scale (C,))  attrs mlp_threshold, q_scale,
 //       q_lo, q_bits -> the FFN output (1, C) computed over the units the predictors pick (int8 rows with
-//       per-row / per-output scales, or float32 rows with empty scales)
+//       per-row / per-output scales and 8-bit activations as the plain graph has them, or float32 rows
+//       with empty scales)
 //   Rwkv7ClusteredHead / Rwkv7ClusteredHeadF32(x (1, C), cluster logits (K,), rows (V, C), row scale (V,),
 //       bounds (K + 1,), row token (V,), token cluster (V,) uint16, token log q (V,) or empty)
 //       attrs top_p, min_k, max_k -> logits (1, V): RWKV-Lite's hierarchical head
@@ -390,6 +391,46 @@ inline float dot_row(const float* x, const W* row, int64_t C) {
   return s;
 }
 
+// The activations the row kernels multiply rows with. Float32 rows take x as it is. Int8 rows take x as
+// the plain graph does (rows_matmul_int8 / cols_matmul_int8: DynamicQuantizeLinear, MatMulInteger, then
+// times x's scale * the row's scale), which the TVM targets compute too: one scale and zero point for the
+// vector, uint8 codes made as ONNX Runtime makes them (range widened to 0, x / scale clamped to the codes,
+// rounded half to even), an integer dot product.
+template <class W>
+struct Act;
+
+template <>
+struct Act<float> {
+  using Acc = float;   // what a sum over rows accumulates in
+  const float* x = nullptr;
+  float scale = 1.0f;
+  void set(const float* v, int64_t) { x = v; }
+  Acc at(size_t j) const { return x[j]; }
+  float dot(const float* row, int64_t C) const { return dot_row(x, row, C); }
+};
+
+template <>
+struct Act<int8_t> {
+  using Acc = int32_t;      // MatMulInteger's accumulator
+  std::vector<int32_t> q;   // code - zero point
+  float scale = 1.0f;
+  void set(const float* v, int64_t n) {
+    float mn = 0, mx = 0;
+    for (int64_t i = 0; i < n; ++i) mn = std::min(mn, v[i]), mx = std::max(mx, v[i]);
+    scale = mx == mn ? 1.0f : (mx - mn) / 255.0f;
+    const float zp = std::nearbyint(std::max(0.0f, std::min(255.0f, 0.0f - mn / scale)));
+    q.resize(n);
+    for (int64_t i = 0; i < n; ++i) q[i] = int32_t(std::nearbyint(std::max(-zp, std::min(255.0f - zp, v[i] / scale))));
+  }
+  Acc at(size_t j) const { return q[j]; }
+  float dot(const int8_t* row, int64_t C) const {
+    int32_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t c = 0; c < C; ++c) acc += q[c] * int32_t(row[c]);
+    return float(acc);
+  }
+};
+
 // est[f] = sum_c code(f, c) * x[c] for codes packed `bits` (1, 2, 4 or 8) to a code, little-endian within
 // each byte, each row padded to whole bytes. Codes of 1 or 2 bits go through a table of every byte's
 // partial sum at each byte position (one add per entry to build, one lookup per byte of a row).
@@ -450,7 +491,8 @@ void code_dot(const uint8_t* codes, int64_t F, int64_t C, int64_t bits, const fl
 // mlp_threshold, or when the quantised key's estimate q_scale * codes_f . xk exceeds the q_lo-th smallest
 // estimate of this token (an absent predictor has empty tensors). Then y = sum over fired f of
 // relu(xk . K_f * kscale_f)^2 * Vᵀ_f, times vscale per output channel; only the fired rows are read.
-// W = int8_t: int8 rows and scales; W = float: float32 rows, scales empty.
+// W = int8_t: int8 rows and scales, xk and the relu squares as 8-bit activations (Act); W = float: float32
+// rows, scales empty.
 template <class W>
 void sparse_ffn_compute(const Attrs& at, OrtKernelContext* ctx) {
   Tensor xk = input(ctx, 0), fc1 = input(ctx, 1), fc2 = input(ctx, 2), codes = input(ctx, 3), K = input(ctx, 4),
@@ -493,29 +535,36 @@ void sparse_ffn_compute(const Attrs& at, OrtKernelContext* ctx) {
   }
   const W* kr = K.raw<W>();
   const W* vr = VT.raw<W>();
-  std::vector<float> acc(C, 0.0f);
+  Act<W> x;
+  x.set(xk.data, C);
+  std::vector<int64_t> units;   // the fired units and their relu(k)^2
+  std::vector<float> h;
   for (int64_t f = 0; f < F; ++f) {
     if (!fire[f]) continue;
-    float k = dot_row(xk.data, kr + f * C, C);
-    if (ks.size) k *= ks.data[f];
-    if (k <= 0) continue;
-    const float h = k * k;
-    const W* v = vr + f * C;
+    float k = x.dot(kr + f * C, C);
+    if (ks.size) k *= x.scale * ks.data[f];
+    units.push_back(f);
+    h.push_back(k > 0 ? k * k : 0.0f);
+  }
+  Act<W> hv;   // h as the value product's activations
+  hv.set(h.data(), int64_t(h.size()));
+  using Acc = typename Act<W>::Acc;
+  std::vector<Acc> acc(C, Acc(0));
+  for (size_t j = 0; j < units.size(); ++j) {
+    const Acc hj = hv.at(j);
+    if (hj == 0) continue;
+    const W* v = vr + units[j] * C;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) acc[c] += h * float(v[c]);
+    for (int64_t c = 0; c < C; ++c) acc[c] += hj * Acc(v[c]);
   }
-  if (vs.size) {
-    for (int64_t c = 0; c < C; ++c) y[c] = acc[c] * vs.data[c];
-  } else {
-    std::memcpy(y, acc.data(), C * sizeof(float));
-  }
+  for (int64_t c = 0; c < C; ++c) y[c] = vs.size ? float(acc[c]) * (hv.scale * vs.data[c]) : float(acc[c]);
 }
 
 // Rwkv7ClusteredHead(x (1, C), z (K,), rows (V, C), row scale (V,), bounds (K + 1,), row_token (V,),
 // token_cluster (V,), token_log_q (V,) or empty) -> logits (1, V) in token order.
 //   log p = log_softmax(z); clusters by descending p, the j-th chosen iff j < min_k, or j < max_k and the
-//   clusters before it hold < top_p; exact logits x . row for the chosen clusters' rows (rows cluster by
-//   cluster, bounds[c] .. bounds[c+1]), every other token t gets
+//   clusters before it hold < top_p; exact logits x . row (int8 rows: x as 8-bit activations, Act) for
+//   the chosen clusters' rows (rows cluster by cluster, bounds[c] .. bounds[c+1]), every other token t gets
 //   approx[c(t)] + log q_t with approx = log p + logsumexp(exact) - log(sum of the chosen clusters' p),
 //   log q_t the token's log prior (empty: log q = -log |c|).
 template <class W>
@@ -552,12 +601,14 @@ void clustered_head_compute(const Attrs& at, OrtKernelContext* ctx) {
   for (int32_t c : chosen) n += bounds[c + 1] - bounds[c];
   std::vector<float> exact(n);
   const W* rw = rows.raw<W>();
+  Act<W> xa;
+  xa.set(x.data, C);
   float emax = -INFINITY;
   int64_t e = 0;
   for (int32_t c : chosen)
     for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r, ++e) {
-      float v = dot_row(x.data, rw + r * C, C);
-      if (rs.size) v *= rs.data[r];
+      float v = xa.dot(rw + r * C, C);
+      if (rs.size) v *= xa.scale * rs.data[r];
       exact[e] = v;
       emax = std::max(emax, v);
     }

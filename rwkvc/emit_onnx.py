@@ -532,8 +532,8 @@ def sparse_ffn_fusable(g: Graph, ffn: ir.ChannelMix) -> bool:
 def emit_sparse_ffn_fused(g: Graph, ffn: ir.ChannelMix, xk: str, p: str) -> str:
     """The step's sparse FFN as one Rwkv7SparseFfn node: the predictors, then only the fired units' rows of
     the key matrix and of the transposed value matrix, read from the mapped weights (no gathers, no index
-    bookkeeping: ~20 ONNX Runtime kernels become one). The same units fire as in emit_sparse_ffn; the
-    int8 rows multiply float32 activations (the plain graph quantises them per tensor: DynamicQuantizeLinear)."""
+    bookkeeping: ~20 ONNX Runtime kernels become one). The same units fire as in emit_sparse_ffn, and int8
+    rows meet 8-bit activations made as its DynamicQuantizeLinear makes them (the TVM targets' numbers)."""
     sp, K, Vl = ffn.sparse, ffn.lin["key"], ffn.lin["value"]
     F = K.out_features
     if sp.fc1 is not None:

@@ -208,26 +208,22 @@ def test_compressed_step_kernels_match_the_plain_graph(small, tmp_path, monkeypa
     assert_close(last, lf[-1], bound)
 
 
-def test_int8_rows_match_the_plain_graph_on_their_float_values(small, tmp_path):
-    """The fused kernels multiply int8 rows by float32 activations (the plain graph quantises the activations
-    to 8 bits per tensor first). Against the plain graph over the same rows dequantised to float32 they
-    agree to float tolerance: the kernels read the int8 codes and scales exactly."""
-    from rwkvc import ir
+def test_int8_rows_match_the_plain_graph(small, tmp_path):
+    """With int8 rows the fused kernels quantise their activations as the plain graph does
+    (DynamicQuantizeLinear + MatMulInteger, what the TVM targets compute too): the same logits, up to one
+    token whose 8-bit rounding of an activation can flip (test_rpi5's bound for int8)."""
+    from test_rpi5 import INT8_FLIPS, assert_logits_match
     ckpt, calib = small
     model = passes_model(ckpt, SPARSE_HHEAD + ",int8", calib)
-    fused = lower(model, tmp_path / "f", True)
+    fused, plain = lower(model, tmp_path / "f", True), lower(model, tmp_path / "p", False)
     assert {("ai.rwkvc", "Rwkv7SparseFfn"), ("ai.rwkvc", "Rwkv7ClusteredHead")} <= step_ops(fused)
-    for blk in model.blocks:
-        for key in ("key", "value"):
-            lin = blk.ffn.lin[key]
-            assert lin.kind == "int8"
-            blk.ffn.lin[key] = ir.Linear(lin.name, ir.Dense(lin.weight.to_dense()))
-    ch = model.head.weight
-    assert ch.rows.kind == "int8"
-    ch.rows = ir.Dense(ch.rows.to_dense())
-    plain = lower(model, tmp_path / "p", False)
-    toks = calib[-48:]
-    assert_close(step_logits(fused, toks)[0], step_logits(plain, toks)[0], 2e-5)
+    mf, mp = rwkvc.load(fused), rwkvc.load(plain)
+    got, ref, st = [], [], None
+    for t in calib[-48:]:                  # each token from the plain graph's state: a flip stays one token's
+        got.append(mf.forward([int(t)], st)[0])
+        lp, st = mp.forward([int(t)], st)
+        ref.append(lp)
+    assert_logits_match(np.stack(got), np.stack(ref), "fused int8 rows", INT8_FLIPS)
 
 
 def test_older_kernel_versions_still_load(pair, tmp_path):
