@@ -20,6 +20,7 @@ struct OrtTensorTypeAndShapeInfo;
 struct OrtShapeInferContext;
 
 enum ONNXTensorElementDataType {
+  ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED = 0,
   ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT = 1,
   ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 = 2,
   ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 = 3,
@@ -95,6 +96,8 @@ RWKVC_ORT_FN(KernelInfoGetAttribute_float, 85, P(const OrtKernelInfo* info, cons
              P(info, name, out))
 RWKVC_ORT_FN(KernelInfoGetAttribute_int64, 86, P(const OrtKernelInfo* info, const char* name, int64_t* out),
              P(info, name, out))
+RWKVC_ORT_FN(KernelInfoGetAttributeArray_int64, 163,
+             P(const OrtKernelInfo* info, const char* name, int64_t* out, size_t* size), P(info, name, out, size))
 RWKVC_ORT_FN(KernelContext_GetInput, 90, P(const OrtKernelContext* ctx, size_t index, const OrtValue** out),
              P(ctx, index, out))
 RWKVC_ORT_FN(KernelContext_GetOutput, 91,
@@ -103,6 +106,13 @@ RWKVC_ORT_FN(KernelContext_GetOutput, 91,
 
 #undef P
 #undef RWKVC_ORT_FN
+
+// KernelContext_ParallelFor (slot 274, API 17): fn(data, i) for i in 0..total-1 on the session's intra-op
+// threads (num_batch 0: one task each)
+using ParallelForFn = OrtStatus* (*)(const OrtKernelContext* ctx, void (*fn)(void*, size_t), size_t total,
+                                     size_t num_batch, void* data);
+const uint32_t kParallelForApiVersion = 17;
+inline ParallelForFn KernelContext_ParallelFor(const OrtApi* api) { return slot<ParallelForFn>(api, 274); }
 
 inline void ReleaseStatus(const OrtApi* api, OrtStatus* st) { slot<void (*)(OrtStatus*)>(api, 93)(st); }
 inline void ReleaseTensorTypeAndShapeInfo(const OrtApi* api, OrtTensorTypeAndShapeInfo* info) {

@@ -1,4 +1,4 @@
-// rwkvc's fused CPU kernels for ONNX Runtime (custom-op domain "ai.rwkvc", version 2).
+// rwkvc's fused CPU kernels for ONNX Runtime (custom-op domain "ai.rwkvc", version 3).
 //
 // The cpu target's one-token step graph of an RWKV-7 model would otherwise run ~70 ONNX Runtime kernels a
 // layer, most of them element-wise work on one 768-wide row that costs less than the executor's ~2.5 us
@@ -24,8 +24,13 @@
 //   Rwkv7ClusteredHead / Rwkv7ClusteredHeadF32(x (1, C), cluster logits (K,), rows (V, C), row scale (V,),
 //       bounds (K + 1,), row token (V,), token cluster (V,) uint16, token log q (V,) or empty)
 //       attrs top_p, min_k, max_k -> logits (1, V): RWKV-Lite's hierarchical head
-//   Rwkv7LowRankQ4(x (1, K), A packed, scales, zeros, B packed, scales, zeros)  attr act -> B act(A x), both
-//       factors in MatMulNBits' 4-bit layout (svd-factored projections and the LoRAs after int4)
+//
+// Version 3 adds the step's quantised products, reading MatMulNBits' own inputs (op set v2's
+// Rwkv7LowRankQ4, never emitted by default, is gone):
+//   Rwkv7MatVecQ(x (1, K), codes, scales, zero points)  attrs bits, block -> W x, computed as MatMulNBits'
+//       accuracy level 4 computes it (8-bit activations per block, integer dot products with AVX-512 VNNI)
+//   Rwkv7MatVecSet(x_0 .., then codes, scales, zero points per product)  attrs n_x, src, acts, bitss, blocks,
+//       emits -> a layer's products as one kernel (chains of two with relu or relu squared between)
 //
 // Built by rwkvc.runtimes.ortops with the host's g++ and registered into each session from rwkvc's own
 // package (never from an artifact). ort_abi.h declares the few parts of ONNX Runtime's C API it uses.
@@ -33,6 +38,9 @@
 #include <cstdint>
 #include <cstring>
 #include <algorithm>
+#include <atomic>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -45,6 +53,8 @@
 namespace {
 
 const OrtApi* g_api = nullptr;
+// ONNX Runtime's intra-op thread pool (API 17, ONNX Runtime 1.17); null before that: kernels run serially
+ort::ParallelForFn g_parallel_for = nullptr;
 
 // ---- the math ----------------------------------------------------------------------------------------
 
@@ -180,6 +190,22 @@ float float_attr(const OrtKernelInfo* info, const char* name, float dflt) {
   return st ? dflt : v;
 }
 
+std::vector<int64_t> ints_attr(const OrtKernelInfo* info, const char* name) {
+  size_t n = 0;
+  OrtStatus* st = ort::KernelInfoGetAttributeArray_int64(g_api, info, name, nullptr, &n);
+  if (st) {
+    ort::ReleaseStatus(g_api, st);
+    return {};
+  }
+  std::vector<int64_t> v(n);
+  st = ort::KernelInfoGetAttributeArray_int64(g_api, info, name, v.data(), &n);
+  if (st) {
+    ort::ReleaseStatus(g_api, st);
+    return {};
+  }
+  return v;
+}
+
 int64_t int_attr(const OrtKernelInfo* info, const char* name, int64_t dflt) {
   int64_t v = dflt;
   OrtStatus* st = ort::KernelInfoGetAttribute_int64(g_api, info, name, &v);
@@ -187,12 +213,47 @@ int64_t int_attr(const OrtKernelInfo* info, const char* name, int64_t dflt) {
   return st ? dflt : v;
 }
 
+// the shapes of a kernel's inputs, read once: its weights are constant initializers and the step graph's
+// vectors have fixed shapes, so a call then asks ONNX Runtime for the data pointers only (the full query
+// costs ~0.3 us an input, and a layer's Rwkv7MatVecSet has ~40 inputs)
+struct InputCache {
+  std::unique_ptr<std::atomic<bool>[]> ready;
+  std::vector<Tensor> shape;
+  std::mutex fill;
+  explicit InputCache(size_t n) : ready(new std::atomic<bool>[n]), shape(n) {
+    for (size_t i = 0; i < n; ++i) ready[i] = false;
+  }
+};
+
 struct Attrs {
   float eps;
   int64_t first;
   float mlp_threshold, q_scale, top_p;
   int64_t q_lo, q_bits, min_k, max_k, act;
+  int64_t bits, block;
+  std::vector<int64_t> src, acts, bitss, blocks, emits;   // Rwkv7MatVecSet's program
+  int64_t n_x;
+  std::shared_ptr<InputCache> cache;                        // Rwkv7MatVecQ / Rwkv7MatVecSet
 };
+
+// input i with its shape from the cache (filled on the first call)
+Tensor cached_input(const Attrs& at, OrtKernelContext* ctx, size_t i) {
+  InputCache& c = *at.cache;
+  if (!c.ready[i].load(std::memory_order_acquire)) {
+    std::lock_guard<std::mutex> lock(c.fill);
+    if (!c.ready[i].load(std::memory_order_relaxed)) {
+      c.shape[i] = input(ctx, i);
+      c.ready[i].store(true, std::memory_order_release);
+    }
+  }
+  Tensor t = c.shape[i];
+  const OrtValue* v = nullptr;
+  ort::KernelContext_GetInput(g_api, ctx, i, &v);
+  void* p = nullptr;
+  ort::GetTensorMutableData(g_api, const_cast<OrtValue*>(v), &p);
+  t.data = static_cast<const float*>(p);
+  return t;
+}
 
 // ---- the kernels ---------------------------------------------------------------------------------------
 
@@ -413,21 +474,46 @@ template <>
 struct Act<int8_t> {
   using Acc = int32_t;      // MatMulInteger's accumulator
   std::vector<int32_t> q;   // code - zero point
+  std::vector<uint8_t> u;   // the uint8 codes, zero-padded to whole 64s (for VNNI's unsigned operand)
+  int32_t zp = 0;
   float scale = 1.0f;
   void set(const float* v, int64_t n) {
     float mn = 0, mx = 0;
     for (int64_t i = 0; i < n; ++i) mn = std::min(mn, v[i]), mx = std::max(mx, v[i]);
     scale = mx == mn ? 1.0f : (mx - mn) / 255.0f;
-    const float zp = std::nearbyint(std::max(0.0f, std::min(255.0f, 0.0f - mn / scale)));
+    const float zpf = std::nearbyint(std::max(0.0f, std::min(255.0f, 0.0f - mn / scale)));
+    zp = int32_t(zpf);
     q.resize(n);
-    for (int64_t i = 0; i < n; ++i) q[i] = int32_t(std::nearbyint(std::max(-zp, std::min(255.0f - zp, v[i] / scale))));
+    u.assign((n + 63) / 64 * 64, 0);
+    for (int64_t i = 0; i < n; ++i) {
+      q[i] = int32_t(std::nearbyint(std::max(-zpf, std::min(255.0f - zpf, v[i] / scale))));
+      u[i] = uint8_t(q[i] + zp);
+    }
   }
   Acc at(size_t j) const { return q[j]; }
+  // sum_c (code_c - zp) row_c, exactly: with VNNI sum_c code_c row_c - zp sum_c row_c, 64 bytes a step
   float dot(const int8_t* row, int64_t C) const {
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512i d = _mm512_setzero_si512(), s = _mm512_setzero_si512();
+    int64_t c = 0;
+    for (; c + 64 <= C; c += 64) {
+      const __m512i w = _mm512_loadu_si512(row + c);
+      d = _mm512_dpbusd_epi32(d, _mm512_loadu_si512(u.data() + c), w);
+      s = _mm512_dpbusd_epi32(s, ones, w);
+    }
+    if (c < C) {
+      const __m512i w = _mm512_maskz_loadu_epi8((__mmask64(1) << (C - c)) - 1, row + c);
+      d = _mm512_dpbusd_epi32(d, _mm512_loadu_si512(u.data() + c), w);
+      s = _mm512_dpbusd_epi32(s, ones, w);
+    }
+    return float(_mm512_reduce_add_epi32(d) - zp * _mm512_reduce_add_epi32(s));
+#else
     int32_t acc = 0;
 #pragma omp simd reduction(+ : acc)
     for (int64_t c = 0; c < C; ++c) acc += q[c] * int32_t(row[c]);
     return float(acc);
+#endif
   }
 };
 
@@ -641,91 +727,420 @@ void clustered_head_compute(const Attrs& at, OrtKernelContext* ctx) {
     for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r) out[tok[r]] = exact[e++];
 }
 
-// ---- int4 low-rank products (version 2) ------------------------------------------------------------------
+// ---- quantised matrix-vector products (version 3) --------------------------------------------------------
 
-// y (N,) = W x for W (N, K) in MatMulNBits' 4-bit layout: packed (N, nb, G/2) codes, element 2i of a
-// block in the low nibble, scales (N, nb), zero points (N, ceil(nb/2)) 4-bit packed the same way;
-// w = (code - zero) * scale. x is deinterleaved once per call (each block's even elements, then its odd
-// ones) so a byte's two codes multiply two contiguous runs of x; x's per-block sums take the zero points.
-void q4_gemv(const uint8_t* packed, const float* scales, const uint8_t* zeros, int64_t N, int64_t nb, int64_t G,
-             const float* x, int64_t K, float* y) {
-  const int64_t H = G / 2;
-  std::vector<float> xd(nb * G, 0.0f), xs(nb, 0.0f);
-  for (int64_t b = 0; b < nb; ++b)
-    for (int64_t i = 0; i < G && b * G + i < K; ++i) {
-      const float v = x[b * G + i];
-      xd[b * G + (i & 1) * H + i / 2] = v;
-      xs[b] += v;
+// Rwkv7MatVecQ(x (.., K), codes (N, nb, G bits / 8) uint8, scales (N, nb), zero points (N, ceil(nb / 2))
+// 4-bit packed, or empty)  attrs bits (4 or 8), block (G) -> y (.., N) = W x for W in MatMulNBits' layout
+// (w = (code - zero) * scale; without zero points the zero is 2^(bits - 1); 8-bit codes take no zero points).
+// It computes what MatMulNBits' accuracy level 4 computes: x quantised to int8 per block of G (scale
+// max |x| / 127, rounded half to even), an integer dot product per block, then the two scales; the step's
+// one row streams the codes with AVX-512 VNNI, rows split over the session's intra-op threads.
+//
+// A row's codes are read in chunks of 64 bytes (128 4-bit or 64 8-bit weights): 16 int32 lanes of
+// vpdpbusd, each the dot product of 8 (4) codes with the matching activation codes, which are laid out
+// per call to match (for 4-bit codes each chunk's even elements, then its odd ones: a byte's low and high
+// nibbles). The zero points' term, sum_b zero_b scale_b xscale_b sum(x codes of block b), is one short dot
+// product per row over its blocks.
+struct MatVecQ {
+  int64_t K, N, nb, G, bits, row_bytes, zb;
+  int64_t chunk;                  // weights per 64-byte chunk
+  int64_t nch;                    // chunks per row
+  bool packed;                    // rows of at most 64 bytes dividing 64, read several a vector (rows_packed)
+  const uint8_t* codes;
+  const float* scales;
+  const uint8_t* zeros;           // nullptr: the default zero point
+  std::vector<int8_t> q;          // x's codes in order (scratch)
+  std::vector<int8_t> xq;         // per chunk: 64 (8-bit) or 128 (4-bit: even, odd) activation codes
+  std::vector<float> xscale;      // per block: the activation scale (padded to whole 16s)
+  std::vector<float> lane_scale;  // per chunk and lane: its block's activation scale (blocks smaller than a chunk)
+  std::vector<float> zsum;        // per block: xscale * the sum of its activation codes (padded to whole 16s)
+  std::vector<float> rep_sum;     // packed rows (matvec_rows_packed): per lane, the sum of its activation codes
+};
+
+// x's codes and tables for one row of x
+void matvec_prepare(MatVecQ& m, const float* x) {
+  const int64_t Kp = m.nch * m.chunk, wpl = m.chunk / 16, nbp = (m.nb + 15) / 16 * 16;
+  std::vector<int8_t>& q = m.q;
+  q.assign(Kp, 0);
+  m.xscale.assign(std::max(nbp, Kp / m.G + 1), 0.0f);
+  m.zsum.assign(nbp, 0.0f);
+  for (int64_t b = 0; b * m.G < m.K; ++b) {
+    const int64_t lo = b * m.G, hi = std::min(m.K, lo + m.G);
+    float amax = 0;
+    for (int64_t i = lo; i < hi; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float scale = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+    int32_t s = 0;
+    for (int64_t i = lo; i < hi; ++i) {
+      q[i] = int8_t(std::nearbyint(std::max(-127.0f, std::min(127.0f, x[i] * inv))));
+      s += q[i];
     }
-  const int64_t zb = (nb + 1) / 2;
-  for (int64_t n = 0; n < N; ++n) {
-    float acc = 0;
-    for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t* q = packed + (n * nb + b) * H;
-      const float* xe = xd.data() + b * G;
-      const float* xo = xe + H;
-      float d;
-#ifdef __AVX512F__
-      if (H % 16 == 0) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        const __m512i lo4 = _mm512_set1_epi32(15);
-        for (int64_t i = 0; i < H; i += 16) {
-          const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i)));
-          a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(c, lo4)), _mm512_loadu_ps(xe + i), a0);
-          a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4)), _mm512_loadu_ps(xo + i), a1);
-        }
-        d = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-      } else
-#endif
-      {
-        float lanes[8] = {};
-        int64_t i = 0;
-        for (; i + 8 <= H; i += 8)
-          for (int64_t j = 0; j < 8; ++j) lanes[j] += float(q[i + j] & 15) * xe[i + j] + float(q[i + j] >> 4) * xo[i + j];
-        d = 0;
-        for (; i < H; ++i) d += float(q[i] & 15) * xe[i] + float(q[i] >> 4) * xo[i];
-        for (int64_t j = 0; j < 8; ++j) d += lanes[j];
+    m.xscale[b] = scale;
+    m.zsum[b] = scale * float(s);
+  }
+  m.xq.assign(m.nch * (m.bits == 4 ? 128 : 64), 0);
+  m.lane_scale.assign(m.nch * 16, 0.0f);
+  for (int64_t c = 0; c < m.nch; ++c) {
+    const int8_t* qc = q.data() + c * m.chunk;
+    int8_t* out = m.xq.data() + c * (m.bits == 4 ? 128 : 64);
+    if (m.bits == 4)
+      for (int64_t j = 0; j < 64; ++j) out[j] = qc[2 * j], out[64 + j] = qc[2 * j + 1];
+    else
+      std::memcpy(out, qc, 64);
+    for (int64_t l = 0; l < 16; ++l) m.lane_scale[c * 16 + l] = m.xscale[(c * m.chunk + l * wpl) / m.G];
+  }
+  if (m.packed) {   // one row's tables repeated for each row of a vector
+    const int64_t per = m.row_bytes, lanes = per / 4;
+    int8_t* xq = m.xq.data();
+    for (int64_t j = per; j < 64; ++j) {
+      xq[j] = xq[j % per];
+      if (m.bits == 4) xq[64 + j] = xq[64 + j % per];
+    }
+    m.rep_sum.assign(16, 0.0f);
+    for (int64_t l = 0; l < 16; ++l) {
+      const int64_t l0 = l % lanes;
+      int32_t sum = 0;
+      for (int64_t j = 0; j < wpl; ++j) sum += q[l0 * wpl + j];
+      m.rep_sum[l] = float(sum);
+      m.lane_scale[l] = m.xscale[l0 * wpl / m.G];
+    }
+  }
+}
+
+inline float zero_point(const MatVecQ& m, int64_t n, int64_t b) {
+  if (!m.zeros) return float(int64_t(1) << (m.bits - 1));
+  const uint8_t z = m.zeros[n * m.zb + b / 2];
+  return float((b & 1) ? z >> 4 : z & 15);
+}
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// 16 lanes of sum_b zero_b * scale_b * zsum_b for row n (the caller subtracts them before its lane sum)
+inline __m512 matvec_zero_term(const MatVecQ& m, int64_t n) {
+  const float* srow = m.scales + n * m.nb;
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t b = 0; b < m.nb; b += 16) {
+    const __mmask16 k = m.nb - b >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (m.nb - b)) - 1);
+    __m512 z;
+    if (m.zeros) {   // 16 blocks' zero points: 8 bytes, low nibble first
+      const int64_t nbytes = std::min<int64_t>(8, m.zb - b / 2);
+      const __m128i zb8 = _mm_maskz_loadu_epi8(__mmask16((1u << nbytes) - 1), m.zeros + n * m.zb + b / 2);
+      const __m128i nib = _mm_set1_epi8(15);
+      const __m128i z16 = _mm_unpacklo_epi8(_mm_and_si128(zb8, nib), _mm_and_si128(_mm_srli_epi16(zb8, 4), nib));
+      z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(z16));
+    } else {
+      z = _mm512_set1_ps(float(int64_t(1) << (m.bits - 1)));
+    }
+    acc = _mm512_fmadd_ps(_mm512_mul_ps(z, _mm512_maskz_loadu_ps(k, srow + b)), _mm512_loadu_ps(m.zsum.data() + b), acc);
+  }
+  return acc;
+}
+
+// the lane sums of 16 rows as one vector (out[r] = row r's sum), from v[0 .. 16 >> first): vector i holding
+// 2^first rows (i 2^first ..) with 16 >> first lanes each, in row order. Rounds of pairing: round k adds the
+// lane halves of two vectors of 2^k rows each into one vector of 2^(k+1) rows.
+inline __m512 lane_sums16(__m512* v, int first = 0) {
+  alignas(64) static const int32_t idx[4][2][16] = {
+      {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}, {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}},
+      {{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27}, {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31}},
+      {{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29}, {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31}},
+      {{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}, {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}}};
+  for (int round = first, n = 16 >> first; round < 4; ++round, n /= 2) {
+    const __m512i a = _mm512_load_si512(idx[round][0]), b = _mm512_load_si512(idx[round][1]);
+    for (int i = 0; i < n / 2; ++i)
+      v[i] = _mm512_add_ps(_mm512_permutex2var_ps(v[2 * i], a, v[2 * i + 1]), _mm512_permutex2var_ps(v[2 * i], b, v[2 * i + 1]));
+  }
+  return v[0];
+}
+
+// Rows of at most 64 bytes that divide 64 (K = nb G of 32, 64 or 128 4-bit or 16, 32, 64 8-bit weights):
+// R = 64 / row_bytes rows a vector. Codes and scales of consecutive rows are contiguous, so a vector of R
+// rows reads like one chunk of several blocks: lane l holds weights wpl l .. of the R rows' codes, its scale
+// is scales[n0 nb + wpl l / G]; its zero point is nibble zidx[l] from row n0's zero points, and the
+// activation tables repeat x's per row (MatVecQ.rep_*). y[n0 .. n1), n0 a multiple of 16.
+template <int BITS>
+void matvec_rows_packed(const MatVecQ& m, int64_t n0, int64_t n1, float* y) {
+  constexpr int64_t wpl = BITS == 4 ? 8 : 4;
+  const int64_t R = 64 / m.row_bytes, lanes = 16 / R;   // rows a vector, lanes a row
+  int32_t sidx[16], zsh[16];
+  for (int64_t l = 0; l < 16; ++l) {
+    const int64_t r = l / lanes, b = (l % lanes) * wpl / m.G;
+    sidx[l] = int32_t(r * m.nb + b);
+    zsh[l] = int32_t(4 * (r * 2 * m.zb + b));   // the nibble's bit offset from row n0's first zero byte
+  }
+  const __m512i vsidx = _mm512_loadu_si512(sidx), vzsh = _mm512_loadu_si512(zsh), nib = _mm512_set1_epi8(15),
+                z15 = _mm512_set1_epi32(15);
+  const __m512 zdef = _mm512_set1_ps(float(int64_t(1) << (BITS - 1)));
+  const __m512 ls = _mm512_loadu_ps(m.lane_scale.data()), lsum = _mm512_loadu_ps(m.rep_sum.data());
+  const __m512i xe = _mm512_loadu_si512(m.xq.data()), xo = _mm512_loadu_si512(m.xq.data() + 64);
+  for (int64_t n = n0; n < n1; n += 16) {
+    __m512 v[16];
+    const int64_t nv = 16 / R;
+    for (int64_t i = 0; i < nv; ++i) {
+      const int64_t r0 = n + i * R, have = std::max<int64_t>(0, std::min<int64_t>(R, m.N - r0));
+      const uint8_t* codes = m.codes + r0 * m.row_bytes;
+      const __m512i w = have == R ? _mm512_loadu_si512(codes)
+                                  : _mm512_maskz_loadu_epi8(have ? (~__mmask64(0) >> (64 - have * m.row_bytes)) : 0, codes);
+      __m512i d;
+      if (BITS == 4) {
+        d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(w, nib), xe);
+        d = _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(w, 4), nib), xo);
+      } else {
+        d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xe);
       }
-      const uint8_t zp = zeros[n * zb + b / 2];
-      acc += scales[n * nb + b] * (d - float((b & 1) ? zp >> 4 : zp & 15) * xs[b]);
+      const int64_t ns = have * m.nb;   // scales of these rows
+      const __m512 sc = _mm512_permutexvar_ps(vsidx, _mm512_maskz_loadu_ps(__mmask16((1u << ns) - 1), m.scales + r0 * m.nb));
+      __m512 z = zdef;
+      if (BITS == 4 && m.zeros) {
+        uint32_t zz = 0;   // 4 bytes from row r0's zero points (past these rows' only when inside the tensor)
+        const uint8_t* zp = m.zeros + r0 * m.zb;
+        if (r0 * m.zb + 4 <= m.N * m.zb) std::memcpy(&zz, zp, 4);
+        else for (int64_t j = 0; j < have * m.zb; ++j) zz |= uint32_t(zp[j]) << (8 * j);
+        z = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int32_t(zz)), vzsh), z15));
+      }
+      const __m512 t = _mm512_fnmadd_ps(z, lsum, _mm512_cvtepi32_ps(d));
+      v[i] = _mm512_mul_ps(_mm512_mul_ps(t, ls), sc);
+    }
+    const __m512 out = lane_sums16(v, R == 4 ? 2 : R == 2 ? 1 : 0);
+    const int64_t k = std::min<int64_t>(16, n1 - n);
+    _mm512_mask_storeu_ps(y + n, __mmask16((1u << k) - 1), out);
+  }
+}
+
+// row n's 16 lane partials of codes in blocks smaller than a chunk (4-bit G < 128, 8-bit G < 64: several
+// blocks a chunk, lane scales by permutation), the zero points' term subtracted
+template <int BITS, int64_t G>
+inline __m512 matvec_row_small(const MatVecQ& m, int64_t n, __mmask64 tail_mask, __mmask16 tail_smask) {
+  constexpr int64_t chunk = BITS == 4 ? 128 : 64, wpl = chunk / 16, bpc = chunk / G;
+  alignas(64) static const int32_t rel[16] = {0 * wpl / G, 1 * wpl / G, 2 * wpl / G, 3 * wpl / G, 4 * wpl / G,
+                                              5 * wpl / G, 6 * wpl / G, 7 * wpl / G, 8 * wpl / G, 9 * wpl / G,
+                                              10 * wpl / G, 11 * wpl / G, 12 * wpl / G, 13 * wpl / G,
+                                              14 * wpl / G, 15 * wpl / G};
+  const __m512i vrel = _mm512_load_si512(rel), nib = _mm512_set1_epi8(15);
+  const uint8_t* row = m.codes + n * m.row_bytes;
+  const float* srow = m.scales + n * m.nb;
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_sub_ps(acc0, matvec_zero_term(m, n));
+  for (int64_t c = 0; c < m.nch; ++c) {
+    const bool last = c + 1 == m.nch;
+    const __m512i w = last ? _mm512_maskz_loadu_epi8(tail_mask, row + c * 64) : _mm512_loadu_si512(row + c * 64);
+    __m512i d;
+    if (BITS == 4) {
+      const int8_t* xc = m.xq.data() + c * 128;
+      d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(w, nib), _mm512_loadu_si512(xc));
+      d = _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(w, 4), nib), _mm512_loadu_si512(xc + 64));
+    } else {
+      d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(m.xq.data() + c * 64));
+    }
+    const __mmask16 sm = last ? tail_smask : __mmask16((1u << bpc) - 1);
+    const __m512 ws = _mm512_permutexvar_ps(vrel, _mm512_maskz_loadu_ps(sm, srow + c * bpc));
+    const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(m.lane_scale.data() + c * 16));
+    if (c & 1) acc1 = _mm512_fmadd_ps(t, ws, acc1);
+    else acc0 = _mm512_fmadd_ps(t, ws, acc0);
+  }
+  return _mm512_add_ps(acc0, acc1);
+}
+
+// row n's lane partials of codes whose blocks span whole chunks (4-bit G >= 128, 8-bit G >= 64): one scale
+// a block
+template <int BITS>
+inline __m512 matvec_row_wide(const MatVecQ& m, int64_t n, __mmask64 tail_mask) {
+  const int64_t cpb = m.G / m.chunk;                     // chunks per block
+  constexpr int64_t xstride = BITS == 4 ? 128 : 64;
+  const __m512i nib = _mm512_set1_epi8(15);
+  const uint8_t* row = m.codes + n * m.row_bytes;
+  const float* srow = m.scales + n * m.nb;
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_sub_ps(acc0, matvec_zero_term(m, n));
+  for (int64_t b = 0; b < m.nb; ++b) {
+    __m512i d = _mm512_setzero_si512();
+    for (int64_t c = b * cpb; c < (b + 1) * cpb && c < m.nch; ++c) {
+      const __m512i w = c + 1 < m.nch ? _mm512_loadu_si512(row + c * 64) : _mm512_maskz_loadu_epi8(tail_mask, row + c * 64);
+      const int8_t* xc = m.xq.data() + c * xstride;
+      if (BITS == 4) {
+        d = _mm512_dpbusd_epi32(d, _mm512_and_si512(w, nib), _mm512_loadu_si512(xc));
+        d = _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(w, 4), nib), _mm512_loadu_si512(xc + 64));
+      } else {
+        d = _mm512_dpbusd_epi32(d, w, _mm512_loadu_si512(xc));
+      }
+    }
+    const __m512 s = _mm512_set1_ps(srow[b] * m.xscale[b]);
+    if (b & 1) acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc1);
+    else acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc0);
+  }
+  return _mm512_add_ps(acc0, acc1);
+}
+
+// y[n0..n1) 16 rows at a time (one vector of lane sums), the rest one by one
+template <class RowFn>
+void matvec_rows_by16(int64_t n0, int64_t n1, float* y, RowFn row) {
+  int64_t n = n0;
+  for (; n + 16 <= n1; n += 16) {
+    __m512 v[16];
+    for (int i = 0; i < 16; ++i) v[i] = row(n + i);
+    _mm512_storeu_ps(y + n, lane_sums16(v));
+  }
+  for (; n < n1; ++n) y[n] = _mm512_reduce_add_ps(row(n));
+}
+
+bool matvec_rows_vnni(const MatVecQ& m, int64_t n0, int64_t n1, float* y) {
+  if (m.packed) {
+    if (m.bits == 4) matvec_rows_packed<4>(m, n0, n1, y);
+    else matvec_rows_packed<8>(m, n0, n1, y);
+    return true;
+  }
+  const int64_t tail = m.row_bytes - (m.nch - 1) * 64;   // bytes in a row's last chunk (1..64)
+  const __mmask64 tm = tail >= 64 ? ~__mmask64(0) : ((__mmask64(1) << tail) - 1);
+  if (m.G < m.chunk) {
+    const int64_t bpc = m.chunk / m.G, tail_blocks = m.nb - (m.nch - 1) * bpc;
+    const __mmask16 ts = __mmask16((1u << std::min<int64_t>(bpc, tail_blocks)) - 1);
+    auto run = [&](auto row) { matvec_rows_by16(n0, n1, y, row); return true; };
+    if (m.bits == 4) {
+      switch (m.G) {
+        case 16: return run([&](int64_t n) { return matvec_row_small<4, 16>(m, n, tm, ts); });
+        case 32: return run([&](int64_t n) { return matvec_row_small<4, 32>(m, n, tm, ts); });
+        case 64: return run([&](int64_t n) { return matvec_row_small<4, 64>(m, n, tm, ts); });
+        default: return false;
+      }
+    }
+    switch (m.G) {
+      case 16: return run([&](int64_t n) { return matvec_row_small<8, 16>(m, n, tm, ts); });
+      case 32: return run([&](int64_t n) { return matvec_row_small<8, 32>(m, n, tm, ts); });
+      default: return false;
+    }
+  }
+  if (m.G % m.chunk) return false;
+  if (m.bits == 4) matvec_rows_by16(n0, n1, y, [&](int64_t n) { return matvec_row_wide<4>(m, n, tm); });
+  else matvec_rows_by16(n0, n1, y, [&](int64_t n) { return matvec_row_wide<8>(m, n, tm); });
+  return true;
+}
+#endif
+
+// portable: the same integer sums per block, then the same float steps
+void matvec_rows_portable(const MatVecQ& m, int64_t n0, int64_t n1, float* y) {
+  std::vector<int8_t> xs(m.nb * m.G, 0);   // activation codes in natural order
+  const int64_t xstride = m.bits == 4 ? 128 : 64;
+  for (int64_t e = 0; e < m.nb * m.G && e < m.nch * m.chunk; ++e) {
+    const int64_t c = e / m.chunk, i = e % m.chunk;
+    xs[e] = m.bits == 4 ? m.xq[c * xstride + (i & 1) * 64 + i / 2] : m.xq[c * xstride + i];
+  }
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = m.codes + n * m.row_bytes;
+    float acc = 0;
+    for (int64_t b = 0; b < m.nb; ++b) {
+      int32_t d = 0;
+      for (int64_t i = 0; i < m.G; ++i) {
+        const int64_t e = b * m.G + i;
+        const int32_t code = m.bits == 4 ? ((e & 1) ? row[e / 2] >> 4 : row[e / 2] & 15) : row[e];
+        d += code * int32_t(xs[e]);
+      }
+      const float s = m.scales[n * m.nb + b];
+      acc += float(d) * m.xscale[b] * s - zero_point(m, n, b) * s * m.zsum[b];
     }
     y[n] = acc;
   }
 }
 
-struct Q4 {
-  const uint8_t* packed;
-  const float* scales;
-  const uint8_t* zeros;
-  int64_t N, nb, G;
-};
-
-Q4 q4_input(OrtKernelContext* ctx, size_t i) {
-  Tensor p = input(ctx, i), s = input(ctx, i + 1), z = input(ctx, i + 2);
-  return {p.raw<uint8_t>(), s.data, z.raw<uint8_t>(), p.dims[0], p.dims[1], 2 * p.dims[2]};
+void matvec_rows(const MatVecQ& m, int64_t n0, int64_t n1, float* y) {
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if (matvec_rows_vnni(m, n0, n1, y)) return;
+#endif
+  matvec_rows_portable(m, n0, n1, y);
 }
 
-// Rwkv7LowRankQ4(x (1, K), A packed, A scales, A zeros, B packed, B scales, B zeros)  attr act
-//   -> B act(A x) (1, N): a low-rank product whose two factors are int4 (an svd-factored projection or a
-//   RWKV-7 LoRA), act 0 none, 1 tanh, 2 sigmoid, 3 relu, 4 relu squared. Two MatMulNBits kernels and the
-//   activation's become one.
-void lowrank_q4_compute(const Attrs& at, OrtKernelContext* ctx) {
-  Tensor x = input(ctx, 0);
-  const Q4 A = q4_input(ctx, 1), B = q4_input(ctx, 4);
-  std::vector<float> h(A.N);
-  q4_gemv(A.packed, A.scales, A.zeros, A.N, A.nb, A.G, x.data, x.size, h.data());
-  for (float& v : h) {
-    switch (at.act) {
-      case 1: v = std::tanh(v); break;
-      case 2: v = 1.0f / (1.0f + std::exp(-v)); break;
-      case 3: v = v > 0 ? v : 0.0f; break;
-      case 4: v = v > 0 ? v * v : 0.0f; break;
-      default: break;
+struct MatVecTask {
+  const MatVecQ* m;
+  float* y;
+  int64_t per;
+};
+
+void matvec_task(void* p, size_t i) {
+  const auto* t = static_cast<const MatVecTask*>(p);
+  const int64_t n0 = int64_t(i) * t->per, n1 = std::min(t->m->N, n0 + t->per);
+  if (n0 < n1) matvec_rows(*t->m, n0, n1, t->y);
+}
+
+// the MatVecQ of codes / scales / zeros inputs i, i + 1, i + 2 (bits, block G) for x of K elements
+void matvec_input(MatVecQ& m, const Attrs& at, OrtKernelContext* ctx, size_t i, int64_t bits, int64_t G, int64_t K) {
+  Tensor codes = cached_input(at, ctx, i), scales = cached_input(at, ctx, i + 1), zeros = cached_input(at, ctx, i + 2);
+  m.bits = bits;
+  m.G = G;
+  m.N = codes.dims[0];
+  m.nb = codes.dims[1];
+  m.row_bytes = m.nb * codes.dims[2];
+  m.K = K;
+  m.zb = (m.nb + 1) / 2;
+  m.chunk = m.bits == 4 ? 128 : 64;
+  m.nch = (m.row_bytes + 63) / 64;
+  m.codes = codes.raw<uint8_t>();
+  m.scales = scales.data;
+  m.zeros = m.bits == 4 && zeros.size ? zeros.raw<uint8_t>() : nullptr;
+  m.packed = m.row_bytes <= 64 && 64 % m.row_bytes == 0 && m.K == m.nb * m.G && m.G >= m.chunk / 16;
+}
+
+// y (N,) = W x for one row x, rows split over the intra-op threads when the matrix is big enough to pay for
+// waking them (~2 us)
+void matvec_run(OrtKernelContext* ctx, MatVecQ& m, const float* x, float* y) {
+  matvec_prepare(m, x);
+  const int64_t tasks = m.N * m.row_bytes >= (int64_t(1) << 16) ? std::max<int64_t>(1, std::min<int64_t>(g_threads, m.N / 16)) : 1;
+  MatVecTask t{&m, y, ((m.N + tasks - 1) / tasks + 15) / 16 * 16};   // whole 16s (rows_packed's groups)
+  OrtStatus* st = tasks > 1 && g_parallel_for ? g_parallel_for(ctx, matvec_task, size_t(tasks), 0, &t) : nullptr;
+  if (st) ort::ReleaseStatus(g_api, st);
+  if (tasks == 1 || !g_parallel_for || st) matvec_rows(m, 0, m.N, y);
+}
+
+void matvec_q_compute(const Attrs& at, OrtKernelContext* ctx) {
+  Tensor x = cached_input(at, ctx, 0);
+  const int64_t K = x.dims[x.rank - 1];
+  thread_local MatVecQ m;   // its buffers keep their capacity from call to call
+  matvec_input(m, at, ctx, 1, at.bits, at.block, K);
+  int64_t ydims[4];
+  for (size_t d = 0; d < x.rank; ++d) ydims[d] = x.dims[d];
+  ydims[x.rank - 1] = m.N;
+  float* y = output(ctx, 0, ydims, x.rank);
+  const int64_t rows = x.size / std::max<int64_t>(1, K);
+  for (int64_t r = 0; r < rows; ++r) matvec_run(ctx, m, x.data + r * K, y + r * m.N);
+}
+
+// the activations a set applies to a product's result: 0 none, 3 relu, 4 relu squared (the ones computed
+// exactly as ONNX Runtime computes them; tanh and sigmoid stay ONNX Runtime's own nodes)
+void apply_act(int64_t act, float* v, int64_t n) {
+  if (act == 3)
+    for (int64_t i = 0; i < n; ++i) v[i] = v[i] > 0 ? v[i] : 0.0f;
+  else if (act == 4)
+    for (int64_t i = 0; i < n; ++i) v[i] = v[i] > 0 ? v[i] * v[i] : 0.0f;
+}
+
+// Rwkv7MatVecSet(x_0 .. x_{n_x - 1} (1, K_i), then per product codes, scales, zeros)  attrs n_x and, per
+// product p: src (x_src, or for src < 0 the result of product -src - 1), acts (applied to the result: 0 none,
+// 3 relu, 4 relu squared), bitss, blocks, emits (1: the result is the next output (1, N))
+//   A layer's quantised products (its projections, low-rank factor pairs and LoRAs) as one kernel: one
+//   ONNX Runtime kernel instead of ~16, each product computed as Rwkv7MatVecQ computes it.
+void matvec_set_compute(const Attrs& at, OrtKernelContext* ctx) {
+  const size_t P = at.src.size();
+  thread_local MatVecQ m;
+  thread_local std::vector<std::vector<float>> tmp;
+  thread_local std::vector<Tensor> xs;
+  std::vector<const float*> val(P);
+  std::vector<int64_t> len(P);
+  if (tmp.size() < P) tmp.resize(P);
+  xs.resize(at.n_x);
+  for (int64_t i = 0; i < at.n_x; ++i) xs[i] = cached_input(at, ctx, i);
+  size_t out = 0;
+  for (size_t p = 0; p < P; ++p) {
+    const int64_t s = at.src[p];
+    const float* x = s >= 0 ? xs[s].data : val[-s - 1];
+    const int64_t K = s >= 0 ? xs[s].dims[xs[s].rank - 1] : len[-s - 1];
+    matvec_input(m, at, ctx, at.n_x + 3 * p, at.bitss[p], at.blocks[p], K);
+    float* y;
+    if (at.emits[p]) {
+      const int64_t dims[2] = {1, m.N};
+      y = output(ctx, out++, dims, 2);
+    } else {
+      tmp[p].resize(m.N);
+      y = tmp[p].data();
     }
+    matvec_run(ctx, m, x, y);
+    apply_act(at.acts[p], y, m.N);
+    val[p] = y;
+    len[p] = m.N;
   }
-  const int64_t ydims[2] = {1, B.N};
-  float* y = output(ctx, 0, ydims, 2);
-  q4_gemv(B.packed, B.scales, B.zeros, B.N, B.nb, B.G, h.data(), A.N, y);
 }
 
 // ---- op definitions --------------------------------------------------------------------------------------
@@ -736,6 +1151,7 @@ struct OpDef {
   const char* in_types;   // one letter per input (element_type), e.g. "fbf"
   size_t n_in, n_out;
   void (*compute)(const Attrs&, OrtKernelContext*);
+  bool variadic;          // one variadic input of mixed types and one variadic float output
 };
 
 struct Kernel {
@@ -749,7 +1165,18 @@ void* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*, const Ort
   Attrs a{float_attr(info, "eps", 1e-5f), int_attr(info, "first", 0), float_attr(info, "mlp_threshold", 0.5f),
           float_attr(info, "q_scale", 1.0f), float_attr(info, "top_p", 1.0f), int_attr(info, "q_lo", 0),
           int_attr(info, "q_bits", 1), int_attr(info, "min_k", 1), int_attr(info, "max_k", 1 << 30),
-          int_attr(info, "act", 0)};
+          int_attr(info, "act", 0), int_attr(info, "bits", 4), int_attr(info, "block", 32)};
+  if (def(op)->variadic) {
+    a.src = ints_attr(info, "src");
+    a.acts = ints_attr(info, "acts");
+    a.bitss = ints_attr(info, "bitss");
+    a.blocks = ints_attr(info, "blocks");
+    a.emits = ints_attr(info, "emits");
+    a.n_x = int_attr(info, "n_x", 1);
+    a.cache = std::make_shared<InputCache>(a.n_x + 3 * a.src.size());
+  } else if (std::strcmp(def(op)->name, "Rwkv7MatVecQ") == 0) {
+    a.cache = std::make_shared<InputCache>(4);
+  }
   return new Kernel{def(op), a};
 }
 const char* ORT_API_CALL get_name(const OrtCustomOp* op) { return def(op)->name; }
@@ -765,7 +1192,7 @@ ONNXTensorElementDataType element_type(char c) {
   }
 }
 ONNXTensorElementDataType ORT_API_CALL in_type(const OrtCustomOp* op, size_t i) {
-  return element_type(def(op)->in_types[i]);
+  return def(op)->variadic ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : element_type(def(op)->in_types[i]);
 }
 ONNXTensorElementDataType ORT_API_CALL out_type(const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 size_t ORT_API_CALL n_inputs(const OrtCustomOp* op) { return def(op)->n_in; }
@@ -775,9 +1202,10 @@ void ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
   k->op->compute(k->attrs, ctx);
 }
 void ORT_API_CALL destroy(void* kernel) { delete static_cast<Kernel*>(kernel); }
-OrtCustomOpInputOutputCharacteristic ORT_API_CALL required(const OrtCustomOp*, size_t) {
-  return INPUT_OUTPUT_REQUIRED;
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL required(const OrtCustomOp* op, size_t) {
+  return def(op)->variadic ? INPUT_OUTPUT_VARIADIC : INPUT_OUTPUT_REQUIRED;
 }
+int ORT_API_CALL homogeneous(const OrtCustomOp* op) { return def(op)->variadic ? 0 : 1; }
 OrtMemType ORT_API_CALL mem_default(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
 int ORT_API_CALL one(const OrtCustomOp*) { return 1; }
 
@@ -798,7 +1226,7 @@ OpDef make(const char* name, const char* in_types, size_t n_out, void (*fn)(cons
   d.base.GetOutputCharacteristic = required;
   d.base.GetInputMemoryType = mem_default;
   d.base.GetVariadicInputMinArity = one;
-  d.base.GetVariadicInputHomogeneity = one;
+  d.base.GetVariadicInputHomogeneity = homogeneous;
   d.base.GetVariadicOutputMinArity = one;
   d.base.GetVariadicOutputHomogeneity = one;
   d.name = name;
@@ -806,6 +1234,13 @@ OpDef make(const char* name, const char* in_types, size_t n_out, void (*fn)(cons
   d.n_in = std::strlen(in_types);
   d.n_out = n_out;
   d.compute = fn;
+  d.variadic = false;
+  return d;
+}
+
+OpDef make_variadic(const char* name, void (*fn)(const Attrs&, OrtKernelContext*)) {
+  OpDef d = make(name, "f", 1, fn);
+  d.variadic = true;
   return d;
 }
 
@@ -820,7 +1255,8 @@ OpDef g_ops[] = {
     make("Rwkv7SparseFfnF32", "fffuffff", 1, sparse_ffn_compute<float>),
     make("Rwkv7ClusteredHead", "ffbfiiwf", 1, clustered_head_compute<int8_t>),
     make("Rwkv7ClusteredHeadF32", "ffffiiwf", 1, clustered_head_compute<float>),
-    make("Rwkv7LowRankQ4", "fufuufu", 1, lowrank_q4_compute),
+    make("Rwkv7MatVecQ", "fufu", 1, matvec_q_compute),
+    make_variadic("Rwkv7MatVecSet", matvec_set_compute),
 };
 
 }  // namespace
@@ -829,6 +1265,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
   g_api = base->GetApi(kOrtApiVersion);
   if (!g_api) return nullptr;   // an older ONNX Runtime: session creation then names the unknown ops
+  if (const OrtApi* api = base->GetApi(ort::kParallelForApiVersion)) g_parallel_for = ort::KernelContext_ParallelFor(api);
   OrtCustomOpDomain* domain = nullptr;
   if (OrtStatus* st = ort::CreateCustomOpDomain(g_api, "ai.rwkvc", &domain)) return st;
   for (OpDef& d : g_ops)
@@ -837,7 +1274,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
 }
 
 // the library's version of the op set, for rwkvc.runtimes.ortops to check what it loaded
-extern "C" __attribute__((visibility("default"))) int rwkvc_ort_ops_version() { return 2; }
+extern "C" __attribute__((visibility("default"))) int rwkvc_ort_ops_version() { return 3; }
 
 // threads for the kernels that split work (Rwkv7WkvSeq); the runtime passes its intra-op thread count
 extern "C" __attribute__((visibility("default"))) void rwkvc_ort_ops_set_threads(int n) { g_threads = n > 0 ? n : 1; }

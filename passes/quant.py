@@ -289,12 +289,24 @@ def emit_int8_nbits(g, lin: ir.Linear, x: str) -> str:
                 accuracy_level=int(w.accuracy_level))
 
 
+def int4_inputs(g, lin: ir.Linear) -> tuple[str, str, str]:
+    """MatMulNBits' inputs for an int4 matrix (also Rwkv7MatVecQ's / Rwkv7MatVecSet's)."""
+    w = lin.weight
+    return (g.weight(lin.name + ".q4", w.packed, np.uint8), g.weight(lin.name + ".q4scales", w.scales, g.dtype),
+            g.weight(lin.name + ".q4zeros", w.zeros, np.uint8))
+
+
+def int4_spec(w: "Int4"):
+    return (4, int(w.group)) if w.accuracy_level == 4 else None
+
+
 def emit_int4(g, lin: ir.Linear, x: str) -> str:
     w = lin.weight
     N, K = w.shape
-    return g.op("MatMulNBits", x, g.weight(lin.name + ".q4", w.packed, np.uint8),
-                g.weight(lin.name + ".q4scales", w.scales, g.dtype), g.weight(lin.name + ".q4zeros", w.zeros, np.uint8),
-                domain="com.microsoft", K=int(K), N=int(N), bits=4, block_size=int(w.group),
+    ins = int4_inputs(g, lin)
+    if emit_onnx.matvec_fusable(g, 4, w.group, w.accuracy_level, K):
+        return emit_onnx.matvec_q(g, x, *ins, 4, w.group)
+    return g.op("MatMulNBits", x, *ins, domain="com.microsoft", K=int(K), N=int(N), bits=4, block_size=int(w.group),
                 accuracy_level=int(w.accuracy_level))
 
 
@@ -338,6 +350,7 @@ emit_onnx.LINEAR_EMITTERS["int8"] = emit_int8
 # level 0 and the gathered-row products (sparse FFN, clustered head) quantise x per tensor
 emit_onnx.ROWS_COUPLED["int8"] = lambda w, in_sparse_ffn: in_sparse_ffn or w.accuracy_level == 0
 emit_onnx.LINEAR_EMITTERS["int4"] = emit_int4
+emit_onnx.NBITS["int4"] = (int4_spec, int4_inputs)
 emit_onnx.LINEAR_EMITTERS["factored"] = emit_factored
 emit_onnx.ROWS_MATMUL["int8"] = rows_matmul_int8
 emit_onnx.COLS_MATMUL["int8"] = cols_matmul_int8

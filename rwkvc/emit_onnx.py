@@ -77,6 +77,7 @@ class Graph:
         self.rescale: dict[str, float] = {}   # Linear name -> divisor of its output (the fp16 layer rescale)
         self.prefix = ""                      # subgraphs name their values apart (ONNX wants one SSA scope)
         self.fused = False                    # rwkvc's own kernels (FUSED_DOMAIN) may be used
+        self.step = False                     # the one-token step graph (else the prefill)
 
     def fresh(self, hint="t") -> str:
         self.n += 1
@@ -296,57 +297,126 @@ def emit_wkv_chunked(g: Graph, S: str, H: int, N: int, Tc: int, r, logw, k, v, a
 def v7_projections(g: Graph, att: ir.TimeMix, xm: dict[str, str], i: int, fuse: bool = False) -> dict[str, str]:
     """The time-mix's products of its six mixes, in the compute dtype: r, k, v, the gate g, the LoRA outputs
     w (before w0 and the decay's squashing) and a (before a0), and after layer 0 vg (before v0).
-    fuse: int4 low-rank pairs as one Rwkv7LowRankQ4 node each (the fused step)."""
+    fuse: the quantised ones as one Rwkv7MatVecSet node (the fused step)."""
     L = att.lin
-    out = {"r": projection(g, L["receptance"], xm["x_r"], fuse), "k": projection(g, L["key"], xm["x_k"], fuse),
-           "v": projection(g, L["value"], xm["x_v"], fuse),
-           "w": lora(g, L["w1"], L["w2"], "tanh", xm["x_w"], fuse),
-           "a": lora(g, L["a1"], L["a2"], None, xm["x_a"], fuse),
-           "g": lora(g, L["g1"], L["g2"], "sigmoid", xm["x_g"], fuse)}
+    items = {"r": (L["receptance"], None, "x_r"), "k": (L["key"], None, "x_k"), "v": (L["value"], None, "x_v"),
+             "w": ((L["w1"], L["w2"]), "tanh", "x_w"), "a": ((L["a1"], L["a2"]), None, "x_a"),
+             "g": ((L["g1"], L["g2"]), "sigmoid", "x_g")}
     if i:
-        out["vg"] = lora(g, L["v1"], L["v2"], None, xm["x_v"], fuse)
-    return out
+        items["vg"] = ((L["v1"], L["v2"]), None, "x_v")
+    ms = MatVecSet(g) if fuse else None
+    out = {}
+    for name, (lin, act, xn) in items.items():
+        h = ms.add(lin, xm[xn], act) if ms is not None else None
+        if h is None:
+            h = lora(g, *lin, act, xm[xn]) if isinstance(lin, tuple) else linear(g, lin, xm[xn])
+        out[name] = h
+    return ms.resolve(out) if ms is not None else out
 
 
-LOWRANK_Q4_ACTS = {None: 0, "tanh": 1, "sigmoid": 2, "relu": 3, "relu2": 4}   # Rwkv7LowRankQ4's act attribute
-# Rwkv7LowRankQ4 in the step graph: off. It matches the plain graph to 3e-6 on the demo's svd + int4 factors,
-# but with the whole all-passes recipe the demo's perplexity delta went +2.44 % -> +3.67 % (not yet
-# explained), and it measured no faster than ONNX Runtime's two MatMulNBits (248 vs 253 us a step).
-# tests/test_fused.py turns it on to keep the kernel held to the plain graph.
-LOWRANK_Q4 = False
 ACT_OPS = {"tanh": "Tanh", "sigmoid": "Sigmoid"}
 
 
-def lowrank_q4(g: Graph, a: tuple[str, object], b: tuple[str, object], act: str | None, x: str) -> str | None:
-    """B act(A x) as one Rwkv7LowRankQ4 node when both factors (name, representation) are int4, else None.
-    The factors keep the names emit_int4 gives them (stored once for the step and the prefill)."""
-    if not (LOWRANK_Q4 and g.fused and not g.rescale and act in LOWRANK_Q4_ACTS and a[1].kind == "int4" and b[1].kind == "int4"):
-        return None
-    ins = []
-    for name, w in (a, b):
-        ins += [g.weight(name + ".q4", w.packed, np.uint8), g.weight(name + ".q4scales", w.scales, F32),
-                g.weight(name + ".q4zeros", w.zeros, np.uint8)]
-    return g.op("Rwkv7LowRankQ4", f32(g, x), *ins, domain=FUSED_DOMAIN, act=LOWRANK_Q4_ACTS[act])
-
-
-def projection(g: Graph, lin: ir.Linear, x: str, fuse: bool = False) -> str:
-    """linear(), or with fuse an int4-factored matrix (svd, then int4) as one Rwkv7LowRankQ4 node."""
-    w = lin.weight
-    if fuse and lin.kind == "factored" and w.diag is None:
-        y = lowrank_q4(g, (lin.name + ".a", w.a), (lin.name + ".b", w.b), w.act, x)
-        if y is not None:
-            return y
-    return linear(g, lin, x)
-
-
-def lora(g: Graph, first: ir.Linear, second: ir.Linear, act: str | None, x: str, fuse: bool = False) -> str:
-    """second(act(first(x))): a RWKV-7 LoRA; with fuse and int4 factors one Rwkv7LowRankQ4 node."""
-    if fuse:
-        y = lowrank_q4(g, (first.name, first.weight), (second.name, second.weight), act, x)
-        if y is not None:
-            return y
+def lora(g: Graph, first: ir.Linear, second: ir.Linear, act: str | None, x: str) -> str:
+    """second(act(first(x))): a RWKV-7 LoRA."""
     h = linear(g, first, x)
     return linear(g, second, g.op(ACT_OPS[act], h) if act else h)
+
+
+# ---- Rwkv7MatVecQ / Rwkv7MatVecSet: 4-bit products of the fused step (op set version 3)
+# weight kind -> (spec(weight) -> (bits, block) or None, inputs(g, lin) -> (codes, scales, zeros or None)):
+# the matrices stored in MatMulNBits' layout, registered by passes.quant
+NBITS: dict[str, tuple] = {}
+MATVEC_Q = True            # rwkvc's kernels for them in the step graph (else ONNX Runtime's MatMulNBits)
+MATVEC_Q_BLOCKS = (16, 32, 64, 128, 256)
+MATVEC_MIN_K = 256
+MATVEC_ACTS = {None: 0, "relu": 3, "relu2": 4}   # Rwkv7MatVecSet's acts attribute
+
+
+def matvec_fusable(g: Graph, bits: int, block: int, accuracy_level: int, K: int) -> bool:
+    """Whether a MatMulNBits product of the graph runs on rwkvc's kernels: the fused step, accuracy level 4
+    (the kernels compute what MatMulNBits computes at that level), 4-bit blocks they read, and matrices of
+    at least MATVEC_MIN_K columns, where they measured faster than ONNX Runtime's (docs/BENCHMARKS.md,
+    session 6). ONNX Runtime's own kernels were as fast or faster on 8-bit matrices, on narrow 4-bit ones
+    (a 128-wide head, LoRA factors) and on small products."""
+    return (MATVEC_Q and g.fused and g.step and not g.rescale and accuracy_level == 4 and bits == 4
+            and block in MATVEC_Q_BLOCKS and K >= MATVEC_MIN_K)
+
+
+def matvec_q(g: Graph, x: str, codes: str, scales: str, zeros: str | None, bits: int, block: int) -> str:
+    """y = W x as one Rwkv7MatVecQ node over MatMulNBits' inputs (the same initializers, stored once for
+    the step and the prefill)."""
+    z = zeros if zeros is not None else g.const(np.zeros(0, np.uint8), np.uint8)
+    return g.op("Rwkv7MatVecQ", f32(g, x), codes, scales, z, domain=FUSED_DOMAIN, bits=bits, block=block)
+
+
+class MatVecSet:
+    """Products of one layer gathered into one Rwkv7MatVecSet node, each computed as Rwkv7MatVecQ computes
+    it: 4-bit matrices (matvec_fusable), and pairs of them with relu or relu squared between (the dense FFN).
+
+        ms = MatVecSet(g); h = ms.add(lin, x) or ms.add((first, second), x, "relu2"); ...; ms.resolve({...})
+
+    add() returns a handle, or None when the matrix cannot join (the caller emits it as usual)."""
+
+    class Handle(int):
+        pass
+
+    def __init__(self, g: Graph):
+        self.g, self.xs, self.ins, self.prog, self.outs = g, [], [], [], None
+
+    def _spec(self, lin: ir.Linear):
+        f = NBITS.get(lin.kind)
+        spec = f[0](lin.weight) if f is not None else None
+        ok = spec is not None and matvec_fusable(self.g, spec[0], spec[1], 4, lin.weight.shape[1])
+        return spec if ok else None
+
+    def _product(self, lin: ir.Linear, src: int, act: str | None, emit: bool) -> int:
+        bits, block = self._spec(lin)
+        codes, scales, zeros = NBITS[lin.kind][1](self.g, lin)
+        self.ins += [codes, scales, zeros if zeros is not None else self.g.const(np.zeros(0, np.uint8), np.uint8)]
+        self.prog.append((src, MATVEC_ACTS[act], bits, block, int(emit)))
+        return len(self.prog) - 1
+
+    def add(self, lin, x: str, act: str | None = None) -> "MatVecSet.Handle | None":
+        """lin: a Linear, or a (first, second) pair with `act` between them; else `act` on the result."""
+        pair = lin if isinstance(lin, tuple) else (lin,)
+        if act not in MATVEC_ACTS or any(self._spec(m) is None for m in pair):
+            return None
+        if x not in self.xs:
+            self.xs.append(x)
+        src = self.xs.index(x)
+        if len(pair) == 2:
+            src = -self._product(pair[0], src, act, False) - 1
+            act = None
+        self._product(pair[-1], src, act, True)
+        return MatVecSet.Handle(sum(p[4] for p in self.prog) - 1)
+
+    def resolve(self, values: dict) -> dict:
+        """Emit the node (once) and replace the handles among `values` by its outputs."""
+        if self.outs is None:
+            self.outs = []
+            if self.prog:
+                src, acts, bits, blocks, emits = (list(c) for c in zip(*self.prog))
+                n = sum(emits)
+                # inputs are indexed by position: the x's first (their indices fixed before the weights)
+                outs = self.g.op("Rwkv7MatVecSet", *(f32(self.g, x) for x in self.xs), *self.ins,
+                                 domain=FUSED_DOMAIN, n_out=n, n_x=len(self.xs), src=src, acts=acts,
+                                 bitss=bits, blocks=blocks, emits=emits)
+                self.outs = [outs] if n == 1 else list(outs)
+        return {k: self.outs[v] if isinstance(v, MatVecSet.Handle) else v for k, v in values.items()}
+
+
+def fused_product(g: Graph, lin, x: str, act: str | None = None) -> str:
+    """One matrix (or LoRA pair) of the fused step through a one-entry Rwkv7MatVecSet where it can join,
+    else as linear() / lora() emit it. act: applied to the result (to a pair: between its factors)."""
+    ms = MatVecSet(g)
+    h = ms.add(lin, x, act)
+    if h is not None:
+        return ms.resolve({"y": h})["y"]
+    if isinstance(lin, tuple):
+        return lora(g, *lin, act, x)
+    y = linear(g, lin, x)
+    return g.op(ACT_OPS[act], y) if act else y
 
 
 def emit_time_mix_v7(g: Graph, att: ir.TimeMix, x: str, prev: str, S: str, v_first: str | None,
@@ -423,8 +493,9 @@ def emit_channel_mix_v7(g: Graph, ffn: ir.ChannelMix, x: str, prev: str, i: int,
 
 
 FUSED_DOMAIN = "ai.rwkvc"   # rwkvc's own CPU kernels (native/ort_ops.cc, registered by runtimes/ortops.py)
-FUSED_VERSION = 2           # the op set's version: 1 the RWKV-7 step / prefill kernels, 2 adds the sparse FFN
-                            # and clustered head kernels; a library of version n runs artifacts of 1..n
+FUSED_VERSION = 3           # the op set's version: 1 the RWKV-7 step / prefill kernels, 2 adds the sparse FFN
+                            # and clustered head kernels, 3 the quantised matrix-vector product (Rwkv7MatVecQ);
+                            # a library of version n runs artifacts of 1..n
 # (op, input index) of the fused kernels that read only some rows of that input (rwkvc.bench.weight_traffic)
 FUSED_ROW_INPUTS = {("Rwkv7SparseFfn", 4), ("Rwkv7SparseFfn", 5), ("Rwkv7SparseFfn", 6),
                     ("Rwkv7SparseFfnF32", 4), ("Rwkv7SparseFfnF32", 6),
@@ -475,7 +546,7 @@ def emit_block_v7_fused(g: Graph, blk, x: str, dx: str, prev_att: str, prev_ffn:
                  v0, w32("k_k", vec["k_k"]), w32("k_a", vec["k_a"]), w32("r_k", vec["r_k"]),
                  w32("ln_x.weight", att.ln_x.weight), w32("ln_x.bias", att.ln_x.bias),
                  domain=FUSED_DOMAIN, n_out=2, eps=float(att.ln_x.eps), first=int(i == 0))
-    dx_att = projection(g, L["output"], y, fuse=True)
+    dx_att = fused_product(g, L["output"], y)
     x, dx, xf = emit_channel_mix_v7_fused(g, blk, x, dx_att, prev_ffn, i, False)
     return x, dx, xf, xa, S2, v_first
 
@@ -490,6 +561,11 @@ def emit_channel_mix_v7_fused(g: Graph, blk, x: str, dx: str, prev: str, i: int,
         if not prefill and sparse_ffn_fusable(g, ffn):
             return x, emit_sparse_ffn_fused(g, ffn, xk, pf), xf
         return x, emit_sparse_ffn(g, ffn, xk, pf, prefill), xf
+    if not prefill:   # key, relu squared, value as one Rwkv7MatVecSet where both matrices can join
+        ms = MatVecSet(g)
+        h = ms.add((ffn.lin["key"], ffn.lin["value"]), xk, "relu2")
+        if h is not None:
+            return x, ms.resolve({"y": h})["y"], xf
     return x, linear(g, ffn.lin["value"], g.op("ReluSquare", linear(g, ffn.lin["key"], xk), domain=FUSED_DOMAIN)), xf
 
 
@@ -1047,6 +1123,7 @@ def build_graph(model: ir.Model, store: WeightStore, prefill: bool, rescale_ever
     new_rows, new_wkv = [], []
     v_first = None
     g.fused = fused = fused and fused_supported(model, store.dtype)
+    g.step = not prefill
     res = g.const(np.zeros((1, C)), F32) if fused else None   # the fused layers' pending residual
     last = (lambda t: g.op("Slice", t, g.const([-1]), g.const([2 ** 62]), g.const([0]))) if prefill else (lambda t: t)
     for i, blk in enumerate(model.blocks):
