@@ -55,6 +55,30 @@ namespace {
 const OrtApi* g_api = nullptr;
 // ONNX Runtime's intra-op thread pool (API 17, ONNX Runtime 1.17); null before that: kernels run serially
 ort::ParallelForFn g_parallel_for = nullptr;
+int g_threads = 1;   // set by the runtime (rwkvc_ort_ops_set_threads): the session's intra-op threads
+
+// f(lo, hi) over [0, n) in up to g_threads ranges on ONNX Runtime's intra-op pool, each at least `grain`
+// long (waking a thread costs ~2 us); in this thread when there is one range, no pool, or the pool fails.
+// `align`: range bounds are multiples of it.
+template <class F>
+void parallel_ranges(OrtKernelContext* ctx, int64_t n, int64_t grain, F&& f, int64_t align = 1) {
+  const int64_t tasks = std::min<int64_t>(g_threads, n / std::max<int64_t>(grain, 1));
+  if (tasks > 1 && g_parallel_for) {
+    struct Job {
+      F* f;
+      int64_t n, per;
+    } job{&f, n, ((n + tasks - 1) / tasks + align - 1) / align * align};
+    auto run = [](void* p, size_t i) {
+      const Job* j = static_cast<const Job*>(p);
+      const int64_t lo = int64_t(i) * j->per, hi = std::min(j->n, lo + j->per);
+      if (lo < hi) (*j->f)(lo, hi);
+    };
+    OrtStatus* st = g_parallel_for(ctx, run, size_t(tasks), 0, &job);
+    if (!st) return;
+    ort::ReleaseStatus(g_api, st);
+  }
+  f(int64_t(0), n);
+}
 
 // ---- the math ----------------------------------------------------------------------------------------
 
@@ -286,50 +310,67 @@ void mix_compute(const Attrs& at, OrtKernelContext* ctx) {
   }
 }
 
-void wkv_compute(const Attrs& at, OrtKernelContext* ctx) {
-  Tensor in[17];
-  for (size_t i = 0; i < 17; ++i) in[i] = input(ctx, i);
-  const float *r = in[0].data, *w = in[1].data, *k = in[2].data, *v = in[3].data, *a = in[4].data,
-              *vg = in[5].data, *vf = in[6].data, *g = in[7].data, *w0 = in[9].data, *a0 = in[10].data,
-              *v0 = in[11].data, *k_k = in[12].data, *k_a = in[13].data, *r_k = in[14].data,
-              *lnw = in[15].data, *lnb = in[16].data;
-  const Tensor& S = in[8];
-  const int64_t H = S.dims[0], N = S.dims[1], C = H * N;
-  const int64_t row[2] = {1, C};
-  float* y = output(ctx, 0, row, 2);
-  float* S2 = output(ctx, 1, S.dims, 3);
-  if (N > 256) return;   // emit_onnx.fused_supported: heads of at most FUSED_MAX_HEAD = 256
+struct WkvArgs {
+  const float *r, *w, *k, *v, *a, *vg, *vf, *g, *S, *w0, *a0, *v0, *k_k, *k_a, *r_k, *lnw, *lnb;
+  float* y;
+  float* S2;
+  int64_t N;
+  float eps;
+  bool first;
+};
+
+// heads h0 .. h1 of the step
+void wkv_heads(const WkvArgs& p, int64_t h0, int64_t h1) {
+  const int64_t N = p.N;
   const HeadFn head = head_kernel(N);
-  const bool first = at.first != 0;
   float decay[256], kk[256], kn[256], aa[256], bb[256], vv[256];
-  for (int64_t h = 0; h < H; ++h) {
+  for (int64_t h = h0; h < h1; ++h) {
     const int64_t o = h * N;
     float norm = 0;
 #pragma omp simd reduction(+ : norm)
     for (int64_t j = 0; j < N; ++j) {
-      decay[j] = fast_exp(-kDecayScale * sigmoid(w[o + j] + w0[o + j]));
-      kk[j] = k[o + j] * k_k[o + j];
+      decay[j] = fast_exp(-kDecayScale * sigmoid(p.w[o + j] + p.w0[o + j]));
+      kk[j] = p.k[o + j] * p.k_k[o + j];
       norm += kk[j] * kk[j];
     }
     norm = std::sqrt(norm);
     const float scale = 1.0f / (norm > 1e-12f ? norm : 1e-12f);
 #pragma omp simd
     for (int64_t j = 0; j < N; ++j) {
-      const float iclr = sigmoid(a0[o + j] + a[o + j]);
+      const float iclr = sigmoid(p.a0[o + j] + p.a[o + j]);
       const float kkj = kk[j] * scale;
       aa[j] = -kkj;
       bb[j] = kkj * iclr;
-      kn[j] = k[o + j] * ((1.0f - k_a[o + j]) + iclr * k_a[o + j]);
+      kn[j] = p.k[o + j] * ((1.0f - p.k_a[o + j]) + iclr * p.k_a[o + j]);
     }
-    if (first) {
-      for (int64_t j = 0; j < N; ++j) vv[j] = v[o + j];
+    if (p.first) {
+      for (int64_t j = 0; j < N; ++j) vv[j] = p.v[o + j];
     } else {
 #pragma omp simd
-      for (int64_t j = 0; j < N; ++j) vv[j] = v[o + j] + (vf[o + j] - v[o + j]) * sigmoid(v0[o + j] + vg[o + j]);
+      for (int64_t j = 0; j < N; ++j)
+        vv[j] = p.v[o + j] + (p.vf[o + j] - p.v[o + j]) * sigmoid(p.v0[o + j] + p.vg[o + j]);
     }
-    head(S.data + h * N * N, S2 + h * N * N, N, r + o, decay, kn, vv, aa, bb, r_k + o, lnw + o, lnb + o, g + o,
-         at.eps, y + o);
+    head(p.S + h * N * N, p.S2 + h * N * N, N, p.r + o, decay, kn, vv, aa, bb, p.r_k + o, p.lnw + o, p.lnb + o,
+         p.g + o, p.eps, p.y + o);
   }
+}
+
+void wkv_compute(const Attrs& at, OrtKernelContext* ctx) {
+  Tensor in[17];
+  for (size_t i = 0; i < 17; ++i) in[i] = input(ctx, i);
+  const Tensor& S = in[8];
+  const int64_t H = S.dims[0], N = S.dims[1], C = H * N;
+  const int64_t row[2] = {1, C};
+  float* y = output(ctx, 0, row, 2);
+  float* S2 = output(ctx, 1, S.dims, 3);
+  if (N > 256) return;   // emit_onnx.fused_supported: heads of at most FUSED_MAX_HEAD = 256
+  WkvArgs p{in[0].data, in[1].data, in[2].data, in[3].data, in[4].data, in[5].data, in[6].data, in[7].data,
+            S.data, in[9].data, in[10].data, in[11].data, in[12].data, in[13].data, in[14].data, in[15].data,
+            in[16].data, y, S2, N, at.eps, at.first != 0};
+  // heads over the intra-op threads once the state is big enough to pay for waking them (a 0.1B-shaped
+  // layer's 12 heads of 64 take ~20 us)
+  parallel_ranges(ctx, H, std::max<int64_t>(1, (int64_t(1) << 14) / (N * N)),
+                  [&](int64_t h0, int64_t h1) { wkv_heads(p, h0, h1); });
 }
 
 // The recurrence over T tokens for one head, on the transposed state Z = S^T held in a local buffer:
@@ -366,7 +407,6 @@ void wkv7_seq_head(float* Z, int64_t n, int64_t T, int64_t C, const float* r, co
   }
 }
 
-int g_threads = 1;   // set by the runtime (rwkvc_ort_ops_set_threads): the session's intra-op threads
 
 // Rwkv7WkvSeq(r, logw, k, v, a, b (T, C), S (H, N, N)) -> y (T, C), S' (H, N, N): the prefill's WKV,
 // token by token (the exact recurrence), heads split over g_threads threads.
@@ -517,6 +557,25 @@ struct Act<int8_t> {
   }
 };
 
+#ifdef __AVX512F__
+// the lane sums of 16 rows as one vector (out[r] = row r's sum), from v[0 .. 16 >> first): vector i holding
+// 2^first rows (i 2^first ..) with 16 >> first lanes each, in row order. Rounds of pairing: round k adds the
+// lane halves of two vectors of 2^k rows each into one vector of 2^(k+1) rows.
+inline __m512 lane_sums16(__m512* v, int first = 0) {
+  alignas(64) static const int32_t idx[4][2][16] = {
+      {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}, {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}},
+      {{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27}, {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31}},
+      {{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29}, {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31}},
+      {{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}, {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}}};
+  for (int round = first, n = 16 >> first; round < 4; ++round, n /= 2) {
+    const __m512i a = _mm512_load_si512(idx[round][0]), b = _mm512_load_si512(idx[round][1]);
+    for (int i = 0; i < n / 2; ++i)
+      v[i] = _mm512_add_ps(_mm512_permutex2var_ps(v[2 * i], a, v[2 * i + 1]), _mm512_permutex2var_ps(v[2 * i], b, v[2 * i + 1]));
+  }
+  return v[0];
+}
+#endif
+
 // est[f] = sum_c code(f, c) * x[c] for codes packed `bits` (1, 2, 4 or 8) to a code, little-endian within
 // each byte, each row padded to whole bytes. Codes of 1 or 2 bits go through a table of every byte's
 // partial sum at each byte position (one add per entry to build, one lookup per byte of a row).
@@ -525,16 +584,24 @@ void code_dot(const uint8_t* codes, int64_t F, int64_t C, int64_t bits, const fl
   std::vector<float> xp(rb * per + 16, 0.0f);   // x, zero-padded to whole bytes and one vector past them
   std::memcpy(xp.data(), x, C * sizeof(float));
 #ifdef __AVX512F__
-  if (bits == 1) {   // 16 codes are a lane mask: a masked add of 16 floats of x
-    for (int64_t f = 0; f < F; ++f) {
+  if (bits == 1) {   // 16 codes are a lane mask: a masked add of 16 floats of x; 16 rows' sums at once
+    auto row_acc = [&](int64_t f) {
       const uint8_t* row = codes + f * rb;
-      __m512 acc = _mm512_setzero_ps();
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();   // two chains of adds
       for (int64_t p = 0; p < rb; p += 2) {
         const __mmask16 m = __mmask16(row[p] | (p + 1 < rb ? row[p + 1] << 8 : 0));
-        acc = _mm512_mask_add_ps(acc, m, acc, _mm512_loadu_ps(xp.data() + p * 8));
+        if (p & 2) a1 = _mm512_mask_add_ps(a1, m, a1, _mm512_loadu_ps(xp.data() + p * 8));
+        else a0 = _mm512_mask_add_ps(a0, m, a0, _mm512_loadu_ps(xp.data() + p * 8));
       }
-      est[f] = _mm512_reduce_add_ps(acc);
+      return _mm512_add_ps(a0, a1);
+    };
+    int64_t f = 0;
+    for (; f + 16 <= F; f += 16) {
+      __m512 v[16];
+      for (int i = 0; i < 16; ++i) v[i] = row_acc(f + i);
+      _mm512_storeu_ps(est + f, lane_sums16(v));
     }
+    for (; f < F; ++f) est[f] = _mm512_reduce_add_ps(row_acc(f));
     return;
   }
 #endif
@@ -711,16 +778,19 @@ void clustered_head_compute(const Attrs& at, OrtKernelContext* ctx) {
   const uint16_t* tc = tcl.raw<uint16_t>();
   if (!lq.size)
     for (int64_t c = 0; c < K; ++c) approx[c] -= std::log(float(std::max(bounds[c + 1] - bounds[c], 1)));
-  int64_t t = 0;
+  // every token's approximate logit, over the intra-op threads (~20 us for 65536 tokens on one)
+  parallel_ranges(ctx, V, 1 << 14, [&](int64_t lo, int64_t hi) {
+    int64_t t = lo;
 #ifdef __AVX512F__
-  for (; t + 16 <= V; t += 16) {   // 16 table lookups a gather
-    const __m512i idx = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tc + t)));
-    __m512 v = _mm512_i32gather_ps(idx, approx.data(), 4);
-    if (lq.size) v = _mm512_add_ps(v, _mm512_loadu_ps(lq.data + t));
-    _mm512_storeu_ps(out + t, v);
-  }
+    for (; t + 16 <= hi; t += 16) {   // 16 table lookups a gather
+      const __m512i idx = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tc + t)));
+      __m512 v = _mm512_i32gather_ps(idx, approx.data(), 4);
+      if (lq.size) v = _mm512_add_ps(v, _mm512_loadu_ps(lq.data + t));
+      _mm512_storeu_ps(out + t, v);
+    }
 #endif
-  for (; t < V; ++t) out[t] = approx[tc[t]] + (lq.size ? lq.data[t] : 0.0f);
+    for (; t < hi; ++t) out[t] = approx[tc[t]] + (lq.size ? lq.data[t] : 0.0f);
+  }, 16);
   const int32_t* tok = rtok.raw<int32_t>();
   e = 0;
   for (int32_t c : chosen)
@@ -832,23 +902,6 @@ inline __m512 matvec_zero_term(const MatVecQ& m, int64_t n) {
     acc = _mm512_fmadd_ps(_mm512_mul_ps(z, _mm512_maskz_loadu_ps(k, srow + b)), _mm512_loadu_ps(m.zsum.data() + b), acc);
   }
   return acc;
-}
-
-// the lane sums of 16 rows as one vector (out[r] = row r's sum), from v[0 .. 16 >> first): vector i holding
-// 2^first rows (i 2^first ..) with 16 >> first lanes each, in row order. Rounds of pairing: round k adds the
-// lane halves of two vectors of 2^k rows each into one vector of 2^(k+1) rows.
-inline __m512 lane_sums16(__m512* v, int first = 0) {
-  alignas(64) static const int32_t idx[4][2][16] = {
-      {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}, {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}},
-      {{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27}, {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31}},
-      {{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29}, {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31}},
-      {{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}, {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}}};
-  for (int round = first, n = 16 >> first; round < 4; ++round, n /= 2) {
-    const __m512i a = _mm512_load_si512(idx[round][0]), b = _mm512_load_si512(idx[round][1]);
-    for (int i = 0; i < n / 2; ++i)
-      v[i] = _mm512_add_ps(_mm512_permutex2var_ps(v[2 * i], a, v[2 * i + 1]), _mm512_permutex2var_ps(v[2 * i], b, v[2 * i + 1]));
-  }
-  return v[0];
 }
 
 // Rows of at most 64 bytes that divide 64 (K = nb G of 32, 64 or 128 4-bit or 16, 32, 64 8-bit weights):
@@ -1044,18 +1097,6 @@ void matvec_rows(const MatVecQ& m, int64_t n0, int64_t n1, float* y) {
   matvec_rows_portable(m, n0, n1, y);
 }
 
-struct MatVecTask {
-  const MatVecQ* m;
-  float* y;
-  int64_t per;
-};
-
-void matvec_task(void* p, size_t i) {
-  const auto* t = static_cast<const MatVecTask*>(p);
-  const int64_t n0 = int64_t(i) * t->per, n1 = std::min(t->m->N, n0 + t->per);
-  if (n0 < n1) matvec_rows(*t->m, n0, n1, t->y);
-}
-
 // the MatVecQ of codes / scales / zeros inputs i, i + 1, i + 2 (bits, block G) for x of K elements
 void matvec_input(MatVecQ& m, const Attrs& at, OrtKernelContext* ctx, size_t i, int64_t bits, int64_t G, int64_t K) {
   Tensor codes = cached_input(at, ctx, i), scales = cached_input(at, ctx, i + 1), zeros = cached_input(at, ctx, i + 2);
@@ -1075,14 +1116,11 @@ void matvec_input(MatVecQ& m, const Attrs& at, OrtKernelContext* ctx, size_t i, 
 }
 
 // y (N,) = W x for one row x, rows split over the intra-op threads when the matrix is big enough to pay for
-// waking them (~2 us)
+// waking them
 void matvec_run(OrtKernelContext* ctx, MatVecQ& m, const float* x, float* y) {
   matvec_prepare(m, x);
-  const int64_t tasks = m.N * m.row_bytes >= (int64_t(1) << 16) ? std::max<int64_t>(1, std::min<int64_t>(g_threads, m.N / 16)) : 1;
-  MatVecTask t{&m, y, ((m.N + tasks - 1) / tasks + 15) / 16 * 16};   // whole 16s (rows_packed's groups)
-  OrtStatus* st = tasks > 1 && g_parallel_for ? g_parallel_for(ctx, matvec_task, size_t(tasks), 0, &t) : nullptr;
-  if (st) ort::ReleaseStatus(g_api, st);
-  if (tasks == 1 || !g_parallel_for || st) matvec_rows(m, 0, m.N, y);
+  parallel_ranges(ctx, m.N, std::max<int64_t>(16, (int64_t(1) << 15) / m.row_bytes),
+                  [&](int64_t n0, int64_t n1) { matvec_rows(m, n0, n1, y); }, 16);   // whole 16s: rows_packed's groups
 }
 
 void matvec_q_compute(const Attrs& at, OrtKernelContext* ctx) {
