@@ -588,10 +588,17 @@ void code_dot(const uint8_t* codes, int64_t F, int64_t C, int64_t bits, const fl
     auto row_acc = [&](int64_t f) {
       const uint8_t* row = codes + f * rb;
       __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();   // two chains of adds
-      for (int64_t p = 0; p < rb; p += 2) {
+      int64_t p = 0;
+      for (; p + 4 <= rb; p += 4) {   // two masks of 16 codes, read as they lie
+        uint16_t m0, m1;
+        std::memcpy(&m0, row + p, 2);
+        std::memcpy(&m1, row + p + 2, 2);
+        a0 = _mm512_mask_add_ps(a0, __mmask16(m0), a0, _mm512_loadu_ps(xp.data() + p * 8));
+        a1 = _mm512_mask_add_ps(a1, __mmask16(m1), a1, _mm512_loadu_ps(xp.data() + p * 8 + 16));
+      }
+      for (; p < rb; p += 2) {
         const __mmask16 m = __mmask16(row[p] | (p + 1 < rb ? row[p + 1] << 8 : 0));
-        if (p & 2) a1 = _mm512_mask_add_ps(a1, m, a1, _mm512_loadu_ps(xp.data() + p * 8));
-        else a0 = _mm512_mask_add_ps(a0, m, a0, _mm512_loadu_ps(xp.data() + p * 8));
+        a0 = _mm512_mask_add_ps(a0, m, a0, _mm512_loadu_ps(xp.data() + p * 8));
       }
       return _mm512_add_ps(a0, a1);
     };

@@ -304,7 +304,7 @@ def emit_int4(g, lin: ir.Linear, x: str) -> str:
     w = lin.weight
     N, K = w.shape
     ins = int4_inputs(g, lin)
-    if emit_onnx.matvec_fusable(g, 4, w.group, w.accuracy_level, K):
+    if emit_onnx.matvec_fusable(g, 4, w.group, w.accuracy_level, K, N):
         return emit_onnx.matvec_q(g, x, *ins, 4, w.group)
     return g.op("MatMulNBits", x, *ins, domain="com.microsoft", K=int(K), N=int(N), bits=4, block_size=int(w.group),
                 accuracy_level=int(w.accuracy_level))

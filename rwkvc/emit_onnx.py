@@ -330,17 +330,18 @@ NBITS: dict[str, tuple] = {}
 MATVEC_Q = True            # rwkvc's kernels for them in the step graph (else ONNX Runtime's MatMulNBits)
 MATVEC_Q_BLOCKS = (16, 32, 64, 128, 256)
 MATVEC_MIN_K = 256
+MATVEC_SMALL = 1 << 17     # products of at most this many weights join whatever their width
 MATVEC_ACTS = {None: 0, "relu": 3, "relu2": 4}   # Rwkv7MatVecSet's acts attribute
 
 
-def matvec_fusable(g: Graph, bits: int, block: int, accuracy_level: int, K: int) -> bool:
+def matvec_fusable(g: Graph, bits: int, block: int, accuracy_level: int, K: int, N: int) -> bool:
     """Whether a MatMulNBits product of the graph runs on rwkvc's kernels: the fused step, accuracy level 4
     (the kernels compute what MatMulNBits computes at that level), 4-bit blocks they read, and matrices of
-    at least MATVEC_MIN_K columns, where they measured faster than ONNX Runtime's (docs/BENCHMARKS.md,
-    session 6). ONNX Runtime's own kernels were as fast or faster on 8-bit matrices, on narrow 4-bit ones
-    (a 128-wide head, LoRA factors) and on small products."""
+    at least MATVEC_MIN_K columns or MATVEC_SMALL weights, where they measured faster than ONNX Runtime's
+    (docs/BENCHMARKS.md, session 6). ONNX Runtime's own kernels were as fast or faster on 8-bit matrices
+    and on large narrow 4-bit ones (a 128-wide head)."""
     return (MATVEC_Q and g.fused and g.step and not g.rescale and accuracy_level == 4 and bits == 4
-            and block in MATVEC_Q_BLOCKS and K >= MATVEC_MIN_K)
+            and block in MATVEC_Q_BLOCKS and (K >= MATVEC_MIN_K or N * K <= MATVEC_SMALL))
 
 
 def matvec_q(g: Graph, x: str, codes: str, scales: str, zeros: str | None, bits: int, block: int) -> str:
@@ -352,7 +353,9 @@ def matvec_q(g: Graph, x: str, codes: str, scales: str, zeros: str | None, bits:
 
 class MatVecSet:
     """Products of one layer gathered into one Rwkv7MatVecSet node, each computed as Rwkv7MatVecQ computes
-    it: 4-bit matrices (matvec_fusable), and pairs of them with relu or relu squared between (the dense FFN).
+    it: 4-bit matrices (matvec_fusable), and pairs of them with nothing, relu or relu squared between (the
+    dense FFN; svd-factored projections; the LoRAs without an activation). Tanh and sigmoid stay ONNX
+    Runtime's: libm's differ from them by an ulp, which moves the next product's 8-bit activations.
 
         ms = MatVecSet(g); h = ms.add(lin, x) or ms.add((first, second), x, "relu2"); ...; ms.resolve({...})
 
@@ -367,7 +370,7 @@ class MatVecSet:
     def _spec(self, lin: ir.Linear):
         f = NBITS.get(lin.kind)
         spec = f[0](lin.weight) if f is not None else None
-        ok = spec is not None and matvec_fusable(self.g, spec[0], spec[1], 4, lin.weight.shape[1])
+        ok = spec is not None and matvec_fusable(self.g, spec[0], spec[1], 4, lin.weight.shape[1], lin.weight.shape[0])
         return spec if ok else None
 
     def _product(self, lin: ir.Linear, src: int, act: str | None, emit: bool) -> int:
@@ -378,7 +381,13 @@ class MatVecSet:
         return len(self.prog) - 1
 
     def add(self, lin, x: str, act: str | None = None) -> "MatVecSet.Handle | None":
-        """lin: a Linear, or a (first, second) pair with `act` between them; else `act` on the result."""
+        """lin: a Linear, or a (first, second) pair with `act` between them; else `act` on the result. An
+        svd-factored Linear (no diagonal) is the pair of its factors with its own activation between."""
+        if not isinstance(lin, tuple) and lin.kind == "factored" and lin.weight.diag is None:
+            if act is not None:
+                return None
+            w = lin.weight
+            lin, act = (ir.Linear(lin.name + ".a", w.a), ir.Linear(lin.name + ".b", w.b)), w.act
         pair = lin if isinstance(lin, tuple) else (lin,)
         if act not in MATVEC_ACTS or any(self._spec(m) is None for m in pair):
             return None
@@ -406,17 +415,12 @@ class MatVecSet:
         return {k: self.outs[v] if isinstance(v, MatVecSet.Handle) else v for k, v in values.items()}
 
 
-def fused_product(g: Graph, lin, x: str, act: str | None = None) -> str:
-    """One matrix (or LoRA pair) of the fused step through a one-entry Rwkv7MatVecSet where it can join,
-    else as linear() / lora() emit it. act: applied to the result (to a pair: between its factors)."""
+def fused_product(g: Graph, lin: ir.Linear, x: str) -> str:
+    """One matrix of the fused step (an svd-factored one: its two factors) as a one-entry Rwkv7MatVecSet
+    where it can join, else as linear() emits it."""
     ms = MatVecSet(g)
-    h = ms.add(lin, x, act)
-    if h is not None:
-        return ms.resolve({"y": h})["y"]
-    if isinstance(lin, tuple):
-        return lora(g, *lin, act, x)
-    y = linear(g, lin, x)
-    return g.op(ACT_OPS[act], y) if act else y
+    h = ms.add(lin, x)
+    return ms.resolve({"y": h})["y"] if h is not None else linear(g, lin, x)
 
 
 def emit_time_mix_v7(g: Graph, att: ir.TimeMix, x: str, prev: str, S: str, v_first: str | None,
