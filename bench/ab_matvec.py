@@ -4,6 +4,7 @@ off, and the step graph timed alternately in prebound ONNX Runtime sessions (no 
 
     python bench/ab_matvec.py --model 0.1b --recipe "int4(group=32)" --threads 2
     python bench/ab_matvec.py --model demo --recipe "int4(group=32)"
+    python bench/ab_matvec.py --model 0.1b --matvec-small 0     # small products stay MatMulNBits too
 
 Prints each variant's best and median microseconds a step over --reps alternations of --steps steps.
 """
@@ -45,6 +46,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=8)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--matvec-small", type=int, default=None,
+                    help="emit_onnx.MATVEC_SMALL for the rwkvc-kernels variant (default: rwkvc's)")
     a = ap.parse_args(argv)
     from bench_passes import checkpoint
 
@@ -56,6 +59,8 @@ def main(argv=None) -> int:
         work = Path(tmp)
         ckpt = checkpoint(a.model, work)
         arts = {}
+        if a.matvec_small is not None:
+            emit_onnx.MATVEC_SMALL = a.matvec_small
         for name, on in (("rwkvc kernels", True), ("MatMulNBits", False)):
             emit_onnx.MATVEC_Q = on
             arts[name] = work / name.replace(" ", "-")

@@ -42,7 +42,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
+#include <type_traits>
 #include <vector>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -65,7 +65,7 @@ void parallel_ranges(OrtKernelContext* ctx, int64_t n, int64_t grain, F&& f, int
   const int64_t tasks = std::min<int64_t>(g_threads, n / std::max<int64_t>(grain, 1));
   if (tasks > 1 && g_parallel_for) {
     struct Job {
-      F* f;
+      std::remove_reference_t<F>* f;
       int64_t n, per;
     } job{&f, n, ((n + tasks - 1) / tasks + align - 1) / align * align};
     auto run = [](void* p, size_t i) {
@@ -182,13 +182,22 @@ struct Tensor {
   const T* raw() const { return reinterpret_cast<const T*>(data); }
 };
 
-Tensor input(OrtKernelContext* ctx, size_t i) {
+const OrtValue* input_value(OrtKernelContext* ctx, size_t i) {
   const OrtValue* v = nullptr;
   ort::KernelContext_GetInput(g_api, ctx, i, &v);
-  Tensor t;
+  return v;
+}
+
+const float* input_data(const OrtValue* v) {
   void* p = nullptr;
   ort::GetTensorMutableData(g_api, const_cast<OrtValue*>(v), &p);
-  t.data = static_cast<const float*>(p);
+  return static_cast<const float*>(p);
+}
+
+Tensor input(OrtKernelContext* ctx, size_t i) {
+  const OrtValue* v = input_value(ctx, i);
+  Tensor t;
+  t.data = input_data(v);
   OrtTensorTypeAndShapeInfo* info = nullptr;
   ort::GetTensorTypeAndShape(g_api, v, &info);
   ort::GetDimensionsCount(g_api, info, &t.rank);
@@ -257,7 +266,7 @@ struct Attrs {
   int64_t bits, block;
   std::vector<int64_t> src, acts, bitss, blocks, emits;   // Rwkv7MatVecSet's program
   int64_t n_x;
-  std::shared_ptr<InputCache> cache;                        // Rwkv7MatVecQ / Rwkv7MatVecSet
+  std::shared_ptr<InputCache> cache;                        // for cached_input (Rwkv7MatVecQ / Rwkv7MatVecSet)
 };
 
 // input i with its shape from the cache (filled on the first call)
@@ -271,11 +280,7 @@ Tensor cached_input(const Attrs& at, OrtKernelContext* ctx, size_t i) {
     }
   }
   Tensor t = c.shape[i];
-  const OrtValue* v = nullptr;
-  ort::KernelContext_GetInput(g_api, ctx, i, &v);
-  void* p = nullptr;
-  ort::GetTensorMutableData(g_api, const_cast<OrtValue*>(v), &p);
-  t.data = static_cast<const float*>(p);
+  t.data = input_data(input_value(ctx, i));
   return t;
 }
 
@@ -409,7 +414,7 @@ void wkv7_seq_head(float* Z, int64_t n, int64_t T, int64_t C, const float* r, co
 
 
 // Rwkv7WkvSeq(r, logw, k, v, a, b (T, C), S (H, N, N)) -> y (T, C), S' (H, N, N): the prefill's WKV,
-// token by token (the exact recurrence), heads split over g_threads threads.
+// token by token (the exact recurrence), heads split over the intra-op pool (parallel_ranges).
 void wkv_seq_compute(const Attrs&, OrtKernelContext* ctx) {
   Tensor in[7];
   for (size_t i = 0; i < 7; ++i) in[i] = input(ctx, i);
@@ -435,11 +440,7 @@ void wkv_seq_compute(const Attrs&, OrtKernelContext* ctx) {
         for (int64_t j = 0; j < N; ++j) S2h[i * N + j] = Z[j * N + i];
     }
   };
-  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(g_threads, H));
-  std::vector<std::thread> pool;
-  for (int64_t p = 1; p < nt; ++p) pool.emplace_back(run, H * p / nt, H * (p + 1) / nt);
-  run(0, H / nt);   // this thread: the first share
-  for (auto& th : pool) th.join();
+  parallel_ranges(ctx, H, 1, run);   // heads over the intra-op threads
 }
 
 void relu_square_compute(const Attrs&, OrtKernelContext* ctx) {
@@ -1218,10 +1219,8 @@ void* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*, const Ort
     a.blocks = ints_attr(info, "blocks");
     a.emits = ints_attr(info, "emits");
     a.n_x = int_attr(info, "n_x", 1);
-    a.cache = std::make_shared<InputCache>(a.n_x + 3 * a.src.size());
-  } else if (std::strcmp(def(op)->name, "Rwkv7MatVecQ") == 0) {
-    a.cache = std::make_shared<InputCache>(4);
   }
+  a.cache = std::make_shared<InputCache>(def(op)->variadic ? a.n_x + 3 * a.src.size() : def(op)->n_in);
   return new Kernel{def(op), a};
 }
 const char* ORT_API_CALL get_name(const OrtCustomOp* op) { return def(op)->name; }

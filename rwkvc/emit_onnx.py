@@ -324,7 +324,7 @@ def lora(g: Graph, first: ir.Linear, second: ir.Linear, act: str | None, x: str)
 
 
 # ---- Rwkv7MatVecQ / Rwkv7MatVecSet: 4-bit products of the fused step (op set version 3)
-# weight kind -> (spec(weight) -> (bits, block) or None, inputs(g, lin) -> (codes, scales, zeros or None)):
+# weight kind -> (spec(weight) -> (bits, block) or None, inputs(g, lin) -> (codes, scales, zeros)):
 # the matrices stored in MatMulNBits' layout, registered by passes.quant
 NBITS: dict[str, tuple] = {}
 MATVEC_Q = True            # rwkvc's kernels for them in the step graph (else ONNX Runtime's MatMulNBits)
@@ -344,18 +344,17 @@ def matvec_fusable(g: Graph, bits: int, block: int, accuracy_level: int, K: int,
             and block in MATVEC_Q_BLOCKS and (K >= MATVEC_MIN_K or N * K <= MATVEC_SMALL))
 
 
-def matvec_q(g: Graph, x: str, codes: str, scales: str, zeros: str | None, bits: int, block: int) -> str:
+def matvec_q(g: Graph, x: str, codes: str, scales: str, zeros: str, bits: int, block: int) -> str:
     """y = W x as one Rwkv7MatVecQ node over MatMulNBits' inputs (the same initializers, stored once for
     the step and the prefill)."""
-    z = zeros if zeros is not None else g.const(np.zeros(0, np.uint8), np.uint8)
-    return g.op("Rwkv7MatVecQ", f32(g, x), codes, scales, z, domain=FUSED_DOMAIN, bits=bits, block=block)
+    return g.op("Rwkv7MatVecQ", f32(g, x), codes, scales, zeros, domain=FUSED_DOMAIN, bits=bits, block=block)
 
 
 class MatVecSet:
     """Products of one layer gathered into one Rwkv7MatVecSet node, each computed as Rwkv7MatVecQ computes
     it: 4-bit matrices (matvec_fusable), and pairs of them with nothing, relu or relu squared between (the
     dense FFN; svd-factored projections; the LoRAs without an activation). Tanh and sigmoid stay ONNX
-    Runtime's: libm's differ from them by an ulp, which moves the next product's 8-bit activations.
+    Runtime's: libm's round differently from them, which moves the next product's 8-bit activations.
 
         ms = MatVecSet(g); h = ms.add(lin, x) or ms.add((first, second), x, "relu2"); ...; ms.resolve({...})
 
@@ -375,8 +374,7 @@ class MatVecSet:
 
     def _product(self, lin: ir.Linear, src: int, act: str | None, emit: bool) -> int:
         bits, block = self._spec(lin)
-        codes, scales, zeros = NBITS[lin.kind][1](self.g, lin)
-        self.ins += [codes, scales, zeros if zeros is not None else self.g.const(np.zeros(0, np.uint8), np.uint8)]
+        self.ins += NBITS[lin.kind][1](self.g, lin)
         self.prog.append((src, MATVEC_ACTS[act], bits, block, int(emit)))
         return len(self.prog) - 1
 
@@ -415,12 +413,12 @@ class MatVecSet:
         return {k: self.outs[v] if isinstance(v, MatVecSet.Handle) else v for k, v in values.items()}
 
 
-def fused_product(g: Graph, lin: ir.Linear, x: str) -> str:
-    """One matrix of the fused step (an svd-factored one: its two factors) as a one-entry Rwkv7MatVecSet
-    where it can join, else as linear() emits it."""
+def matvec_product(g: Graph, lin, x: str, act: str | None = None) -> str | None:
+    """One matrix (an svd-factored one: its two factors), or a (first, second) pair with `act` between, as a
+    one-entry Rwkv7MatVecSet; None when it cannot join (MatVecSet.add)."""
     ms = MatVecSet(g)
-    h = ms.add(lin, x)
-    return ms.resolve({"y": h})["y"] if h is not None else linear(g, lin, x)
+    h = ms.add(lin, x, act)
+    return ms.resolve({"y": h})["y"] if h is not None else None
 
 
 def emit_time_mix_v7(g: Graph, att: ir.TimeMix, x: str, prev: str, S: str, v_first: str | None,
@@ -550,7 +548,7 @@ def emit_block_v7_fused(g: Graph, blk, x: str, dx: str, prev_att: str, prev_ffn:
                  v0, w32("k_k", vec["k_k"]), w32("k_a", vec["k_a"]), w32("r_k", vec["r_k"]),
                  w32("ln_x.weight", att.ln_x.weight), w32("ln_x.bias", att.ln_x.bias),
                  domain=FUSED_DOMAIN, n_out=2, eps=float(att.ln_x.eps), first=int(i == 0))
-    dx_att = fused_product(g, L["output"], y)
+    dx_att = matvec_product(g, L["output"], y) or linear(g, L["output"], y)
     x, dx, xf = emit_channel_mix_v7_fused(g, blk, x, dx_att, prev_ffn, i, False)
     return x, dx, xf, xa, S2, v_first
 
@@ -565,12 +563,9 @@ def emit_channel_mix_v7_fused(g: Graph, blk, x: str, dx: str, prev: str, i: int,
         if not prefill and sparse_ffn_fusable(g, ffn):
             return x, emit_sparse_ffn_fused(g, ffn, xk, pf), xf
         return x, emit_sparse_ffn(g, ffn, xk, pf, prefill), xf
-    if not prefill:   # key, relu squared, value as one Rwkv7MatVecSet where both matrices can join
-        ms = MatVecSet(g)
-        h = ms.add((ffn.lin["key"], ffn.lin["value"]), xk, "relu2")
-        if h is not None:
-            return x, ms.resolve({"y": h})["y"], xf
-    return x, linear(g, ffn.lin["value"], g.op("ReluSquare", linear(g, ffn.lin["key"], xk), domain=FUSED_DOMAIN)), xf
+    # the step: key, relu squared, value as one Rwkv7MatVecSet where both matrices can join
+    y = None if prefill else matvec_product(g, (ffn.lin["key"], ffn.lin["value"]), xk, "relu2")
+    return x, y or linear(g, ffn.lin["value"], g.op("ReluSquare", linear(g, ffn.lin["key"], xk), domain=FUSED_DOMAIN)), xf
 
 
 # the fused sparse FFN and clustered head read int8 rows (with their scales) or float32 rows
