@@ -76,12 +76,14 @@ class Model:
         return self.init_state()
 
     def check_state(self, state: ir.State) -> ir.State:
-        for name, shp in self._state_shapes.items():
-            got = getattr(state, name).shape
-            if tuple(got) != shp:
-                raise RwkvcError(f"state.{name} has shape {tuple(got)}, this model needs {shp}")
-        ok = lambda a: a.dtype == np.float32 and a.flags.c_contiguous  # noqa: E731
-        if ok(state.shift) and ok(state.wkv):      # the usual case (a state this model returned): no copy
+        shift, wkv = state.shift, state.wkv
+        if shift.shape != self._state_shapes["shift"] or wkv.shape != self._state_shapes["wkv"]:
+            for name, shp in self._state_shapes.items():
+                got = getattr(state, name).shape
+                if tuple(got) != shp:
+                    raise RwkvcError(f"state.{name} has shape {tuple(got)}, this model needs {shp}")
+        if shift.dtype == np.float32 and wkv.dtype == np.float32 and shift.flags.c_contiguous and \
+                wkv.flags.c_contiguous:            # the usual case (a state this model returned): no copy
             return state
         return ir.State(np.ascontiguousarray(state.shift, np.float32), np.ascontiguousarray(state.wkv, np.float32))
 
@@ -104,10 +106,14 @@ class Model:
 
     # -- inference ----------------------------------------------------------------------------------
     def forward(self, tokens: int | Sequence[int], state: ir.State | None = None) -> tuple[np.ndarray, ir.State]:
-        toks = np.atleast_1d(np.asarray(tokens, dtype=np.int64))
-        if toks.ndim != 1 or toks.size == 0:
-            raise RwkvcError("forward needs at least one token id")
-        lo, hi = (int(toks[0]),) * 2 if toks.size == 1 else (int(toks.min()), int(toks.max()))
+        if type(tokens) is list and len(tokens) == 1 and type(tokens[0]) is int:   # a decode step: no numpy
+            lo = hi = tokens[0]
+            toks = np.array(tokens, np.int64)
+        else:
+            toks = np.atleast_1d(np.asarray(tokens, dtype=np.int64))
+            if toks.ndim != 1 or toks.size == 0:
+                raise RwkvcError("forward needs at least one token id")
+            lo, hi = (int(toks[0]),) * 2 if toks.size == 1 else (int(toks.min()), int(toks.max()))
         if lo < 0 or hi >= self.config.vocab_size:
             bad = hi if hi >= self.config.vocab_size else lo
             raise RwkvcError(f"token id {bad} is outside this model's vocabulary 0..{self.config.vocab_size - 1} "

@@ -960,8 +960,7 @@ def emit_clustered_fused(g: Graph, lin: ir.Linear, x: str) -> str:
         q = np.empty(V, np.float32)
         q[order] = ch.row_log_prior()
         lq = g.weight(lin.name + ".token_log_prior", q, F32)
-    logits = g.op("Rwkv7ClusteredHead" if rows.kind == "int8" else "Rwkv7ClusteredHeadF32",
-                  f32(g, g.op("Reshape", x, g.const([1, C]))), z, rr, rs,
+    logits = g.op("Rwkv7ClusteredHead" if rows.kind == "int8" else "Rwkv7ClusteredHeadF32", f32(g, x), z, rr, rs,
                   g.weight(lin.name + ".bounds", np.asarray(ch.bounds, np.int32), np.int32),
                   g.weight(lin.name + ".row_token", order.astype(np.int32), np.int32),
                   g.weight(lin.name + ".token_cluster16", token_cluster, np.uint16), lq, domain=FUSED_DOMAIN,
@@ -970,7 +969,7 @@ def emit_clustered_fused(g: Graph, lin: ir.Linear, x: str) -> str:
 
 
 def emit_clustered(g: Graph, lin: ir.Linear, x: str) -> str:
-    """RWKV-Lite's hierarchical head for one token, x (1, C) -> logits (1, V) float32.
+    """RWKV-Lite's hierarchical head for one token, x (C,) or (1, C) -> logits (V,) float32.
 
         x ─► cluster head ─► log p (K,) ─► TopK ─► mass before each rank < top_p ─► chosen (K,) bool
         chosen[block_cluster] ─► NonZero ─► chosen blocks (nb,) ─► their row slots (nb·B,), token ids
@@ -1029,8 +1028,7 @@ def emit_clustered(g: Graph, lin: ir.Linear, x: str) -> str:
     # a padding slot writes its row's logit again (ScatterElements keeps the later write; the same dot product)
     tokens = g.op("Reshape", g.op("Gather", g.weight(lin.name + ".slot_token", order[slot_row].astype(np.int32),
                                                      np.int32), blocks, axis=0), g.const([-1]))
-    logits = g.op("ScatterElements", base, tokens, exact, axis=0)
-    return g.op("Reshape", logits, g.const([1, V]))
+    return g.op("ScatterElements", base, tokens, exact, axis=0)
 
 
 LINEAR_EMITTERS["clustered"] = emit_clustered
@@ -1155,7 +1153,9 @@ def build_graph(model: ir.Model, store: WeightStore, prefill: bool, rescale_ever
         x = g.op("Add", x, res)
     xl = g.op("Slice", x, g.const([-1]), g.const([2 ** 62]), g.const([0])) if prefill else x
     xl = layer_norm(g, xl, model.ln_out, "ln_out")
-    logits = g.op("Reshape", linear(g, model.head, xl), g.const([V]))
+    # the head on x (C,): every head's ops keep x's rank, so its last node writes the (V,) logits output
+    # itself (a Reshape to (V,) there would copy the logits into the caller's buffer, ~7 us at V = 65536)
+    logits = linear(g, model.head, g.op("Reshape", xl, g.const([C])))
     if g.dtype == np.float32:
         g.rename(logits, "logits")                       # no copy of the V logits (a Cast to float32 is one)
     else:

@@ -47,6 +47,39 @@ def test_forward_semantics(m):
         m.forward([70000])
 
 
+def test_step_buffers_are_reused_only_once_dropped(m):
+    """A step writes into reused buffers (runtimes.onnxruntime._StepSlots): logits and states the caller
+    keeps are never overwritten, and a chain that drops them as it goes computes the same numbers."""
+    from rwkvc.runtimes.onnxruntime import _StepSlots
+    _, state = m.forward(m.encode("Once upon"))
+    toks = list(range(11, 11 + _StepSlots.MAX + 3))    # more kept states than buffers: the rest bind per call
+    kept, st = [], state
+    for t in toks:
+        lg, st = m.forward([t], st)
+        kept.append((lg, st, lg.copy(), st.copy()))
+    slots = m.runtime._slots["step"]
+    assert len(slots.slots) == _StepSlots.MAX
+    for lg, st, lg0, st0 in kept:
+        np.testing.assert_array_equal(lg, lg0)
+        np.testing.assert_array_equal(st.wkv, st0.wkv)
+        np.testing.assert_array_equal(st.shift, st0.shift)
+    del lg, st, kept[1:]
+    st = state
+    for i, t in enumerate(toks):
+        lg, st = m.forward([t], st)
+        if i == 0:
+            np.testing.assert_array_equal(lg, kept[0][2])
+    np.testing.assert_array_equal(st.wkv, st0.wkv)     # the last kept state, recomputed through reused buffers
+    assert len(slots.slots) == _StepSlots.MAX
+    branch = kept[0][1]                                 # two steps from one kept state
+    la, _ = m.forward([5], branch)
+    lb, _ = m.forward([6], branch)
+    la2, _ = m.forward([5], branch)
+    np.testing.assert_array_equal(la, la2)
+    assert not np.array_equal(la, lb)
+    np.testing.assert_array_equal(branch.wkv, kept[0][3].wkv)
+
+
 def test_greedy_generation_is_the_argmax_chain(m):
     res = []
     text = "".join(m.stream("Hello", n=12, temperature=0, token_stop=(), result=res))
