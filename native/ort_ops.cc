@@ -801,6 +801,34 @@ void sparse_ffn_compute(const Attrs& at, OrtKernelContext* ctx) {
   for (int64_t c = 0; c < C; ++c) y[c] = vs.size ? float(acc[c]) * (hv.scale * vs.data[c]) : float(acc[c]);
 }
 
+// The clustered head's argmax without its V logits: the largest is an exact logit or, for a cluster not
+// chosen, approx[c] + max log q over c (rounding is monotonic: no token of c can exceed it); ties go to the
+// smallest token id, as np.argmax over the logits (exact logits overwrite their tokens' approximations).
+// Only clusters holding the largest value are scanned token by token. mlq: each cluster's max log q (empty
+// without a prior). -1 when the largest is NaN.
+int64_t head_top(const std::vector<float>& exact, const std::vector<int32_t>& chosen, const std::vector<float>& approx,
+                 const int32_t* bounds, const int32_t* tok, const Tensor& lq, const Tensor& mlq, int64_t K) {
+  std::vector<uint8_t> is_chosen(K, 0);
+  for (int32_t c : chosen) is_chosen[c] = 1;
+  float best = -INFINITY;
+  for (float v : exact) best = std::max(best, v);
+  for (int64_t c = 0; c < K; ++c)
+    if (!is_chosen[c] && bounds[c + 1] > bounds[c]) best = std::max(best, approx[c] + (mlq.size ? mlq.data[c] : 0.0f));
+  if (std::isnan(best)) return -1;
+  for (float v : exact) if (std::isnan(v)) return -1;
+  int64_t top = INT64_MAX;
+  size_t e = 0;
+  for (int32_t c : chosen)
+    for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r, ++e)
+      if (exact[e] == best) top = std::min<int64_t>(top, tok[r]);
+  for (int64_t c = 0; c < K; ++c) {
+    if (is_chosen[c] || bounds[c + 1] == bounds[c] || approx[c] + (mlq.size ? mlq.data[c] : 0.0f) != best) continue;
+    for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r)
+      if (approx[c] + (lq.size ? lq.data[tok[r]] : 0.0f) == best) top = std::min<int64_t>(top, tok[r]);
+  }
+  return top == INT64_MAX ? -1 : top;
+}
+
 // Rwkv7ClusteredHead(x (C,) or (1, C), z (K,), rows (V, C), row scale (V,), bounds (K + 1,), row_token (V,),
 // token_cluster (V,), token_log_q (V,) or empty) -> logits (V,) or (1, V) in token order.
 //   log p = log_softmax(z); clusters by descending p, the j-th chosen iff j < min_k, or j < max_k and the
@@ -808,12 +836,17 @@ void sparse_ffn_compute(const Attrs& at, OrtKernelContext* ctx) {
 //   the chosen clusters' rows (rows cluster by cluster, bounds[c] .. bounds[c+1]), every other token t gets
 //   approx[c(t)] + log q_t with approx = log p + logsumexp(exact) - log(sum of the chosen clusters' p),
 //   log q_t the token's log prior (empty: log q = -log |c|).
-template <class W>
+// Rwkv7ClusteredHeadTop (op set 4): two more inputs, each cluster's max log q (K,) or empty, and mode (1,)
+// int64; a second output, top (1,) int64, np.argmax of the logits (head_top). Mode 1 writes no logits
+// (shape (0,)): a greedy decode step reads the chosen clusters' rows and never writes the V logits.
+template <class W, bool TOP = false>
 void clustered_head_compute(const Attrs& at, OrtKernelContext* ctx) {
   Tensor x = input(ctx, 0), z = input(ctx, 1), rows = input(ctx, 2), rs = input(ctx, 3), bnd = input(ctx, 4),
          rtok = input(ctx, 5), tcl = input(ctx, 6), lq = input(ctx, 7);
   const int64_t C = x.size, K = z.size, V = rows.dims[0];
-  const int64_t odims[2] = {1, V};   // x (C,): logits (V,); x (1, C): (1, V)
+  // Top: with logits (mode 0) or only the top token (mode 1: logits (0,))
+  const bool write = !TOP || input(ctx, 9).raw<int64_t>()[0] == 0;
+  const int64_t odims[2] = {1, write ? V : 0};   // x (C,): logits (V,); x (1, C): (1, V)
   float* out = x.rank <= 1 ? output(ctx, 0, odims + 1, 1) : output(ctx, 0, odims, 2);
   const int32_t* bounds = bnd.raw<int32_t>();
   float zmax = z.data[0];
@@ -882,6 +915,13 @@ void clustered_head_compute(const Attrs& at, OrtKernelContext* ctx) {
   const uint16_t* tc = tcl.raw<uint16_t>();
   if (!lq.size)
     for (int64_t c = 0; c < K; ++c) approx[c] -= std::log(float(std::max(bounds[c + 1] - bounds[c], 1)));
+  const int32_t* tok = rtok.raw<int32_t>();
+  if (TOP) {   // the first token of the largest logit, as np.argmax of the logits below finds it (-1: NaN)
+    const int64_t one = 1;
+    int64_t* top = reinterpret_cast<int64_t*>(output(ctx, 1, &one, 1));
+    top[0] = head_top(exact, chosen, approx, bounds, tok, lq, input(ctx, 8), K);
+    if (!write) return;
+  }
   // every token's approximate logit, over the intra-op threads (~20 us for 65536 tokens on one)
   parallel_ranges(ctx, V, 1 << 14, [&](int64_t lo, int64_t hi) {
     int64_t t = lo;
@@ -895,7 +935,6 @@ void clustered_head_compute(const Attrs& at, OrtKernelContext* ctx) {
 #endif
     for (; t < hi; ++t) out[t] = approx[tc[t]] + (lq.size ? lq.data[t] : 0.0f);
   }, 16);
-  const int32_t* tok = rtok.raw<int32_t>();
   e = 0;
   for (int32_t c : chosen)
     for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r) out[tok[r]] = exact[e++];
@@ -1291,6 +1330,7 @@ struct OpDef {
   OrtCustomOp base;   // first member: ONNX Runtime hands back &base
   const char* name;
   const char* in_types;   // one letter per input (element_type), e.g. "fbf"
+  const char* out_types;  // one letter per output; nullptr: all float32
   size_t n_in, n_out;
   void (*compute)(const Attrs&, OrtKernelContext*);
   bool variadic;          // one variadic input of mixed types and one variadic float output
@@ -1321,20 +1361,23 @@ void* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*, const Ort
 }
 const char* ORT_API_CALL get_name(const OrtCustomOp* op) { return def(op)->name; }
 const char* ORT_API_CALL get_ep(const OrtCustomOp*) { return "CPUExecutionProvider"; }
-// f float32, u uint8, b int8, w uint16, i int32
+// f float32, u uint8, b int8, w uint16, i int32, l int64
 ONNXTensorElementDataType element_type(char c) {
   switch (c) {
     case 'u': return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
     case 'b': return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
     case 'w': return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16;
     case 'i': return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+    case 'l': return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
     default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
 }
 ONNXTensorElementDataType ORT_API_CALL in_type(const OrtCustomOp* op, size_t i) {
   return def(op)->variadic ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : element_type(def(op)->in_types[i]);
 }
-ONNXTensorElementDataType ORT_API_CALL out_type(const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+ONNXTensorElementDataType ORT_API_CALL out_type(const OrtCustomOp* op, size_t i) {
+  return def(op)->out_types ? element_type(def(op)->out_types[i]) : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
 size_t ORT_API_CALL n_inputs(const OrtCustomOp* op) { return def(op)->n_in; }
 size_t ORT_API_CALL n_outputs(const OrtCustomOp* op) { return def(op)->n_out; }
 void ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
@@ -1349,7 +1392,8 @@ int ORT_API_CALL homogeneous(const OrtCustomOp* op) { return def(op)->variadic ?
 OrtMemType ORT_API_CALL mem_default(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
 int ORT_API_CALL one(const OrtCustomOp*) { return 1; }
 
-OpDef make(const char* name, const char* in_types, size_t n_out, void (*fn)(const Attrs&, OrtKernelContext*)) {
+OpDef make(const char* name, const char* in_types, size_t n_out, void (*fn)(const Attrs&, OrtKernelContext*),
+         const char* out_types = nullptr) {
   OpDef d;
   std::memset(&d, 0, sizeof d);
   d.base.version = kCustomOpVersion;
@@ -1373,6 +1417,7 @@ OpDef make(const char* name, const char* in_types, size_t n_out, void (*fn)(cons
   d.in_types = in_types;
   d.n_in = std::strlen(in_types);
   d.n_out = n_out;
+  d.out_types = out_types;
   d.compute = fn;
   d.variadic = false;
   return d;
@@ -1395,6 +1440,8 @@ OpDef g_ops[] = {
     make("Rwkv7SparseFfnF32", "fffuffff", 1, sparse_ffn_compute<float>),
     make("Rwkv7ClusteredHead", "ffbfiiwf", 1, clustered_head_compute<int8_t>),
     make("Rwkv7ClusteredHeadF32", "ffffiiwf", 1, clustered_head_compute<float>),
+    make("Rwkv7ClusteredHeadTop", "ffbfiiwffl", 2, clustered_head_compute<int8_t, true>, "fl"),
+    make("Rwkv7ClusteredHeadTopF32", "ffffiiwffl", 2, clustered_head_compute<float, true>, "fl"),
     make("Rwkv7MatVecQ", "fufu", 1, matvec_q_compute),
     make_variadic("Rwkv7MatVecSet", matvec_set_compute),
 };
@@ -1414,7 +1461,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
 }
 
 // the library's version of the op set, for rwkvc.runtimes.ortops to check what it loaded
-extern "C" __attribute__((visibility("default"))) int rwkvc_ort_ops_version() { return 3; }
+extern "C" __attribute__((visibility("default"))) int rwkvc_ort_ops_version() { return 4; }
 
 // threads for the kernels that split work (Rwkv7WkvSeq); the runtime passes its intra-op thread count
 extern "C" __attribute__((visibility("default"))) void rwkvc_ort_ops_set_threads(int n) { g_threads = n > 0 ? n : 1; }

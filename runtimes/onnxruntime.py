@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from rwkvc import ir
-from rwkvc.emit_onnx import DENSE_EMBEDDING
+from rwkvc.emit_onnx import DENSE_EMBEDDING, HEAD_MODE
 from rwkvc.errors import RwkvcError
 
 from . import hugepages
@@ -34,7 +34,7 @@ def _dense_embedding(graph_path: Path) -> dict[str, np.ndarray]:
 
 
 def _run_bound(sess, inputs: list, outputs: list) -> None:
-    """Run `sess` on numpy inputs [(name, array)] into float32 buffers [(name, shape, address)], through
+    """Run `sess` on numpy inputs [(name, array)] into buffers [(name, shape, address[, dtype: float32])], through
     onnxruntime's C-level IOBinding when it has one: its Python wrapper costs ~3 us a bound output (builds a
     device object, checks graph capture), ~30 us of a small model's ~250 us step."""
     c_sess = getattr(sess, "_sess", None)
@@ -43,15 +43,15 @@ def _run_bound(sess, inputs: list, outputs: list) -> None:
         b = make(c_sess)
         for name, arr in inputs:
             b.bind_input(name, arr)
-        for name, shape, addr in outputs:
-            b.bind_output(name, dev, np.float32, shape, addr)
+        for name, shape, addr, *dt in outputs:
+            b.bind_output(name, dev, dt[0] if dt else np.float32, shape, addr)
         c_sess.run_with_iobinding(b, None)
         return
     b = sess.io_binding()
     for name, arr in inputs:
         b.bind_cpu_input(name, arr)
-    for name, shape, addr in outputs:
-        b.bind_output(name, "cpu", 0, np.float32, shape, addr)
+    for name, shape, addr, *dt in outputs:
+        b.bind_output(name, "cpu", 0, dt[0] if dt else np.float32, shape, addr)
     sess.run_with_iobinding(b)
 
 
@@ -80,7 +80,7 @@ class _StepSlots:
 
     MAX = 8
 
-    def __init__(self, sess, vocab: int, shift_shape: tuple, wkv_shape: tuple, names: list):
+    def __init__(self, sess, vocab: int, shift_shape: tuple, wkv_shape: tuple, names: list, top: bool):
         import threading
 
         import onnxruntime as ort
@@ -91,6 +91,8 @@ class _StepSlots:
         self.pairs: dict[tuple[int, int], object] = {}
         self.lock = threading.Lock()
         self._ort = ort
+        self.top = top          # the graph has the "top" output and "head_mode" input
+        self._no_logits = ort.OrtValue.ortvalue_from_numpy(np.zeros(0, np.float32))._ortvalue
 
     def _views(self, buf: np.ndarray):
         V, S = self.vocab, self.n_shift
@@ -102,6 +104,9 @@ class _StepSlots:
         ov = self._ort.OrtValue.ortvalue_from_numpy
         slot = {"buf": buf, "logits": ov(logits)._ortvalue, "shift": ov(shift)._ortvalue,
                 "wkv": [ov(wkv[i])._ortvalue for i in range(len(wkv))]}
+        if self.top:
+            slot["top"] = np.zeros(1, np.int64)
+            slot["top_ov"] = ov(slot["top"])._ortvalue
         del logits, shift, wkv
         self.slots.append(slot)
         slot["rc"] = sys.getrefcount(buf) - 1   # the references a free slot has: ours only (less `buf`)
@@ -122,25 +127,31 @@ class _StepSlots:
                 return i
         return -1
 
-    def _binding(self, src: int, dst: int):
-        key = (src, dst)
+    def _binding(self, src: int, dst: int, mode: int):
+        key = (src, dst, mode)
         if key not in self.pairs:
             make, _ = _C_BINDING
             b = make(self.sess._sess)
+            ov = self._ort.OrtValue.ortvalue_from_numpy
             tok = np.zeros(1, np.int64)
-            b.bind_ortvalue_input("tokens", self._ort.OrtValue.ortvalue_from_numpy(tok)._ortvalue)
+            b.bind_ortvalue_input("tokens", ov(tok)._ortvalue)
             a, o = self.slots[src], self.slots[dst]
             b.bind_ortvalue_input("shift_in", a["shift"])
-            b.bind_ortvalue_output("logits", o["logits"])
+            b.bind_ortvalue_output("logits", o["logits"] if mode == 0 else self._no_logits)
             b.bind_ortvalue_output("shift_out", o["shift"])
+            if self.top:
+                tok = (tok, np.array([mode], np.int64))       # the mode array lives as long as the binding
+                b.bind_ortvalue_input(HEAD_MODE, ov(tok[1])._ortvalue)
+                b.bind_ortvalue_output("top", o["top_ov"])
             for i, (n_in, n_out) in enumerate(self.names):
                 b.bind_ortvalue_input(n_in, a["wkv"][i])
                 b.bind_ortvalue_output(n_out, o["wkv"][i])
-            self.pairs[key] = (b, tok)
-        return self.pairs[key]
+            self.pairs[key] = (b, tok if not self.top else tok[0], tok)
+        return self.pairs[key][:2]
 
-    def run(self, token: int, state: ir.State):
-        """(logits, new state) in a free slot, or None when this call cannot use the slots."""
+    def run(self, token: int, state: ir.State, top_only: bool = False):
+        """(logits, new state) in a free slot, or None when this call cannot use the slots. top_only (a graph
+        with the "top" output): (top token, new state), the logits not written."""
         if not self.lock.acquire(blocking=False):   # another thread is stepping: it binds per call
             return None
         try:
@@ -150,11 +161,11 @@ class _StepSlots:
             dst = self._free_slot(src)
             if dst is None:
                 return None
-            b, tok = self._binding(src, dst)
+            b, tok = self._binding(src, dst, int(top_only))
             tok[0] = token
             self.sess._sess.run_with_iobinding(b, None)
             logits, shift, wkv = self._views(self.slots[dst]["buf"])
-            return logits, ir.State(shift, wkv)
+            return (int(self.slots[dst]["top"][0]) if top_only else logits), ir.State(shift, wkv)
         finally:
             self.lock.release()
 
@@ -229,7 +240,8 @@ class OrtRuntime:
         """One call of an entry point. The graphs take and give each layer's matrix state as its own tensor
         (`wkv_in.i` / `wkv_out.i`): inputs are bound to views of `state.wkv` and outputs to slices of a new
         state array, so no state is split, concatenated or copied around the call."""
-        sess, legacy, vocab, names = self._io(entry)
+        sess, legacy, vocab, names, has_top = self._io(entry)
+        top = np.zeros(1, np.int64) if has_top else None
         if legacy:  # format 1 artifacts: one wkv tensor for all layers
             logits, shift, wkv = sess.run(None, {"tokens": tokens, "shift_in": state.shift, "wkv_in": state.wkv})
             return logits, ir.State(shift, wkv)
@@ -237,23 +249,34 @@ class OrtRuntime:
         if slots is not None:   # a step: into a reused buffer, bound once (_StepSlots)
             out = slots.run(int(tokens[0]), state)
             if out is None:
-                out = slots.first(state, lambda lg, sh, wkv: self._run_into(sess, names, tokens, state, lg, sh, wkv))
+                out = slots.first(state, lambda lg, sh, wkv: self._run_into(sess, names, tokens, state, lg, sh, wkv, top))
             if out is not None:
                 return out
         # new buffers: the logits (a caller may keep them), and the state (the shift, then each layer's wkv)
         logits = np.empty(vocab, np.float32)
         st = np.empty(state.shift.size + state.wkv.size, np.float32)
         shift, wkv = st[:state.shift.size].reshape(state.shift.shape), st[state.shift.size:].reshape(state.wkv.shape)
-        self._run_into(sess, names, tokens, state, logits, shift, wkv)
+        self._run_into(sess, names, tokens, state, logits, shift, wkv, top)
         return logits, ir.State(shift, wkv)
 
+    def step_top(self, token: int, state: ir.State) -> tuple[int, ir.State] | None:
+        """A step giving np.argmax of its logits and the new state, the logits never written, where the step
+        graph has a top-token head (Rwkv7ClusteredHeadTop) and `state` is one a step returned; else None."""
+        if not self._io("step")[4] or "step" not in self._slots:
+            return None
+        out = self._slots["step"].run(token, state, top_only=True)
+        return out if out is not None and out[0] >= 0 else None   # -1: a NaN logit (forward's path reports it)
+
     @staticmethod
-    def _run_into(sess, names, tokens, state: ir.State, logits, shift, wkv) -> None:
+    def _run_into(sess, names, tokens, state: ir.State, logits, shift, wkv, top=None) -> None:
         """One call with the outputs written into the given float32 arrays (contiguous)."""
         shift_in = np.ascontiguousarray(state.shift, dtype=np.float32)
         wkv_in = np.ascontiguousarray(state.wkv, dtype=np.float32)
         ins = [("tokens", np.ascontiguousarray(tokens, dtype=np.int64)), ("shift_in", shift_in)]
         outs = [("logits", [logits.size], logits.ctypes.data), ("shift_out", list(shift.shape), shift.ctypes.data)]
+        if top is not None:   # a graph with the head's top token: logits and top
+            ins.append((HEAD_MODE, np.zeros(1, np.int64)))
+            outs.append(("top", [1], top.ctypes.data, np.int64))
         layer = list(wkv.shape[1:])
         for i, (n_in, n_out) in enumerate(names):
             ins.append((n_in, wkv_in[i]))
@@ -261,19 +284,22 @@ class OrtRuntime:
         _run_bound(sess, ins, outs)
 
     def _io(self, entry: str):
-        """(session, format-1 graph?, vocabulary size, [(wkv_in.i, wkv_out.i)]) of an entry point, looked up once."""
+        """(session, format-1 graph?, vocabulary size, [(wkv_in.i, wkv_out.i)], has the "top" output?) of an
+        entry point, looked up once."""
         if entry not in self._io_cache:
             sess = self.session(entry)
             inputs = [i.name for i in sess.get_inputs()]
             layers = sum(n.startswith("wkv_in.") for n in inputs)
-            legacy, vocab = "wkv_in" in inputs, sess.get_outputs()[0].shape[0]
+            legacy, vocab = "wkv_in" in inputs, int(self.manifest["model"]["vocab_size"])
             names = [(f"wkv_in.{i}", f"wkv_out.{i}") for i in range(layers)]
-            self._io_cache[entry] = (sess, legacy, vocab, names)
+            has_top = HEAD_MODE in inputs
+            self._io_cache[entry] = (sess, legacy, vocab, names, has_top)
             if entry == "step" and not legacy and layers and _C_BINDING is not None and \
                     self.providers == ["CPUExecutionProvider"] and getattr(sess, "_sess", None) is not None:
                 shp = {i.name: i.shape for i in sess.get_inputs()}
                 if all(isinstance(d, int) for d in shp["shift_in"] + shp["wkv_in.0"]) and isinstance(vocab, int):
-                    self._slots[entry] = _StepSlots(sess, vocab, shp["shift_in"], [layers] + shp["wkv_in.0"], names)
+                    self._slots[entry] = _StepSlots(sess, vocab, shp["shift_in"], [layers] + shp["wkv_in.0"], names,
+                                                    has_top)
         return self._io_cache[entry]
 
     def forward(self, tokens: np.ndarray, state: ir.State) -> tuple[np.ndarray, ir.State]:

@@ -121,6 +121,18 @@ class Model:
         state = self.init_state() if state is None else self.check_state(state)
         return self.runtime.forward(toks, state)
 
+    def greedy_step(self, token: int, state: ir.State) -> tuple[int, ir.State]:
+        """One greedy decode step: (np.argmax of forward([token], state)'s logits, the new state). Where the
+        artifact's head gives its top token (a clustered head with rwkvc's cpu kernels) and `state` came from a
+        step, the logits are never written."""
+        step_top = getattr(self.runtime, "step_top", None)
+        if step_top is not None and type(token) is int and 0 <= token < self.config.vocab_size:
+            out = step_top(token, state)
+            if out is not None:
+                return out
+        logits, state = self.forward([token], state)
+        return int(np.argmax(logits)), state
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
@@ -151,14 +163,25 @@ class Model:
         stops = tuple(cfg.stop_strings)
         hold = max((len(s) - 1 for s in stops), default=0)  # a tail that could still grow into a stop string
         text, emitted, reason = "", 0, "length"
+        # greedy without penalties: a step that gives its top token instead of logits where the artifact has one
+        # (the argmax of the logits: only a banned top needs the logits, and then the step is redone)
+        step_top = getattr(self.runtime, "step_top", None) if cfg.temperature == 0 and not (
+            cfg.alpha_presence or cfg.alpha_frequency) else None
+        banned = frozenset(cfg.token_ban)
+        top = None
         for _ in range(n):
-            tok = sampler.sample(logits)
+            tok = sampler.sample(logits) if top is None else top
             if tok in cfg.token_stop:
                 reason = "stop_token"
                 break
             sampler.observe(tok)
             out_tokens.append(tok)
-            logits, state = self.forward([tok], state)   # the state always holds every token emitted
+            out = step_top(tok, state) if step_top is not None else None
+            if out is not None and out[0] not in banned:
+                top, state = out
+            else:
+                top = None
+                logits, state = self.forward([tok], state)   # the state always holds every token emitted
             text += dec.feed(tok)
             hit = min((i for i in (text.find(s, max(0, emitted - hold)) for s in stops) if i >= 0), default=-1)
             if hit >= 0:

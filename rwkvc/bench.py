@@ -113,9 +113,8 @@ def bench_artifact(path, n_decode=64, n_prefill=512, threads=None, repeat=3, see
     for _ in range(repeat):
         st, tok = state, int(np.argmax(logits))
         t0 = time.perf_counter()
-        for _ in range(n_decode):
-            lg, st = m.forward([tok], st)
-            tok = int(np.argmax(lg))
+        for _ in range(n_decode):   # greedy: np.argmax of the logits (Model.greedy_step)
+            tok, st = m.greedy_step(tok, st)
         t_dec.append(time.perf_counter() - t0)
     files = m.manifest.get("files", {})
     d, p = min(t_dec), min(t_pre)

@@ -78,6 +78,7 @@ class Graph:
         self.prefix = ""                      # subgraphs name their values apart (ONNX wants one SSA scope)
         self.fused = False                    # rwkvc's own kernels (FUSED_DOMAIN) may be used
         self.step = False                     # the one-token step graph (else the prefill)
+        self.top = None                       # a value holding the head's top token (the step's "top" output)
 
     def fresh(self, hint="t") -> str:
         self.n += 1
@@ -495,11 +496,15 @@ def emit_channel_mix_v7(g: Graph, ffn: ir.ChannelMix, x: str, prev: str, i: int,
 
 
 FUSED_DOMAIN = "ai.rwkvc"   # rwkvc's own CPU kernels (native/ort_ops.cc, registered by runtimes/ortops.py)
-FUSED_VERSION = 3           # the op set's version: 1 the RWKV-7 step / prefill kernels, 2 adds the sparse FFN
-                            # and clustered head kernels, 3 the quantised matrix-vector product (Rwkv7MatVecQ);
+FUSED_VERSION = 4           # the op set's version: 1 the RWKV-7 step / prefill kernels, 2 adds the sparse FFN
+                            # and clustered head kernels, 3 the quantised matrix-vector product (Rwkv7MatVecQ),
+                            # 4 the clustered head's top token without its logits (Rwkv7ClusteredHeadTop);
                             # a library of version n runs artifacts of 1..n
 # (op, input index) of the fused kernels that read only some rows of that input (rwkvc.bench.weight_traffic)
-FUSED_ROW_INPUTS = {("Rwkv7SparseFfn", 4), ("Rwkv7SparseFfn", 5), ("Rwkv7SparseFfn", 6),
+HEAD_MODE = "head_mode"   # the step's input with a top-token head (Rwkv7ClusteredHeadTop): 1 = the top token only
+FUSED_ROW_INPUTS = {("Rwkv7ClusteredHeadTop", 2), ("Rwkv7ClusteredHeadTop", 3), ("Rwkv7ClusteredHeadTop", 5),
+                    ("Rwkv7ClusteredHeadTopF32", 2), ("Rwkv7ClusteredHeadTopF32", 5),
+                    ("Rwkv7SparseFfn", 4), ("Rwkv7SparseFfn", 5), ("Rwkv7SparseFfn", 6),
                     ("Rwkv7SparseFfnF32", 4), ("Rwkv7SparseFfnF32", 6),
                     ("Rwkv7ClusteredHead", 2), ("Rwkv7ClusteredHead", 3), ("Rwkv7ClusteredHead", 5),
                     ("Rwkv7ClusteredHeadF32", 2), ("Rwkv7ClusteredHeadF32", 5)}
@@ -960,11 +965,22 @@ def emit_clustered_fused(g: Graph, lin: ir.Linear, x: str) -> str:
         q = np.empty(V, np.float32)
         q[order] = ch.row_log_prior()
         lq = g.weight(lin.name + ".token_log_prior", q, F32)
-    logits = g.op("Rwkv7ClusteredHead" if rows.kind == "int8" else "Rwkv7ClusteredHeadF32", f32(g, x), z, rr, rs,
-                  g.weight(lin.name + ".bounds", np.asarray(ch.bounds, np.int32), np.int32),
-                  g.weight(lin.name + ".row_token", order.astype(np.int32), np.int32),
-                  g.weight(lin.name + ".token_cluster16", token_cluster, np.uint16), lq, domain=FUSED_DOMAIN,
-                  top_p=float(ch.top_p), min_k=int(min(ch.min_k, K)), max_k=int(min(ch.max_k, K)))
+    ins = [f32(g, x), z, rr, rs, g.weight(lin.name + ".bounds", np.asarray(ch.bounds, np.int32), np.int32),
+           g.weight(lin.name + ".row_token", order.astype(np.int32), np.int32),
+           g.weight(lin.name + ".token_cluster16", token_cluster, np.uint16), lq]
+    attrs = dict(domain=FUSED_DOMAIN, top_p=float(ch.top_p), min_k=int(min(ch.min_k, K)), max_k=int(min(ch.max_k, K)))
+    op = "Rwkv7ClusteredHead" if rows.kind == "int8" else "Rwkv7ClusteredHeadF32"
+    if not g.step:
+        return g.op(op, *ins, **attrs)
+    # the step also gives the top token, and writes no logits when its "head_mode" input is 1 (a greedy step)
+    if ch.log_prior is None:
+        mlq = g.const(np.zeros(0, np.float32), F32)
+    else:
+        prior = np.asarray(ch.row_log_prior(), np.float32)
+        mlq = g.weight(lin.name + ".cluster_max_log_prior",
+                       np.array([prior[a:b].max() if b > a else 0.0 for a, b in zip(ch.bounds[:-1], ch.bounds[1:])],
+                                np.float32), F32)
+    logits, g.top = g.op(op.replace("Head", "HeadTop"), *ins, mlq, HEAD_MODE, n_out=2, **attrs)
     return logits
 
 
@@ -1178,6 +1194,11 @@ def build_graph(model: ir.Model, store: WeightStore, prefill: bool, rescale_ever
     outputs = [helper.make_tensor_value_info("logits", f, [V]),
                helper.make_tensor_value_info("shift_out", f, list(shp["shift"]))]
     outputs += [helper.make_tensor_value_info(f"wkv_out.{i}", f, layer_wkv) for i in range(L)]
+    if g.top is not None:   # a head that gives its top token: head_mode 0 logits and top, 1 top only (logits (0,))
+        g.rename(g.top, "top")
+        inputs.append(helper.make_tensor_value_info(HEAD_MODE, TensorProto.INT64, [1]))
+        outputs[0] = helper.make_tensor_value_info("logits", f, ["n_logits"])
+        outputs.append(helper.make_tensor_value_info("top", TensorProto.INT64, [1]))
     graph = g.make("rwkv_prefill" if prefill else "rwkv_step", inputs, outputs)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
     if fused:

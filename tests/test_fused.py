@@ -192,7 +192,7 @@ def assert_close(got, ref, rel):
 
 @pytest.mark.parametrize("recipe,ops", [
     # float32 rows: the fused kernels make the plain graph's numbers, up to float summation order
-    (SPARSE_HHEAD, {"Rwkv7SparseFfnF32", "Rwkv7ClusteredHeadF32"}),
+    (SPARSE_HHEAD, {"Rwkv7SparseFfnF32", "Rwkv7ClusteredHeadTopF32"}),
 ])
 def test_compressed_step_kernels_match_the_plain_graph(small, tmp_path, recipe, ops):
     ckpt, calib = small
@@ -208,6 +208,89 @@ def test_compressed_step_kernels_match_the_plain_graph(small, tmp_path, recipe, 
     # and the artifact's own prefill (plain ONNX for these parts) agrees with its fused step
     last, _ = rwkvc.load(fused).forward(toks.tolist())
     assert_close(last, lf[-1], 2e-5)
+    # a greedy decode through the top-token step (no logits written) is the argmax chain of the logits
+    m = rwkvc.load(fused)
+    lg, st = m.forward(toks[:8].tolist())
+    tok, st2, fast = int(np.argmax(lg)), st, 0
+    for _ in range(40):
+        lg, st = m.forward([tok], st)
+        got, st2 = m.greedy_step(tok, st2)
+        assert got == int(np.argmax(lg))
+        np.testing.assert_array_equal(st2.wkv, st.wkv)
+        tok = got
+    assert m.runtime._io("step")[4]     # the step has the top-token head
+    res = []                             # and a greedy generation takes that step
+    list(m.stream(toks[:8].tolist(), n=24, temperature=0, token_stop=(), result=res))
+    lg, st = m.forward(toks[:8].tolist())
+    ban = [i for i in m.tokenizer.unused_ids if i < lg.size]
+    want = []
+    for _ in range(24):
+        lg[ban] = -np.inf
+        want.append(int(np.argmax(lg)))
+        lg, st = m.forward([want[-1]], st)
+    assert res[0].tokens == want
+
+
+def head_top_graph(V, C, K, prior):
+    """One Rwkv7ClusteredHeadTopF32 node: x (C,), z (K,), mode (1,) -> logits, top; random clusters of a
+    random vocabulary order, log prior per token or none."""
+    from onnx import TensorProto as T
+    from onnx import helper
+    rng = np.random.default_rng(V + K)
+    sizes = rng.multinomial(V - K, np.ones(K) / K) + 1
+    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
+    order = rng.permutation(V).astype(np.int32)            # row r holds token order[r]
+    tc = np.empty(V, np.uint16)
+    tc[order] = np.repeat(np.arange(K), sizes)
+    rows = (rng.standard_normal((V, C)) * 0.05).astype(np.float32)
+    if prior:   # a coarse prior: ties within a cluster
+        lq_row = np.round(rng.standard_normal(V), 1).astype(np.float32)
+        lq = np.empty(V, np.float32)
+        lq[order] = lq_row
+        mlq = np.array([lq_row[a:b].max() for a, b in zip(bounds[:-1], bounds[1:])], np.float32)
+    else:
+        lq, mlq = np.zeros(0, np.float32), np.zeros(0, np.float32)
+    inits = [helper.make_tensor(n, dt, a.shape, a.tobytes(), raw=True) for n, dt, a in [
+        ("rows", T.FLOAT, rows), ("rs", T.FLOAT, np.zeros(0, np.float32)), ("bounds", T.INT32, bounds),
+        ("rtok", T.INT32, order), ("tc", T.UINT16, tc), ("lq", T.FLOAT, lq), ("mlq", T.FLOAT, mlq)]]
+    node = helper.make_node("Rwkv7ClusteredHeadTopF32", ["x", "z", "rows", "rs", "bounds", "rtok", "tc", "lq", "mlq",
+                                                          "mode"], ["logits", "top"], domain="ai.rwkvc",
+                            top_p=0.5, min_k=1, max_k=K)
+    g = helper.make_graph([node], "head", [helper.make_tensor_value_info("x", T.FLOAT, [C]),
+                                           helper.make_tensor_value_info("z", T.FLOAT, [K]),
+                                           helper.make_tensor_value_info("mode", T.INT64, [1])],
+                          [helper.make_tensor_value_info("logits", T.FLOAT, None),
+                           helper.make_tensor_value_info("top", T.INT64, [1])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.rwkvc", 1)])
+    return m.SerializeToString(), tc
+
+
+@pytest.mark.parametrize("prior", [True, False])
+def test_clustered_head_top_is_the_argmax_of_its_logits(prior):
+    """The top token (Rwkv7ClusteredHeadTop) is np.argmax of the logits the head writes, ties included (the
+    first token), whether an exact logit or a cluster not chosen wins; mode 1 writes no logits."""
+    import onnxruntime as ort
+    V, C, K = 3000, 32, 40
+    so = ort.SessionOptions()
+    ortops.register(so, 1)
+    graph, tc = head_top_graph(V, C, K, prior)
+    sess = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(5)
+    unchosen_wins = 0
+    for trial in range(300):
+        x = (rng.standard_normal(C) * rng.choice([0.01, 1.0, 30.0])).astype(np.float32)
+        z = (rng.standard_normal(K) * rng.choice([0.1, 2.0, 8.0])).astype(np.float32)
+        logits, top = sess.run(None, {"x": x, "z": z, "mode": np.zeros(1, np.int64)})
+        want = int(np.argmax(logits))
+        assert int(top[0]) == want, trial
+        none, top1 = sess.run(None, {"x": x, "z": z, "mode": np.ones(1, np.int64)})
+        assert none.shape == (0,) and int(top1[0]) == want
+        p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        ranked = np.argsort(-p, kind="stable")
+        before = np.cumsum(p[ranked]) - p[ranked]                   # the mass before each rank
+        taken = set(ranked[:max(1, int((before < 0.5).sum()))].tolist())
+        unchosen_wins += int(tc[want]) not in taken
+    assert unchosen_wins >= 10, unchosen_wins   # the unchosen-cluster path was exercised
 
 
 # op set v3: Rwkv7MatVecQ / Rwkv7MatVecSet compute what MatMulNBits computes at accuracy level 4 (x quantised
@@ -305,7 +388,7 @@ def test_int8_rows_match_the_plain_graph(small, tmp_path):
     ckpt, calib = small
     model = passes_model(ckpt, SPARSE_HHEAD + ",int8", calib)
     fused, plain = lower(model, tmp_path / "f", True), lower(model, tmp_path / "p", False)
-    assert {("ai.rwkvc", "Rwkv7SparseFfn"), ("ai.rwkvc", "Rwkv7ClusteredHead")} <= step_ops(fused)
+    assert {("ai.rwkvc", "Rwkv7SparseFfn"), ("ai.rwkvc", "Rwkv7ClusteredHeadTop")} <= step_ops(fused)
     mf, mp = rwkvc.load(fused), rwkvc.load(plain)
     got, ref, st = [], [], None
     for t in calib[-48:]:                  # each token from the plain graph's state: a flip stays one token's
