@@ -290,7 +290,8 @@ class OrtRuntime:
             sess = self.session(entry)
             inputs = [i.name for i in sess.get_inputs()]
             layers = sum(n.startswith("wkv_in.") for n in inputs)
-            legacy, vocab = "wkv_in" in inputs, int(self.manifest["model"]["vocab_size"])
+            dim = sess.get_outputs()[0].shape[0]   # symbolic where the head can write no logits (head_mode)
+            legacy, vocab = "wkv_in" in inputs, dim if isinstance(dim, int) else int(self.manifest["model"]["vocab_size"])
             names = [(f"wkv_in.{i}", f"wkv_out.{i}") for i in range(layers)]
             has_top = HEAD_MODE in inputs
             self._io_cache[entry] = (sess, legacy, vocab, names, has_top)
