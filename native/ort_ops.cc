@@ -565,15 +565,17 @@ struct Act<int8_t> {
 };
 
 #ifdef __AVX512F__
+// round k of lane_sums16's pairing: the permutex2var indices of the two halves it adds
+alignas(64) constexpr int32_t kLanePairs[4][2][16] = {
+    {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}, {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}},
+    {{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27}, {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31}},
+    {{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29}, {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31}},
+    {{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}, {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}}};
 // the lane sums of 16 rows as one vector (out[r] = row r's sum), from v[0 .. 16 >> first): vector i holding
 // 2^first rows (i 2^first ..) with 16 >> first lanes each, in row order. Rounds of pairing: round k adds the
 // lane halves of two vectors of 2^k rows each into one vector of 2^(k+1) rows.
 inline __m512 lane_sums16(__m512* v, int first = 0) {
-  alignas(64) static const int32_t idx[4][2][16] = {
-      {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}, {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}},
-      {{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27}, {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31}},
-      {{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29}, {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31}},
-      {{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}, {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}}};
+  const auto& idx = kLanePairs;
   for (int round = first, n = 16 >> first; round < 4; ++round, n /= 2) {
     const __m512i a = _mm512_load_si512(idx[round][0]), b = _mm512_load_si512(idx[round][1]);
     for (int i = 0; i < n / 2; ++i)
@@ -586,11 +588,7 @@ inline __m512 lane_sums16(__m512* v, int first = 0) {
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // lane_sums16 over int32 lanes, exactly
 inline __m512i lane_sums16i(__m512i* v) {
-  alignas(64) static const int32_t idx[4][2][16] = {
-      {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}, {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}},
-      {{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27}, {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31}},
-      {{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29}, {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31}},
-      {{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}, {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}}};
+  const auto& idx = kLanePairs;
   for (int round = 0, n = 16; round < 4; ++round, n /= 2) {
     const __m512i a = _mm512_load_si512(idx[round][0]), b = _mm512_load_si512(idx[round][1]);
     for (int i = 0; i < n / 2; ++i)
@@ -625,6 +623,18 @@ void Act<int8_t>::dot16(const int8_t* const* rows, int64_t C, float* out) const 
 #else
   for (int i = 0; i < 16; ++i) out[i] = dot(rows[i], C);
 #endif
+}
+
+// out[j] = x.dot(row(j), C) for j < n, 16 rows at a time (Act::dot16), then one by one
+template <class W, class RowOf>
+void act_dots(const Act<W>& x, int64_t n, int64_t C, RowOf row, float* out) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const W* r16[16];
+    for (int i = 0; i < 16; ++i) r16[i] = row(j + i);
+    x.dot16(r16, C, out + j);
+  }
+  for (; j < n; ++j) out[j] = x.dot(row(j), C);
 }
 
 // sorted(v)[k] of v (n > k >= 0) without sorting: a bisection on the floats' order-preserving integer keys,
@@ -775,14 +785,8 @@ void sparse_ffn_compute(const Attrs& at, OrtKernelContext* ctx) {
     if (fire[f]) units.push_back(f);
   const int64_t n = int64_t(units.size());
   std::vector<float> h(n);
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {   // 16 rows' dot products at once
-    const W* r16[16];
-    for (int i = 0; i < 16; ++i) r16[i] = kr + units[j + i] * C;
-    x.dot16(r16, C, h.data() + j);
-  }
-  for (; j < n; ++j) h[j] = x.dot(kr + units[j] * C, C);
-  for (j = 0; j < n; ++j) {
+  act_dots(x, n, C, [&](int64_t j) { return kr + units[j] * C; }, h.data());
+  for (int64_t j = 0; j < n; ++j) {
     float k = h[j];
     if (ks.size) k *= x.scale * ks.data[units[j]];
     h[j] = k > 0 ? k * k : 0.0f;
@@ -810,10 +814,11 @@ int64_t head_top(const std::vector<float>& exact, const std::vector<int32_t>& ch
                  const int32_t* bounds, const int32_t* tok, const Tensor& lq, const Tensor& mlq, int64_t K) {
   std::vector<uint8_t> is_chosen(K, 0);
   for (int32_t c : chosen) is_chosen[c] = 1;
+  const auto cluster_best = [&](int64_t c) { return approx[c] + (mlq.size ? mlq.data[c] : 0.0f); };
   float best = -INFINITY;
   for (float v : exact) best = std::max(best, v);
   for (int64_t c = 0; c < K; ++c)
-    if (!is_chosen[c] && bounds[c + 1] > bounds[c]) best = std::max(best, approx[c] + (mlq.size ? mlq.data[c] : 0.0f));
+    if (!is_chosen[c] && bounds[c + 1] > bounds[c]) best = std::max(best, cluster_best(c));
   if (std::isnan(best)) return -1;
   for (float v : exact) if (std::isnan(v)) return -1;
   int64_t top = INT64_MAX;
@@ -822,7 +827,7 @@ int64_t head_top(const std::vector<float>& exact, const std::vector<int32_t>& ch
     for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r, ++e)
       if (exact[e] == best) top = std::min<int64_t>(top, tok[r]);
   for (int64_t c = 0; c < K; ++c) {
-    if (is_chosen[c] || bounds[c + 1] == bounds[c] || approx[c] + (mlq.size ? mlq.data[c] : 0.0f) != best) continue;
+    if (is_chosen[c] || bounds[c + 1] == bounds[c] || cluster_best(c) != best) continue;
     for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r)
       if (approx[c] + (lq.size ? lq.data[tok[r]] : 0.0f) == best) top = std::min<int64_t>(top, tok[r]);
   }
@@ -888,14 +893,8 @@ void clustered_head_compute(const Attrs& at, OrtKernelContext* ctx) {
   int64_t e = 0;
   for (int32_t c : chosen) {
     const int64_t r0 = bounds[c], r1 = bounds[c + 1];
-    int64_t r = r0;
-    for (; r + 16 <= r1; r += 16) {   // 16 rows' dot products at once
-      const W* r16[16];
-      for (int i = 0; i < 16; ++i) r16[i] = rw + (r + i) * C;
-      xa.dot16(r16, C, exact.data() + e + (r - r0));
-    }
-    for (; r < r1; ++r) exact[e + (r - r0)] = xa.dot(rw + r * C, C);
-    for (r = r0; r < r1; ++r, ++e) {
+    act_dots(xa, r1 - r0, C, [&](int64_t j) { return rw + (r0 + j) * C; }, exact.data() + e);
+    for (int64_t r = r0; r < r1; ++r, ++e) {
       float v = exact[e];
       if (rs.size) v *= xa.scale * rs.data[r];
       exact[e] = v;

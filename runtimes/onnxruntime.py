@@ -88,7 +88,7 @@ class _StepSlots:
         self.shift_shape, self.wkv_shape = tuple(shift_shape), tuple(wkv_shape)
         self.n_shift, self.n_wkv = int(np.prod(shift_shape)), int(np.prod(wkv_shape))
         self.slots: list[dict] = []
-        self.pairs: dict[tuple[int, int], object] = {}
+        self.pairs: dict[tuple[int, int, int], tuple] = {}   # (src, dst, mode) -> (binding, token array, mode array)
         self.lock = threading.Lock()
         self._ort = ort
         self.top = top          # the graph has the "top" output and "head_mode" input
@@ -133,20 +133,19 @@ class _StepSlots:
             make, _ = _C_BINDING
             b = make(self.sess._sess)
             ov = self._ort.OrtValue.ortvalue_from_numpy
-            tok = np.zeros(1, np.int64)
+            tok, mode_arr = np.zeros(1, np.int64), np.array([mode], np.int64)   # live as long as the binding
             b.bind_ortvalue_input("tokens", ov(tok)._ortvalue)
             a, o = self.slots[src], self.slots[dst]
             b.bind_ortvalue_input("shift_in", a["shift"])
             b.bind_ortvalue_output("logits", o["logits"] if mode == 0 else self._no_logits)
             b.bind_ortvalue_output("shift_out", o["shift"])
             if self.top:
-                tok = (tok, np.array([mode], np.int64))       # the mode array lives as long as the binding
-                b.bind_ortvalue_input(HEAD_MODE, ov(tok[1])._ortvalue)
+                b.bind_ortvalue_input(HEAD_MODE, ov(mode_arr)._ortvalue)
                 b.bind_ortvalue_output("top", o["top_ov"])
             for i, (n_in, n_out) in enumerate(self.names):
                 b.bind_ortvalue_input(n_in, a["wkv"][i])
                 b.bind_ortvalue_output(n_out, o["wkv"][i])
-            self.pairs[key] = (b, tok if not self.top else tok[0], tok)
+            self.pairs[key] = (b, tok, mode_arr)
         return self.pairs[key][:2]
 
     def run(self, token: int, state: ir.State, top_only: bool = False):
@@ -241,7 +240,6 @@ class OrtRuntime:
         (`wkv_in.i` / `wkv_out.i`): inputs are bound to views of `state.wkv` and outputs to slices of a new
         state array, so no state is split, concatenated or copied around the call."""
         sess, legacy, vocab, names, has_top = self._io(entry)
-        top = np.zeros(1, np.int64) if has_top else None
         if legacy:  # format 1 artifacts: one wkv tensor for all layers
             logits, shift, wkv = sess.run(None, {"tokens": tokens, "shift_in": state.shift, "wkv_in": state.wkv})
             return logits, ir.State(shift, wkv)
@@ -249,14 +247,15 @@ class OrtRuntime:
         if slots is not None:   # a step: into a reused buffer, bound once (_StepSlots)
             out = slots.run(int(tokens[0]), state)
             if out is None:
-                out = slots.first(state, lambda lg, sh, wkv: self._run_into(sess, names, tokens, state, lg, sh, wkv, top))
+                out = slots.first(state, lambda lg, sh, wkv: self._run_into(sess, names, tokens, state, lg, sh, wkv,
+                                                                            has_top))
             if out is not None:
                 return out
         # new buffers: the logits (a caller may keep them), and the state (the shift, then each layer's wkv)
         logits = np.empty(vocab, np.float32)
         st = np.empty(state.shift.size + state.wkv.size, np.float32)
         shift, wkv = st[:state.shift.size].reshape(state.shift.shape), st[state.shift.size:].reshape(state.wkv.shape)
-        self._run_into(sess, names, tokens, state, logits, shift, wkv, top)
+        self._run_into(sess, names, tokens, state, logits, shift, wkv, has_top)
         return logits, ir.State(shift, wkv)
 
     def step_top(self, token: int, state: ir.State) -> tuple[int, ir.State] | None:
@@ -268,13 +267,15 @@ class OrtRuntime:
         return out if out is not None and out[0] >= 0 else None   # -1: a NaN logit (forward's path reports it)
 
     @staticmethod
-    def _run_into(sess, names, tokens, state: ir.State, logits, shift, wkv, top=None) -> None:
-        """One call with the outputs written into the given float32 arrays (contiguous)."""
+    def _run_into(sess, names, tokens, state: ir.State, logits, shift, wkv, has_top: bool = False) -> None:
+        """One call with the outputs written into the given float32 arrays (contiguous). has_top: the graph
+        has the head's top-token output (head_mode 0: logits and top; the top is not kept here)."""
         shift_in = np.ascontiguousarray(state.shift, dtype=np.float32)
         wkv_in = np.ascontiguousarray(state.wkv, dtype=np.float32)
         ins = [("tokens", np.ascontiguousarray(tokens, dtype=np.int64)), ("shift_in", shift_in)]
         outs = [("logits", [logits.size], logits.ctypes.data), ("shift_out", list(shift.shape), shift.ctypes.data)]
-        if top is not None:   # a graph with the head's top token: logits and top
+        if has_top:
+            top = np.zeros(1, np.int64)
             ins.append((HEAD_MODE, np.zeros(1, np.int64)))
             outs.append(("top", [1], top.ctypes.data, np.int64))
         layer = list(wkv.shape[1:])
@@ -298,7 +299,7 @@ class OrtRuntime:
             if entry == "step" and not legacy and layers and _C_BINDING is not None and \
                     self.providers == ["CPUExecutionProvider"] and getattr(sess, "_sess", None) is not None:
                 shp = {i.name: i.shape for i in sess.get_inputs()}
-                if all(isinstance(d, int) for d in shp["shift_in"] + shp["wkv_in.0"]) and isinstance(vocab, int):
+                if all(isinstance(d, int) for d in shp["shift_in"] + shp["wkv_in.0"]):
                     self._slots[entry] = _StepSlots(sess, vocab, shp["shift_in"], [layers] + shp["wkv_in.0"], names,
                                                     has_top)
         return self._io_cache[entry]

@@ -211,7 +211,7 @@ def test_compressed_step_kernels_match_the_plain_graph(small, tmp_path, recipe, 
     # a greedy decode through the top-token step (no logits written) is the argmax chain of the logits
     m = rwkvc.load(fused)
     lg, st = m.forward(toks[:8].tolist())
-    tok, st2, fast = int(np.argmax(lg)), st, 0
+    tok, st2 = int(np.argmax(lg)), st
     for _ in range(40):
         lg, st = m.forward([tok], st)
         got, st2 = m.greedy_step(tok, st2)
