@@ -26,6 +26,19 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SAVE_DTYPE = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def cpu_bf16_native() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16, AMX or Arm's BF16). Without it, torch
+    emulates bf16 matmuls: the demo's step measured 26 s against 1.5 s in fp32 on an AVX2-only EPYC."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # a torch without the probe: read the CPU's flags (Linux)
+        try:
+            flags = set(open("/proc/cpuinfo").read().split())
+        except OSError:
+            return False
+        return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 @dataclass(frozen=True)
 class Dist:
     """This process's place in the run (from torchrun / deepspeed launcher environment variables)."""

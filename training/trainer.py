@@ -25,7 +25,7 @@ from rwkvc.reference.v7 import RWKV7
 from . import checkpoint as ckpt
 from .config import TrainArgs, as_train_args
 from .data import TokenData
-from .engine import DeepSpeedEngine, Dist, SingleEngine
+from .engine import DeepSpeedEngine, Dist, SingleEngine, cpu_bf16_native
 from .model import LMLoss, enable_grad_checkpointing, init_rwkv_lm, lr_at, model_config, select_wkv
 
 ENGINES = {"auto": SingleEngine, "single": SingleEngine, "deepspeed_stage_1": DeepSpeedEngine,
@@ -99,6 +99,9 @@ def train(args, log=None) -> Path:
                          "use --strategy deepspeed_stage_1|2|3")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.precision == "bf16" and args.accelerator == "cpu" and not cpu_bf16_native():
+        say("warning: this CPU has no bf16 arithmetic, so torch emulates it (~15x slower than fp32 here); "
+            "--precision fp32 trains faster")
 
     # ---- inputs: every check before any work
     if not args.data_file:
