@@ -66,7 +66,7 @@ def main(argv=None) -> int:
             arts[name] = work / name.replace(" ", "-")
             compile_checkpoint(str(ckpt), arts[name], target="cpu", passes=parse_recipe(a.recipe), force=True,
                                ctx=PassContext(calib_tokens=default_calib_tokens(2048), progress=False))
-        emit_onnx.MATVEC_Q = True
+        emit_onnx.MATVEC_Q = None
         sessions = {name: step_session(art, a.threads) for name, art in arts.items()}
         times = {name: [] for name in arts}
         for _ in range(a.reps):

@@ -44,7 +44,7 @@
 #include <string>
 #include <type_traits>
 #include <vector>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -519,6 +519,7 @@ struct Act<int8_t> {
   using Acc = int32_t;      // MatMulInteger's accumulator
   std::vector<int32_t> q;   // code - zero point
   std::vector<uint8_t> u;   // the uint8 codes, zero-padded to whole 64s (for VNNI's unsigned operand)
+  std::vector<int16_t> q16; // code - zero point as int16, zero-padded to whole 16s (AVX2's vpmaddwd)
   int32_t zp = 0;
   float scale = 1.0f;
   void set(const float* v, int64_t n) {
@@ -529,9 +530,11 @@ struct Act<int8_t> {
     zp = int32_t(zpf);
     q.resize(n);
     u.assign((n + 63) / 64 * 64, 0);
+    q16.assign((n + 15) / 16 * 16, 0);
     for (int64_t i = 0; i < n; ++i) {
       q[i] = int32_t(std::nearbyint(std::max(-zpf, std::min(255.0f - zpf, v[i] / scale))));
       u[i] = uint8_t(q[i] + zp);
+      q16[i] = int16_t(q[i]);
     }
   }
   Acc at(size_t j) const { return q[j]; }
@@ -552,6 +555,23 @@ struct Act<int8_t> {
       s = _mm512_dpbusd_epi32(s, ones, w);
     }
     return float(_mm512_reduce_add_epi32(d) - zp * _mm512_reduce_add_epi32(s));
+#elif defined(__AVX2__)
+    // 16 codes a step: the row's bytes widened to int16, vpmaddwd's pairs summed into 8 int32 lanes (exact:
+    // |code - zp| <= 255, |row| <= 128)
+    __m256i d0 = _mm256_setzero_si256(), d1 = _mm256_setzero_si256();
+    int64_t c = 0;
+    for (; c + 32 <= C; c += 32) {
+      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c)));
+      const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c + 16)));
+      d0 = _mm256_add_epi32(d0, _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q16.data() + c))));
+      d1 = _mm256_add_epi32(d1, _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q16.data() + c + 16))));
+    }
+    int32_t lanes[8];
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), _mm256_add_epi32(d0, d1));
+    int32_t acc = 0;
+    for (int j = 0; j < 8; ++j) acc += lanes[j];
+    for (; c < C; ++c) acc += q[c] * int32_t(row[c]);
+    return float(acc);
 #else
     int32_t acc = 0;
 #pragma omp simd reduction(+ : acc)
@@ -1207,6 +1227,91 @@ bool matvec_rows_vnni(const MatVecQ& m, int64_t n0, int64_t n1, float* y) {
 }
 #endif
 
+#if defined(__AVX2__) && !(defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__))
+// the sum of a __m256's lanes
+inline float hsum256(__m256 a) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+// R rows n .. n + R - 1 (R <= 4): each half's activation codes and scales are loaded once for all R
+template <int64_t G, int R>
+inline void matvec_avx2_4_rows(const MatVecQ& m, int64_t n, float* y) {
+  constexpr int64_t bph = G >= 64 ? 1 : 64 / G;   // blocks a half
+  const __m256i nib = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  const __m256i rel = _mm256_setr_epi32(0 * 8 / G, 1 * 8 / G, 2 * 8 / G, 3 * 8 / G, 4 * 8 / G, 5 * 8 / G,
+                                        6 * 8 / G, 7 * 8 / G);
+  const int64_t halves = (m.row_bytes + 31) / 32, full = m.row_bytes / 32;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < halves; ++p) {
+    const int8_t* xc = m.xq.data() + (p / 2) * 128 + (p & 1) * 32;   // even codes; odd ones 64 further
+    const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc));
+    const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + 64));
+    const __m256 ls = _mm256_loadu_ps(m.lane_scale.data() + 8 * p);
+    const int64_t b0 = 64 * p / G;
+    const __m128i smask = _mm_cmpgt_epi32(_mm_set1_epi32(int32_t(std::min<int64_t>(bph, m.nb - b0))),
+                                          _mm_setr_epi32(0, 1, 2, 3));
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* row = m.codes + (n + r) * m.row_bytes;
+      const float* srow = m.scales + (n + r) * m.nb;
+      __m256i w;
+      if (p < full) {
+        w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * p));
+      } else {
+        alignas(32) uint8_t pad[32] = {};
+        std::memcpy(pad, row + 32 * p, m.row_bytes - 32 * p);
+        w = _mm256_load_si256(reinterpret_cast<const __m256i*>(pad));
+      }
+      const __m256i d16 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(w, nib), xe),
+                                           _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), nib), xo));
+      const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d16, ones)), ls);
+      const __m256 ws = G >= 64 ? _mm256_set1_ps(srow[b0])
+                                : _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_maskload_ps(srow + b0, smask)), rel);
+      acc[r] = _mm256_fmadd_ps(t, ws, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const float* srow = m.scales + (n + r) * m.nb;
+    float zt = 0;
+    if (m.zeros) {
+      for (int64_t b = 0; b < m.nb; ++b) zt += zero_point(m, n + r, b) * srow[b] * m.zsum[b];
+    } else {   // the default zero point: one dot product, vectorised
+      for (int64_t b = 0; b < m.nb; ++b) zt += srow[b] * m.zsum[b];
+      zt *= float(int64_t(1) << (m.bits - 1));
+    }
+    y[n + r] = hsum256(acc[r]) - zt;
+  }
+}
+
+// AVX2 (no VNNI), 4-bit codes: a row is read 32 bytes (64 weights, one half of a VNNI chunk) at a time,
+// four rows together. vpmaddubsw multiplies the low and the high nibbles with their activation codes
+// (pairs of at most 2 * 15 * 127: no saturation), vpmaddwd sums pairs into 8 int32 lanes of 8 weights
+// each; lane l of half p lies in block (64 p + 8 l) / G, so its activation scale is lane_scale[8 p + l]
+// and its weight scale srow[that block] (G >= 64: one block a half, broadcast; G = 16 / 32: 4 / 2 scales
+// a half, loaded masked and spread by a permutation). The zero points' term is subtracted per row, as
+// the portable code does. A row's last half, when its bytes end inside it, is read from a zero-padded copy.
+template <int64_t G>
+void matvec_rows_avx2_4(const MatVecQ& m, int64_t n0, int64_t n1, float* y) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) matvec_avx2_4_rows<G, 4>(m, n, y);
+  for (; n < n1; ++n) matvec_avx2_4_rows<G, 1>(m, n, y);
+}
+
+bool matvec_rows_avx2(const MatVecQ& m, int64_t n0, int64_t n1, float* y) {
+  if (m.bits != 4) return false;
+  switch (m.G) {
+    case 16: matvec_rows_avx2_4<16>(m, n0, n1, y); return true;
+    case 32: matvec_rows_avx2_4<32>(m, n0, n1, y); return true;
+    case 64: matvec_rows_avx2_4<64>(m, n0, n1, y); return true;
+    case 128: matvec_rows_avx2_4<128>(m, n0, n1, y); return true;
+    case 256: matvec_rows_avx2_4<256>(m, n0, n1, y); return true;
+    default: return false;
+  }
+}
+#endif
+
 // portable: the same integer sums per block, then the same float steps
 void matvec_rows_portable(const MatVecQ& m, int64_t n0, int64_t n1, float* y) {
   std::vector<int8_t> xs(m.nb * m.G, 0);   // activation codes in natural order
@@ -1235,6 +1340,8 @@ void matvec_rows_portable(const MatVecQ& m, int64_t n0, int64_t n1, float* y) {
 void matvec_rows(const MatVecQ& m, int64_t n0, int64_t n1, float* y) {
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if (matvec_rows_vnni(m, n0, n1, y)) return;
+#elif defined(__AVX2__)
+  if (matvec_rows_avx2(m, n0, n1, y)) return;
 #endif
   matvec_rows_portable(m, n0, n1, y);
 }
@@ -1254,7 +1361,11 @@ void matvec_input(MatVecQ& m, const Attrs& at, OrtKernelContext* ctx, size_t i, 
   m.codes = codes.raw<uint8_t>();
   m.scales = scales.data;
   m.zeros = m.bits == 4 && zeros.size ? zeros.raw<uint8_t>() : nullptr;
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
   m.packed = m.row_bytes <= 64 && 64 % m.row_bytes == 0 && m.K == m.nb * m.G && m.G >= m.chunk / 16;
+#else
+  m.packed = false;   // matvec_rows_packed is VNNI's
+#endif
 }
 
 // y (N,) = W x for one row x, rows split over the intra-op threads when the matrix is big enough to pay for

@@ -267,7 +267,8 @@ def emit_int8(g, lin: ir.Linear, x: str) -> str:
     if w.accuracy_level:
         return emit_int8_nbits(g, lin, x)
     xq, xs, xz = g.op("DynamicQuantizeLinear", _to_f32(g, x), n_out=3)
-    acc = g.op("MatMulInteger", xq, g.weight(lin.name + ".q8T", np.ascontiguousarray(w.q.T), np.int8), xz)
+    qT = (np.ascontiguousarray(w.q.T).astype(np.int16) + U8_ZERO).astype(np.uint8)
+    acc = g.op("MatMulInteger", xq, g.weight(lin.name + ".q8Tu", qT, np.uint8), xz, u8_zero(g))
     scale = g.op("Mul", xs, g.weight(lin.name + ".q8scale", w.scale, np.float32))
     return _from_f32(g, g.op("Mul", g.op("Cast", acc, to=TensorProto.FLOAT), scale))
 
@@ -323,12 +324,28 @@ def emit_factored(g, lin: ir.Linear, x: str) -> str:
     return y
 
 
+# MatMulInteger takes the int8 weights as uint8 codes q + 128 with zero point 128 (uint8 x uint8): ONNX Runtime's
+# uint8 x int8 kernel on x86 CPUs without VNNI sums pairs of products with vpmaddubsw, which saturates at
+# 16 bits (255 * 127 * 2 > 32767) and gave logits 10-100 % off on an AVX2-only EPYC; uint8 x uint8 is exact
+U8_ZERO = 128
+
+
+def u8_zero(g) -> str:
+    return g.const(U8_ZERO, np.uint8)
+
+
+def as_u8(g, q: str) -> str:
+    """int8 codes (gathered rows) as MatMulInteger's uint8 codes q + 128 (exact through int16)."""
+    return g.op("Cast", g.op("Add", g.op("Cast", q, to=TensorProto.INT16), g.const(U8_ZERO, np.int16)),
+                to=TensorProto.UINT8)
+
+
 def rows_matmul_int8(g, lin: ir.Linear, x: str, idx: str) -> str:
     """x (T, in) @ W[idx]ᵀ -> (T, n) reading only rows idx of q: Gather of int8 rows, MatMulInteger."""
     w = lin.weight
     xq, xs, xz = g.op("DynamicQuantizeLinear", _to_f32(g, x), n_out=3)
     rows = g.op("Gather", g.weight(lin.name + ".q8rows", w.q, np.int8), idx, axis=0)          # (n, in)
-    acc = g.op("MatMulInteger", xq, g.op("Transpose", rows, perm=[1, 0]), xz)                   # (T, n)
+    acc = g.op("MatMulInteger", xq, as_u8(g, g.op("Transpose", rows, perm=[1, 0])), xz, u8_zero(g))  # (T, n)
     # GatherElements, not Gather: ONNX Runtime's Gather of single floats costs ~9 ns each (~35 us for the ~4k
     # rows of a clustered head), GatherElements ~1 ns
     scale = g.op("Mul", xs, g.op("GatherElements", g.weight(lin.name + ".q8scale", w.scale, np.float32), idx, axis=0))
@@ -341,7 +358,7 @@ def cols_matmul_int8(g, lin: ir.Linear, h: str, idx: str) -> str:
     w = lin.weight
     hq, hs, hz = g.op("DynamicQuantizeLinear", _to_f32(g, h), n_out=3)
     rows = g.op("Gather", g.weight(lin.name + ".q8T_rows", np.ascontiguousarray(w.q.T), np.int8), idx, axis=0)  # (n, out)
-    acc = g.op("MatMulInteger", hq, rows, hz)                                                    # (T, out)
+    acc = g.op("MatMulInteger", hq, as_u8(g, rows), hz, u8_zero(g))                             # (T, out)
     scale = g.op("Mul", hs, g.weight(lin.name + ".q8scale", w.scale, np.float32))
     return _from_f32(g, g.op("Mul", g.op("Cast", acc, to=TensorProto.FLOAT), scale))
 

@@ -328,11 +328,20 @@ def lora(g: Graph, first: ir.Linear, second: ir.Linear, act: str | None, x: str)
 # weight kind -> (spec(weight) -> (bits, block) or None, inputs(g, lin) -> (codes, scales, zeros)):
 # the matrices stored in MatMulNBits' layout, registered by passes.quant
 NBITS: dict[str, tuple] = {}
-MATVEC_Q = True            # rwkvc's kernels for them in the step graph (else ONNX Runtime's MatMulNBits)
+MATVEC_Q: bool | None = None   # rwkvc's kernels for them in the step graph (False: ONNX Runtime's MatMulNBits;
+                               # None: where the compiling CPU has AVX-512 VNNI, matvec_q_host)
 MATVEC_Q_BLOCKS = (16, 32, 64, 128, 256)
 MATVEC_MIN_K = 256
 MATVEC_SMALL = 1 << 17     # products of at most this many weights join whatever their width
 MATVEC_ACTS = {None: 0, "relu": 3, "relu2": 4}   # Rwkv7MatVecSet's acts attribute
+
+
+def matvec_q_host() -> bool:
+    """Whether this CPU runs rwkvc's 4-bit kernels faster than MatMulNBits: with AVX-512 VNNI (measured ~1.2x
+    on the 0.1B step, docs/BENCHMARKS.md session 6). On an AVX2-only EPYC their AVX2 path took 1.75x
+    MatMulNBits' time on the 0.1B step (session 8), so a step compiled there keeps MatMulNBits."""
+    from rwkvc.runtimes.ortops import _cpu_flags
+    return "avx512_vnni" in _cpu_flags().split()
 
 
 def matvec_fusable(g: Graph, bits: int, block: int, accuracy_level: int, K: int, N: int) -> bool:
@@ -341,8 +350,9 @@ def matvec_fusable(g: Graph, bits: int, block: int, accuracy_level: int, K: int,
     at least MATVEC_MIN_K columns or MATVEC_SMALL weights, where they measured faster than ONNX Runtime's
     (docs/BENCHMARKS.md, session 6). ONNX Runtime's own kernels were as fast or faster on 8-bit matrices
     and on large narrow 4-bit ones (a 128-wide head)."""
-    return (MATVEC_Q and g.fused and g.step and not g.rescale and accuracy_level == 4 and bits == 4
-            and block in MATVEC_Q_BLOCKS and (K >= MATVEC_MIN_K or N * K <= MATVEC_SMALL))
+    return (g.fused and g.step and not g.rescale and accuracy_level == 4 and bits == 4
+            and block in MATVEC_Q_BLOCKS and (K >= MATVEC_MIN_K or N * K <= MATVEC_SMALL)
+            and (matvec_q_host() if MATVEC_Q is None else MATVEC_Q))
 
 
 def matvec_q(g: Graph, x: str, codes: str, scales: str, zeros: str, bits: int, block: int) -> str:

@@ -354,7 +354,7 @@ def wide(tmp_path_factory):
 
 @pytest.mark.parametrize("recipe", ["int4(group=32)", "int4(group=16)", "int4(group=128)",
                                     "svd(rank=0.5,targets=ffn),int4(group=64)", "svd(rank=0.25),int4(group=32)"])
-def test_quantised_step_products_match_the_plain_graph(wide, tmp_path, recipe):
+def test_quantised_step_products_match_the_plain_graph(wide, tmp_path, recipe, monkeypatch):
     """The fused step with its 4-bit products in Rwkv7MatVecSet / Rwkv7MatVecQ nodes against the plain
     graph's MatMulNBits. Each product agrees to ~5e-7, but a product's output is the next one's input, which
     both quantise to 8 bits per block: an ulp of difference at a rounding boundary flips one 8-bit code, and
@@ -363,6 +363,7 @@ def test_quantised_step_products_match_the_plain_graph(wide, tmp_path, recipe):
     from rwkvc import emit_onnx
     ckpt, calib = wide
     model = passes_model(ckpt, recipe, calib)
+    monkeypatch.setattr(emit_onnx, "MATVEC_Q", True)   # whatever this CPU would pick (matvec_q_host)
     fused, plain = lower(model, tmp_path / "f", True), lower(model, tmp_path / "p", False)
     ops = {n for d, n in step_ops(fused) if d == "ai.rwkvc"}
     assert {"Rwkv7MatVecSet", "Rwkv7MatVecQ"} <= ops
