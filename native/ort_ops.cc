@@ -80,6 +80,16 @@ void parallel_ranges(OrtKernelContext* ctx, int64_t n, int64_t grain, F&& f, int
   f(int64_t(0), n);
 }
 
+#ifdef __AVX2__
+// the sum of a __m256's lanes
+inline float hsum256(__m256 a) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+#endif
+
 // ---- the math ----------------------------------------------------------------------------------------
 
 // exp in single precision that compilers vectorise (the libm call does not vectorise without -ffast-math):
@@ -717,6 +727,27 @@ void code_dot(const uint8_t* codes, int64_t F, int64_t C, int64_t bits, const fl
     for (; f < F; ++f) est[f] = _mm512_reduce_add_ps(row_acc(f));
     return;
   }
+#elif defined(__AVX2__)
+  if (bits == 1) {   // a byte of codes is 8 lanes' mask (its bits against 1, 2, .., 128): x where set, summed
+    const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    for (int64_t f = 0; f < F; ++f) {
+      const uint8_t* row = codes + f * rb;
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();   // two chains of adds
+      int64_t p = 0;
+      for (; p + 2 <= rb; p += 2) {
+        const __m256i m0 = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(row[p]), sel), sel);
+        const __m256i m1 = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(row[p + 1]), sel), sel);
+        a0 = _mm256_add_ps(a0, _mm256_and_ps(_mm256_castsi256_ps(m0), _mm256_loadu_ps(xp.data() + p * 8)));
+        a1 = _mm256_add_ps(a1, _mm256_and_ps(_mm256_castsi256_ps(m1), _mm256_loadu_ps(xp.data() + p * 8 + 8)));
+      }
+      if (p < rb) {
+        const __m256i m0 = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(row[p]), sel), sel);
+        a0 = _mm256_add_ps(a0, _mm256_and_ps(_mm256_castsi256_ps(m0), _mm256_loadu_ps(xp.data() + p * 8)));
+      }
+      est[f] = hsum256(_mm256_add_ps(a0, a1));
+    }
+    return;
+  }
 #endif
   if (bits <= 2) {
     std::vector<float> lut(rb * 256);
@@ -1228,13 +1259,6 @@ bool matvec_rows_vnni(const MatVecQ& m, int64_t n0, int64_t n1, float* y) {
 #endif
 
 #if defined(__AVX2__) && !(defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__))
-// the sum of a __m256's lanes
-inline float hsum256(__m256 a) {
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-}
-
 // R rows n .. n + R - 1 (R <= 4): each half's activation codes and scales are loaded once for all R
 template <int64_t G, int R>
 inline void matvec_avx2_4_rows(const MatVecQ& m, int64_t n, float* y) {
