@@ -732,18 +732,17 @@ void code_dot(const uint8_t* codes, int64_t F, int64_t C, int64_t bits, const fl
     const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     for (int64_t f = 0; f < F; ++f) {
       const uint8_t* row = codes + f * rb;
+      const auto masked = [&](int64_t p) {   // x[8p .. 8p + 8) where byte p's codes are set, else 0
+        const __m256i m = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(row[p]), sel), sel);
+        return _mm256_and_ps(_mm256_castsi256_ps(m), _mm256_loadu_ps(xp.data() + p * 8));
+      };
       __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();   // two chains of adds
       int64_t p = 0;
       for (; p + 2 <= rb; p += 2) {
-        const __m256i m0 = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(row[p]), sel), sel);
-        const __m256i m1 = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(row[p + 1]), sel), sel);
-        a0 = _mm256_add_ps(a0, _mm256_and_ps(_mm256_castsi256_ps(m0), _mm256_loadu_ps(xp.data() + p * 8)));
-        a1 = _mm256_add_ps(a1, _mm256_and_ps(_mm256_castsi256_ps(m1), _mm256_loadu_ps(xp.data() + p * 8 + 8)));
+        a0 = _mm256_add_ps(a0, masked(p));
+        a1 = _mm256_add_ps(a1, masked(p + 1));
       }
-      if (p < rb) {
-        const __m256i m0 = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(row[p]), sel), sel);
-        a0 = _mm256_add_ps(a0, _mm256_and_ps(_mm256_castsi256_ps(m0), _mm256_loadu_ps(xp.data() + p * 8)));
-      }
+      if (p < rb) a0 = _mm256_add_ps(a0, masked(p));
       est[f] = hsum256(_mm256_add_ps(a0, a1));
     }
     return;

@@ -262,13 +262,33 @@ def _from_f32(g, y):
 INT8_BLOCK = 128  # MatMulNBits block for int8 matrices: ONNX Runtime's 8-bit kernel is fastest at 128 here
 
 
+# MatMulInteger takes the int8 weights as uint8 codes q + 128 with zero point 128 (uint8 x uint8): ONNX Runtime's
+# uint8 x int8 kernel on x86 CPUs without VNNI sums pairs of products with vpmaddubsw, which saturates at
+# 16 bits (255 * 127 * 2 > 32767) and gave logits 10-100 % off on an AVX2-only EPYC; uint8 x uint8 is exact
+U8_ZERO = 128   # also MatMulNBits' default zero point for 8-bit codes
+
+
+def u8_codes(q: np.ndarray) -> np.ndarray:
+    """int8 codes as uint8 codes q + 128 (C-contiguous)."""
+    return np.ascontiguousarray(q.astype(np.int16) + U8_ZERO, np.uint8)
+
+
+def u8_zero(g) -> str:
+    return g.const(U8_ZERO, np.uint8)
+
+
+def as_u8(g, q: str) -> str:
+    """int8 codes (gathered rows) as MatMulInteger's uint8 codes q + 128 (exact through int16)."""
+    return g.op("Cast", g.op("Add", g.op("Cast", q, to=TensorProto.INT16), g.const(U8_ZERO, np.int16)),
+                to=TensorProto.UINT8)
+
+
 def emit_int8(g, lin: ir.Linear, x: str) -> str:
     w = lin.weight
     if w.accuracy_level:
         return emit_int8_nbits(g, lin, x)
     xq, xs, xz = g.op("DynamicQuantizeLinear", _to_f32(g, x), n_out=3)
-    qT = (np.ascontiguousarray(w.q.T).astype(np.int16) + U8_ZERO).astype(np.uint8)
-    acc = g.op("MatMulInteger", xq, g.weight(lin.name + ".q8Tu", qT, np.uint8), xz, u8_zero(g))
+    acc = g.op("MatMulInteger", xq, g.weight(lin.name + ".q8Tu", u8_codes(w.q.T), np.uint8), xz, u8_zero(g))
     scale = g.op("Mul", xs, g.weight(lin.name + ".q8scale", w.scale, np.float32))
     return _from_f32(g, g.op("Mul", g.op("Cast", acc, to=TensorProto.FLOAT), scale))
 
@@ -281,8 +301,8 @@ def emit_int8_nbits(g, lin: ir.Linear, x: str) -> str:
     N, K = w.shape
     B = effective_group(INT8_BLOCK, K)
     nb = -(-K // B)
-    codes = np.full((N, nb * B), 128, np.uint8)
-    codes[:, :K] = (w.q.astype(np.int16) + 128).astype(np.uint8)
+    codes = np.full((N, nb * B), U8_ZERO, np.uint8)
+    codes[:, :K] = u8_codes(w.q)
     scales = np.repeat(np.asarray(w.scale, np.float32)[:, None], nb, axis=1)
     return g.op("MatMulNBits", x, g.weight(lin.name + ".q8b", codes.reshape(N, nb, B), np.uint8),
                 g.weight(lin.name + ".q8bscales", scales, g.dtype),
@@ -322,22 +342,6 @@ def emit_factored(g, lin: ir.Linear, x: str) -> str:
     if f.diag is not None:
         y = g.op("Add", y, g.op("Mul", x, g.weight(lin.name + ".diag", f.diag)))
     return y
-
-
-# MatMulInteger takes the int8 weights as uint8 codes q + 128 with zero point 128 (uint8 x uint8): ONNX Runtime's
-# uint8 x int8 kernel on x86 CPUs without VNNI sums pairs of products with vpmaddubsw, which saturates at
-# 16 bits (255 * 127 * 2 > 32767) and gave logits 10-100 % off on an AVX2-only EPYC; uint8 x uint8 is exact
-U8_ZERO = 128
-
-
-def u8_zero(g) -> str:
-    return g.const(U8_ZERO, np.uint8)
-
-
-def as_u8(g, q: str) -> str:
-    """int8 codes (gathered rows) as MatMulInteger's uint8 codes q + 128 (exact through int16)."""
-    return g.op("Cast", g.op("Add", g.op("Cast", q, to=TensorProto.INT16), g.const(U8_ZERO, np.int16)),
-                to=TensorProto.UINT8)
 
 
 def rows_matmul_int8(g, lin: ir.Linear, x: str, idx: str) -> str:

@@ -20,6 +20,7 @@ lowering next to their weight math.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Callable
@@ -336,6 +337,7 @@ MATVEC_SMALL = 1 << 17     # products of at most this many weights join whatever
 MATVEC_ACTS = {None: 0, "relu": 3, "relu2": 4}   # Rwkv7MatVecSet's acts attribute
 
 
+@functools.cache
 def matvec_q_host() -> bool:
     """Whether this CPU runs rwkvc's 4-bit kernels faster than MatMulNBits: with AVX-512 VNNI (measured ~1.2x
     on the 0.1B step, docs/BENCHMARKS.md session 6). On an AVX2-only EPYC their AVX2 path took 1.75x

@@ -76,8 +76,7 @@ def test_matmulinteger_lowering_matches_reference(w, rng):
              helper.make_node("MatMulInteger", ["xq", "b", "xz", "bz"], ["acc"]),
              helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
              helper.make_node("Mul", ["xs", "s"], ["sc"]), helper.make_node("Mul", ["accf", "sc"], ["y"])]
-    b = (np.ascontiguousarray(rep.q.T).astype(np.int16) + quant.U8_ZERO).astype(np.uint8)
-    s = _session(nodes, [numpy_helper.from_array(b, "b"), numpy_helper.from_array(np.array(quant.U8_ZERO, np.uint8), "bz"),
+    s = _session(nodes, [numpy_helper.from_array(quant.u8_codes(rep.q.T), "b"), numpy_helper.from_array(np.array(quant.U8_ZERO, np.uint8), "bz"),
                          numpy_helper.from_array(rep.scale, "s")], [("x", TensorProto.FLOAT, [2, 160])])
     ref = x @ rep.to_dense().T
     assert np.abs(s.run(None, {"x": x})[0] - ref).max() <= 0.01 * np.abs(ref).max()

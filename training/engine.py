@@ -31,12 +31,9 @@ def cpu_bf16_native() -> bool:
     emulates bf16 matmuls: the demo's step measured 26 s against 1.5 s in fp32 on an AVX2-only EPYC."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # a torch without the probe: read the CPU's flags (Linux)
-        try:
-            flags = set(open("/proc/cpuinfo").read().split())
-        except OSError:
-            return False
-        return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    except Exception:  # a torch without the probe: the CPU's flags
+        from rwkvc.runtimes.ortops import _cpu_flags
+        return bool(set(_cpu_flags().split()) & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 @dataclass(frozen=True)
