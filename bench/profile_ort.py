@@ -26,6 +26,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--head-mode", type=int, default=1, choices=(0, 1),
+                    help="a clustered head's mode: 1 the top token only (greedy decode), 0 the logits too")
     a = ap.parse_args()
     d = Path(a.artifact)
     man = json.loads((d / "manifest.json").read_text())
@@ -41,6 +43,8 @@ def main():
     feed = {"tokens": np.random.default_rng(0).integers(1, man["model"]["vocab_size"], T),
             "shift_in": np.zeros(man["state"]["shift"], np.float32),
             **{f"wkv_in.{i}": np.zeros(man["state"]["wkv"][1:], np.float32) for i in range(man["state"]["wkv"][0])}}
+    if any(i.name == "head_mode" for i in sess.get_inputs()):   # a top-token head: the greedy step's mode
+        feed["head_mode"] = np.array([a.head_mode], np.int64)
     sess.run(None, feed)
     times = []
     for _ in range(a.runs):

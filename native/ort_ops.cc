@@ -1019,35 +1019,70 @@ struct MatVecQ {
   std::vector<float> rep_sum;     // packed rows (matvec_rows_packed): per lane, the sum of its activation codes
 };
 
+// block b of x (lo .. hi) quantised to q[lo .. hi): its scale max |x| / 127 and the sum of its codes
+inline int32_t quantise_block(const float* x, int64_t lo, int64_t hi, int8_t* q, float& scale) {
+  int64_t i = lo;
+  float amax = 0;
+#ifdef __AVX512F__
+  __m512 vmax = _mm512_setzero_ps();
+  for (; i + 16 <= hi; i += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+  amax = _mm512_reduce_max_ps(vmax);
+#endif
+  for (; i < hi; ++i) amax = std::max(amax, std::fabs(x[i]));
+  scale = amax / 127.0f;
+  const float inv = amax > 0 ? 127.0f / amax : 0.0f;
+  int32_t s = 0;
+  i = lo;
+#ifdef __AVX512F__
+  // x inv rounded half to even (the default rounding mode, as nearbyint), then clamped: the same codes
+  const __m512 vinv = _mm512_set1_ps(inv);
+  const __m512i lim = _mm512_set1_epi32(127), nlim = _mm512_set1_epi32(-127);
+  __m512i vs = _mm512_setzero_si512();
+  for (; i + 16 <= hi; i += 16) {
+    const __m512i c = _mm512_max_epi32(nlim, _mm512_min_epi32(lim, _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), vinv))));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(c));
+    vs = _mm512_add_epi32(vs, c);
+  }
+  s = _mm512_reduce_add_epi32(vs);
+#endif
+  for (; i < hi; ++i) {
+    q[i] = int8_t(std::nearbyint(std::max(-127.0f, std::min(127.0f, x[i] * inv))));
+    s += q[i];
+  }
+  return s;
+}
+
 // x's codes and tables for one row of x
 void matvec_prepare(MatVecQ& m, const float* x) {
   const int64_t Kp = m.nch * m.chunk, wpl = m.chunk / 16, nbp = (m.nb + 15) / 16 * 16;
   std::vector<int8_t>& q = m.q;
-  q.assign(Kp, 0);
+  q.resize(Kp);
+  std::fill(q.begin() + m.K, q.end(), int8_t(0));
   m.xscale.assign(std::max(nbp, Kp / m.G + 1), 0.0f);
   m.zsum.assign(nbp, 0.0f);
   for (int64_t b = 0; b * m.G < m.K; ++b) {
     const int64_t lo = b * m.G, hi = std::min(m.K, lo + m.G);
-    float amax = 0;
-    for (int64_t i = lo; i < hi; ++i) amax = std::max(amax, std::fabs(x[i]));
-    const float scale = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
-    int32_t s = 0;
-    for (int64_t i = lo; i < hi; ++i) {
-      q[i] = int8_t(std::nearbyint(std::max(-127.0f, std::min(127.0f, x[i] * inv))));
-      s += q[i];
-    }
-    m.xscale[b] = scale;
-    m.zsum[b] = scale * float(s);
+    const int32_t s = quantise_block(x, lo, hi, q.data(), m.xscale[b]);
+    m.zsum[b] = m.xscale[b] * float(s);
   }
-  m.xq.assign(m.nch * (m.bits == 4 ? 128 : 64), 0);
-  m.lane_scale.assign(m.nch * 16, 0.0f);
+  m.xq.resize(m.nch * (m.bits == 4 ? 128 : 64));
+  m.lane_scale.resize(m.nch * 16);
   for (int64_t c = 0; c < m.nch; ++c) {
     const int8_t* qc = q.data() + c * m.chunk;
     int8_t* out = m.xq.data() + c * (m.bits == 4 ? 128 : 64);
-    if (m.bits == 4)
+    if (m.bits == 4) {
+#if defined(__AVX512VBMI__)
+      // a chunk's even codes, then its odd ones: one two-source byte permutation each
+      alignas(64) static const struct Idx { uint8_t e[64], o[64]; Idx() { for (int j = 0; j < 64; ++j) e[j] = uint8_t(2 * j), o[j] = uint8_t(2 * j + 1); } } idx;
+      const __m512i a = _mm512_loadu_si512(qc), b = _mm512_loadu_si512(qc + 64);
+      _mm512_storeu_si512(out, _mm512_permutex2var_epi8(a, _mm512_load_si512(idx.e), b));
+      _mm512_storeu_si512(out + 64, _mm512_permutex2var_epi8(a, _mm512_load_si512(idx.o), b));
+#else
       for (int64_t j = 0; j < 64; ++j) out[j] = qc[2 * j], out[64 + j] = qc[2 * j + 1];
-    else
+#endif
+    } else {
       std::memcpy(out, qc, 64);
+    }
     for (int64_t l = 0; l < 16; ++l) m.lane_scale[c * 16 + l] = m.xscale[(c * m.chunk + l * wpl) / m.G];
   }
   if (m.packed) {   // one row's tables repeated for each row of a vector
