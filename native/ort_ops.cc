@@ -32,6 +32,9 @@
 //   Rwkv7MatVecSet(x_0 .., then codes, scales, zero points per product)  attrs n_x, src, acts, bitss, blocks,
 //       emits -> a layer's products as one kernel (chains of two with relu or relu squared between)
 //
+// Version 4 adds Rwkv7ClusteredHeadTop (the head's top token, its logits optional); version 5 lets a set's
+// chains have tanh or sigmoid between their products (the RWKV-7 LoRAs in one set).
+//
 // Built by rwkvc.runtimes.ortops with the host's g++ and registered into each session from rwkvc's own
 // package (never from an artifact). ort_abi.h declares the few parts of ONNX Runtime's C API it uses.
 #include <cmath>
@@ -782,6 +785,89 @@ void code_dot(const uint8_t* codes, int64_t F, int64_t C, int64_t bits, const fl
   }
 }
 
+// out[o] = sum_i x[i] W[i n_out + o] (W row-major n_in x n_out, float32), summed over i in order; rows with
+// x[i] == 0 skipped. With AVX-512, up to 128 outputs are summed in registers across all rows.
+#ifdef __AVX512F__
+template <int NV>
+void xw_block(const float* x, int64_t n_in, const float* W, int64_t n_out, int64_t o0, float* out) {
+  const int64_t w = std::min<int64_t>(16 * NV, n_out - o0);
+  __mmask16 mk[NV];
+  __m512 acc[NV];
+  for (int v = 0; v < NV; ++v) {
+    const int64_t k = std::max<int64_t>(0, std::min<int64_t>(16, w - 16 * v));
+    mk[v] = __mmask16((1u << k) - 1);
+    acc[v] = _mm512_setzero_ps();
+  }
+  for (int64_t i = 0; i < n_in; ++i) {
+    if (x[i] == 0) continue;
+    const __m512 xi = _mm512_set1_ps(x[i]);
+    const float* r = W + i * n_out + o0;
+    for (int v = 0; v < NV; ++v) acc[v] = _mm512_fmadd_ps(xi, _mm512_maskz_loadu_ps(mk[v], r + 16 * v), acc[v]);
+  }
+  for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(out + o0 + 16 * v, mk[v], acc[v]);
+}
+#endif
+
+void xw_rows(const float* x, int64_t n_in, const float* W, int64_t n_out, float* out) {
+#ifdef __AVX512F__
+  for (int64_t o0 = 0; o0 < n_out; o0 += 128) {
+    switch (std::min<int64_t>(8, (n_out - o0 + 15) / 16)) {
+      case 1: xw_block<1>(x, n_in, W, n_out, o0, out); break;
+      case 2: xw_block<2>(x, n_in, W, n_out, o0, out); break;
+      case 3: xw_block<3>(x, n_in, W, n_out, o0, out); break;
+      case 4: xw_block<4>(x, n_in, W, n_out, o0, out); break;
+      case 5: xw_block<5>(x, n_in, W, n_out, o0, out); break;
+      case 6: xw_block<6>(x, n_in, W, n_out, o0, out); break;
+      case 7: xw_block<7>(x, n_in, W, n_out, o0, out); break;
+      default: xw_block<8>(x, n_in, W, n_out, o0, out); break;
+    }
+  }
+#else
+  std::fill(out, out + n_out, 0.0f);
+  for (int64_t i = 0; i < n_in; ++i) {
+    const float xi = x[i];
+    if (xi == 0) continue;
+    const float* r = W + i * n_out;
+#pragma omp simd
+    for (int64_t o = 0; o < n_out; ++o) out[o] += xi * r[o];
+  }
+#endif
+}
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// acc[c] += sum_j u[j] rows[j][c] (uint8 u, int8 rows of C), exactly as the scalar sum: four rows a step,
+// their bytes interleaved so that each int32 lane of vpdpbusd sums one channel's four products
+void rows_axpy_u8(const uint8_t* u, const int8_t* const* rows, int64_t n, int64_t C, int32_t* acc) {
+  for (int64_t c0 = 0; c0 < C; c0 += 64) {
+    const int64_t w = std::min<int64_t>(64, C - c0);
+    const __mmask64 m = w == 64 ? ~__mmask64(0) : (__mmask64(1) << w) - 1;
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t j = 0; j < n; j += 4) {
+      const int64_t j1 = std::min(j + 1, n - 1), j2 = std::min(j + 2, n - 1), j3 = std::min(j + 3, n - 1);
+      const uint32_t hw = uint32_t(u[j]) | uint32_t(j + 1 < n ? u[j + 1] : 0) << 8 |
+                          uint32_t(j + 2 < n ? u[j + 2] : 0) << 16 | uint32_t(j + 3 < n ? u[j + 3] : 0) << 24;
+      const __m512i h = _mm512_set1_epi32(int32_t(hw));
+      const __m512i r0 = _mm512_maskz_loadu_epi8(m, rows[j] + c0), r1 = _mm512_maskz_loadu_epi8(m, rows[j1] + c0),
+                    r2 = _mm512_maskz_loadu_epi8(m, rows[j2] + c0), r3 = _mm512_maskz_loadu_epi8(m, rows[j3] + c0);
+      const __m512i ab_lo = _mm512_unpacklo_epi8(r0, r1), ab_hi = _mm512_unpackhi_epi8(r0, r1),
+                    cd_lo = _mm512_unpacklo_epi8(r2, r3), cd_hi = _mm512_unpackhi_epi8(r2, r3);
+      a0 = _mm512_dpbusd_epi32(a0, h, _mm512_unpacklo_epi16(ab_lo, cd_lo));   // channels 16 L + 0..3
+      a1 = _mm512_dpbusd_epi32(a1, h, _mm512_unpackhi_epi16(ab_lo, cd_lo));   // 16 L + 4..7
+      a2 = _mm512_dpbusd_epi32(a2, h, _mm512_unpacklo_epi16(ab_hi, cd_hi));   // 16 L + 8..11
+      a3 = _mm512_dpbusd_epi32(a3, h, _mm512_unpackhi_epi16(ab_hi, cd_hi));   // 16 L + 12..15
+    }
+    alignas(64) int32_t t[4][16];
+    _mm512_store_si512(t[0], a0), _mm512_store_si512(t[1], a1), _mm512_store_si512(t[2], a2), _mm512_store_si512(t[3], a3);
+    for (int L = 0; L < 4; ++L)   // lane 4 L + p of a_i: channel 16 L + 4 i + p
+      for (int i = 0; i < 4; ++i)
+        for (int p = 0; p < 4; ++p) {
+          const int64_t ch = 16 * L + 4 * i + p;
+          if (ch < w) acc[c0 + ch] += t[i][4 * L + p];
+        }
+  }
+}
+#endif
+
 // Rwkv7SparseFfn(xk (1, C), fc1T (C, D), fc2T (D, F), codes (F, bytes), K (F, C), K scale (F,), Vᵀ (F, C),
 // V scale (C,)) -> y (1, C). A unit f fires when the MLP predictor's sigmoid(relu(xk fc1T) fc2T)_f exceeds
 // mlp_threshold, or when the quantised key's estimate q_scale * codes_f . xk exceeds the q_lo-th smallest
@@ -796,62 +882,92 @@ void sparse_ffn_compute(const Attrs& at, OrtKernelContext* ctx) {
   const int64_t C = xk.size, F = K.dims[0];
   const int64_t ydims[2] = {1, C};
   float* y = output(ctx, 0, ydims, 2);
-  std::vector<uint8_t> fire(F, 0);
-  std::vector<float> buf(F);
+  struct Scratch {   // one thread-local lookup a call
+    std::vector<float> mlp, est, hid, h;
+    std::vector<int32_t> units;
+    std::vector<const int8_t*> rows;
+    std::vector<uint8_t> u;
+  };
+  thread_local Scratch sc;
+  const float lt_none = INFINITY;   // no predictor: nothing fires from it
+  float lt = lt_none, thr = lt_none;
+  sc.mlp.resize(F + 16), sc.est.resize(F + 16);
+  float* __restrict mlp = sc.mlp.data();
+  float* __restrict est = sc.est.data();
   if (fc1.size) {   // the MLP predictor: fc1T (C, D), fc2T (D, F), both float32
     const int64_t D = fc1.size / C;
-    std::vector<float> h(D, 0.0f);
-    for (int64_t c = 0; c < C; ++c) {
-      const float xc = xk.data[c];
-      const float* r = fc1.data + c * D;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) h[d] += xc * r[d];
-    }
-    std::fill(buf.begin(), buf.end(), 0.0f);
-    for (int64_t d = 0; d < D; ++d) {
-      const float hd = h[d] > 0 ? h[d] : 0.0f;
-      if (hd == 0) continue;
-      const float* r = fc2.data + d * F;
-#pragma omp simd
-      for (int64_t f = 0; f < F; ++f) buf[f] += hd * r[f];
-    }
+    sc.hid.resize(D);
+    float* hid = sc.hid.data();
+    xw_rows(xk.data, C, fc1.data, D, hid);
+    for (int64_t d = 0; d < D; ++d) hid[d] = hid[d] > 0 ? hid[d] : 0.0f;
+    xw_rows(hid, D, fc2.data, F, mlp);
     // sigmoid(l) > t  <=>  l > log(t / (1 - t)): one compare a unit, no exp
     const float t = at.mlp_threshold;
-    const float lt = t <= 0 ? -INFINITY : t >= 1 ? INFINITY : std::log(t) - std::log1p(-t);
-    for (int64_t f = 0; f < F; ++f) fire[f] = buf[f] > lt;
+    lt = t <= 0 ? -INFINITY : t >= 1 ? INFINITY : std::log(t) - std::log1p(-t);
   }
   if (codes.size) {   // the quantised-key predictor
-    code_dot(codes.raw<uint8_t>(), F, C, at.q_bits, xk.data, buf.data());
-    for (int64_t f = 0; f < F; ++f) buf[f] *= at.q_scale;
-    const float thr = kth_smallest(buf.data(), F, std::min<int64_t>(std::max<int64_t>(at.q_lo, 0), F - 1));
-    for (int64_t f = 0; f < F; ++f) fire[f] |= buf[f] > thr;
+    code_dot(codes.raw<uint8_t>(), F, C, at.q_bits, xk.data, est);
+    const float qs = at.q_scale;
+    for (int64_t f = 0; f < F; ++f) est[f] *= qs;
+    thr = kth_smallest(est, F, std::min<int64_t>(std::max<int64_t>(at.q_lo, 0), F - 1));
   }
+  const bool use_mlp = fc1.size, use_est = codes.size;
   const W* kr = K.raw<W>();
   const W* vr = VT.raw<W>();
   Act<W> x;
   x.set(xk.data, C);
-  std::vector<int64_t> units;   // the fired units and their relu(k)^2
-  for (int64_t f = 0; f < F; ++f)
-    if (fire[f]) units.push_back(f);
-  const int64_t n = int64_t(units.size());
-  std::vector<float> h(n);
-  act_dots(x, n, C, [&](int64_t j) { return kr + units[j] * C; }, h.data());
+  sc.units.resize(F + 16);   // the fired units, in order (a branch-free compaction), and their relu(k)^2
+  int32_t* units = sc.units.data();
+  int64_t n = 0, f = 0;
+#ifdef __AVX512F__
+  const __m512 vlt = _mm512_set1_ps(lt), vthr = _mm512_set1_ps(thr);
+  for (; f + 16 <= F; f += 16) {
+    __mmask16 m = 0;
+    if (use_mlp) m |= _mm512_cmp_ps_mask(_mm512_loadu_ps(mlp + f), vlt, _CMP_GT_OQ);
+    if (use_est) m |= _mm512_cmp_ps_mask(_mm512_loadu_ps(est + f), vthr, _CMP_GT_OQ);
+    const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(int32_t(f)), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    _mm512_mask_compressstoreu_epi32(units + n, m, idx);
+    n += __builtin_popcount(unsigned(m));
+  }
+#endif
+  for (; f < F; ++f) {
+    units[n] = int32_t(f);
+    n += (use_mlp && mlp[f] > lt) || (use_est && est[f] > thr);
+  }
+  sc.h.resize(n);
+  float* h = sc.h.data();
+  act_dots(x, n, C, [&](int64_t j) { return kr + int64_t(units[j]) * C; }, h);
   for (int64_t j = 0; j < n; ++j) {
     float k = h[j];
     if (ks.size) k *= x.scale * ks.data[units[j]];
     h[j] = k > 0 ? k * k : 0.0f;
   }
   Act<W> hv;   // h as the value product's activations
-  hv.set(h.data(), int64_t(h.size()));
+  hv.set(h, n);
   using Acc = typename Act<W>::Acc;
-  std::vector<Acc> acc(C, Acc(0));
-  for (size_t j = 0; j < units.size(); ++j) {
-    const Acc hj = hv.at(j);
-    if (hj == 0) continue;
-    const W* v = vr + units[j] * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) acc[c] += hj * Acc(v[c]);
+  thread_local std::vector<Acc> acc_buf;
+  acc_buf.assign(C, Acc(0));
+  Acc* acc = acc_buf.data();
+  bool done = false;
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if constexpr (std::is_same_v<W, int8_t>) {
+    if (hv.zp == 0) {   // relu^2 >= 0: codes from 0 (always, but the general case stays below)
+      sc.rows.clear(), sc.u.clear();
+      for (int64_t j = 0; j < n; ++j)
+        if (hv.u[j]) sc.rows.push_back(vr + int64_t(units[j]) * C), sc.u.push_back(hv.u[j]);
+      rows_axpy_u8(sc.u.data(), sc.rows.data(), int64_t(sc.rows.size()), C, acc);
+      done = true;
+    }
   }
+#endif
+  if (!done)
+    for (int64_t j = 0; j < n; ++j) {
+      const Acc hj = hv.at(j);
+      if (hj == 0) continue;
+      const W* v = vr + int64_t(units[j]) * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) acc[c] += hj * Acc(v[c]);
+    }
   for (int64_t c = 0; c < C; ++c) y[c] = vs.size ? float(acc[c]) * (hv.scale * vs.data[c]) : float(acc[c]);
 }
 
@@ -1083,22 +1199,28 @@ void matvec_prepare(MatVecQ& m, const float* x) {
     } else {
       std::memcpy(out, qc, 64);
     }
-    for (int64_t l = 0; l < 16; ++l) m.lane_scale[c * 16 + l] = m.xscale[(c * m.chunk + l * wpl) / m.G];
+    if ((m.G & (m.G - 1)) == 0) {   // blocks of a power of two (all MatMulNBits blocks): a shift, not a division
+      const int sh = __builtin_ctzll(uint64_t(m.G));
+      for (int64_t l = 0; l < 16; ++l) m.lane_scale[c * 16 + l] = m.xscale[(c * m.chunk + l * wpl) >> sh];
+    } else {
+      for (int64_t l = 0; l < 16; ++l) m.lane_scale[c * 16 + l] = m.xscale[(c * m.chunk + l * wpl) / m.G];
+    }
   }
-  if (m.packed) {   // one row's tables repeated for each row of a vector
+  if (m.packed) {   // one row's tables repeated for each row of a vector (per divides 64)
     const int64_t per = m.row_bytes, lanes = per / 4;
     int8_t* xq = m.xq.data();
-    for (int64_t j = per; j < 64; ++j) {
-      xq[j] = xq[j % per];
-      if (m.bits == 4) xq[64 + j] = xq[64 + j % per];
+    for (int64_t j = per; j < 64; j += per) {
+      std::memcpy(xq + j, xq, per);
+      if (m.bits == 4) std::memcpy(xq + 64 + j, xq + 64, per);
     }
-    m.rep_sum.assign(16, 0.0f);
-    for (int64_t l = 0; l < 16; ++l) {
-      const int64_t l0 = l % lanes;
+    m.rep_sum.resize(16);
+    for (int64_t l0 = 0; l0 < lanes; ++l0) {
       int32_t sum = 0;
       for (int64_t j = 0; j < wpl; ++j) sum += q[l0 * wpl + j];
-      m.rep_sum[l] = float(sum);
-      m.lane_scale[l] = m.xscale[l0 * wpl / m.G];
+      for (int64_t l = l0; l < 16; l += lanes) {
+        m.rep_sum[l] = float(sum);
+        m.lane_scale[l] = m.xscale[l0 * wpl / m.G];
+      }
     }
   }
 }
@@ -1447,10 +1569,14 @@ void matvec_q_compute(const Attrs& at, OrtKernelContext* ctx) {
   for (int64_t r = 0; r < rows; ++r) matvec_run(ctx, m, x.data + r * K, y + r * m.N);
 }
 
-// the activations a set applies to a product's result: 0 none, 3 relu, 4 relu squared (the ones computed
-// exactly as ONNX Runtime computes them; tanh and sigmoid stay ONNX Runtime's own nodes)
+// the activations a set applies to a product's result: 0 none, 1 tanh, 2 sigmoid (op set 5: libm's, within
+// an ulp or two of ONNX Runtime's approximations), 3 relu, 4 relu squared (as ONNX Runtime computes them)
 void apply_act(int64_t act, float* v, int64_t n) {
-  if (act == 3)
+  if (act == 1)
+    for (int64_t i = 0; i < n; ++i) v[i] = std::tanh(v[i]);
+  else if (act == 2)
+    for (int64_t i = 0; i < n; ++i) v[i] = 1.0f / (1.0f + std::exp(-v[i]));
+  else if (act == 3)
     for (int64_t i = 0; i < n; ++i) v[i] = v[i] > 0 ? v[i] : 0.0f;
   else if (act == 4)
     for (int64_t i = 0; i < n; ++i) v[i] = v[i] > 0 ? v[i] * v[i] : 0.0f;
@@ -1458,7 +1584,7 @@ void apply_act(int64_t act, float* v, int64_t n) {
 
 // Rwkv7MatVecSet(x_0 .. x_{n_x - 1} (1, K_i), then per product codes, scales, zeros)  attrs n_x and, per
 // product p: src (x_src, or for src < 0 the result of product -src - 1), acts (applied to the result: 0 none,
-// 3 relu, 4 relu squared), bitss, blocks, emits (1: the result is the next output (1, N))
+// 1 tanh, 2 sigmoid (op set 5), 3 relu, 4 relu squared), bitss, blocks, emits (1: the result is the next output (1, N))
 //   A layer's quantised products (its projections, low-rank factor pairs and LoRAs) as one kernel: one
 //   ONNX Runtime kernel instead of ~16, each product computed as Rwkv7MatVecQ computes it.
 void matvec_set_compute(const Attrs& at, OrtKernelContext* ctx) {
@@ -1629,7 +1755,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
 }
 
 // the library's version of the op set, for rwkvc.runtimes.ortops to check what it loaded
-extern "C" __attribute__((visibility("default"))) int rwkvc_ort_ops_version() { return 4; }
+extern "C" __attribute__((visibility("default"))) int rwkvc_ort_ops_version() { return 5; }
 
 // threads for the kernels that split work (Rwkv7WkvSeq); the runtime passes its intra-op thread count
 extern "C" __attribute__((visibility("default"))) void rwkvc_ort_ops_set_threads(int n) { g_threads = n > 0 ? n : 1; }

@@ -334,7 +334,7 @@ MATVEC_Q: bool | None = None   # rwkvc's kernels for them in the step graph (Fal
 MATVEC_Q_BLOCKS = (16, 32, 64, 128, 256)
 MATVEC_MIN_K = 256
 MATVEC_SMALL = 1 << 17     # products of at most this many weights join whatever their width
-MATVEC_ACTS = {None: 0, "relu": 3, "relu2": 4}   # Rwkv7MatVecSet's acts attribute
+MATVEC_ACTS = {None: 0, "tanh": 1, "sigmoid": 2, "relu": 3, "relu2": 4}   # Rwkv7MatVecSet's acts attribute
 
 
 @functools.cache
@@ -365,9 +365,10 @@ def matvec_q(g: Graph, x: str, codes: str, scales: str, zeros: str, bits: int, b
 
 class MatVecSet:
     """Products of one layer gathered into one Rwkv7MatVecSet node, each computed as Rwkv7MatVecQ computes
-    it: 4-bit matrices (matvec_fusable), and pairs of them with nothing, relu or relu squared between (the
-    dense FFN; svd-factored projections; the LoRAs without an activation). Tanh and sigmoid stay ONNX
-    Runtime's: libm's round differently from them, which moves the next product's 8-bit activations.
+    it: 4-bit matrices (matvec_fusable), and pairs of them with nothing, tanh, sigmoid, relu or relu squared
+    between (the dense FFN; svd-factored projections; the LoRAs). The set's tanh and sigmoid are libm's, an
+    ulp or two from ONNX Runtime's approximations: rarely, that flips one of the next product's 8-bit
+    activation codes (the flips the fused step's tests allow).
 
         ms = MatVecSet(g); h = ms.add(lin, x) or ms.add((first, second), x, "relu2"); ...; ms.resolve({...})
 
@@ -508,9 +509,10 @@ def emit_channel_mix_v7(g: Graph, ffn: ir.ChannelMix, x: str, prev: str, i: int,
 
 
 FUSED_DOMAIN = "ai.rwkvc"   # rwkvc's own CPU kernels (native/ort_ops.cc, registered by runtimes/ortops.py)
-FUSED_VERSION = 4           # the op set's version: 1 the RWKV-7 step / prefill kernels, 2 adds the sparse FFN
+FUSED_VERSION = 5           # the op set's version: 1 the RWKV-7 step / prefill kernels, 2 adds the sparse FFN
                             # and clustered head kernels, 3 the quantised matrix-vector product (Rwkv7MatVecQ),
-                            # 4 the clustered head's top token without its logits (Rwkv7ClusteredHeadTop);
+                            # 4 the clustered head's top token without its logits (Rwkv7ClusteredHeadTop),
+                            # 5 tanh and sigmoid between a set's products (a LoRA in Rwkv7MatVecSet);
                             # a library of version n runs artifacts of 1..n
 # (op, input index) of the fused kernels that read only some rows of that input (rwkvc.bench.weight_traffic)
 HEAD_MODE = "head_mode"   # the step's input with a top-token head (Rwkv7ClusteredHeadTop): 1 = the top token only
