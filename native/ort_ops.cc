@@ -971,6 +971,29 @@ void sparse_ffn_compute(const Attrs& at, OrtKernelContext* ctx) {
   for (int64_t c = 0; c < C; ++c) y[c] = vs.size ? float(acc[c]) * (hv.scale * vs.data[c]) : float(acc[c]);
 }
 
+// max of v[0 .. n) ignoring NaNs (as std::max(acc, v) folds), from `init`; nan: whether any v is NaN
+inline float max_skip_nan(const float* v, int64_t n, float init, bool* nan = nullptr) {
+  int64_t i = 0;
+  bool any_nan = false;
+#ifdef __AVX512F__
+  __m512 a = _mm512_set1_ps(init);
+  __mmask16 un = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_loadu_ps(v + i);
+    a = _mm512_max_ps(x, a);   // NaN in x: a (the second operand)
+    un |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  }
+  init = _mm512_reduce_max_ps(a);
+  any_nan = un != 0;
+#endif
+  for (; i < n; ++i) {
+    init = std::max(init, v[i]);
+    any_nan |= std::isnan(v[i]);
+  }
+  if (nan) *nan = any_nan;
+  return init;
+}
+
 // The clustered head's argmax without its V logits: the largest is an exact logit or, for a cluster not
 // chosen, approx[c] + max log q over c (rounding is monotonic: no token of c can exceed it); ties go to the
 // smallest token id, as np.argmax over the logits (exact logits overwrite their tokens' approximations).
@@ -981,17 +1004,26 @@ int64_t head_top(const std::vector<float>& exact, const std::vector<int32_t>& ch
   std::vector<uint8_t> is_chosen(K, 0);
   for (int32_t c : chosen) is_chosen[c] = 1;
   const auto cluster_best = [&](int64_t c) { return approx[c] + (mlq.size ? mlq.data[c] : 0.0f); };
-  float best = -INFINITY;
-  for (float v : exact) best = std::max(best, v);
+  bool nan = false;
+  float best = max_skip_nan(exact.data(), int64_t(exact.size()), -INFINITY, &nan);
   for (int64_t c = 0; c < K; ++c)
     if (!is_chosen[c] && bounds[c + 1] > bounds[c]) best = std::max(best, cluster_best(c));
-  if (std::isnan(best)) return -1;
-  for (float v : exact) if (std::isnan(v)) return -1;
+  if (std::isnan(best) || nan) return -1;
   int64_t top = INT64_MAX;
   size_t e = 0;
-  for (int32_t c : chosen)
-    for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r, ++e)
+  for (int32_t c : chosen) {
+    const int64_t r0 = bounds[c], r1 = bounds[c + 1];
+    int64_t r = r0;
+#ifdef __AVX512F__
+    const __m512 vb = _mm512_set1_ps(best);
+    for (; r + 16 <= r1; r += 16, e += 16) {   // 16 at a time: only a match is looked at one by one
+      __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(exact.data() + e), vb, _CMP_EQ_OQ);
+      for (; m; m &= m - 1) top = std::min<int64_t>(top, tok[r + __builtin_ctz(m)]);
+    }
+#endif
+    for (; r < r1; ++r, ++e)
       if (exact[e] == best) top = std::min<int64_t>(top, tok[r]);
+  }
   for (int64_t c = 0; c < K; ++c) {
     if (is_chosen[c] || bounds[c + 1] == bounds[c] || cluster_best(c) != best) continue;
     for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r)
@@ -1055,18 +1087,20 @@ void clustered_head_compute(const Attrs& at, OrtKernelContext* ctx) {
   const W* rw = rows.raw<W>();
   Act<W> xa;
   xa.set(x.data, C);
-  float emax = -INFINITY;
   int64_t e = 0;
   for (int32_t c : chosen) {
     const int64_t r0 = bounds[c], r1 = bounds[c + 1];
-    act_dots(xa, r1 - r0, C, [&](int64_t j) { return rw + (r0 + j) * C; }, exact.data() + e);
-    for (int64_t r = r0; r < r1; ++r, ++e) {
-      float v = exact[e];
-      if (rs.size) v *= xa.scale * rs.data[r];
-      exact[e] = v;
-      emax = std::max(emax, v);
+    float* ex = exact.data() + e;
+    act_dots(xa, r1 - r0, C, [&](int64_t j) { return rw + (r0 + j) * C; }, ex);
+    if (rs.size) {
+      const float xs = xa.scale;
+      const float* rsc = rs.data + r0;
+#pragma omp simd
+      for (int64_t j = 0; j < r1 - r0; ++j) ex[j] = ex[j] * (xs * rsc[j]);
     }
+    e += r1 - r0;
   }
+  const float emax = max_skip_nan(exact.data(), n, -INFINITY);
   float lanes[16] = {};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
