@@ -132,6 +132,10 @@ void layer_norm(const float* x, const float* w, const float* b, float eps, int64
   for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - mean) * inv * w[i] + b[i];
 }
 
+#ifdef __AVX512F__
+inline __m512 lane_sums16(__m512* v, int first);   // below: 16 vectors' lane sums
+#endif
+
 // One head of the RWKV-7 recurrence and its output, all vectors of length N (this head's slice).
 //   S' = S diag(decay) + (S a) b^T + v k^T;  y = S' r;  out = (GroupNorm(y) * lnw + lnb + v * (k . (r*r_k))) * g
 // N is a template argument for the usual head sizes, so the row loops unroll completely.
@@ -141,15 +145,48 @@ void wkv7_head(const float* S, float* S2, int64_t n, const float* r, const float
                const float* lnb, const float* g, float eps, float* out) {
   const int64_t N = NT ? NT : n;
   float y[256], sa[256];
+  int64_t i0 = 0;
+#ifdef __AVX512F__
+  if (NT && NT % 16 == 0) {   // 16 rows at a time, their dot products' lanes summed together (no reduction a row)
+    for (; i0 < N; i0 += 16) {
+      __m512 acc[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        const float* Si = S + (i0 + i) * N;
+        __m512 t = _mm512_setzero_ps();
+        for (int64_t j = 0; j < N; j += 16) t = _mm512_fmadd_ps(_mm512_loadu_ps(Si + j), _mm512_loadu_ps(a + j), t);
+        acc[i] = t;
+      }
+      _mm512_storeu_ps(sa + i0, lane_sums16(acc, 0));
+    }
+    for (i0 = 0; i0 < N; i0 += 16) {
+      __m512 acc[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        const float* Si = S + (i0 + i) * N;
+        float* S2i = S2 + (i0 + i) * N;
+        const __m512 vi = _mm512_set1_ps(v[i0 + i]), sai = _mm512_set1_ps(sa[i0 + i]);
+        __m512 t = _mm512_setzero_ps();
+        for (int64_t j = 0; j < N; j += 16) {
+          const __m512 s = _mm512_fmadd_ps(vi, _mm512_loadu_ps(k + j),
+                                           _mm512_fmadd_ps(sai, _mm512_loadu_ps(b + j),
+                                                           _mm512_mul_ps(_mm512_loadu_ps(Si + j), _mm512_loadu_ps(decay + j))));
+          _mm512_storeu_ps(S2i + j, s);
+          t = _mm512_fmadd_ps(s, _mm512_loadu_ps(r + j), t);
+        }
+        acc[i] = t;
+      }
+      _mm512_storeu_ps(y + i0, lane_sums16(acc, 0));
+    }
+  }
+#endif
   // two passes over the rows, each of independent dot products (the out-of-order core overlaps them)
-  for (int64_t i = 0; i < N; ++i) {
+  for (int64_t i = i0; i < N; ++i) {
     const float* Si = S + i * N;
     float acc = 0;
 #pragma omp simd reduction(+ : acc)
     for (int64_t j = 0; j < N; ++j) acc += Si[j] * a[j];
     sa[i] = acc;
   }
-  for (int64_t i = 0; i < N; ++i) {
+  for (int64_t i = i0; i < N; ++i) {
     const float* Si = S + i * N;
     float* S2i = S2 + i * N;
     const float vi = v[i], sai = sa[i];
