@@ -963,7 +963,8 @@ void sparse_ffn_compute(const Attrs& at, OrtKernelContext* ctx) {
     if (use_mlp) m |= _mm512_cmp_ps_mask(_mm512_loadu_ps(mlp + f), vlt, _CMP_GT_OQ);
     if (use_est) m |= _mm512_cmp_ps_mask(_mm512_loadu_ps(est + f), vthr, _CMP_GT_OQ);
     const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(int32_t(f)), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-    _mm512_mask_compressstoreu_epi32(units + n, m, idx);
+    // compress in a register, then a full store (units has 16 spare): a compress to memory is microcoded on Zen 4
+    _mm512_storeu_si512(units + n, _mm512_maskz_compress_epi32(m, idx));
     n += __builtin_popcount(unsigned(m));
   }
 #endif
