@@ -944,8 +944,7 @@ void sparse_ffn_compute(const Attrs& at, OrtKernelContext* ctx) {
     std::vector<uint8_t> u;
   };
   thread_local Scratch sc;
-  const float lt_none = INFINITY;   // no predictor: nothing fires from it
-  float lt = lt_none, thr = lt_none;
+  float lt = INFINITY, thr = INFINITY;   // the thresholds; an absent predictor fires nothing
   sc.mlp.resize(F + 16), sc.est.resize(F + 16);
   float* __restrict mlp = sc.mlp.data();
   float* __restrict est = sc.est.data();
