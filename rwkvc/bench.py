@@ -93,7 +93,9 @@ def rss_bytes() -> dict:
     return out
 
 
-def bench_artifact(path, n_decode=64, n_prefill=512, threads=None, repeat=3, seed=0) -> dict:
+def bench_artifact(path, n_decode=64, n_prefill=512, threads=None, repeat=3, seed=0, between=None) -> dict:
+    """Speed, memory and weight traffic of an artifact (`rwkvc bench`). between: called after each timed
+    decode run (a benchmark interleaving a competitor's runs with ours, so both sample the same span)."""
     from .api import load
     rss0 = rss_bytes()
     m = load(path, threads=threads)
@@ -116,6 +118,8 @@ def bench_artifact(path, n_decode=64, n_prefill=512, threads=None, repeat=3, see
         for _ in range(n_decode):   # greedy: np.argmax of the logits (Model.greedy_step)
             tok, st = m.greedy_step(tok, st)
         t_dec.append(time.perf_counter() - t0)
+        if between is not None:
+            between()
     files = m.manifest.get("files", {})
     d, p = min(t_dec), min(t_pre)
     return {
