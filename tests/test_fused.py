@@ -425,3 +425,21 @@ def test_matvec_q_portable_path(monkeypatch):
             test_matvec_q_computes_matmulnbits(*case)
     finally:
         ortops.library.cache_clear()
+
+
+def test_compressed_kernels_avx2_path(small, tmp_path, monkeypatch):
+    """The sparse FFN and clustered head kernels without AVX-512 (an AVX2 build: their vpmaddwd dot products,
+    the 1-bit estimate's byte masks, the scalar compaction and thresholds) against the plain graph, float32
+    and int8 rows, as the native build is held above."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the AVX2 build is an x86-64 one")
+    monkeypatch.setattr(ortops, "FLAGS", [f if f != "-march=native" else "-march=x86-64-v3" for f in ortops.FLAGS])
+    ortops.library.cache_clear()
+    (tmp_path / "f32").mkdir()
+    (tmp_path / "i8").mkdir()
+    try:
+        test_compressed_step_kernels_match_the_plain_graph(small, tmp_path / "f32", SPARSE_HHEAD,
+                                                           {"Rwkv7SparseFfnF32", "Rwkv7ClusteredHeadTopF32"})
+        test_int8_rows_match_the_plain_graph(small, tmp_path / "i8")
+    finally:
+        ortops.library.cache_clear()
