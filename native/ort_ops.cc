@@ -711,7 +711,7 @@ void act_dots(const Act<W>& x, int64_t n, int64_t C, RowOf row, float* out) {
 // 32 counting passes at most over n (vectorised), ~0.5 us for n = 512 against ~3 us for nth_element
 float kth_smallest(const float* v, int64_t n, int64_t k) {
   thread_local std::vector<uint32_t> key_buf;
-  key_buf.resize(n + 16);
+  key_buf.resize(n);
   uint32_t* key = key_buf.data();
   uint32_t lo = UINT32_MAX, hi = 0;
   int64_t i = 0;
@@ -945,7 +945,7 @@ void sparse_ffn_compute(const Attrs& at, OrtKernelContext* ctx) {
   };
   thread_local Scratch sc;
   float lt = INFINITY, thr = INFINITY;   // the thresholds; an absent predictor fires nothing
-  sc.mlp.resize(F + 16), sc.est.resize(F + 16);
+  sc.mlp.resize(F), sc.est.resize(F);
   float* __restrict mlp = sc.mlp.data();
   float* __restrict est = sc.est.data();
   if (fc1.size) {   // the MLP predictor: fc1T (C, D), fc2T (D, F), both float32

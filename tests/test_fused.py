@@ -412,34 +412,30 @@ def test_older_kernel_versions_still_load(pair, tmp_path):
     assert_close(a, b, 2e-5)
 
 
-def test_matvec_q_portable_path(monkeypatch):
-    """Without AVX-512 VNNI the kernels take their portable loops: the same numbers (built once more for a
-    plain AVX2 x86-64, ~15 s)."""
+@pytest.fixture
+def avx2_build(monkeypatch):
+    """rwkvc's kernels built once more for a plain AVX2 x86-64 (~15 s): the paths AVX2-only hosts run."""
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("the AVX2 build is an x86-64 one")
     monkeypatch.setattr(ortops, "FLAGS", [f if f != "-march=native" else "-march=x86-64-v3" for f in ortops.FLAGS])
     ortops.library.cache_clear()
-    try:
-        for case in [(768, 768, 4, 32, True), (32, 130, 4, 32, True), (768, 300, 4, 16, True),
-                     (896, 100, 4, 128, True), (768, 768, 8, 128, False), (96, 70, 8, 32, False)]:
-            test_matvec_q_computes_matmulnbits(*case)
-    finally:
-        ortops.library.cache_clear()
+    yield
+    ortops.library.cache_clear()
 
 
-def test_compressed_kernels_avx2_path(small, tmp_path, monkeypatch):
+def test_matvec_q_portable_path(avx2_build):
+    """Without AVX-512 VNNI the kernels take their portable loops: the same numbers."""
+    for case in [(768, 768, 4, 32, True), (32, 130, 4, 32, True), (768, 300, 4, 16, True),
+                 (896, 100, 4, 128, True), (768, 768, 8, 128, False), (96, 70, 8, 32, False)]:
+        test_matvec_q_computes_matmulnbits(*case)
+
+
+def test_compressed_kernels_avx2_path(small, tmp_path, avx2_build):
     """The sparse FFN and clustered head kernels without AVX-512 (an AVX2 build: their vpmaddwd dot products,
     the 1-bit estimate's byte masks, the scalar compaction and thresholds) against the plain graph, float32
     and int8 rows, as the native build is held above."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("the AVX2 build is an x86-64 one")
-    monkeypatch.setattr(ortops, "FLAGS", [f if f != "-march=native" else "-march=x86-64-v3" for f in ortops.FLAGS])
-    ortops.library.cache_clear()
     (tmp_path / "f32").mkdir()
     (tmp_path / "i8").mkdir()
-    try:
-        test_compressed_step_kernels_match_the_plain_graph(small, tmp_path / "f32", SPARSE_HHEAD,
-                                                           {"Rwkv7SparseFfnF32", "Rwkv7ClusteredHeadTopF32"})
-        test_int8_rows_match_the_plain_graph(small, tmp_path / "i8")
-    finally:
-        ortops.library.cache_clear()
+    test_compressed_step_kernels_match_the_plain_graph(small, tmp_path / "f32", SPARSE_HHEAD,
+                                                       {"Rwkv7SparseFfnF32", "Rwkv7ClusteredHeadTopF32"})
+    test_int8_rows_match_the_plain_graph(small, tmp_path / "i8")
