@@ -33,7 +33,8 @@
 //       emits -> a layer's products as one kernel (chains of two with relu or relu squared between)
 //
 // Version 4 adds Rwkv7ClusteredHeadTop (the head's top token, its logits optional); version 5 lets a set's
-// chains have tanh or sigmoid between their products (the RWKV-7 LoRAs in one set).
+// chains have tanh or sigmoid between their products (the RWKV-7 LoRAs in one set); version 6 adds
+// Rwkv7SparseFfnQ / Rwkv7SparseFfnQF32: the MLP predictor in int8, 1-bit codes 16 rows together.
 //
 // Built by rwkvc.runtimes.ortops with the host's g++ and registered into each session from rwkvc's own
 // package (never from an artifact). ort_abi.h declares the few parts of ONNX Runtime's C API it uses.
@@ -840,11 +841,105 @@ void code_dot(const uint8_t* codes, int64_t F, int64_t C, int64_t bits, const fl
   }
 }
 
-// out[o] = sum_i x[i] W[i n_out + o] (W row-major n_in x n_out, float32), summed over i in order; rows with
-// x[i] == 0 skipped. With AVX-512, up to 128 outputs are summed in registers across all rows.
+// est[f] = sum_c code(f, c) * x[c] for 1-bit codes laid out 16 rows together (op set 6): group g of rows
+// 16 g .. 16 g + 15 holds, for each byte position p of a row (its channels 8 p .. 8 p + 7, little-endian),
+// the 16 rows' bytes in row order (codes[(g rb + p) 16 + r]); F is padded to whole 16s with zero rows.
+// Each 4 channels' bits of a row are a nibble, and a table of the 16 subset sums of those 4 channels of x
+// turns a nibble into its partial sum: 16 rows' nibbles index one vector of 16 floats at once (vpermps),
+// so 16 rows x 8 channels cost two permutes and two adds, against 16 masked adds row by row.
+// code_dot16_table: the tables, T[q * 16 + s] (q < 2 ceil(C / 8), 64-byte aligned, valid until the next call
+// in this thread); code_dot16_groups: est of the rows of groups g0 .. g1 from them (any thread).
+const float* code_dot16_table(const float* x, int64_t C) {
+  const int64_t nq = 2 * ((C + 7) / 8);
+  thread_local std::vector<float> table_buf;
+  table_buf.resize(nq * 16 + 16);
+  float* T = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(table_buf.data()) + 63) & ~uintptr_t(63));
+  for (int64_t q = 0; q < nq; ++q) {   // T[q][s] = sum of x[4 q + i] over the bits i of s, in order i = 0..3
+    float xs[4];
+    for (int i = 0; i < 4; ++i) xs[i] = 4 * q + i < C ? x[4 * q + i] : 0.0f;
 #ifdef __AVX512F__
-template <int NV>
-void xw_block(const float* x, int64_t n_in, const float* W, int64_t n_out, int64_t o0, float* out) {
+    __m512 t = _mm512_setzero_ps();
+    t = _mm512_mask_add_ps(t, 0xAAAA, t, _mm512_set1_ps(xs[0]));
+    t = _mm512_mask_add_ps(t, 0xCCCC, t, _mm512_set1_ps(xs[1]));
+    t = _mm512_mask_add_ps(t, 0xF0F0, t, _mm512_set1_ps(xs[2]));
+    t = _mm512_mask_add_ps(t, 0xFF00, t, _mm512_set1_ps(xs[3]));
+    _mm512_store_ps(T + q * 16, t);
+    continue;
+#endif
+    for (int s = 0; s < 16; ++s) {
+      float t = 0.0f;
+      for (int i = 0; i < 4; ++i)
+        if (s >> i & 1) t += xs[i];
+      T[q * 16 + s] = t;
+    }
+  }
+  return T;
+}
+
+void code_dot16_groups(const uint8_t* codes, int64_t F, int64_t C, const float* T, float* est, int64_t g0, int64_t G) {
+  const int64_t rb = (C + 7) / 8;
+  int64_t g = g0;
+#ifdef __AVX512F__
+  for (; g < G; ++g) {
+    const uint8_t* b = codes + g * rb * 16;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;   // four chains of adds
+    int64_t p = 0;
+    for (; p + 2 <= rb; p += 2) {
+      const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + p * 16)));
+      const __m512i i1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + p * 16 + 16)));
+      a0 = _mm512_add_ps(a0, _mm512_permutexvar_ps(i0, _mm512_load_ps(T + 32 * p)));   // low nibbles: index bits 0..3
+      a1 = _mm512_add_ps(a1, _mm512_permutexvar_ps(_mm512_srli_epi32(i0, 4), _mm512_load_ps(T + 32 * p + 16)));
+      a2 = _mm512_add_ps(a2, _mm512_permutexvar_ps(i1, _mm512_load_ps(T + 32 * p + 32)));
+      a3 = _mm512_add_ps(a3, _mm512_permutexvar_ps(_mm512_srli_epi32(i1, 4), _mm512_load_ps(T + 32 * p + 48)));
+    }
+    if (p < rb) {
+      const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + p * 16)));
+      a0 = _mm512_add_ps(a0, _mm512_permutexvar_ps(i0, _mm512_load_ps(T + 32 * p)));
+      a1 = _mm512_add_ps(a1, _mm512_permutexvar_ps(_mm512_srli_epi32(i0, 4), _mm512_load_ps(T + 32 * p + 16)));
+    }
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+    const int64_t w = std::min<int64_t>(16, F - 16 * g);
+    _mm512_mask_storeu_ps(est + 16 * g, __mmask16((1u << w) - 1), sum);
+  }
+#elif defined(__AVX2__)
+  for (; g < G; ++g) {   // two halves of 8 rows; a nibble's table is two vectors of 8, picked by its bit 3
+    const uint8_t* b = codes + g * rb * 16;
+    for (int half = 0; half < 2; ++half) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+      for (int64_t p = 0; p < rb; ++p) {
+        __m128i by;
+        std::memcpy(&by, b + p * 16 + 8 * half, 8);
+        const __m256i i0 = _mm256_cvtepu8_epi32(by), i1 = _mm256_srli_epi32(i0, 4);
+        const auto look = [&](__m256i idx, const float* t) {
+          const __m256 lo = _mm256_permutevar8x32_ps(_mm256_load_ps(t), idx), hi = _mm256_permutevar8x32_ps(_mm256_load_ps(t + 8), idx);
+          return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+        };
+        a0 = _mm256_add_ps(a0, look(i0, T + 32 * p));
+        a1 = _mm256_add_ps(a1, look(i1, T + 32 * p + 16));
+      }
+      float o[8];
+      _mm256_storeu_ps(o, _mm256_add_ps(a0, a1));
+      for (int r = 0; r < 8 && 16 * g + 8 * half + r < F; ++r) est[16 * g + 8 * half + r] = o[r];
+    }
+  }
+#endif
+  for (; g < G; ++g) {
+    const uint8_t* b = codes + g * rb * 16;
+    for (int r = 0; r < 16 && 16 * g + r < F; ++r) {
+      float acc = 0.0f;
+      for (int64_t p = 0; p < rb; ++p) acc += T[32 * p + (b[p * 16 + r] & 15)] + T[32 * p + 16 + (b[p * 16 + r] >> 4)];
+      est[16 * g + r] = acc;
+    }
+  }
+}
+
+// out[o] = sum_i x[i] W[i n_out + o] (W row-major n_in x n_out), summed in float over i in order; rows with
+// x[i] == 0 skipped. W float32 (scale null), or int8 with one scale per output (a weight is W scale[o]:
+// the sum is over x[i] W, then scaled). With AVX-512, up to 128 outputs are summed in registers across all
+// rows.
+#ifdef __AVX512F__
+template <int NV, class W>
+void xw_block(const float* x, int64_t n_in, const W* Wm, const float* scale, int64_t n_out, int64_t o0, float* out) {
   const int64_t w = std::min<int64_t>(16 * NV, n_out - o0);
   __mmask16 mk[NV];
   __m512 acc[NV];
@@ -856,25 +951,34 @@ void xw_block(const float* x, int64_t n_in, const float* W, int64_t n_out, int64
   for (int64_t i = 0; i < n_in; ++i) {
     if (x[i] == 0) continue;
     const __m512 xi = _mm512_set1_ps(x[i]);
-    const float* r = W + i * n_out + o0;
-    for (int v = 0; v < NV; ++v) acc[v] = _mm512_fmadd_ps(xi, _mm512_maskz_loadu_ps(mk[v], r + 16 * v), acc[v]);
+    const W* r = Wm + i * n_out + o0;
+    for (int v = 0; v < NV; ++v) {
+      __m512 wv;
+      if constexpr (std::is_same_v<W, float>) wv = _mm512_maskz_loadu_ps(mk[v], r + 16 * v);
+      else wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk[v], r + 16 * v)));
+      acc[v] = _mm512_fmadd_ps(xi, wv, acc[v]);
+    }
   }
-  for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(out + o0 + 16 * v, mk[v], acc[v]);
+  for (int v = 0; v < NV; ++v) {
+    if (scale) acc[v] = _mm512_mul_ps(acc[v], _mm512_maskz_loadu_ps(mk[v], scale + o0 + 16 * v));
+    _mm512_mask_storeu_ps(out + o0 + 16 * v, mk[v], acc[v]);
+  }
 }
 #endif
 
-void xw_rows(const float* x, int64_t n_in, const float* W, int64_t n_out, float* out) {
+template <class W>
+void xw_rows(const float* x, int64_t n_in, const W* Wm, const float* scale, int64_t n_out, float* out) {
 #ifdef __AVX512F__
   for (int64_t o0 = 0; o0 < n_out; o0 += 128) {
     switch (std::min<int64_t>(8, (n_out - o0 + 15) / 16)) {
-      case 1: xw_block<1>(x, n_in, W, n_out, o0, out); break;
-      case 2: xw_block<2>(x, n_in, W, n_out, o0, out); break;
-      case 3: xw_block<3>(x, n_in, W, n_out, o0, out); break;
-      case 4: xw_block<4>(x, n_in, W, n_out, o0, out); break;
-      case 5: xw_block<5>(x, n_in, W, n_out, o0, out); break;
-      case 6: xw_block<6>(x, n_in, W, n_out, o0, out); break;
-      case 7: xw_block<7>(x, n_in, W, n_out, o0, out); break;
-      default: xw_block<8>(x, n_in, W, n_out, o0, out); break;
+      case 1: xw_block<1>(x, n_in, Wm, scale, n_out, o0, out); break;
+      case 2: xw_block<2>(x, n_in, Wm, scale, n_out, o0, out); break;
+      case 3: xw_block<3>(x, n_in, Wm, scale, n_out, o0, out); break;
+      case 4: xw_block<4>(x, n_in, Wm, scale, n_out, o0, out); break;
+      case 5: xw_block<5>(x, n_in, Wm, scale, n_out, o0, out); break;
+      case 6: xw_block<6>(x, n_in, Wm, scale, n_out, o0, out); break;
+      case 7: xw_block<7>(x, n_in, Wm, scale, n_out, o0, out); break;
+      default: xw_block<8>(x, n_in, Wm, scale, n_out, o0, out); break;
     }
   }
 #else
@@ -882,10 +986,12 @@ void xw_rows(const float* x, int64_t n_in, const float* W, int64_t n_out, float*
   for (int64_t i = 0; i < n_in; ++i) {
     const float xi = x[i];
     if (xi == 0) continue;
-    const float* r = W + i * n_out;
+    const W* r = Wm + i * n_out;
 #pragma omp simd
-    for (int64_t o = 0; o < n_out; ++o) out[o] += xi * r[o];
+    for (int64_t o = 0; o < n_out; ++o) out[o] += xi * float(r[o]);
   }
+  if (scale)
+    for (int64_t o = 0; o < n_out; ++o) out[o] *= scale[o];
 #endif
 }
 
@@ -930,10 +1036,15 @@ void rows_axpy_u8(const uint8_t* u, const int8_t* const* rows, int64_t n, int64_
 // relu(xk . K_f * kscale_f)^2 * Vᵀ_f, times vscale per output channel; only the fired rows are read.
 // W = int8_t: int8 rows and scales, xk and the relu squares as 8-bit activations (Act); W = float: float32
 // rows, scales empty.
-template <class W>
+// Rwkv7SparseFfnQ / Rwkv7SparseFfnQF32 (op set 6, Q = true): the MLP predictor's weights in int8 with one
+// scale per output, fc1T (C, D) int8, fc1 scale (D,), fc2T (D, F) int8, fc2 scale (F,), computed in float
+// (xw_rows), then codes, K, K scale, Vᵀ, V scale as above; 1-bit codes 16 rows together (code_dot16_groups,
+// (ceil(F / 16), bytes, 16)), codes of more bits as above.
+template <class W, bool Q = false>
 void sparse_ffn_compute(const Attrs& at, OrtKernelContext* ctx) {
-  Tensor xk = input(ctx, 0), fc1 = input(ctx, 1), fc2 = input(ctx, 2), codes = input(ctx, 3), K = input(ctx, 4),
-         ks = input(ctx, 5), VT = input(ctx, 6), vs = input(ctx, 7);
+  constexpr int o = Q ? 2 : 0;   // the inputs after the predictor's
+  Tensor xk = input(ctx, 0), fc1 = input(ctx, 1), fc2 = input(ctx, Q ? 3 : 2), codes = input(ctx, 3 + o),
+         K = input(ctx, 4 + o), ks = input(ctx, 5 + o), VT = input(ctx, 6 + o), vs = input(ctx, 7 + o);
   const int64_t C = xk.size, F = K.dims[0];
   const int64_t ydims[2] = {1, C};
   float* y = output(ctx, 0, ydims, 2);
@@ -948,19 +1059,28 @@ void sparse_ffn_compute(const Attrs& at, OrtKernelContext* ctx) {
   sc.mlp.resize(F), sc.est.resize(F);
   float* __restrict mlp = sc.mlp.data();
   float* __restrict est = sc.est.data();
-  if (fc1.size) {   // the MLP predictor: fc1T (C, D), fc2T (D, F), both float32
+  if (fc1.size) {   // the MLP predictor: fc1T (C, D), fc2T (D, F), float32 or int8 with scales
     const int64_t D = fc1.size / C;
     sc.hid.resize(D);
     float* hid = sc.hid.data();
-    xw_rows(xk.data, C, fc1.data, D, hid);
+    if constexpr (Q) xw_rows(xk.data, C, fc1.raw<int8_t>(), input(ctx, 2).data, D, hid);
+    else xw_rows(xk.data, C, fc1.data, nullptr, D, hid);
     for (int64_t d = 0; d < D; ++d) hid[d] = hid[d] > 0 ? hid[d] : 0.0f;
-    xw_rows(hid, D, fc2.data, F, mlp);
+    if constexpr (Q) xw_rows(hid, D, fc2.raw<int8_t>(), input(ctx, 4).data, F, mlp);
+    else xw_rows(hid, D, fc2.data, nullptr, F, mlp);
     // sigmoid(l) > t  <=>  l > log(t / (1 - t)): one compare a unit, no exp
     const float t = at.mlp_threshold;
     lt = t <= 0 ? -INFINITY : t >= 1 ? INFINITY : std::log(t) - std::log1p(-t);
   }
   if (codes.size) {   // the quantised-key predictor
-    code_dot(codes.raw<uint8_t>(), F, C, at.q_bits, xk.data, est);
+    if (Q && at.q_bits == 1) {   // the row groups over the intra-op threads (~0.1 us a group at C = 768)
+      const float* T = code_dot16_table(xk.data, C);
+      parallel_ranges(ctx, (F + 15) / 16, 48, [&](int64_t g0, int64_t g1) {
+        code_dot16_groups(codes.raw<uint8_t>(), F, C, T, est, g0, g1);
+      });
+    } else {
+      code_dot(codes.raw<uint8_t>(), F, C, at.q_bits, xk.data, est);
+    }
     const float qs = at.q_scale;
     for (int64_t f = 0; f < F; ++f) est[f] *= qs;
     thr = kth_smallest(est, F, std::min<int64_t>(std::max<int64_t>(at.q_lo, 0), F - 1));
@@ -1821,6 +1941,8 @@ OpDef g_ops[] = {
     make("Rwkv7WkvSeq", "fffffff", 2, wkv_seq_compute),
     make("Rwkv7SparseFfn", "fffubfbf", 1, sparse_ffn_compute<int8_t>),
     make("Rwkv7SparseFfnF32", "fffuffff", 1, sparse_ffn_compute<float>),
+    make("Rwkv7SparseFfnQ", "fbfbfubfbf", 1, sparse_ffn_compute<int8_t, true>),
+    make("Rwkv7SparseFfnQF32", "fbfbfuffff", 1, sparse_ffn_compute<float, true>),
     make("Rwkv7ClusteredHead", "ffbfiiwf", 1, clustered_head_compute<int8_t>),
     make("Rwkv7ClusteredHeadF32", "ffffiiwf", 1, clustered_head_compute<float>),
     make("Rwkv7ClusteredHeadTop", "ffbfiiwffl", 2, clustered_head_compute<int8_t, true>, "fl"),
@@ -1844,7 +1966,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
 }
 
 // the library's version of the op set, for rwkvc.runtimes.ortops to check what it loaded
-extern "C" __attribute__((visibility("default"))) int rwkvc_ort_ops_version() { return 5; }
+extern "C" __attribute__((visibility("default"))) int rwkvc_ort_ops_version() { return 6; }
 
 // threads for the kernels that split work (Rwkv7WkvSeq); the runtime passes its intra-op thread count
 extern "C" __attribute__((visibility("default"))) void rwkvc_ort_ops_set_threads(int n) { g_threads = n > 0 ? n : 1; }

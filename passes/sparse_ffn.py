@@ -19,6 +19,9 @@ target `recall` with the fewest predicted neurons, where recall is contribution-
 sum of the predicted neurons' contributions / sum of all contributions (a missed neuron with a tiny
 activation costs little). Lossless check: threshold=0 predicts every neuron (sigmoid > 0).
 
+The MLP predictor is stored in int8 (one scale per output row, `predictor=int8`, the default) and the
+thresholds are chosen on it as stored; `predictor=fp32` keeps it in float32.
+
 Weight math, testable alone:  train_mlp_predictor(xk, fires, hidden) -> (fc1, fc2);
 choose_thresholds(p_mlp, est, contrib, recall) -> (mlp_threshold, q_quantile, stats).
 """
@@ -27,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rwkvc import emit_onnx, ir
+from rwkvc import ir
 from rwkvc.arch import lite
 from rwkvc.errors import RwkvcError
 
@@ -59,6 +62,15 @@ def train_mlp_predictor(xk: np.ndarray, fires: np.ndarray, hidden: int, steps: i
         opt.step()
         sched.step()
     return fc1.detach().numpy().copy(), fc2.detach().numpy().copy()
+
+
+def quantise_rows_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """w (out, in) -> (codes * scale as float32, scale (out,)): symmetric int8 per output row, round to
+    nearest; the first is exactly what the stored codes and scales give back."""
+    w = np.asarray(w, np.float32)
+    scale = (np.abs(w).max(axis=1) / 127).astype(np.float32)
+    q = np.clip(np.rint(w / np.where(scale == 0, 1, scale)[:, None]), -127, 127).astype(np.float32)
+    return (q * scale[:, None]).astype(np.float32), scale
 
 
 def mlp_prob(fc1, fc2, xk: torch.Tensor) -> torch.Tensor:
@@ -138,6 +150,8 @@ class SparseFfnPass:
         "tokens": Param(int, 4096, lambda v: v >= 64, "calibration tokens to use (>= 64)"),
         "max_fraction": Param(float, 0.5, lambda v: 0 < v <= 1,
                               "a fraction in (0, 1]: a layer whose predicted rows exceed it stays dense"),
+        "predictor": Param(str, "int8", lambda v: v in ("int8", "fp32"),
+                           "the MLP predictor's weights: int8 (one scale per output, a quarter of the bytes) or fp32"),
     }
 
     def run(self, model: ir.Model, args: dict, ctx) -> tuple[ir.Model, dict]:
@@ -177,6 +191,9 @@ class SparseFfnPass:
                 fires = (pre > 0)
                 contrib = torch.relu(pre) ** 2 * torch.as_tensor(np.linalg.norm(Vt, axis=0))[None, :]
                 fc1, fc2 = train_mlp_predictor(xk.numpy(), fires.numpy(), args["hidden"], steps=args["steps"], seed=i)
+                fc1_scale = fc2_scale = None
+                if args["predictor"] == "int8":   # thresholds are chosen on the predictor as stored
+                    (fc1, fc1_scale), (fc2, fc2_scale) = quantise_rows_int8(fc1), quantise_rows_int8(fc2)
                 p = mlp_prob(fc1, fc2, xk)
                 codes = scale = zero = None
                 est = None
@@ -186,7 +203,8 @@ class SparseFfnPass:
                 thr, q, stats = choose_thresholds(p, est, contrib, args["recall"])
                 if q >= 1.0:
                     codes = None
-                sp = ir.SparseFFN(fc1=fc1, fc2=fc2, mlp_threshold=float(thr), q_codes=codes,
+                sp = ir.SparseFFN(fc1=fc1, fc2=fc2, fc1_scale=fc1_scale, fc2_scale=fc2_scale,
+                                  mlp_threshold=float(thr), q_codes=codes,
                                   q_scale=float(scale) if codes is not None else 1.0,
                                   q_zero=float(zero) if codes is not None else 0.0,
                                   q_bits=args["quant"] or 1, q_quantile=float(q))
@@ -198,9 +216,7 @@ class SparseFfnPass:
                 after_read += kv_bytes
                 continue
             ffn.sparse = sp
-            pb = sum(a.nbytes for a in sp.arrays().values())
-            if sp.q_codes is not None:     # stored packed (emit_onnx.code_matmul: 4 bits per 1-bit code), not a byte
-                pb += sp.q_codes.size * emit_onnx.code_storage_bits(sp.q_bits) // 8 - sp.q_codes.nbytes
+            pb = sp.stored_bytes()   # what the cpu target's fused step reads of the predictors
             pred_bytes += pb
             after_read += kv_bytes * stats["fraction"] + pb
             report_layers[i] = {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()}

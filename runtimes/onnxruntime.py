@@ -191,6 +191,9 @@ class OrtRuntime:
         so.intra_op_num_threads = threads or 0   # 0: ORT's default (one per physical core)
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ONNX Runtime rewrites DequantizeLinear -> MatMul (the sparse FFN's int8 MLP predictor in the plain
+        # graphs) into an 8-bit MatMulNBits; level 0 keeps its activations in float32, as the IR has them
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         self.so = so
         if manifest.get("custom_ops"):
             from . import ortops

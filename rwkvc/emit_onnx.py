@@ -509,17 +509,20 @@ def emit_channel_mix_v7(g: Graph, ffn: ir.ChannelMix, x: str, prev: str, i: int,
 
 
 FUSED_DOMAIN = "ai.rwkvc"   # rwkvc's own CPU kernels (native/ort_ops.cc, registered by runtimes/ortops.py)
-FUSED_VERSION = 5           # the op set's version: 1 the RWKV-7 step / prefill kernels, 2 adds the sparse FFN
+FUSED_VERSION = 6           # the op set's version: 1 the RWKV-7 step / prefill kernels, 2 adds the sparse FFN
                             # and clustered head kernels, 3 the quantised matrix-vector product (Rwkv7MatVecQ),
                             # 4 the clustered head's top token without its logits (Rwkv7ClusteredHeadTop),
-                            # 5 tanh and sigmoid between a set's products (a LoRA in Rwkv7MatVecSet);
-                            # a library of version n runs artifacts of 1..n
+                            # 5 tanh and sigmoid between a set's products (a LoRA in Rwkv7MatVecSet),
+                            # 6 the sparse FFN with an int8 MLP predictor and 1-bit codes 16 rows together
+                            # (Rwkv7SparseFfnQ); a library of version n runs artifacts of 1..n
 # (op, input index) of the fused kernels that read only some rows of that input (rwkvc.bench.weight_traffic)
 HEAD_MODE = "head_mode"   # the step's input with a top-token head (Rwkv7ClusteredHeadTop): 1 = the top token only
 FUSED_ROW_INPUTS = {("Rwkv7ClusteredHeadTop", 2), ("Rwkv7ClusteredHeadTop", 3), ("Rwkv7ClusteredHeadTop", 5),
                     ("Rwkv7ClusteredHeadTopF32", 2), ("Rwkv7ClusteredHeadTopF32", 5),
                     ("Rwkv7SparseFfn", 4), ("Rwkv7SparseFfn", 5), ("Rwkv7SparseFfn", 6),
                     ("Rwkv7SparseFfnF32", 4), ("Rwkv7SparseFfnF32", 6),
+                    ("Rwkv7SparseFfnQ", 6), ("Rwkv7SparseFfnQ", 7), ("Rwkv7SparseFfnQ", 8),
+                    ("Rwkv7SparseFfnQF32", 6), ("Rwkv7SparseFfnQF32", 8),
                     ("Rwkv7ClusteredHead", 2), ("Rwkv7ClusteredHead", 3), ("Rwkv7ClusteredHead", 5),
                     ("Rwkv7ClusteredHeadF32", 2), ("Rwkv7ClusteredHeadF32", 5)}
 
@@ -618,6 +621,32 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
+def pack_codes16(codes: np.ndarray) -> np.ndarray:
+    """(F, C) 1-bit codes -> (ceil(F / 16), ceil(C / 8), 16) uint8: pack_codes' bytes of 16 rows together,
+    byte position by byte position (the rows padded to whole 16s with zeros): Rwkv7SparseFfnQ's layout,
+    where one vector load holds 16 rows' codes of 8 channels."""
+    b = pack_codes(codes, 1)
+    F, rb = b.shape
+    G = -(-F // 16)
+    out = np.zeros((G * 16, rb), np.uint8)
+    out[:F] = b
+    return np.ascontiguousarray(out.reshape(G, 16, rb).transpose(0, 2, 1))
+
+
+def mlp_predictor(g: Graph, sp: ir.SparseFFN, p: str, plain: bool):
+    """The MLP predictor's stored weights: fc1T (C, D) and fc2T (D, F) float32, or for an int8 predictor
+    (fc_scales) the codes and scales ([fc1T, fc1 scale, fc2T, fc2 scale]), stored once for both graphs. plain:
+    as the plain graph's float32 inputs (an int8 predictor through DequantizeLinear, the same values)."""
+    if sp.fc1_scale is None:
+        return [g.weight(p + "mlp.fc1T", sp.fc1.T, F32), g.weight(p + "mlp.fc2T", sp.fc2.T, F32)]
+    q1, q2 = sp.fc_codes()
+    ins = [g.weight(p + "mlp.fc1T.q8", q1.T, np.int8), g.weight(p + "mlp.fc1.scale", sp.fc1_scale, F32),
+           g.weight(p + "mlp.fc2T.q8", q2.T, np.int8), g.weight(p + "mlp.fc2.scale", sp.fc2_scale, F32)]
+    if not plain:
+        return ins
+    return [g.op("DequantizeLinear", ins[0], ins[1], axis=1), g.op("DequantizeLinear", ins[2], ins[3], axis=1)]
+
+
 def sparse_ffn_fusable(g: Graph, ffn: ir.ChannelMix) -> bool:
     K, Vl = ffn.lin["key"], ffn.lin["value"]
     return g.fused and not g.rescale and K.kind == Vl.kind and K.kind in FUSED_ROWS
@@ -630,21 +659,25 @@ def emit_sparse_ffn_fused(g: Graph, ffn: ir.ChannelMix, xk: str, p: str) -> str:
     rows meet 8-bit activations made as its DynamicQuantizeLinear makes them (the TVM targets' numbers)."""
     sp, K, Vl = ffn.sparse, ffn.lin["key"], ffn.lin["value"]
     F = K.out_features
+    v6 = sp.fc1 is None or sp.fc1_scale is not None   # op set 6's Rwkv7SparseFfnQ, else a float32 MLP (v2)
     if sp.fc1 is not None:
-        fc1, fc2 = g.weight(p + "mlp.fc1T", sp.fc1.T, F32), g.weight(p + "mlp.fc2T", sp.fc2.T, F32)
+        pred = mlp_predictor(g, sp, p, plain=False)
     else:
-        fc1 = fc2 = g.const(np.zeros(0, np.float32), F32)
+        pred = [g.const(np.zeros(0, np.int8), np.int8), g.const(np.zeros(0, np.float32), F32)] * 2
     attrs = {"mlp_threshold": float(sp.mlp_threshold)} if sp.fc1 is not None else {}
     if sp.q_codes is not None:
         bits = next(b for b in (1, 2, 4, 8) if b >= sp.q_bits)
-        codes = g.weight(p + f"key.q{bits}bit", pack_codes(sp.q_codes, bits), np.uint8)
+        if v6 and bits == 1:
+            codes = g.weight(p + "key.q1bit16", pack_codes16(sp.q_codes), np.uint8)
+        else:
+            codes = g.weight(p + f"key.q{bits}bit", pack_codes(sp.q_codes, bits), np.uint8)
         attrs.update(q_scale=float(sp.q_scale), q_lo=int(math.floor(sp.q_quantile * (F - 1))), q_bits=bits)
     else:
         codes = g.const(np.zeros(0, np.uint8), np.uint8)
     kr, ks = _rows(g, K)
     vr, vs = _rows(g, Vl, transposed=True)
-    op = "Rwkv7SparseFfn" if K.kind == "int8" else "Rwkv7SparseFfnF32"
-    return g.op(op, f32(g, xk), fc1, fc2, codes, kr, ks, vr, vs, domain=FUSED_DOMAIN, **attrs)
+    op = ("Rwkv7SparseFfnQ" if v6 else "Rwkv7SparseFfn") + ("" if K.kind == "int8" else "F32")
+    return g.op(op, f32(g, xk), *pred, codes, kr, ks, vr, vs, domain=FUSED_DOMAIN, **attrs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -861,8 +894,14 @@ def sparse_ffn_mask(g: Graph, sp: ir.SparseFFN, xk: str, F: int, p: str) -> str:
     """Which hidden units each token uses: (T, F) bool = mlp predictor | quantised-key predictor."""
     masks = []
     if sp.fc1 is not None:
-        h = g.op("Relu", g.op("Gemm", xk, g.weight(p + "mlp.fc1T", sp.fc1.T)))            # one FusedGemm in ORT
-        logit = f32(g, g.op("MatMul", h, g.weight(p + "mlp.fc2T", sp.fc2.T)))
+        if sp.fc1_scale is None:
+            fc1T, fc2T = g.weight(p + "mlp.fc1T", sp.fc1.T), g.weight(p + "mlp.fc2T", sp.fc2.T)
+        else:   # int8 codes and scales, dequantised in float32 (then cast to the compute dtype)
+            fc1T, fc2T = (to_compute(g, w) for w in mlp_predictor(g, sp, p, plain=True))
+        h = g.op("Relu", g.op("Gemm", xk, fc1T))                                          # one FusedGemm in ORT
+        # ONNX Runtime rewrites DequantizeLinear -> MatMul into an 8-bit MatMulNBits, of accuracy level 0
+        # (float32 activations, the IR's numbers) under rwkvc's session options (runtimes.onnxruntime)
+        logit = f32(g, g.op("MatMul", h, fc2T))
         masks.append(g.op("Greater", g.op("Sigmoid", logit), g.const(sp.mlp_threshold, F32)))
     if sp.q_codes is not None:
         # est = q_scale * (xk @ codes^T) + q_zero * sum(xk) > quantile(est, q) per row, with torch.quantile's

@@ -269,9 +269,14 @@ class SparseFFN:
         h = relu(key @ xk)^2 where active, 0 elsewhere;   y = value @ h
     q_codes are the `key` weight quantised to q_bits (RWKV-Lite: 1 bit, one scale and zero point for the
     whole matrix), so q approximates key @ xk. A unit the predictors miss is dropped: lossy by design.
+    fc_scales: the MLP predictor stored in int8 (the sparse-ffn pass's default): fc1 and fc2 are then
+    exactly int8 codes times one float32 scale per output row (fc1_scale (D,), fc2_scale (F,)), the values
+    every consumer computes with; a target may store the codes and scales instead.
     """
     fc1: np.ndarray | None = None          # (D, C) MLP predictor, first layer
     fc2: np.ndarray | None = None          # (F, D)
+    fc1_scale: np.ndarray | None = None    # (D,) with fc2_scale: fc1 = int8 codes * fc1_scale[:, None]
+    fc2_scale: np.ndarray | None = None    # (F,)
     mlp_threshold: float = 0.7
     q_codes: np.ndarray | None = None      # (F, C) uint8 codes in [0, 2^q_bits)
     q_scale: float = 1.0
@@ -288,11 +293,34 @@ class SparseFFN:
             raise ValueError(f"SparseFFN: fc1 {self.fc1.shape} and fc2 {self.fc2.shape} disagree on the hidden width")
         if not (0.0 <= self.q_quantile <= 1.0):
             raise ValueError(f"SparseFFN.q_quantile must be in [0, 1], got {self.q_quantile}")
+        if (self.fc1_scale is None) != (self.fc2_scale is None) or (self.fc1_scale is not None and self.fc1 is None):
+            raise ValueError("SparseFFN: an int8 MLP predictor needs fc1, fc2 and both scales")
+        if self.fc1_scale is not None and (self.fc1_scale.shape != self.fc1.shape[:1] or self.fc2_scale.shape != self.fc2.shape[:1]):
+            raise ValueError(f"SparseFFN: scales {self.fc1_scale.shape}/{self.fc2_scale.shape} do not match fc1 "
+                             f"{self.fc1.shape}/fc2 {self.fc2.shape}")
+
+    def fc_codes(self) -> tuple[np.ndarray, np.ndarray]:
+        """An int8 MLP predictor's codes: fc1 / fc1_scale, fc2 / fc2_scale (exact), int8."""
+        return tuple(np.rint(np.asarray(w, np.float32) / np.where(sc == 0, 1, sc)[:, None]).astype(np.int8)
+                     for w, sc in ((self.fc1, self.fc1_scale), (self.fc2, self.fc2_scale)))
+
+    def stored_bytes(self) -> int:
+        """What a target stores of the predictors: an int8 MLP as codes and scales, key codes packed to
+        q_bits (the fused kernels' layout)."""
+        n = 0
+        if self.fc1 is not None:
+            n += (self.fc1.size + self.fc2.size) * (1 if self.fc1_scale is not None else 4)
+            n += 4 * (self.fc1_scale.size + self.fc2_scale.size) if self.fc1_scale is not None else 0
+        if self.q_codes is not None:
+            n += self.q_codes.shape[0] * -(-self.q_codes.shape[1] * self.q_bits // 8)
+        return n
 
     def arrays(self) -> dict[str, np.ndarray]:
         d = {}
         if self.fc1 is not None:
             d["fc1"], d["fc2"] = self.fc1, self.fc2
+        if self.fc1_scale is not None:
+            d["fc1_scale"], d["fc2_scale"] = self.fc1_scale, self.fc2_scale
         if self.q_codes is not None:
             d["q_codes"] = self.q_codes
         return d
@@ -300,7 +328,8 @@ class SparseFFN:
     def describe(self) -> str:
         parts = []
         if self.fc1 is not None:
-            parts.append(f"mlp predictor {self.fc1.shape[1]}->{self.fc1.shape[0]}->{self.fc2.shape[0]} > {self.mlp_threshold}")
+            parts.append(f"{'int8 ' if self.fc1_scale is not None else ''}mlp predictor "
+                         f"{self.fc1.shape[1]}->{self.fc1.shape[0]}->{self.fc2.shape[0]} > {self.mlp_threshold}")
         if self.q_codes is not None:
             parts.append(f"{self.q_bits}-bit key predictor top {1 - self.q_quantile:.0%}")
         return "sparse ffn: " + " | ".join(parts)

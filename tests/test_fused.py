@@ -192,7 +192,9 @@ def assert_close(got, ref, rel):
 
 @pytest.mark.parametrize("recipe,ops", [
     # float32 rows: the fused kernels make the plain graph's numbers, up to float summation order
-    (SPARSE_HHEAD, {"Rwkv7SparseFfnF32", "Rwkv7ClusteredHeadTopF32"}),
+    (SPARSE_HHEAD, {"Rwkv7SparseFfnQF32", "Rwkv7ClusteredHeadTopF32"}),
+    # a float32 MLP predictor (RWKV-Lite's checkpoints load as one) keeps op set 2's kernel
+    (SPARSE_HHEAD.replace("max_fraction=1", "max_fraction=1,predictor=fp32"), {"Rwkv7SparseFfnF32"}),
 ])
 def test_compressed_step_kernels_match_the_plain_graph(small, tmp_path, recipe, ops):
     ckpt, calib = small
@@ -389,7 +391,7 @@ def test_int8_rows_match_the_plain_graph(small, tmp_path):
     ckpt, calib = small
     model = passes_model(ckpt, SPARSE_HHEAD + ",int8", calib)
     fused, plain = lower(model, tmp_path / "f", True), lower(model, tmp_path / "p", False)
-    assert {("ai.rwkvc", "Rwkv7SparseFfn"), ("ai.rwkvc", "Rwkv7ClusteredHeadTop")} <= step_ops(fused)
+    assert {("ai.rwkvc", "Rwkv7SparseFfnQ"), ("ai.rwkvc", "Rwkv7ClusteredHeadTop")} <= step_ops(fused)
     mf, mp = rwkvc.load(fused), rwkvc.load(plain)
     got, ref, st = [], [], None
     for t in calib[-48:]:                  # each token from the plain graph's state: a flip stays one token's
@@ -432,10 +434,10 @@ def test_matvec_q_portable_path(avx2_build):
 
 def test_compressed_kernels_avx2_path(small, tmp_path, avx2_build):
     """The sparse FFN and clustered head kernels without AVX-512 (an AVX2 build: their vpmaddwd dot products,
-    the 1-bit estimate's byte masks, the scalar compaction and thresholds) against the plain graph, float32
+    the 1-bit estimate's two-vector nibble tables, the scalar compaction and thresholds) against the plain graph, float32
     and int8 rows, as the native build is held above."""
     (tmp_path / "f32").mkdir()
     (tmp_path / "i8").mkdir()
     test_compressed_step_kernels_match_the_plain_graph(small, tmp_path / "f32", SPARSE_HHEAD,
-                                                       {"Rwkv7SparseFfnF32", "Rwkv7ClusteredHeadTopF32"})
+                                                       {"Rwkv7SparseFfnQF32", "Rwkv7ClusteredHeadTopF32"})
     test_int8_rows_match_the_plain_graph(small, tmp_path / "i8")

@@ -192,9 +192,20 @@ def test_sparse_ffn_reads_only_predicted_rows(ckpt, calib, tmp_path):
     g = onnx.load(str(path / "prefill.onnx"), load_external_data=False).graph
     assert rows <= {n.input[0] for n in g.node if n.op_type == "Gather"}
     g = onnx.load(str(path / "step.onnx"), load_external_data=False).graph
-    fused = [n for n in g.node if n.op_type == "Rwkv7SparseFfnF32"]
+    fused = [n for n in g.node if n.op_type == "Rwkv7SparseFfnQF32"]
     assert rows <= ({n.input[0] for n in g.node if n.op_type == "Gather"} | {x for n in fused for x in n.input})
     assert weight_traffic(path)["weight_bytes_mapped"] > 0
+    # the MLP predictor is stored as int8 codes and scales (no float32 copy), the report counts them so
+    sp = model.blocks[0].ffn.sparse
+    inits = {i.name: i for i in g.initializer}
+    assert inits["blocks.0.ffn.mlp.fc1T.q8"].data_type == onnx.TensorProto.INT8
+    assert "blocks.0.ffn.mlp.fc1T" not in inits
+    q1, q2 = sp.fc_codes()
+    np.testing.assert_array_equal(q1.astype(np.float32) * sp.fc1_scale[:, None], sp.fc1)
+    np.testing.assert_array_equal(q2.astype(np.float32) * sp.fc2_scale[:, None], sp.fc2)
+    assert rep["predictor_bytes"] == sum(model.blocks[i].ffn.sparse.stored_bytes() for i in range(2))
+    codes = sp.q_codes.shape[0] * -(-sp.q_codes.shape[1] * sp.q_bits // 8) if sp.q_codes is not None else 0
+    assert sp.stored_bytes() - codes < (sp.fc1.nbytes + sp.fc2.nbytes) / 3   # int8 and scales: ~a quarter
 
 
 def test_hhead_and_int8_rows(ckpt, tokens, calib, dense_logits, tmp_path):
