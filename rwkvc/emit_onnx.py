@@ -333,7 +333,7 @@ MATVEC_Q: bool | None = None   # rwkvc's kernels for them in the step graph (Fal
                                # None: where the compiling CPU has AVX-512 VNNI, matvec_q_host)
 MATVEC_Q_BLOCKS = (16, 32, 64, 128, 256)
 MATVEC_MIN_K = 256
-MATVEC_SMALL = 1 << 17     # products of at most this many weights join whatever their width
+MATVEC_SMALL = 1 << 18     # products of at most this many weights join whatever their width (a 0.1B svd factor, 192 x 768)
 MATVEC_ACTS = {None: 0, "tanh": 1, "sigmoid": 2, "relu": 3, "relu2": 4}   # Rwkv7MatVecSet's acts attribute
 
 
