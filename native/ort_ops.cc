@@ -864,14 +864,14 @@ const float* code_dot16_table(const float* x, int64_t C) {
     t = _mm512_mask_add_ps(t, 0xF0F0, t, _mm512_set1_ps(xs[2]));
     t = _mm512_mask_add_ps(t, 0xFF00, t, _mm512_set1_ps(xs[3]));
     _mm512_store_ps(T + q * 16, t);
-    continue;
-#endif
+#else
     for (int s = 0; s < 16; ++s) {
       float t = 0.0f;
       for (int i = 0; i < 4; ++i)
         if (s >> i & 1) t += xs[i];
       T[q * 16 + s] = t;
     }
+#endif
   }
   return T;
 }
@@ -1063,11 +1063,14 @@ void sparse_ffn_compute(const Attrs& at, OrtKernelContext* ctx) {
     const int64_t D = fc1.size / C;
     sc.hid.resize(D);
     float* hid = sc.hid.data();
-    if constexpr (Q) xw_rows(xk.data, C, fc1.raw<int8_t>(), input(ctx, 2).data, D, hid);
-    else xw_rows(xk.data, C, fc1.data, nullptr, D, hid);
+    // in x W for W = fc1T or fc2T; with Q its scales are the input after it
+    const auto product = [&](const float* in, int64_t n_in, const Tensor& Wt, size_t scale_input, int64_t n_out, float* out) {
+      if constexpr (Q) xw_rows(in, n_in, Wt.raw<int8_t>(), input(ctx, scale_input).data, n_out, out);
+      else xw_rows(in, n_in, Wt.data, nullptr, n_out, out);
+    };
+    product(xk.data, C, fc1, 2, D, hid);
     for (int64_t d = 0; d < D; ++d) hid[d] = hid[d] > 0 ? hid[d] : 0.0f;
-    if constexpr (Q) xw_rows(hid, D, fc2.raw<int8_t>(), input(ctx, 4).data, F, mlp);
-    else xw_rows(hid, D, fc2.data, nullptr, F, mlp);
+    product(hid, D, fc2, 4, F, mlp);
     // sigmoid(l) > t  <=>  l > log(t / (1 - t)): one compare a unit, no exp
     const float t = at.mlp_threshold;
     lt = t <= 0 ? -INFINITY : t >= 1 ? INFINITY : std::log(t) - std::log1p(-t);

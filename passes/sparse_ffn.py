@@ -36,6 +36,7 @@ from rwkvc.errors import RwkvcError
 
 from . import Param, register
 from .common import check_layers, fmt_bytes, nbytes, parse_layers
+from .quant import dequantize_int8, quantize_int8
 
 Q_GRID = (1.0, 0.99, 0.98, 0.97, 0.95, 0.93, 0.9, 0.85, 0.8, 0.7)
 
@@ -62,15 +63,6 @@ def train_mlp_predictor(xk: np.ndarray, fires: np.ndarray, hidden: int, steps: i
         opt.step()
         sched.step()
     return fc1.detach().numpy().copy(), fc2.detach().numpy().copy()
-
-
-def quantise_rows_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """w (out, in) -> (codes * scale as float32, scale (out,)): symmetric int8 per output row, round to
-    nearest; the first is exactly what the stored codes and scales give back."""
-    w = np.asarray(w, np.float32)
-    scale = (np.abs(w).max(axis=1) / 127).astype(np.float32)
-    q = np.clip(np.rint(w / np.where(scale == 0, 1, scale)[:, None]), -127, 127).astype(np.float32)
-    return (q * scale[:, None]).astype(np.float32), scale
 
 
 def mlp_prob(fc1, fc2, xk: torch.Tensor) -> torch.Tensor:
@@ -193,7 +185,8 @@ class SparseFfnPass:
                 fc1, fc2 = train_mlp_predictor(xk.numpy(), fires.numpy(), args["hidden"], steps=args["steps"], seed=i)
                 fc1_scale = fc2_scale = None
                 if args["predictor"] == "int8":   # thresholds are chosen on the predictor as stored
-                    (fc1, fc1_scale), (fc2, fc2_scale) = quantise_rows_int8(fc1), quantise_rows_int8(fc2)
+                    (q1, fc1_scale), (q2, fc2_scale) = quantize_int8(fc1), quantize_int8(fc2)
+                    fc1, fc2 = dequantize_int8(q1, fc1_scale), dequantize_int8(q2, fc2_scale)
                 p = mlp_prob(fc1, fc2, xk)
                 codes = scale = zero = None
                 est = None

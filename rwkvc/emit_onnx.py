@@ -634,17 +634,19 @@ def pack_codes16(codes: np.ndarray) -> np.ndarray:
 
 
 def mlp_predictor(g: Graph, sp: ir.SparseFFN, p: str, plain: bool):
-    """The MLP predictor's stored weights: fc1T (C, D) and fc2T (D, F) float32, or for an int8 predictor
-    (fc_scales) the codes and scales ([fc1T, fc1 scale, fc2T, fc2 scale]), stored once for both graphs. plain:
-    as the plain graph's float32 inputs (an int8 predictor through DequantizeLinear, the same values)."""
+    """The MLP predictor's inputs. plain: [fc1T (C, D), fc2T (D, F)] in the compute dtype (an int8 predictor
+    dequantised by DequantizeLinear: the same values); else the fused kernel's, float32 fc1T and fc2T, or
+    for an int8 predictor (fc1_scale / fc2_scale) [fc1T codes, fc1 scale, fc2T codes, fc2 scale]. Stored once
+    for both graphs."""
     if sp.fc1_scale is None:
-        return [g.weight(p + "mlp.fc1T", sp.fc1.T, F32), g.weight(p + "mlp.fc2T", sp.fc2.T, F32)]
+        dt = None if plain else F32
+        return [g.weight(p + "mlp.fc1T", sp.fc1.T, dt), g.weight(p + "mlp.fc2T", sp.fc2.T, dt)]
     q1, q2 = sp.fc_codes()
     ins = [g.weight(p + "mlp.fc1T.q8", q1.T, np.int8), g.weight(p + "mlp.fc1.scale", sp.fc1_scale, F32),
            g.weight(p + "mlp.fc2T.q8", q2.T, np.int8), g.weight(p + "mlp.fc2.scale", sp.fc2_scale, F32)]
     if not plain:
         return ins
-    return [g.op("DequantizeLinear", ins[0], ins[1], axis=1), g.op("DequantizeLinear", ins[2], ins[3], axis=1)]
+    return [to_compute(g, g.op("DequantizeLinear", q, s, axis=1)) for q, s in (ins[:2], ins[2:])]
 
 
 def sparse_ffn_fusable(g: Graph, ffn: ir.ChannelMix) -> bool:
@@ -894,10 +896,7 @@ def sparse_ffn_mask(g: Graph, sp: ir.SparseFFN, xk: str, F: int, p: str) -> str:
     """Which hidden units each token uses: (T, F) bool = mlp predictor | quantised-key predictor."""
     masks = []
     if sp.fc1 is not None:
-        if sp.fc1_scale is None:
-            fc1T, fc2T = g.weight(p + "mlp.fc1T", sp.fc1.T), g.weight(p + "mlp.fc2T", sp.fc2.T)
-        else:   # int8 codes and scales, dequantised in float32 (then cast to the compute dtype)
-            fc1T, fc2T = (to_compute(g, w) for w in mlp_predictor(g, sp, p, plain=True))
+        fc1T, fc2T = mlp_predictor(g, sp, p, plain=True)
         h = g.op("Relu", g.op("Gemm", xk, fc1T))                                          # one FusedGemm in ORT
         # ONNX Runtime rewrites DequantizeLinear -> MatMul into an 8-bit MatMulNBits, of accuracy level 0
         # (float32 activations, the IR's numbers) under rwkvc's session options (runtimes.onnxruntime)

@@ -269,7 +269,7 @@ class SparseFFN:
         h = relu(key @ xk)^2 where active, 0 elsewhere;   y = value @ h
     q_codes are the `key` weight quantised to q_bits (RWKV-Lite: 1 bit, one scale and zero point for the
     whole matrix), so q approximates key @ xk. A unit the predictors miss is dropped: lossy by design.
-    fc_scales: the MLP predictor stored in int8 (the sparse-ffn pass's default): fc1 and fc2 are then
+    fc1_scale / fc2_scale: the MLP predictor stored in int8 (the sparse-ffn pass's default): fc1 and fc2 are then
     exactly int8 codes times one float32 scale per output row (fc1_scale (D,), fc2_scale (F,)), the values
     every consumer computes with; a target may store the codes and scales instead.
     """
@@ -308,9 +308,10 @@ class SparseFFN:
         """What a target stores of the predictors: an int8 MLP as codes and scales, key codes packed to
         q_bits (the fused kernels' layout)."""
         n = 0
-        if self.fc1 is not None:
-            n += (self.fc1.size + self.fc2.size) * (1 if self.fc1_scale is not None else 4)
-            n += 4 * (self.fc1_scale.size + self.fc2_scale.size) if self.fc1_scale is not None else 0
+        if self.fc1_scale is not None:
+            n += self.fc1.size + self.fc2.size + 4 * (self.fc1_scale.size + self.fc2_scale.size)
+        elif self.fc1 is not None:
+            n += 4 * (self.fc1.size + self.fc2.size)
         if self.q_codes is not None:
             n += self.q_codes.shape[0] * -(-self.q_codes.shape[1] * self.q_bits // 8)
         return n
