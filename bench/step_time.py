@@ -1,7 +1,11 @@
 """Decode-step time of artifacts: Model.greedy_step over --steps-token chains, best and median of --reps,
 the artifacts (and thread counts) alternated in one process so they share the machine's moments.
 
-    python bench/step_time.py ART [ART ...] [--threads 1,2] [--reps 30] [--steps 64]
+    python bench/step_time.py ART [ART ...] [--threads 1,2] [--reps 30] [--steps 64] [--native DIR,DIR]
+
+--native A/B's rwkvc's fused kernels: each DIR holds an ort_ops.cc (a checkout's native/, or a copy of it), built
+as its own library; every artifact runs once on each library, all alternated in one process (separate
+processes on this VM differ by 20 % from minute to minute, more than a kernel change).
 
 The per-kernel timings in docs/BENCHMARKS.md (session 9) are this measurement, one thread.
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -20,9 +25,18 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", default="1", help="comma-separated intra-op thread counts")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--native", default=None, help="comma-separated kernel source directories to A/B")
     a = ap.parse_args(argv)
     import rwkvc
-    runs = [(art, int(t), rwkvc.load(art, threads=int(t))) for art in a.artifacts for t in a.threads.split(",")]
+    from rwkvc.runtimes import ortops
+    runs = []
+    for src in a.native.split(",") if a.native else [None]:
+        if src:   # the kernels built from this source (its own library, so both load into this process)
+            ortops._source_dir = lambda src=src: Path(src)
+            ortops.library.cache_clear()
+        for art in a.artifacts:
+            for t in a.threads.split(","):
+                runs.append((f"{art}{' [' + src + ']' if src else ''}", int(t), rwkvc.load(art, threads=int(t))))
     times = {(art, t): [] for art, t, _ in runs}
     for _ in range(a.reps):
         for art, t, m in runs:

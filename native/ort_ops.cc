@@ -1801,32 +1801,74 @@ void apply_act(int64_t act, float* v, int64_t n) {
 //   ONNX Runtime kernel instead of ~16, each product computed as Rwkv7MatVecQ computes it.
 void matvec_set_compute(const Attrs& at, OrtKernelContext* ctx) {
   const size_t P = at.src.size();
-  thread_local MatVecQ m;
+  thread_local std::vector<MatVecQ> ms;   // one a product: a level's products are prepared before its rows run
   thread_local std::vector<std::vector<float>> tmp;
   thread_local std::vector<Tensor> xs;
+  thread_local std::vector<int64_t> level, cost;   // cost: prefix sums over a level's 16-row groups
+  thread_local std::vector<std::pair<size_t, int64_t>> groups;   // (product, first row) of each group
   std::vector<const float*> val(P);
-  std::vector<int64_t> len(P);
+  std::vector<float*> ys(P);
+  if (ms.size() < P) ms.resize(P);
   if (tmp.size() < P) tmp.resize(P);
+  level.assign(P, 0);
   xs.resize(at.n_x);
   for (int64_t i = 0; i < at.n_x; ++i) xs[i] = cached_input(at, ctx, i);
-  size_t out = 0;
+  int64_t levels = 0;
   for (size_t p = 0; p < P; ++p) {
     const int64_t s = at.src[p];
-    const float* x = s >= 0 ? xs[s].data : val[-s - 1];
-    const int64_t K = s >= 0 ? xs[s].dims[xs[s].rank - 1] : len[-s - 1];
-    matvec_input(m, at, ctx, at.n_x + 3 * p, at.bitss[p], at.blocks[p], K);
-    float* y;
+    level[p] = s >= 0 ? 0 : level[-s - 1] + 1;   // a product's source comes before it
+    levels = std::max(levels, level[p] + 1);
+  }
+  size_t out = 0;
+  for (size_t p = 0; p < P; ++p) {   // the outputs in product order (their shapes are known from the weights)
+    const int64_t s = at.src[p];
+    const int64_t K = s >= 0 ? xs[s].dims[xs[s].rank - 1] : ms[-s - 1].N;
+    matvec_input(ms[p], at, ctx, at.n_x + 3 * p, at.bitss[p], at.blocks[p], K);
     if (at.emits[p]) {
-      const int64_t dims[2] = {1, m.N};
-      y = output(ctx, out++, dims, 2);
+      const int64_t dims[2] = {1, ms[p].N};
+      ys[p] = output(ctx, out++, dims, 2);
     } else {
-      tmp[p].resize(m.N);
-      y = tmp[p].data();
+      tmp[p].resize(ms[p].N);
+      ys[p] = tmp[p].data();
     }
-    matvec_run(ctx, m, x, y);
-    apply_act(at.acts[p], y, m.N);
-    val[p] = y;
-    len[p] = m.N;
+  }
+  // level by level: a level's products are independent, so their rows run as one split over the intra-op
+  // threads (16-row groups, by bytes), one wake-up a level instead of one a product
+  for (int64_t L = 0; L < levels; ++L) {
+    groups.clear();
+    cost.assign(1, 0);
+    for (size_t p = 0; p < P; ++p) {
+      if (level[p] != L) continue;
+      const int64_t s = at.src[p];
+      MatVecQ& m = ms[p];
+      matvec_prepare(m, s >= 0 ? xs[s].data : val[-s - 1]);
+      for (int64_t n = 0; n < m.N; n += 16) {
+        groups.emplace_back(p, n);
+        cost.push_back(cost.back() + std::min<int64_t>(16, m.N - n) * (m.row_bytes + 16));
+      }
+    }
+    const int64_t G = int64_t(groups.size()), total = cost.back();
+    // a task per 32 KB of weights at least (waking a thread costs ~2 us)
+    const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(g_threads, total / (int64_t(1) << 15)));
+    // (the thread_local vectors by reference: named in the lambda, a pool thread would see its own)
+    const std::vector<MatVecQ>& mq = ms;
+    const std::vector<int64_t>& cs = cost;
+    const std::vector<std::pair<size_t, int64_t>>& gs = groups;
+    parallel_ranges(ctx, tasks, 1, [&, G, total, tasks](int64_t t0, int64_t t1) {
+      // the groups whose cost prefix starts in [t0, t1) of `tasks` equal shares
+      const int64_t lo = total * t0 / tasks, hi = total * t1 / tasks;
+      int64_t g = std::lower_bound(cs.begin(), cs.begin() + G, lo) - cs.begin();
+      while (g < G && cs[g] < hi) {
+        const size_t p = gs[g].first;
+        const int64_t n0 = gs[g].second;
+        int64_t n1 = std::min<int64_t>(n0 + 16, mq[p].N);
+        for (++g; g < G && cs[g] < hi && gs[g].first == p; ++g) n1 = std::min<int64_t>(gs[g].second + 16, mq[p].N);
+        matvec_rows(mq[p], n0, n1, ys[p]);
+        apply_act(at.acts[p], ys[p] + n0, n1 - n0);
+      }
+    });
+    for (size_t p = 0; p < P; ++p)
+      if (level[p] == L) val[p] = ys[p];
   }
 }
 
