@@ -939,8 +939,9 @@ void code_dot16_groups(const uint8_t* codes, int64_t F, int64_t C, const float* 
 // rows.
 #ifdef __AVX512F__
 template <int NV, class W>
-void xw_block(const float* x, int64_t n_in, const W* Wm, const float* scale, int64_t n_out, int64_t o0, float* out) {
-  const int64_t w = std::min<int64_t>(16 * NV, n_out - o0);
+void xw_block(const float* x, int64_t n_in, const W* Wm, const float* scale, int64_t n_out, int64_t o0, int64_t o_end,
+              float* out) {
+  const int64_t w = std::min<int64_t>(16 * NV, o_end - o0);
   __mmask16 mk[NV];
   __m512 acc[NV];
   for (int v = 0; v < NV; ++v) {
@@ -966,41 +967,45 @@ void xw_block(const float* x, int64_t n_in, const W* Wm, const float* scale, int
 }
 #endif
 
+// out[o] = (x W)[o] (times scale[o]) for o in [o_lo, o_hi) (o_hi < 0: n_out), W (n_in, n_out) row-major
 template <class W>
-void xw_rows(const float* x, int64_t n_in, const W* Wm, const float* scale, int64_t n_out, float* out) {
+void xw_rows(const float* x, int64_t n_in, const W* Wm, const float* scale, int64_t n_out, float* out,
+             int64_t o_lo = 0, int64_t o_hi = -1) {
+  if (o_hi < 0) o_hi = n_out;
 #ifdef __AVX512F__
-  for (int64_t o0 = 0; o0 < n_out; o0 += 128) {
-    switch (std::min<int64_t>(8, (n_out - o0 + 15) / 16)) {
-      case 1: xw_block<1>(x, n_in, Wm, scale, n_out, o0, out); break;
-      case 2: xw_block<2>(x, n_in, Wm, scale, n_out, o0, out); break;
-      case 3: xw_block<3>(x, n_in, Wm, scale, n_out, o0, out); break;
-      case 4: xw_block<4>(x, n_in, Wm, scale, n_out, o0, out); break;
-      case 5: xw_block<5>(x, n_in, Wm, scale, n_out, o0, out); break;
-      case 6: xw_block<6>(x, n_in, Wm, scale, n_out, o0, out); break;
-      case 7: xw_block<7>(x, n_in, Wm, scale, n_out, o0, out); break;
-      default: xw_block<8>(x, n_in, Wm, scale, n_out, o0, out); break;
+  for (int64_t o0 = o_lo; o0 < o_hi; o0 += 128) {
+    switch (std::min<int64_t>(8, (o_hi - o0 + 15) / 16)) {
+      case 1: xw_block<1>(x, n_in, Wm, scale, n_out, o0, o_hi, out); break;
+      case 2: xw_block<2>(x, n_in, Wm, scale, n_out, o0, o_hi, out); break;
+      case 3: xw_block<3>(x, n_in, Wm, scale, n_out, o0, o_hi, out); break;
+      case 4: xw_block<4>(x, n_in, Wm, scale, n_out, o0, o_hi, out); break;
+      case 5: xw_block<5>(x, n_in, Wm, scale, n_out, o0, o_hi, out); break;
+      case 6: xw_block<6>(x, n_in, Wm, scale, n_out, o0, o_hi, out); break;
+      case 7: xw_block<7>(x, n_in, Wm, scale, n_out, o0, o_hi, out); break;
+      default: xw_block<8>(x, n_in, Wm, scale, n_out, o0, o_hi, out); break;
     }
   }
 #else
-  std::fill(out, out + n_out, 0.0f);
+  std::fill(out + o_lo, out + o_hi, 0.0f);
   for (int64_t i = 0; i < n_in; ++i) {
     const float xi = x[i];
     if (xi == 0) continue;
     const W* r = Wm + i * n_out;
 #pragma omp simd
-    for (int64_t o = 0; o < n_out; ++o) out[o] += xi * float(r[o]);
+    for (int64_t o = o_lo; o < o_hi; ++o) out[o] += xi * float(r[o]);
   }
   if (scale)
-    for (int64_t o = 0; o < n_out; ++o) out[o] *= scale[o];
+    for (int64_t o = o_lo; o < o_hi; ++o) out[o] *= scale[o];
 #endif
 }
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // acc[c] += sum_j u[j] rows[j][c] (uint8 u, int8 rows of C), exactly as the scalar sum: four rows a step,
 // their bytes interleaved so that each int32 lane of vpdpbusd sums one channel's four products
-void rows_axpy_u8(const uint8_t* u, const int8_t* const* rows, int64_t n, int64_t C, int32_t* acc) {
-  for (int64_t c0 = 0; c0 < C; c0 += 64) {
-    const int64_t w = std::min<int64_t>(64, C - c0);
+// (channels c_lo .. c_hi of C only)
+void rows_axpy_u8(const uint8_t* u, const int8_t* const* rows, int64_t n, int64_t c_lo, int64_t c_hi, int32_t* acc) {
+  for (int64_t c0 = c_lo; c0 < c_hi; c0 += 64) {
+    const int64_t w = std::min<int64_t>(64, c_hi - c0);
     const __mmask64 m = w == 64 ? ~__mmask64(0) : (__mmask64(1) << w) - 1;
     __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t j = 0; j < n; j += 4) {
@@ -1059,33 +1064,46 @@ void sparse_ffn_compute(const Attrs& at, OrtKernelContext* ctx) {
   sc.mlp.resize(F), sc.est.resize(F);
   float* __restrict mlp = sc.mlp.data();
   float* __restrict est = sc.est.data();
+  // Three splits over the intra-op threads, each where its work is big enough to pay for waking a thread
+  // (~2 us): the predictors' scores over groups of 16 units, the fired units' key rows, the value product's
+  // channels. (The thread_local scratch is used through pointers: named in a lambda, a pool thread would see
+  // its own.)
+  const float* hid = nullptr;
+  int64_t D = 0;
   if (fc1.size) {   // the MLP predictor: fc1T (C, D), fc2T (D, F), float32 or int8 with scales
-    const int64_t D = fc1.size / C;
+    D = fc1.size / C;
     sc.hid.resize(D);
-    float* hid = sc.hid.data();
-    // in x W for W = fc1T or fc2T; with Q its scales are the input after it
-    const auto product = [&](const float* in, int64_t n_in, const Tensor& Wt, size_t scale_input, int64_t n_out, float* out) {
-      if constexpr (Q) xw_rows(in, n_in, Wt.raw<int8_t>(), input(ctx, scale_input).data, n_out, out);
-      else xw_rows(in, n_in, Wt.data, nullptr, n_out, out);
-    };
-    product(xk.data, C, fc1, 2, D, hid);
-    for (int64_t d = 0; d < D; ++d) hid[d] = hid[d] > 0 ? hid[d] : 0.0f;
-    product(hid, D, fc2, 4, F, mlp);
+    float* hd = sc.hid.data();
+    if constexpr (Q) xw_rows(xk.data, C, fc1.raw<int8_t>(), input(ctx, 2).data, D, hd);
+    else xw_rows(xk.data, C, fc1.data, nullptr, D, hd);
+    for (int64_t d = 0; d < D; ++d) hd[d] = hd[d] > 0 ? hd[d] : 0.0f;
+    hid = hd;
     // sigmoid(l) > t  <=>  l > log(t / (1 - t)): one compare a unit, no exp
     const float t = at.mlp_threshold;
     lt = t <= 0 ? -INFINITY : t >= 1 ? INFINITY : std::log(t) - std::log1p(-t);
   }
-  if (codes.size) {   // the quantised-key predictor
-    if (Q && at.q_bits == 1) {   // the row groups over the intra-op threads (~0.1 us a group at C = 768)
-      const float* T = code_dot16_table(xk.data, C);
-      parallel_ranges(ctx, (F + 15) / 16, 48, [&](int64_t g0, int64_t g1) {
-        code_dot16_groups(codes.raw<uint8_t>(), F, C, T, est, g0, g1);
-      });
-    } else {
-      code_dot(codes.raw<uint8_t>(), F, C, at.q_bits, xk.data, est);
+  const bool codes16 = codes.size && Q && at.q_bits == 1;   // 1-bit codes 16 rows together
+  const float* T = codes16 ? code_dot16_table(xk.data, C) : nullptr;
+  const float qs = at.q_scale;
+  const float* fc2s = Q && fc1.size ? input(ctx, 4).data : nullptr;
+  const int64_t NG = (F + 15) / 16, group_bytes = 16 * (D * (Q ? 1 : 4) + (codes16 ? (C + 7) / 8 : 0));
+  parallel_ranges(ctx, NG, std::max<int64_t>(16, (int64_t(1) << 15) / std::max<int64_t>(1, group_bytes)),
+                  [&](int64_t g0, int64_t g1) {
+    const int64_t f0 = 16 * g0, f1 = std::min(F, 16 * g1);
+    if (hid) {
+      if constexpr (Q) xw_rows(hid, D, fc2.raw<int8_t>(), fc2s, F, mlp, f0, f1);
+      else xw_rows(hid, D, fc2.data, nullptr, F, mlp, f0, f1);
     }
-    const float qs = at.q_scale;
-    for (int64_t f = 0; f < F; ++f) est[f] *= qs;
+    if (codes16) {
+      code_dot16_groups(codes.raw<uint8_t>(), F, C, T, est, g0, g1);
+      for (int64_t f = f0; f < f1; ++f) est[f] *= qs;
+    }
+  });
+  if (codes.size) {   // the quantised-key predictor
+    if (!codes16) {
+      code_dot(codes.raw<uint8_t>(), F, C, at.q_bits, xk.data, est);
+      for (int64_t f = 0; f < F; ++f) est[f] *= qs;
+    }
     thr = kth_smallest(est, F, std::min<int64_t>(std::max<int64_t>(at.q_lo, 0), F - 1));
   }
   const bool use_mlp = fc1.size, use_est = codes.size;
@@ -1114,39 +1132,51 @@ void sparse_ffn_compute(const Attrs& at, OrtKernelContext* ctx) {
   }
   sc.h.resize(n);
   float* h = sc.h.data();
-  act_dots(x, n, C, [&](int64_t j) { return kr + int64_t(units[j]) * C; }, h);
-  for (int64_t j = 0; j < n; ++j) {
-    float k = h[j];
-    if (ks.size) k *= x.scale * ks.data[units[j]];
-    h[j] = k > 0 ? k * k : 0.0f;
-  }
+  const int64_t row_bytes = C * int64_t(sizeof(W));
+  parallel_ranges(ctx, n, std::max<int64_t>(16, (int64_t(1) << 15) / row_bytes), [&](int64_t j0, int64_t j1) {
+    act_dots(x, j1 - j0, C, [&](int64_t j) { return kr + int64_t(units[j0 + j]) * C; }, h + j0);
+    for (int64_t j = j0; j < j1; ++j) {
+      float k = h[j];
+      if (ks.size) k *= x.scale * ks.data[units[j]];
+      h[j] = k > 0 ? k * k : 0.0f;
+    }
+  }, 16);   // whole 16s: dot16's groups
   Act<W> hv;   // h as the value product's activations
   hv.set(h, n);
   using Acc = typename Act<W>::Acc;
   thread_local std::vector<Acc> acc_buf;
   acc_buf.assign(C, Acc(0));
   Acc* acc = acc_buf.data();
-  bool done = false;
+  const float* vsd = vs.size ? vs.data : nullptr;
+  const auto finish = [&](int64_t c0, int64_t c1) {   // y from the accumulators
+    for (int64_t c = c0; c < c1; ++c) y[c] = vsd ? float(acc[c]) * (hv.scale * vsd[c]) : float(acc[c]);
+  };
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if constexpr (std::is_same_v<W, int8_t>) {
     if (hv.zp == 0) {   // relu^2 >= 0: codes from 0 (always, but the general case stays below)
       sc.rows.clear(), sc.u.clear();
       for (int64_t j = 0; j < n; ++j)
         if (hv.u[j]) sc.rows.push_back(vr + int64_t(units[j]) * C), sc.u.push_back(hv.u[j]);
-      rows_axpy_u8(sc.u.data(), sc.rows.data(), int64_t(sc.rows.size()), C, acc);
-      done = true;
+      const uint8_t* u = sc.u.data();
+      const int8_t* const* rows = sc.rows.data();
+      const int64_t nr = int64_t(sc.rows.size());
+      parallel_ranges(ctx, C, std::max<int64_t>(64, (int64_t(1) << 15) / std::max<int64_t>(1, nr)),
+                      [&](int64_t c0, int64_t c1) {
+        rows_axpy_u8(u, rows, nr, c0, c1, acc);
+        finish(c0, c1);
+      }, 64);
+      return;
     }
   }
 #endif
-  if (!done)
-    for (int64_t j = 0; j < n; ++j) {
-      const Acc hj = hv.at(j);
-      if (hj == 0) continue;
-      const W* v = vr + int64_t(units[j]) * C;
+  for (int64_t j = 0; j < n; ++j) {
+    const Acc hj = hv.at(j);
+    if (hj == 0) continue;
+    const W* v = vr + int64_t(units[j]) * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) acc[c] += hj * Acc(v[c]);
-    }
-  for (int64_t c = 0; c < C; ++c) y[c] = vs.size ? float(acc[c]) * (hv.scale * vs.data[c]) : float(acc[c]);
+    for (int64_t c = 0; c < C; ++c) acc[c] += hj * Acc(v[c]);
+  }
+  finish(0, C);
 }
 
 // max of v[0 .. n) ignoring NaNs (as std::max(acc, v) folds), from `init`; nan: whether any v is NaN
