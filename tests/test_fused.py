@@ -387,15 +387,17 @@ def test_quantised_step_products_match_the_plain_graph(wide, tmp_path, recipe, m
 def test_kernel_splits_over_threads_are_exact(tmp_path):
     """A 0.1B-wide layer (C 768, F 3072), where the kernels split their work over the intra-op threads:
     Rwkv7MatVecSet a level of products by 16-row groups, Rwkv7SparseFfnQ the predictors' scores, the fired
-    key rows and the value channels. Each output element is computed the same way whichever thread computes
+    key rows and the value channels, Rwkv7ClusteredHeadTop its exact rows (p=1: all 1000). Each output element is computed the same way whichever thread computes
     it, so two threads give one thread's logits and state bit for bit."""
     ckpt = save_random_v7(tmp_path / "m.pth", n_layer=1, n_embd=768, head_size=64, vocab_size=1000, seed=5,
                           dims={"w": 64, "a": 64, "v": 32, "g": 128})
     calib = np.random.default_rng(6).integers(0, 1000, 256)
     model = passes_model(ckpt, "svd(rank=0.25,targets=att.r+att.k+att.v+att.o),"
-                               "sparse-ffn(recall=0.9,steps=20,tokens=128,max_fraction=1),int4(group=32)", calib)
+                               "sparse-ffn(recall=0.9,steps=20,tokens=128,max_fraction=1),hhead(k=16,p=1,steps=20,tokens=128),"
+                               "int4(group=32)", calib)
     art = lower(model, tmp_path / "a", True)
-    assert {("ai.rwkvc", "Rwkv7SparseFfnQ"), ("ai.rwkvc", "Rwkv7MatVecSet")} <= step_ops(art)
+    assert {("ai.rwkvc", "Rwkv7SparseFfnQ"), ("ai.rwkvc", "Rwkv7MatVecSet"),
+            ("ai.rwkvc", "Rwkv7ClusteredHeadTop")} <= step_ops(art)
     runs = []
     for threads in (1, 2):   # one session at a time: the library's thread count is the last session's
         m, st, out = rwkvc.load(art, threads=threads), None, []
