@@ -1295,21 +1295,28 @@ void clustered_head_compute(const Attrs& at, OrtKernelContext* ctx) {
   const W* rw = rows.raw<W>();
   Act<W> xa;
   xa.set(x.data, C);
-  std::vector<int32_t> row_of(n);   // the chosen rows in file order
-  int64_t e = 0;
-  for (int32_t c : chosen)
-    for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r) row_of[e++] = int32_t(r);
-  // the exact products over the intra-op threads where they are large (a 0.1B-shaped head reads ~3.5 MB of
-  // rows a token; a small model's few hundred KB stay on one thread, where waking another did not pay)
-  const int64_t rbytes = C * int64_t(sizeof(W));
-  parallel_ranges(ctx, n, std::max<int64_t>(16, (int64_t(1) << 18) / rbytes), [&](int64_t j0, int64_t j1) {
-    float* ex = exact.data() + j0;
-    act_dots(xa, j1 - j0, C, [&](int64_t j) { return rw + int64_t(row_of[j0 + j]) * C; }, ex);
-    if (rs.size) {
-      const float xs = xa.scale;
-      for (int64_t j = 0; j < j1 - j0; ++j) ex[j] = ex[j] * (xs * rs.data[row_of[j0 + j]]);
+  // the exact products of the chosen rows [e0, e1) in file order, cluster by cluster (start: each chosen
+  // cluster's first index in that order)
+  std::vector<int64_t> start(chosen.size() + 1, 0);
+  for (size_t i = 0; i < chosen.size(); ++i) start[i + 1] = start[i] + bounds[chosen[i] + 1] - bounds[chosen[i]];
+  const auto exact_rows = [&](int64_t e0, int64_t e1) {
+    size_t i = std::upper_bound(start.begin(), start.end(), e0) - start.begin() - 1;
+    for (; i < chosen.size() && start[i] < e1; ++i) {
+      const int64_t a = std::max(e0, start[i]), b = std::min(e1, start[i + 1]);
+      const int64_t r0 = bounds[chosen[i]] + (a - start[i]);
+      float* ex = exact.data() + a;
+      act_dots(xa, b - a, C, [&](int64_t j) { return rw + (r0 + j) * C; }, ex);
+      if (rs.size) {
+        const float xs = xa.scale;
+        const float* rsc = rs.data + r0;
+#pragma omp simd
+        for (int64_t j = 0; j < b - a; ++j) ex[j] = ex[j] * (xs * rsc[j]);
+      }
     }
-  }, 16);   // whole 16s: dot16's groups
+  };
+  // over the intra-op threads where they are large (a 0.1B-shaped head reads ~3.5 MB of rows a token; a small
+  // model's few hundred KB stay on one thread, where waking another did not pay)
+  parallel_ranges(ctx, n, std::max<int64_t>(16, (int64_t(1) << 18) / (C * int64_t(sizeof(W)))), exact_rows, 16);
   const float emax = max_skip_nan(exact.data(), n, -INFINITY);
   float lanes[16] = {};
   int64_t i = 0;
@@ -1344,7 +1351,7 @@ void clustered_head_compute(const Attrs& at, OrtKernelContext* ctx) {
 #endif
     for (; t < hi; ++t) out[t] = approx[tc[t]] + (lq.size ? lq.data[t] : 0.0f);
   }, 16);
-  e = 0;
+  int64_t e = 0;
   for (int32_t c : chosen)
     for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r) out[tok[r]] = exact[e++];
 }
@@ -1869,19 +1876,33 @@ void matvec_set_compute(const Attrs& at, OrtKernelContext* ctx) {
   for (int64_t L = 0; L < levels; ++L) {
     groups.clear();
     cost.assign(1, 0);
+    int64_t total = 0;
     for (size_t p = 0; p < P; ++p) {
       if (level[p] != L) continue;
       const int64_t s = at.src[p];
       MatVecQ& m = ms[p];
       matvec_prepare(m, s >= 0 ? xs[s].data : val[-s - 1]);
-      for (int64_t n = 0; n < m.N; n += 16) {
-        groups.emplace_back(p, n);
-        cost.push_back(cost.back() + std::min<int64_t>(16, m.N - n) * (m.row_bytes + 16));
-      }
+      total += m.N * (m.row_bytes + 16);
     }
-    const int64_t G = int64_t(groups.size()), total = cost.back();
     // a task per 32 KB of weights at least (waking a thread costs ~2 us)
     const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(g_threads, total / (int64_t(1) << 15)));
+    if (tasks == 1 || !g_parallel_for) {   // one thread: the products one after another
+      for (size_t p = 0; p < P; ++p)
+        if (level[p] == L) {
+          matvec_rows(ms[p], 0, ms[p].N, ys[p]);
+          apply_act(at.acts[p], ys[p], ms[p].N);
+          val[p] = ys[p];
+        }
+      continue;
+    }
+    for (size_t p = 0; p < P; ++p) {
+      if (level[p] != L) continue;
+      for (int64_t n = 0; n < ms[p].N; n += 16) {
+        groups.emplace_back(p, n);
+        cost.push_back(cost.back() + std::min<int64_t>(16, ms[p].N - n) * (ms[p].row_bytes + 16));
+      }
+    }
+    const int64_t G = int64_t(groups.size());
     // (the thread_local vectors by reference: named in the lambda, a pool thread would see its own)
     const std::vector<MatVecQ>& mq = ms;
     const std::vector<int64_t>& cs = cost;
