@@ -967,11 +967,10 @@ void xw_block(const float* x, int64_t n_in, const W* Wm, const float* scale, int
 }
 #endif
 
-// out[o] = (x W)[o] (times scale[o]) for o in [o_lo, o_hi) (o_hi < 0: n_out), W (n_in, n_out) row-major
+// out[o] = (x W)[o] (times scale[o]) for o in [o_lo, o_hi), W (n_in, n_out) row-major
 template <class W>
 void xw_rows(const float* x, int64_t n_in, const W* Wm, const float* scale, int64_t n_out, float* out,
-             int64_t o_lo = 0, int64_t o_hi = -1) {
-  if (o_hi < 0) o_hi = n_out;
+             int64_t o_lo, int64_t o_hi) {
 #ifdef __AVX512F__
   for (int64_t o0 = o_lo; o0 < o_hi; o0 += 128) {
     switch (std::min<int64_t>(8, (o_hi - o0 + 15) / 16)) {
@@ -1070,12 +1069,19 @@ void sparse_ffn_compute(const Attrs& at, OrtKernelContext* ctx) {
   // its own.)
   const float* hid = nullptr;
   int64_t D = 0;
+  // in x W (outputs o_lo .. o_hi) for W = fc1T or fc2T; with Q int8, its scales the input after it
+  const float* fc1s = Q && fc1.size ? input(ctx, 2).data : nullptr;
+  const float* fc2s = Q && fc1.size ? input(ctx, 4).data : nullptr;
+  const auto product = [&](const float* in, int64_t n_in, const Tensor& Wt, const float* scale, int64_t n_out,
+                           float* out, int64_t o_lo, int64_t o_hi) {
+    if constexpr (Q) xw_rows(in, n_in, Wt.raw<int8_t>(), scale, n_out, out, o_lo, o_hi);
+    else xw_rows(in, n_in, Wt.data, nullptr, n_out, out, o_lo, o_hi);
+  };
   if (fc1.size) {   // the MLP predictor: fc1T (C, D), fc2T (D, F), float32 or int8 with scales
     D = fc1.size / C;
     sc.hid.resize(D);
     float* hd = sc.hid.data();
-    if constexpr (Q) xw_rows(xk.data, C, fc1.raw<int8_t>(), input(ctx, 2).data, D, hd);
-    else xw_rows(xk.data, C, fc1.data, nullptr, D, hd);
+    product(xk.data, C, fc1, fc1s, D, hd, 0, D);
     for (int64_t d = 0; d < D; ++d) hd[d] = hd[d] > 0 ? hd[d] : 0.0f;
     hid = hd;
     // sigmoid(l) > t  <=>  l > log(t / (1 - t)): one compare a unit, no exp
@@ -1085,15 +1091,11 @@ void sparse_ffn_compute(const Attrs& at, OrtKernelContext* ctx) {
   const bool codes16 = codes.size && Q && at.q_bits == 1;   // 1-bit codes 16 rows together
   const float* T = codes16 ? code_dot16_table(xk.data, C) : nullptr;
   const float qs = at.q_scale;
-  const float* fc2s = Q && fc1.size ? input(ctx, 4).data : nullptr;
   const int64_t NG = (F + 15) / 16, group_bytes = 16 * (D * (Q ? 1 : 4) + (codes16 ? (C + 7) / 8 : 0));
   parallel_ranges(ctx, NG, std::max<int64_t>(16, (int64_t(1) << 15) / std::max<int64_t>(1, group_bytes)),
                   [&](int64_t g0, int64_t g1) {
     const int64_t f0 = 16 * g0, f1 = std::min(F, 16 * g1);
-    if (hid) {
-      if constexpr (Q) xw_rows(hid, D, fc2.raw<int8_t>(), fc2s, F, mlp, f0, f1);
-      else xw_rows(hid, D, fc2.data, nullptr, F, mlp, f0, f1);
-    }
+    if (hid) product(hid, D, fc2, fc2s, F, mlp, f0, f1);
     if (codes16) {
       code_dot16_groups(codes.raw<uint8_t>(), F, C, T, est, g0, g1);
       for (int64_t f = f0; f < f1; ++f) est[f] *= qs;
@@ -1845,8 +1847,7 @@ void matvec_set_compute(const Attrs& at, OrtKernelContext* ctx) {
   thread_local std::vector<Tensor> xs;
   thread_local std::vector<int64_t> level, cost;   // cost: prefix sums over a level's 16-row groups
   thread_local std::vector<std::pair<size_t, int64_t>> groups;   // (product, first row) of each group
-  std::vector<const float*> val(P);
-  std::vector<float*> ys(P);
+  std::vector<float*> ys(P);   // each product's result (a later level's input)
   if (ms.size() < P) ms.resize(P);
   if (tmp.size() < P) tmp.resize(P);
   level.assign(P, 0);
@@ -1881,7 +1882,7 @@ void matvec_set_compute(const Attrs& at, OrtKernelContext* ctx) {
       if (level[p] != L) continue;
       const int64_t s = at.src[p];
       MatVecQ& m = ms[p];
-      matvec_prepare(m, s >= 0 ? xs[s].data : val[-s - 1]);
+      matvec_prepare(m, s >= 0 ? xs[s].data : ys[-s - 1]);
       total += m.N * (m.row_bytes + 16);
     }
     // a task per 32 KB of weights at least (waking a thread costs ~2 us)
@@ -1891,7 +1892,6 @@ void matvec_set_compute(const Attrs& at, OrtKernelContext* ctx) {
         if (level[p] == L) {
           matvec_rows(ms[p], 0, ms[p].N, ys[p]);
           apply_act(at.acts[p], ys[p], ms[p].N);
-          val[p] = ys[p];
         }
       continue;
     }
@@ -1920,8 +1920,6 @@ void matvec_set_compute(const Attrs& at, OrtKernelContext* ctx) {
         apply_act(at.acts[p], ys[p] + n0, n1 - n0);
       }
     });
-    for (size_t p = 0; p < P; ++p)
-      if (level[p] == L) val[p] = ys[p];
   }
 }
 
