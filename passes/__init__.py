@@ -34,6 +34,7 @@ class PassContext:
     progress: bool = True
     dump_dir: str | None = None
     extra: dict = field(default_factory=dict)
+    later: tuple = ()              # the names of the recipe's passes after the running one (run_passes)
 
 
 PASSES: dict[str, Pass] = {}

@@ -15,9 +15,12 @@ Predictors (ir.SparseFFN, the representation RWKV-Lite checkpoints load into):
     mask  mlp | quant
 
 Thresholds: per layer, the pair (q_quantile from a grid, mlp_threshold by bisection) that reaches the
-target `recall` with the fewest predicted neurons, where recall is contribution-weighted:
-sum of the predicted neurons' contributions / sum of all contributions (a missed neuron with a tiny
-activation costs little). Lossless check: threshold=0 predicts every neuron (sigmoid > 0).
+target `recall` and reads the fewest bytes a token (`select=bytes`): the predicted rows, plus the key
+copy's codes where it takes part (q_quantile < 1); `select=rows` takes the fewest predicted neurons
+(RWKV-Lite). The 1-bit key copy is F C / 8 bytes, as much as F / 16 int8 row pairs: in the deep layers
+of a trained 0.1B it found fewer than that many rows the MLP missed, so those layers drop it. Recall is
+contribution-weighted: sum of the predicted neurons' contributions / sum of all contributions (a missed
+neuron with a tiny activation costs little). Lossless check: threshold=0 predicts every neuron (sigmoid > 0).
 
 The MLP predictor is stored in int8 (one scale per output row, `predictor=int8`, the default) and the
 thresholds are chosen on it as stored; `predictor=fp32` keeps it in float32.
@@ -77,10 +80,16 @@ def _recall(mask: torch.Tensor, contrib: torch.Tensor, total: float) -> float:
     return float((contrib * mask).sum()) / total
 
 
-def choose_thresholds(p: torch.Tensor | None, est: torch.Tensor | None, contrib: torch.Tensor, recall: float):
+def choose_thresholds(p: torch.Tensor | None, est: torch.Tensor | None, contrib: torch.Tensor, recall: float,
+                      row_bytes: float = 1.0, q_bytes: float = 0.0):
     """The cheapest (mlp_threshold, q_quantile) whose mask reaches `recall` (contribution-weighted) on
-    the calibration tokens. p: (T, F) MLP probabilities or None; est: (T, F) 1-bit estimates or None."""
+    the calibration tokens. p: (T, F) MLP probabilities or None; est: (T, F) 1-bit estimates or None.
+    Cost: the predicted rows' bytes, fraction * F * row_bytes, plus q_bytes (the key copy's codes, read
+    every token) where the key copy takes part (q < 1); the defaults count rows only (RWKV-Lite's choice,
+    the fewest predicted rows)."""
     total = float(contrib.sum()) or 1.0
+    F = contrib.shape[-1]
+    cost = lambda frac, q: frac * F * row_bytes + (q_bytes if q < 1.0 else 0.0)  # noqa: E731
     best = None
     grid = Q_GRID if est is not None else (1.0,)
     for q in grid:
@@ -92,7 +101,7 @@ def choose_thresholds(p: torch.Tensor | None, est: torch.Tensor | None, contrib:
             r = _recall(qmask, contrib, total)
             if r >= recall:
                 frac = float(qmask.float().mean())
-                if best is None or frac < best[0]:
+                if best is None or cost(frac, q) < cost(best[0], best[2]):
                     best = (frac, 1.0, q, r)
             continue
         if _recall(qmask | (p > 0.0), contrib, total) < recall:
@@ -106,7 +115,7 @@ def choose_thresholds(p: torch.Tensor | None, est: torch.Tensor | None, contrib:
                 hi = mid
         mask = qmask | (p > lo)
         frac = float(mask.float().mean())
-        if best is None or frac < best[0]:
+        if best is None or cost(frac, q) < cost(best[0], best[2]):
             best = (frac, lo, q, _recall(mask, contrib, total))
     if best is None:
         return 0.0, 1.0, {"fraction": 1.0, "recall": 1.0}
@@ -144,6 +153,9 @@ class SparseFfnPass:
                               "a fraction in (0, 1]: a layer whose predicted rows exceed it stays dense"),
         "predictor": Param(str, "int8", lambda v: v in ("int8", "fp32"),
                            "the MLP predictor's weights: int8 (one scale per output, a quarter of the bytes) or fp32"),
+        "select": Param(str, "bytes", lambda v: v in ("bytes", "rows"),
+                        "bytes (the thresholds that read the fewest bytes a token: rows plus the key copy) or "
+                        "rows (the fewest predicted rows, RWKV-Lite's choice)"),
     }
 
     def run(self, model: ir.Model, args: dict, ctx) -> tuple[ir.Model, dict]:
@@ -193,7 +205,14 @@ class SparseFfnPass:
                 if args["quant"]:
                     codes, scale, zero = lite.quantise(K, args["quant"])
                     est = key_estimate(codes, scale, zero, xk)
-                thr, q, stats = choose_thresholds(p, est, contrib, args["recall"])
+                cost = {}
+                if args["select"] == "bytes" and codes is not None:
+                    # a neuron's key row and value column as the cpu target reads them: int8 (and the key
+                    # row's scale) where a quantisation pass follows, else float32
+                    quantised = any(n in ("int8", "int4") for n in getattr(ctx, "later", ()))
+                    cost = {"row_bytes": 2 * C + 4 if quantised else 8 * C,
+                            "q_bytes": F * -(-C * args["quant"] // 8)}
+                thr, q, stats = choose_thresholds(p, est, contrib, args["recall"], **cost)
                 if q >= 1.0:
                     codes = None
                 sp = ir.SparseFFN(fc1=fc1, fc2=fc2, fc1_scale=fc1_scale, fc2_scale=fc2_scale,

@@ -81,7 +81,8 @@ def check_order(recipe: list[tuple[str, dict]]) -> None:
 def run_passes(model: ir.Model, recipe, ctx=None) -> ir.Model:
     from rwkvc.passes import PASSES, PassContext
     ctx = ctx or PassContext()
-    for name, args in recipe:
+    for i, (name, args) in enumerate(recipe):
+        ctx.later = tuple(n for n, _ in recipe[i + 1:])
         model, report = PASSES[name].run(model, args, ctx)
         report = {"name": name, "args": args, **report}
         model.passes.append(report)

@@ -140,6 +140,25 @@ def test_sparse_thresholds_reach_recall(rng):
         assert st["fraction"] < 1.0
 
 
+def test_sparse_thresholds_weigh_the_key_copy_bytes():
+    """select=bytes: the key copy takes part only where the rows it saves outweigh its codes."""
+    rng = np.random.default_rng(3)   # its own: the MLP alone must reach the recall (as on a trained model)
+    T, F, recall = 400, 64, 0.9
+    contrib = torch.as_tensor(rng.random((T, F)) ** 4, dtype=torch.float32)
+    p = torch.clamp(contrib + 0.2 * torch.as_tensor(rng.standard_normal((T, F)), dtype=torch.float32), 1e-3, 1)
+    est = contrib + 0.05 * torch.as_tensor(rng.standard_normal((T, F)), dtype=torch.float32)
+    _, q_rows, st_rows = sparse_ffn.choose_thresholds(p, est, contrib, recall)
+    _, q_mlp, st_mlp = sparse_ffn.choose_thresholds(p, None, contrib, recall)
+    assert q_rows < 1.0 and q_mlp == 1.0 and st_rows["fraction"] < st_mlp["fraction"] < 1.0
+    saved = (st_mlp["fraction"] - st_rows["fraction"]) * F   # rows a token the key copy saves
+    # codes cheaper than the rows they save: kept; dearer: dropped, and the MLP alone reaches the recall
+    _, q, st = sparse_ffn.choose_thresholds(p, est, contrib, recall, row_bytes=100.0, q_bytes=0.5 * saved * 100.0)
+    assert q < 1.0 and st["fraction"] < st_mlp["fraction"]
+    thr, q, st = sparse_ffn.choose_thresholds(p, est, contrib, recall, row_bytes=100.0, q_bytes=1.5 * saved * 100.0)
+    assert q == 1.0 and st["fraction"] == st_mlp["fraction"]
+    assert float((contrib * (p > thr)).sum() / contrib.sum()) >= recall - 1e-6
+
+
 def test_mlp_predictor_learns(rng):
     X = rng.standard_normal((1500, 16)).astype(np.float32)
     Wk = rng.standard_normal((32, 16)).astype(np.float32)
