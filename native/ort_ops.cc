@@ -1386,6 +1386,8 @@ struct MatVecQ {
   std::vector<float> lane_scale;  // per chunk and lane: its block's activation scale (blocks smaller than a chunk)
   std::vector<float> zsum;        // per block: xscale * the sum of its activation codes (padded to whole 16s)
   std::vector<float> rep_sum;     // packed rows (matvec_rows_packed): per lane, the sum of its activation codes
+  std::vector<int32_t> lane_zero; // no zero points (4-bit, all 8): per chunk and lane, -8 x the sum of its
+                                  // activation codes, vpdpbusd's starting value (the zero points' term in the lanes)
 };
 
 // block b of x (lo .. hi) quantised to q[lo .. hi): its scale max |x| / 127 and the sum of its codes
@@ -1459,6 +1461,18 @@ void matvec_prepare(MatVecQ& m, const float* x) {
       for (int64_t l = 0; l < 16; ++l) m.lane_scale[c * 16 + l] = m.xscale[(c * m.chunk + l * wpl) / m.G];
     }
   }
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if (!m.zeros && m.bits == 4 && !m.packed) {
+    m.lane_zero.resize(m.nch * 16);
+    const __m512i ones = _mm512_set1_epi8(1), m8 = _mm512_set1_epi32(-8);
+    for (int64_t c = 0; c < m.nch; ++c) {
+      const int8_t* xc = m.xq.data() + c * 128;
+      __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(xc));
+      t = _mm512_dpbusd_epi32(t, ones, _mm512_loadu_si512(xc + 64));
+      _mm512_storeu_si512(m.lane_zero.data() + c * 16, _mm512_mullo_epi32(t, m8));
+    }
+  }
+#endif
   if (m.packed) {   // one row's tables repeated for each row of a vector (per divides 64)
     const int64_t per = m.row_bytes, lanes = per / 4;
     int8_t* xq = m.xq.data();
@@ -1572,14 +1586,17 @@ inline __m512 matvec_row_small(const MatVecQ& m, int64_t n, __mmask64 tail_mask,
   const __m512i vrel = _mm512_load_si512(rel), nib = _mm512_set1_epi8(15);
   const uint8_t* row = m.codes + n * m.row_bytes;
   const float* srow = m.scales + n * m.nb;
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_sub_ps(acc0, matvec_zero_term(m, n));
+  // 4-bit without zero points: their term starts each chunk's lanes (lane_zero); else one dot a row
+  const bool folded = BITS == 4 && !m.zeros;
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = folded ? acc0 : _mm512_sub_ps(acc0, matvec_zero_term(m, n));
   for (int64_t c = 0; c < m.nch; ++c) {
     const bool last = c + 1 == m.nch;
     const __m512i w = last ? _mm512_maskz_loadu_epi8(tail_mask, row + c * 64) : _mm512_loadu_si512(row + c * 64);
     __m512i d;
     if (BITS == 4) {
       const int8_t* xc = m.xq.data() + c * 128;
-      d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(w, nib), _mm512_loadu_si512(xc));
+      const __m512i d0 = folded ? _mm512_loadu_si512(m.lane_zero.data() + c * 16) : _mm512_setzero_si512();
+      d = _mm512_dpbusd_epi32(d0, _mm512_and_si512(w, nib), _mm512_loadu_si512(xc));
       d = _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(w, 4), nib), _mm512_loadu_si512(xc + 64));
     } else {
       d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(m.xq.data() + c * 64));
@@ -1602,13 +1619,15 @@ inline __m512 matvec_row_wide(const MatVecQ& m, int64_t n, __mmask64 tail_mask) 
   const __m512i nib = _mm512_set1_epi8(15);
   const uint8_t* row = m.codes + n * m.row_bytes;
   const float* srow = m.scales + n * m.nb;
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_sub_ps(acc0, matvec_zero_term(m, n));
+  const bool folded = BITS == 4 && !m.zeros;   // as matvec_row_small
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = folded ? acc0 : _mm512_sub_ps(acc0, matvec_zero_term(m, n));
   for (int64_t b = 0; b < m.nb; ++b) {
     __m512i d = _mm512_setzero_si512();
     for (int64_t c = b * cpb; c < (b + 1) * cpb && c < m.nch; ++c) {
       const __m512i w = c + 1 < m.nch ? _mm512_loadu_si512(row + c * 64) : _mm512_maskz_loadu_epi8(tail_mask, row + c * 64);
       const int8_t* xc = m.xq.data() + c * xstride;
       if (BITS == 4) {
+        if (folded) d = _mm512_add_epi32(d, _mm512_loadu_si512(m.lane_zero.data() + c * 16));
         d = _mm512_dpbusd_epi32(d, _mm512_and_si512(w, nib), _mm512_loadu_si512(xc));
         d = _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(w, 4), nib), _mm512_loadu_si512(xc + 64));
       } else {

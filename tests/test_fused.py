@@ -330,7 +330,7 @@ def nbits_graph(K, N, bits, G, zeros, fused, seed):
     (768, 768, 4, 32, True), (768, 768, 4, 32, False), (64, 768, 4, 32, True), (32, 130, 4, 32, True),
     (768, 300, 4, 16, True), (768, 200, 4, 64, False), (896, 100, 4, 128, True), (200, 50, 4, 32, True),
     (768, 4096, 4, 32, True), (128, 4099, 4, 32, True), (64, 1000, 4, 16, True),    # split over threads
-    (128, 77, 4, 64, False), (128, 50, 4, 128, True), (64, 33, 8, 32, False), (32, 100, 8, 16, False),
+    (128, 77, 4, 64, False), (128, 50, 4, 128, True), (192, 300, 4, 32, False), (896, 100, 4, 128, False), (64, 33, 8, 32, False), (32, 100, 8, 16, False),
     (768, 768, 8, 128, False), (3072, 96, 8, 128, False), (64, 768, 8, 64, False), (200, 40, 8, 64, False), (96, 70, 8, 32, False), (48, 33, 8, 16, False),
 ])
 def test_matvec_q_computes_matmulnbits(K, N, bits, G, zeros):
