@@ -211,7 +211,7 @@ class SparseFfnPass:
                     # row's scale) where a quantisation pass follows, else float32
                     quantised = any(n in ("int8", "int4") for n in getattr(ctx, "later", ()))
                     cost = {"row_bytes": 2 * C + 4 if quantised else 8 * C,
-                            "q_bytes": F * -(-C * args["quant"] // 8)}
+                            "q_bytes": ir.SparseFFN.code_bytes(F, C, args["quant"])}
                 thr, q, stats = choose_thresholds(p, est, contrib, args["recall"], **cost)
                 if q >= 1.0:
                     codes = None

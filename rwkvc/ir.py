@@ -304,6 +304,11 @@ class SparseFFN:
         return tuple(np.rint(np.asarray(w, np.float32) / np.where(sc == 0, 1, sc)[:, None]).astype(np.int8)
                      for w, sc in ((self.fc1, self.fc1_scale), (self.fc2, self.fc2_scale)))
 
+    @staticmethod
+    def code_bytes(F: int, C: int, bits: int) -> int:
+        """The key copy's codes as a target stores them: each of F rows' C codes packed to `bits`."""
+        return F * -(-C * bits // 8)
+
     def stored_bytes(self) -> int:
         """What a target stores of the predictors: an int8 MLP as codes and scales, key codes packed to
         q_bits (the fused kernels' layout)."""
@@ -313,7 +318,7 @@ class SparseFFN:
         elif self.fc1 is not None:
             n += 4 * (self.fc1.size + self.fc2.size)
         if self.q_codes is not None:
-            n += self.q_codes.shape[0] * -(-self.q_codes.shape[1] * self.q_bits // 8)
+            n += self.code_bytes(*self.q_codes.shape, self.q_bits)
         return n
 
     def arrays(self) -> dict[str, np.ndarray]:
