@@ -36,6 +36,12 @@
 // chains have tanh or sigmoid between their products (the RWKV-7 LoRAs in one set); version 6 adds
 // Rwkv7SparseFfnQ / Rwkv7SparseFfnQF32: the MLP predictor in int8, 1-bit codes 16 rows together.
 //
+// Version 7 adds a layout for the step's 4-bit matrices, 16 rows interleaved a vector with float16 scales
+// (matvec_rows16), emitted where rwkvc's kernels are its only readers (the step and the prefill):
+//   Rwkv7MatVecQ16(x (.., K), codes (N16, nb, 8 G), scales (N16, nb, 16) float16, zero points (N16, nb, 8) or
+//       empty)  attrs n, block -> W x (one row: the step; T rows: the prefill), and Rwkv7MatVecSet's optional
+//       attributes layouts (1 for such a product) and ns (its N)
+//
 // Built by rwkvc.runtimes.ortops with the host's g++ and registered into each session from rwkvc's own
 // package (never from an artifact). ort_abi.h declares the few parts of ONNX Runtime's C API it uses.
 #include <cmath>
@@ -316,7 +322,9 @@ struct Attrs {
   int64_t q_lo, q_bits, min_k, max_k, act;
   int64_t bits, block;
   std::vector<int64_t> src, acts, bitss, blocks, emits;   // Rwkv7MatVecSet's program
+  std::vector<int64_t> layouts, ns;                          // op set 7: each product's layout (1: interleaved) and N
   int64_t n_x;
+  int64_t n;                                                 // Rwkv7MatVecQ16's N
   std::shared_ptr<InputCache> cache;                        // for cached_input (Rwkv7MatVecQ / Rwkv7MatVecSet)
 };
 
@@ -1388,6 +1396,11 @@ struct MatVecQ {
   std::vector<float> rep_sum;     // packed rows (matvec_rows_packed): per lane, the sum of its activation codes
   std::vector<int32_t> lane_zero; // no zero points (4-bit, all 8): per chunk and lane, -8 x the sum of its
                                   // activation codes, vpdpbusd's starting value (the zero points' term in the lanes)
+  // op set 7, 4-bit rows interleaved 16 a vector (matvec_rows16): codes (N16, nb, 8 G), float16 scales
+  // (N16, nb, 16), zero points (N16, nb, 8) (16 nibbles, row 2i low, 2i + 1 high) or null
+  bool i16 = false;
+  const uint16_t* hscales = nullptr;
+  std::vector<int32_t> nsum;      // i16: per block, minus the sum of its activation codes
 };
 
 // block b of x (lo .. hi) quantised to q[lo .. hi): its scale max |x| / 127 and the sum of its codes
@@ -1423,8 +1436,11 @@ inline int32_t quantise_block(const float* x, int64_t lo, int64_t hi, int8_t* q,
   return s;
 }
 
+void matvec_prepare16(MatVecQ& m, const float* x);   // below
+
 // x's codes and tables for one row of x
 void matvec_prepare(MatVecQ& m, const float* x) {
+  if (m.i16) return matvec_prepare16(m, x);
   const int64_t Kp = m.nch * m.chunk, wpl = m.chunk / 16, nbp = (m.nb + 15) / 16 * 16;
   std::vector<int8_t>& q = m.q;
   q.resize(Kp);
@@ -1789,7 +1805,10 @@ void matvec_rows_portable(const MatVecQ& m, int64_t n0, int64_t n1, float* y) {
   }
 }
 
+void matvec_rows16(const MatVecQ& m, int64_t n0, int64_t n1, float* y);   // below
+
 void matvec_rows(const MatVecQ& m, int64_t n0, int64_t n1, float* y) {
+  if (m.i16) return matvec_rows16(m, n0, n1, y);
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if (matvec_rows_vnni(m, n0, n1, y)) return;
 #elif defined(__AVX2__)
@@ -1798,9 +1817,187 @@ void matvec_rows(const MatVecQ& m, int64_t n0, int64_t n1, float* y) {
   matvec_rows_portable(m, n0, n1, y);
 }
 
+// ---- 4-bit matrices interleaved 16 rows a vector (version 7) ----------------------------------------------
+//
+// MatMulNBits' layout keeps a row's codes together: the step's one-row product then costs ~14 vector
+// operations per 64 bytes (the activation codes loaded per chunk, the blocks' scales spread over the lanes,
+// a zero-point dot product and a lane sum per row). In the interleaved layout (passes.quant.interleave16) the
+// 64 bytes at (group g of 16 rows, block b, step j) hold, for each row r of the group, its 4 bytes at 4 r:
+// byte i = code(k = b G + 8 j + i) | code(k + 4) << 4. Lane r of vpdpbusd is then row r: the low nibbles
+// take x's codes k .. k + 3 and the high ones k + 4 .. k + 7, one 32-bit broadcast each (in x's order, no
+// tables), and a block ends with one vector of 16 rows' scales (float16) and zero points: ~6 operations per
+// 64 bytes and no lane sums (1.9-3.3x the row layout's speed on the 0.1B's shapes, hot in cache).
+//   block b's integer sum per row: (z_r) (-sum of x's codes in b) + sum_k code_k x_k  (the zero points' term
+//   as vpdpbusd's starting value); y_r = sum_b that * scale_r,b * xscale_b (even and odd blocks summed apart)
+// x is quantised as Rwkv7MatVecQ quantises it (MatMulNBits' accuracy level 4): the same integers.
+
+// IEEE half -> float (exact), for the paths without F16C
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16, e = (h >> 10) & 31, f = h & 1023;
+  uint32_t bits;
+  if (e == 31) bits = sign | 0x7F800000u | (f << 13);
+  else if (e) bits = sign | ((e + 112) << 23) | (f << 13);
+  else if (!f) bits = sign;
+  else {   // subnormal: f 2^-24
+    float v = float(f) * 5.9604644775390625e-8f;
+    std::memcpy(&bits, &v, 4);
+    bits |= sign;
+  }
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+// one token's activations for the interleaved kernels
+struct Acts16 {
+  const int8_t* q;        // codes, nb G (zero past K)
+  const float* xscale;    // per block
+  const int32_t* nsum;    // per block: minus the sum of its codes
+  float* y;               // the output row (N)
+};
+
+// x's codes into q (nb G, zero padded), scales and minus code sums per block
+void quantise16(const float* x, int64_t K, int64_t G, int64_t nb, int8_t* q, float* xscale, int32_t* nsum) {
+  std::fill(q + K, q + nb * G, int8_t(0));
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t lo = b * G, hi = std::min(K, lo + G);
+    nsum[b] = lo < hi ? -quantise_block(x, lo, hi, q, xscale[b]) : 0;
+    if (lo >= hi) xscale[b] = 0.0f;
+  }
+}
+
+void matvec_prepare16(MatVecQ& m, const float* x) {
+  m.q.resize(m.nb * m.G);
+  m.xscale.resize(m.nb);
+  m.nsum.resize(m.nb);
+  quantise16(x, m.K, m.G, m.nb, m.q.data(), m.xscale.data(), m.nsum.data());
+}
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// groups g0 .. g1 of 16 rows for TT tokens at once (each vector's nibbles split once, then TT vpdpbusd
+// pairs); a group past row N - 1 stores only its rows
+template <int64_t G, int TT>
+void rows16_vnni(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
+  constexpr int64_t vpb = G / 8;   // vectors a block
+  const __m512i nib = _mm512_set1_epi8(15);
+  const __m128i n15 = _mm_set1_epi8(15);
+  const int64_t gstride = m.nb * G * 8;
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t* wc = m.codes + g * gstride;
+    const uint16_t* sc = m.hscales + g * m.nb * 16;
+    const uint8_t* zc = m.zeros ? m.zeros + g * m.nb * 8 : nullptr;
+    __m512 f[TT][2];
+    for (int t = 0; t < TT; ++t) f[t][0] = f[t][1] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < m.nb; ++b) {
+      __m512i z;   // the 16 rows' zero points of this block
+      if (zc) {
+        const __m128i z8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(zc + b * 8));
+        z = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(_mm_and_si128(z8, n15), _mm_and_si128(_mm_srli_epi16(z8, 4), n15)));
+      } else {
+        z = _mm512_set1_epi32(8);
+      }
+      __m512i acc[TT][2];
+      for (int t = 0; t < TT; ++t) {
+        acc[t][0] = _mm512_mullo_epi32(z, _mm512_set1_epi32(a[t].nsum[b]));
+        acc[t][1] = _mm512_setzero_si512();
+      }
+      for (int64_t j = 0; j < vpb; ++j) {
+        const __m512i w = _mm512_loadu_si512(wc + (b * vpb + j) * 64);
+        const __m512i lo = _mm512_and_si512(w, nib), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nib);
+        for (int t = 0; t < TT; ++t) {
+          int32_t x0, x1;
+          std::memcpy(&x0, a[t].q + b * G + 8 * j, 4);
+          std::memcpy(&x1, a[t].q + b * G + 8 * j + 4, 4);
+          acc[t][j & 1] = _mm512_dpbusd_epi32(acc[t][j & 1], lo, _mm512_set1_epi32(x0));
+          acc[t][j & 1] = _mm512_dpbusd_epi32(acc[t][j & 1], hi, _mm512_set1_epi32(x1));
+        }
+      }
+      const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + b * 16)));
+      for (int t = 0; t < TT; ++t)
+        f[t][b & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[t][0], acc[t][1])),
+                                      _mm512_mul_ps(s, _mm512_set1_ps(a[t].xscale[b])), f[t][b & 1]);
+    }
+    const int64_t k = std::min<int64_t>(16, m.N - g * 16);
+    for (int t = 0; t < TT; ++t)
+      _mm512_mask_storeu_ps(a[t].y + g * 16, __mmask16((1u << k) - 1), _mm512_add_ps(f[t][0], f[t][1]));
+  }
+}
+
+template <int TT>
+bool rows16_vnni_g(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
+  switch (m.G) {
+    case 16: rows16_vnni<16, TT>(m, a, g0, g1); return true;
+    case 32: rows16_vnni<32, TT>(m, a, g0, g1); return true;
+    case 64: rows16_vnni<64, TT>(m, a, g0, g1); return true;
+    case 128: rows16_vnni<128, TT>(m, a, g0, g1); return true;
+    case 256: rows16_vnni<256, TT>(m, a, g0, g1); return true;
+    default: return false;
+  }
+}
+#endif
+
+// portable: the same integer sums per block, then the same float steps
+void rows16_portable(const MatVecQ& m, const Acts16& a, int64_t g0, int64_t g1) {
+  const int64_t G = m.G, vpb = G / 8;
+  for (int64_t g = g0; g < g1; ++g)
+    for (int64_t r = 0; r < 16 && g * 16 + r < m.N; ++r) {
+      float f[2] = {0.0f, 0.0f};
+      for (int64_t b = 0; b < m.nb; ++b) {
+        int32_t z = 8;
+        if (m.zeros) {
+          const uint8_t zz = m.zeros[(g * m.nb + b) * 8 + r / 2];
+          z = (r & 1) ? zz >> 4 : zz & 15;
+        }
+        int32_t acc = z * a.nsum[b];
+        for (int64_t j = 0; j < vpb; ++j) {
+          const uint8_t* w = m.codes + ((g * m.nb + b) * vpb + j) * 64 + 4 * r;
+          const int8_t* x = a.q + b * G + 8 * j;
+          for (int i = 0; i < 4; ++i) acc += int32_t(w[i] & 15) * x[i] + int32_t(w[i] >> 4) * x[4 + i];
+        }
+        f[b & 1] += float(acc) * (half_to_float(m.hscales[(g * m.nb + b) * 16 + r]) * a.xscale[b]);
+      }
+      a.y[g * 16 + r] = f[0] + f[1];
+    }
+}
+
+// rows g0 16 .. g1 16 (clipped to N) for tokens a[0 .. T)
+void rows16_tokens(const MatVecQ& m, const Acts16* a, int64_t T, int64_t g0, int64_t g1) {
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  int64_t t = 0;
+  bool ok = true;
+  for (; ok && t + 4 <= T; t += 4) ok = rows16_vnni_g<4>(m, a + t, g0, g1);
+  for (; ok && t < T; ++t) ok = rows16_vnni_g<1>(m, a + t, g0, g1);
+  if (ok) return;
+#endif
+  for (int64_t t = 0; t < T; ++t) rows16_portable(m, a[t], g0, g1);
+}
+
+// y[n0 .. n1) for the prepared token (n0 a multiple of 16)
+void matvec_rows16(const MatVecQ& m, int64_t n0, int64_t n1, float* y) {
+  const Acts16 a{m.q.data(), m.xscale.data(), m.nsum.data(), y};
+  rows16_tokens(m, &a, 1, n0 / 16, (n1 + 15) / 16);
+}
+
 // the MatVecQ of codes / scales / zeros inputs i, i + 1, i + 2 (bits, block G) for x of K elements
-void matvec_input(MatVecQ& m, const Attrs& at, OrtKernelContext* ctx, size_t i, int64_t bits, int64_t G, int64_t K) {
+// layout 1: the interleaved layout (op set 7: codes (N16, nb, 8 G), float16 scales (N16, nb, 16)), N rows
+void matvec_input(MatVecQ& m, const Attrs& at, OrtKernelContext* ctx, size_t i, int64_t bits, int64_t G, int64_t K,
+                  int64_t layout = 0, int64_t N = 0) {
   Tensor codes = cached_input(at, ctx, i), scales = cached_input(at, ctx, i + 1), zeros = cached_input(at, ctx, i + 2);
+  m.i16 = layout == 1;
+  if (m.i16) {
+    m.bits = 4;
+    m.G = G;
+    m.N = N;
+    m.nb = codes.dims[1];
+    m.row_bytes = m.nb * G / 2;
+    m.K = K;
+    m.codes = codes.raw<uint8_t>();
+    m.hscales = scales.raw<uint16_t>();
+    m.scales = nullptr;
+    m.zeros = zeros.size ? zeros.raw<uint8_t>() : nullptr;
+    m.packed = false;
+    return;
+  }
   m.bits = bits;
   m.G = G;
   m.N = codes.dims[0];
@@ -1826,6 +2023,45 @@ void matvec_run(OrtKernelContext* ctx, MatVecQ& m, const float* x, float* y) {
   matvec_prepare(m, x);
   parallel_ranges(ctx, m.N, std::max<int64_t>(16, (int64_t(1) << 15) / m.row_bytes),
                   [&](int64_t n0, int64_t n1) { matvec_rows(m, n0, n1, y); }, 16);   // whole 16s: rows_packed's groups
+}
+
+// Rwkv7MatVecQ16(x (.., K), codes (N16, nb, 8 G) uint8, scales (N16, nb, 16) float16, zero points (N16, nb, 8)
+// uint8 or empty)  attrs n (N), block (G) -> y (.., N) = W x for W in the interleaved layout (op set 7, above).
+// One row of x: the step (matvec_run); T rows: the prefill, which reads each group's codes once for 4 tokens
+// (rows16_vnni's TT) and keeps ~32 KB of codes in cache while all T tokens pass over them.
+void matvec_q16_compute(const Attrs& at, OrtKernelContext* ctx) {
+  Tensor x = input(ctx, 0);   // (the prefill's token count changes from call to call)
+  const int64_t K = x.dims[x.rank - 1];
+  thread_local MatVecQ m;
+  matvec_input(m, at, ctx, 1, 4, at.block, K, 1, at.n);
+  int64_t ydims[4];
+  for (size_t d = 0; d < x.rank; ++d) ydims[d] = x.dims[d];
+  ydims[x.rank - 1] = m.N;
+  float* y = output(ctx, 0, ydims, x.rank);
+  const int64_t T = x.size / std::max<int64_t>(1, K);
+  if (T == 1) return matvec_run(ctx, m, x.data, y);
+  if (T == 0) return;
+  const int64_t Kp = m.nb * m.G;
+  thread_local std::vector<int8_t> q;
+  thread_local std::vector<float> xs;
+  thread_local std::vector<int32_t> ns;
+  thread_local std::vector<Acts16> acts;
+  q.resize(T * Kp);
+  xs.resize(T * m.nb);
+  ns.resize(T * m.nb);
+  acts.resize(T);
+  for (int64_t t = 0; t < T; ++t) {
+    quantise16(x.data + t * K, K, m.G, m.nb, q.data() + t * Kp, xs.data() + t * m.nb, ns.data() + t * m.nb);
+    acts[t] = Acts16{q.data() + t * Kp, xs.data() + t * m.nb, ns.data() + t * m.nb, y + t * m.N};
+  }
+  const int64_t N16 = (m.N + 15) / 16, gbytes = std::max<int64_t>(1, 8 * Kp);   // a group's code bytes
+  const int64_t span = std::max<int64_t>(1, (int64_t(1) << 15) / gbytes);       // groups a pass of the tokens
+  const MatVecQ& mq = m;   // (thread_local by reference: a pool thread would see its own)
+  const std::vector<Acts16>& as = acts;
+  parallel_ranges(ctx, N16, std::max<int64_t>(1, std::min<int64_t>(span, N16 / std::max(1, g_threads))),
+                  [&, T, span](int64_t g0, int64_t g1) {
+                    for (int64_t g = g0; g < g1; g += span) rows16_tokens(mq, as.data(), T, g, std::min(g1, g + span));
+                  });
 }
 
 void matvec_q_compute(const Attrs& at, OrtKernelContext* ctx) {
@@ -1882,7 +2118,8 @@ void matvec_set_compute(const Attrs& at, OrtKernelContext* ctx) {
   for (size_t p = 0; p < P; ++p) {   // the outputs in product order (their shapes are known from the weights)
     const int64_t s = at.src[p];
     const int64_t K = s >= 0 ? xs[s].dims[xs[s].rank - 1] : ms[-s - 1].N;
-    matvec_input(ms[p], at, ctx, at.n_x + 3 * p, at.bitss[p], at.blocks[p], K);
+    matvec_input(ms[p], at, ctx, at.n_x + 3 * p, at.bitss[p], at.blocks[p], K,
+                 at.layouts.empty() ? 0 : at.layouts[p], at.ns.empty() ? 0 : at.ns[p]);
     if (at.emits[p]) {
       const int64_t dims[2] = {1, ms[p].N};
       ys[p] = output(ctx, out++, dims, 2);
@@ -1966,12 +2203,15 @@ void* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*, const Ort
           float_attr(info, "q_scale", 1.0f), float_attr(info, "top_p", 1.0f), int_attr(info, "q_lo", 0),
           int_attr(info, "q_bits", 1), int_attr(info, "min_k", 1), int_attr(info, "max_k", 1 << 30),
           int_attr(info, "act", 0), int_attr(info, "bits", 4), int_attr(info, "block", 32)};
+  a.n = int_attr(info, "n", 0);
   if (def(op)->variadic) {
     a.src = ints_attr(info, "src");
     a.acts = ints_attr(info, "acts");
     a.bitss = ints_attr(info, "bitss");
     a.blocks = ints_attr(info, "blocks");
     a.emits = ints_attr(info, "emits");
+    a.layouts = ints_attr(info, "layouts");
+    a.ns = ints_attr(info, "ns");
     a.n_x = int_attr(info, "n_x", 1);
   }
   a.cache = std::make_shared<InputCache>(def(op)->variadic ? a.n_x + 3 * a.src.size() : def(op)->n_in);
@@ -1979,12 +2219,13 @@ void* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*, const Ort
 }
 const char* ORT_API_CALL get_name(const OrtCustomOp* op) { return def(op)->name; }
 const char* ORT_API_CALL get_ep(const OrtCustomOp*) { return "CPUExecutionProvider"; }
-// f float32, u uint8, b int8, w uint16, i int32, l int64
+// f float32, h float16, u uint8, b int8, w uint16, i int32, l int64
 ONNXTensorElementDataType element_type(char c) {
   switch (c) {
     case 'u': return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
     case 'b': return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
     case 'w': return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16;
+    case 'h': return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
     case 'i': return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
     case 'l': return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
     default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
@@ -2063,6 +2304,7 @@ OpDef g_ops[] = {
     make("Rwkv7ClusteredHeadTop", "ffbfiiwffl", 2, clustered_head_compute<int8_t, true>, "fl"),
     make("Rwkv7ClusteredHeadTopF32", "ffffiiwffl", 2, clustered_head_compute<float, true>, "fl"),
     make("Rwkv7MatVecQ", "fufu", 1, matvec_q_compute),
+    make("Rwkv7MatVecQ16", "fuhu", 1, matvec_q16_compute),
     make_variadic("Rwkv7MatVecSet", matvec_set_compute),
 };
 
@@ -2081,7 +2323,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
 }
 
 // the library's version of the op set, for rwkvc.runtimes.ortops to check what it loaded
-extern "C" __attribute__((visibility("default"))) int rwkvc_ort_ops_version() { return 6; }
+extern "C" __attribute__((visibility("default"))) int rwkvc_ort_ops_version() { return 7; }
 
 // threads for the kernels that split work (Rwkv7WkvSeq); the runtime passes its intra-op thread count
 extern "C" __attribute__((visibility("default"))) void rwkvc_ort_ops_set_threads(int n) { g_threads = n > 0 ? n : 1; }

@@ -78,12 +78,62 @@ def quantize_int4(w: np.ndarray, group: int, scales: np.ndarray | None = None,
         hi = np.maximum(wb.max(-1), 0.0)
         scales = ((hi - lo) / 15.0).astype(np.float32)
         scales[scales == 0] = 1.0
+        scales = half_exact(scales)
         zeros = np.clip(np.rint(-lo / scales), 0, 15).astype(np.uint8)
     codes = np.clip(np.rint(wb / scales[..., None]) + zeros[..., None], 0, 15).astype(np.uint8)
     codes = codes.reshape(N, nb * group)
     if K % group:
         codes[:, K:] = np.repeat(zeros[:, -1:], nb * group - K, axis=1)
     return codes, np.asarray(scales, np.float32), np.asarray(zeros, np.uint8)
+
+
+F16_MAX = 65504.0
+
+
+def half_exact(scales: np.ndarray) -> np.ndarray:
+    """Positive scales rounded up to a float16 value, when they all fit in it: the cpu target's interleaved
+    4-bit layout (interleave16) stores them as float16, and MatMulNBits, reading them as float32, then
+    computes with the same numbers. Up, so a group's range still fits its 16 codes (round to nearest stays
+    within half a step); a scale grows by less than 2^-10 of itself (or, below float16's normal range, by
+    less than 2^-24)."""
+    s = np.asarray(scales, np.float32)
+    if not np.isfinite(s).all() or float(s.min(initial=1.0)) <= 0 or float(s.max(initial=0.0)) > F16_MAX:
+        return s
+    h = s.astype(np.float16)
+    low = h.astype(np.float32) < s
+    h[low] = np.nextafter(h[low], np.float16(np.inf))
+    return h.astype(np.float32)
+
+
+def is_half_exact(scales: np.ndarray) -> bool:
+    s = np.asarray(scales, np.float32)
+    return bool(np.isfinite(s).all()) and np.array_equal(s.astype(np.float16).astype(np.float32), s)
+
+
+def interleave16(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, group: int):
+    """An Int4 matrix (MatMulNBits' packed (N, nb, group/2), scales (N, nb), packed zero points (N,
+    ceil(nb/2)) or None) in the interleaved layout of rwkvc's Rwkv7MatVecQ16 (op set 7, native/ort_ops.cc):
+    rows in groups of 16 (the last padded with zero rows), and for group g, block b, step j of 8 weights, 64
+    bytes holding row r's 4 bytes at 4 r, byte i = code(b G + 8 j + i) | code(b G + 8 j + 4 + i) << 4.
+    -> codes (N16, nb, 8 G) uint8, scales (N16, nb, 16) float16, zeros (N16, nb, 8) uint8 (rows 2i in the
+    low nibble, 2i + 1 in the high) or an empty array."""
+    N, nb, half = packed.shape
+    assert half * 2 == group and group % 8 == 0
+    N16 = -(-N // 16)
+    c = np.zeros((N16 * 16, nb, group), np.uint8)
+    c[:N] = unpack_int4(packed)
+    c = c.reshape(N16, 16, nb, group // 8, 8)
+    b = (c[..., :4] | (c[..., 4:] << 4)).transpose(0, 2, 3, 1, 4)          # (N16, nb, G/8, 16, 4)
+    codes = np.ascontiguousarray(b).reshape(N16, nb, 8 * group)
+    s = np.zeros((N16 * 16, nb), np.float32)
+    s[:N] = scales
+    s16 = np.ascontiguousarray(s.reshape(N16, 16, nb).transpose(0, 2, 1)).astype(np.float16)
+    if zeros is None:
+        return codes, s16, np.zeros(0, np.uint8)
+    z = np.zeros((N16 * 16, nb), np.uint8)
+    z[:N] = unpack_int4(zeros, nb)
+    z = z.reshape(N16, 16, nb).transpose(0, 2, 1)
+    return codes, s16, np.ascontiguousarray(z[..., 0::2] | (z[..., 1::2] << 4))
 
 
 def dequantize_int4(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group: int, K: int) -> np.ndarray:
@@ -321,9 +371,30 @@ def int4_spec(w: "Int4"):
     return (4, int(w.group)) if w.accuracy_level == 4 else None
 
 
+def int4_layout16(g, w: "Int4") -> bool:
+    """Whether the matrix is stored interleaved (interleave16) for rwkvc's Rwkv7MatVecQ16: where the step reads
+    it with rwkvc's kernels (emit_onnx.matvec_fusable, step or prefill alike: both graphs then read the one
+    copy, the prefill through the same op) and its scales are exact in float16 (half_exact)."""
+    N, K = w.shape
+    return (emit_onnx.MATVEC_I16 and w.group % 8 == 0
+            and emit_onnx.matvec_fusable(g, 4, w.group, w.accuracy_level, K, N, step=False)
+            and is_half_exact(w.scales))
+
+
+def int4_inputs16(g, lin: ir.Linear) -> tuple[str, str, str]:
+    """Rwkv7MatVecQ16's inputs for an int4 matrix (also Rwkv7MatVecSet's, layout 1)."""
+    w = lin.weight
+    codes, s16, z = interleave16(w.packed, w.scales, w.zeros, w.group)
+    return (g.weight(lin.name + ".q4i", codes, np.uint8), g.weight(lin.name + ".q4iscales", s16, np.float16),
+            g.weight(lin.name + ".q4izeros", z, np.uint8))
+
+
 def emit_int4(g, lin: ir.Linear, x: str) -> str:
     w = lin.weight
     N, K = w.shape
+    if int4_layout16(g, w):
+        return g.op("Rwkv7MatVecQ16", emit_onnx.f32(g, x), *int4_inputs16(g, lin), domain=emit_onnx.FUSED_DOMAIN,
+                    n=int(N), block=int(w.group))
     ins = int4_inputs(g, lin)
     if emit_onnx.matvec_fusable(g, 4, w.group, w.accuracy_level, K, N):
         return emit_onnx.matvec_q(g, x, *ins, 4, w.group)
@@ -371,7 +442,7 @@ emit_onnx.LINEAR_EMITTERS["int8"] = emit_int8
 # level 0 and the gathered-row products (sparse FFN, clustered head) quantise x per tensor
 emit_onnx.ROWS_COUPLED["int8"] = lambda w, in_sparse_ffn: in_sparse_ffn or w.accuracy_level == 0
 emit_onnx.LINEAR_EMITTERS["int4"] = emit_int4
-emit_onnx.NBITS["int4"] = (int4_spec, int4_inputs)
+emit_onnx.NBITS["int4"] = (int4_spec, int4_inputs, int4_layout16, int4_inputs16)
 emit_onnx.LINEAR_EMITTERS["factored"] = emit_factored
 emit_onnx.ROWS_MATMUL["int8"] = rows_matmul_int8
 emit_onnx.COLS_MATMUL["int8"] = cols_matmul_int8

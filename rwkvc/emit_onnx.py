@@ -326,8 +326,9 @@ def lora(g: Graph, first: ir.Linear, second: ir.Linear, act: str | None, x: str)
 
 
 # ---- Rwkv7MatVecQ / Rwkv7MatVecSet: 4-bit products of the fused step (op set version 3)
-# weight kind -> (spec(weight) -> (bits, block) or None, inputs(g, lin) -> (codes, scales, zeros)):
-# the matrices stored in MatMulNBits' layout, registered by passes.quant
+# weight kind -> (spec(weight) -> (bits, block) or None, inputs(g, lin) -> (codes, scales, zeros),
+# layout16(g, weight) -> bool, inputs16(g, lin) -> (codes, scales, zeros)): the matrices stored in
+# MatMulNBits' layout, or op set 7's interleaved one where layout16 says so, registered by passes.quant
 NBITS: dict[str, tuple] = {}
 MATVEC_Q: bool | None = None   # rwkvc's kernels for them in the step graph (False: ONNX Runtime's MatMulNBits;
                                # None: where the compiling CPU has AVX-512 VNNI, matvec_q_host)
@@ -335,6 +336,8 @@ MATVEC_Q_BLOCKS = (16, 32, 64, 128, 256)
 MATVEC_MIN_K = 256
 MATVEC_SMALL = 1 << 18     # products of at most this many weights join whatever their width (a 0.1B svd factor, 192 x 768)
 MATVEC_ACTS = {None: 0, "tanh": 1, "sigmoid": 2, "relu": 3, "relu2": 4}   # Rwkv7MatVecSet's acts attribute
+MATVEC_I16 = True          # those matrices in op set 7's interleaved layout (passes.quant.interleave16; False:
+                           # MatMulNBits' layout, read by Rwkv7MatVecQ in the step and MatMulNBits in the prefill)
 
 
 @functools.cache
@@ -346,13 +349,14 @@ def matvec_q_host() -> bool:
     return "avx512_vnni" in _cpu_flags().split()
 
 
-def matvec_fusable(g: Graph, bits: int, block: int, accuracy_level: int, K: int, N: int) -> bool:
+def matvec_fusable(g: Graph, bits: int, block: int, accuracy_level: int, K: int, N: int, step: bool = True) -> bool:
     """Whether a MatMulNBits product of the graph runs on rwkvc's kernels: the fused step, accuracy level 4
     (the kernels compute what MatMulNBits computes at that level), 4-bit blocks they read, and matrices of
     at least MATVEC_MIN_K columns or MATVEC_SMALL weights, where they measured faster than ONNX Runtime's
     (docs/BENCHMARKS.md, session 6). ONNX Runtime's own kernels were as fast or faster on 8-bit matrices
-    and on large narrow 4-bit ones (a 128-wide head)."""
-    return (g.fused and g.step and not g.rescale and accuracy_level == 4 and bits == 4
+    and on large narrow 4-bit ones (a 128-wide head). step=False: whether it would in this graph's step
+    (the prefill graph's answer for the matrices the two share)."""
+    return (g.fused and (g.step or not step) and not g.rescale and accuracy_level == 4 and bits == 4
             and block in MATVEC_Q_BLOCKS and (K >= MATVEC_MIN_K or N * K <= MATVEC_SMALL)
             and (matvec_q_host() if MATVEC_Q is None else MATVEC_Q))
 
@@ -379,6 +383,7 @@ class MatVecSet:
 
     def __init__(self, g: Graph):
         self.g, self.xs, self.ins, self.prog, self.outs = g, [], [], [], None
+        self.layouts, self.ns = [], []
 
     def _spec(self, lin: ir.Linear):
         f = NBITS.get(lin.kind)
@@ -388,7 +393,11 @@ class MatVecSet:
 
     def _product(self, lin: ir.Linear, src: int, act: str | None, emit: bool) -> int:
         bits, block = self._spec(lin)
-        self.ins += NBITS[lin.kind][1](self.g, lin)
+        _, inputs, layout16, inputs16 = NBITS[lin.kind]
+        i16 = layout16(self.g, lin.weight)
+        self.ins += (inputs16 if i16 else inputs)(self.g, lin)
+        self.layouts.append(int(i16))
+        self.ns.append(int(lin.weight.shape[0]))
         self.prog.append((src, MATVEC_ACTS[act], bits, block, int(emit)))
         return len(self.prog) - 1
 
@@ -419,10 +428,12 @@ class MatVecSet:
             if self.prog:
                 src, acts, bits, blocks, emits = (list(c) for c in zip(*self.prog))
                 n = sum(emits)
+                # op set 7's interleaved products (absent when there are none: the op set 3-6 form)
+                extra = {"layouts": self.layouts, "ns": self.ns} if any(self.layouts) else {}
                 # inputs are indexed by position: the x's first (their indices fixed before the weights)
                 outs = self.g.op("Rwkv7MatVecSet", *(f32(self.g, x) for x in self.xs), *self.ins,
                                  domain=FUSED_DOMAIN, n_out=n, n_x=len(self.xs), src=src, acts=acts,
-                                 bitss=bits, blocks=blocks, emits=emits)
+                                 bitss=bits, blocks=blocks, emits=emits, **extra)
                 self.outs = [outs] if n == 1 else list(outs)
         return {k: self.outs[v] if isinstance(v, MatVecSet.Handle) else v for k, v in values.items()}
 
@@ -509,12 +520,13 @@ def emit_channel_mix_v7(g: Graph, ffn: ir.ChannelMix, x: str, prev: str, i: int,
 
 
 FUSED_DOMAIN = "ai.rwkvc"   # rwkvc's own CPU kernels (native/ort_ops.cc, registered by runtimes/ortops.py)
-FUSED_VERSION = 6           # the op set's version: 1 the RWKV-7 step / prefill kernels, 2 adds the sparse FFN
+FUSED_VERSION = 7           # the op set's version: 1 the RWKV-7 step / prefill kernels, 2 adds the sparse FFN
                             # and clustered head kernels, 3 the quantised matrix-vector product (Rwkv7MatVecQ),
                             # 4 the clustered head's top token without its logits (Rwkv7ClusteredHeadTop),
                             # 5 tanh and sigmoid between a set's products (a LoRA in Rwkv7MatVecSet),
                             # 6 the sparse FFN with an int8 MLP predictor and 1-bit codes 16 rows together
-                            # (Rwkv7SparseFfnQ); a library of version n runs artifacts of 1..n
+                            # (Rwkv7SparseFfnQ), 7 the interleaved 4-bit layout (Rwkv7MatVecQ16, Rwkv7MatVecSet's
+                            # layouts); a library of version n runs artifacts of 1..n
 # (op, input index) of the fused kernels that read only some rows of that input (rwkvc.bench.weight_traffic)
 HEAD_MODE = "head_mode"   # the step's input with a top-token head (Rwkv7ClusteredHeadTop): 1 = the top token only
 FUSED_ROW_INPUTS = {("Rwkv7ClusteredHeadTop", 2), ("Rwkv7ClusteredHeadTop", 3), ("Rwkv7ClusteredHeadTop", 5),

@@ -348,27 +348,95 @@ def test_matvec_q_computes_matmulnbits(K, N, bits, G, zeros):
     assert float(np.abs(got - ref).max()) <= 2e-6 * float(np.abs(ref).max())   # measured ~5e-7: summation order
 
 
+def q16_graph(K, N, G, zeros, fused, seed):
+    """y = W x over T tokens: MatMulNBits(accuracy_level=4), or Rwkv7MatVecQ16 over the same matrix
+    interleaved (passes.quant.interleave16; quantize_int4's scales are exact in float16)."""
+    from onnx import TensorProto, helper, numpy_helper
+    from passes.quant import interleave16, pack_int4, quantize_int4
+    rng = np.random.default_rng(seed)
+    nb = -(-K // G)
+    codes, sc, z = quantize_int4(rng.standard_normal((N, K)).astype(np.float32), G)
+    packed, zp = pack_int4(codes.reshape(N, nb, G)), (pack_int4(z) if zeros else None)
+    if zeros is None:   # the default zero point, 8: codes made with it
+        codes, sc, _ = quantize_int4(rng.standard_normal((N, K)).astype(np.float32), G, np.full((N, nb), 0.046875, np.float32),
+                                     np.full((N, nb), 8, np.uint8))
+        packed = pack_int4(codes.reshape(N, nb, G))
+    if fused:
+        c16, s16, z16 = interleave16(packed, sc, zp, G)
+        inits = [numpy_helper.from_array(c16, "w"), numpy_helper.from_array(s16, "s"), numpy_helper.from_array(z16, "z")]
+        node = helper.make_node("Rwkv7MatVecQ16", ["x", "w", "s", "z"], ["y"], domain="ai.rwkvc", n=N, block=G)
+    else:
+        inits = [numpy_helper.from_array(packed, "w"), numpy_helper.from_array(sc, "s")]
+        inits += [numpy_helper.from_array(zp, "z")] if zp is not None else []
+        node = helper.make_node("MatMulNBits", ["x", "w", "s"] + ["z"] * (zp is not None), ["y"],
+                                domain="com.microsoft", K=K, N=N, bits=4, block_size=G, accuracy_level=4)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", N])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
+                                               helper.make_opsetid("ai.rwkvc", 1)]).SerializeToString()
+
+
+@pytest.mark.parametrize("K,N,G,zeros", [
+    (768, 768, 32, True), (768, 300, 16, False), (896, 100, 128, True), (200, 50, 32, True), (768, 70, 256, True),
+    (64, 33, 64, None), (128, 4099, 32, True), (3072, 96, 128, None), (192, 768, 32, True)])
+def test_matvec_q16_computes_matmulnbits(K, N, G, zeros):
+    """Op set 7's interleaved layout: Rwkv7MatVecQ16 gives MatMulNBits' (accuracy level 4) numbers for one
+    token (the step) and for several (the prefill: 4 tokens a pass, then the rest), with zero points, without
+    (False: the pass's zero points dropped, so the default 8 applies to codes made with their own; None:
+    codes made with 8), K not a multiple of the block, N not of 16, and rows split over threads."""
+    import onnxruntime as ort
+    rng = np.random.default_rng(K + N)
+    xs = [rng.standard_normal((T, K)).astype(np.float32) for T in (1, 7, 1, 4)]
+    out = []
+    for fused in (False, True):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 2
+        ortops.register(so, 2)
+        sess = ort.InferenceSession(q16_graph(K, N, G, zeros, fused, seed=K * 7 + N), so,
+                                    providers=["CPUExecutionProvider"])
+        out.append([sess.run(None, {"x": x})[0] for x in xs])
+    for ref, got in zip(*out):
+        assert got.shape == ref.shape
+        assert float(np.abs(got - ref).max()) <= 2e-6 * float(np.abs(ref).max())   # measured ~4e-7
+
+
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
     """A model whose matrices are wide enough for rwkvc's 4-bit kernels (emit_onnx.MATVEC_MIN_K columns)."""
     return random_model(tmp_path_factory.mktemp("v3"), 256, 13)
 
 
-@pytest.mark.parametrize("recipe", ["int4(group=32)", "int4(group=16)", "int4(group=128)",
-                                    "svd(rank=0.5,targets=ffn),int4(group=64)", "svd(rank=0.25),int4(group=32)"])
-def test_quantised_step_products_match_the_plain_graph(wide, tmp_path, recipe, monkeypatch):
-    """The fused step with its 4-bit products in Rwkv7MatVecSet / Rwkv7MatVecQ nodes against the plain
-    graph's MatMulNBits. Each product agrees to ~5e-7, but a product's output is the next one's input, which
-    both quantise to 8 bits per block: an ulp of difference at a rounding boundary flips one 8-bit code, and
-    such a token's logits then differ by up to ~1 % (each step from the plain graph's state). A wrong code,
-    scale, zero point or layout moves every token."""
+@pytest.mark.parametrize("recipe,i16", [("int4(group=32)", True), ("int4(group=16)", True), ("int4(group=128)", True),
+                                        ("svd(rank=0.5,targets=ffn),int4(group=64)", True),
+                                        ("svd(rank=0.25),int4(group=32)", True),
+                                        ("int4(group=32)", False), ("svd(rank=0.25),int4(group=128)", False)])
+def test_quantised_step_products_match_the_plain_graph(wide, tmp_path, recipe, i16, monkeypatch):
+    """The fused step with its 4-bit products in Rwkv7MatVecSet / Rwkv7MatVecQ16 nodes (op set 7's
+    interleaved layout; i16 False: Rwkv7MatVecQ over MatMulNBits' layout) against the plain graph's
+    MatMulNBits. Each product agrees to ~5e-7, but a product's output is the next one's input, which both
+    quantise to 8 bits per block: an ulp of difference at a rounding boundary flips one 8-bit code, and such
+    a token's logits then differ by up to ~1 % (each step from the plain graph's state). A wrong code, scale,
+    zero point or layout moves every token. The fused prefill reads the interleaved matrices too
+    (Rwkv7MatVecQ16 over 16 tokens), and the artifact holds one copy of each."""
     from rwkvc import emit_onnx
     ckpt, calib = wide
     model = passes_model(ckpt, recipe, calib)
     monkeypatch.setattr(emit_onnx, "MATVEC_Q", True)   # whatever this CPU would pick (matvec_q_host)
+    monkeypatch.setattr(emit_onnx, "MATVEC_I16", i16)
     fused, plain = lower(model, tmp_path / "f", True), lower(model, tmp_path / "p", False)
     ops = {n for d, n in step_ops(fused) if d == "ai.rwkvc"}
-    assert {"Rwkv7MatVecSet", "Rwkv7MatVecQ"} <= ops
+    assert {"Rwkv7MatVecSet", "Rwkv7MatVecQ16" if i16 else "Rwkv7MatVecQ"} <= ops
+    if i16:
+        pre = onnx.load(str(fused / "prefill.onnx"), load_external_data=False).graph
+        read = {i for n in pre.node if n.op_type == "MatMulNBits" for i in n.input}
+        assert any(n.op_type == "Rwkv7MatVecQ16" for n in pre.node)
+        assert not any(i.endswith(".q4i") for i in read)
+        names = {t.name for t in pre.initializer} | {
+            t.name for t in onnx.load(str(fused / "step.onnx"), load_external_data=False).graph.initializer}
+        assert not any(n.endswith(".q4i") and n[:-1] in names for n in names)   # never both layouts of a matrix
+        toks = [int(t) for t in calib[-16:]]
+        got, ref = rwkvc.load(fused).forward(toks)[0], rwkvc.load(plain).forward(toks)[0]
+        assert float(np.abs(got - ref).max()) <= FLIP_BOUND * max(1.0, float(np.abs(ref).max()))
     nbits = [n for n in onnx.load(str(fused / "step.onnx"), load_external_data=False).graph.node
              if n.op_type == "MatMulNBits"]   # the large narrow ones stay ONNX Runtime's
     attr = lambda n, k: next(a.i for a in n.attribute if a.name == k)  # noqa: E731
@@ -455,6 +523,8 @@ def test_matvec_q_portable_path(avx2_build):
     for case in [(768, 768, 4, 32, True), (32, 130, 4, 32, True), (768, 300, 4, 16, True),
                  (896, 100, 4, 128, True), (768, 768, 8, 128, False), (96, 70, 8, 32, False)]:
         test_matvec_q_computes_matmulnbits(*case)
+    for case in [(768, 768, 32, True), (200, 50, 32, True), (768, 300, 16, False), (64, 33, 64, None)]:
+        test_matvec_q16_computes_matmulnbits(*case)
 
 
 def test_compressed_kernels_avx2_path(small, tmp_path, avx2_build):

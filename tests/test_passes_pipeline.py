@@ -170,9 +170,11 @@ def test_reports_and_bytes(ckpt, calib, tmp_path):
     assert wq["weight_bytes_resident"] * 5 < wd["weight_bytes_resident"]
     assert wq["weight_bytes_read_per_token_by_part"]["embedding"] == 128 + 4
     # the packed weights stay packed in the file: no float copy of a quantised matrix (the step reads them
-    # with MatMulNBits or rwkvc's kernels over the same bytes, the prefill with MatMulNBits)
+    # with MatMulNBits or rwkvc's kernels over the same bytes, the prefill with MatMulNBits, or both with
+    # rwkvc's over the interleaved layout)
     import onnx
-    for entry, products in (("step", {"MatMulNBits", "Rwkv7MatVecQ", "Rwkv7MatVecSet"}), ("prefill", {"MatMulNBits"})):
+    for entry, products in (("step", {"MatMulNBits", "Rwkv7MatVecQ", "Rwkv7MatVecQ16", "Rwkv7MatVecSet"}),
+                            ("prefill", {"MatMulNBits", "Rwkv7MatVecQ16"})):
         ops = {n.op_type for n in onnx.load(str(path / f"{entry}.onnx"), load_external_data=False).graph.node}
         assert ops & products and "DequantizeLinear" not in ops
 
