@@ -41,6 +41,8 @@
 //   Rwkv7MatVecQ16(x (.., K), codes (N16, nb, 8 G), scales (N16, nb, 16) float16, zero points (N16, nb, 8) or
 //       empty)  attrs n, block -> W x (one row: the step; T rows: the prefill), and Rwkv7MatVecSet's optional
 //       attributes layouts (1 for such a product) and ns (its N)
+//   Rwkv7MatVecQ16x8(x, codes (N16, nb, 16 G) uint8 (q + 128), scales (N16, 16) float32 (one a row), empty)
+//       attrs n, block, bits = 8 -> W x for an int8 matrix (MatMulNBits bits 8's numbers) in that layout
 //
 // Built by rwkvc.runtimes.ortops with the host's g++ and registered into each session from rwkvc's own
 // package (never from an artifact). ort_abi.h declares the few parts of ONNX Runtime's C API it uses.
@@ -1923,8 +1925,54 @@ void rows16_vnni(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
   }
 }
 
+// 8-bit codes (uint8, q + 128): each 64 bytes hold 4 weights of each of the 16 rows, one vpdpbusd a token
+// against x's codes k .. k + 3; the zero point is 128 for every row, the scale one a row (float32), applied
+// once at the end
+template <int64_t G, int TT>
+void rows16_vnni8(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
+  constexpr int64_t vpb = G / 4;
+  const int64_t gstride = m.nb * G * 16;
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t* wc = m.codes + g * gstride;
+    __m512 f[TT][2];
+    for (int t = 0; t < TT; ++t) f[t][0] = f[t][1] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < m.nb; ++b) {
+      __m512i acc[TT][2];
+      for (int t = 0; t < TT; ++t) {
+        acc[t][0] = _mm512_set1_epi32(128 * a[t].nsum[b]);
+        acc[t][1] = _mm512_setzero_si512();
+      }
+      for (int64_t j = 0; j < vpb; ++j) {
+        const __m512i w = _mm512_loadu_si512(wc + (b * vpb + j) * 64);
+        for (int t = 0; t < TT; ++t) {
+          int32_t x0;
+          std::memcpy(&x0, a[t].q + b * G + 4 * j, 4);
+          acc[t][j & 1] = _mm512_dpbusd_epi32(acc[t][j & 1], w, _mm512_set1_epi32(x0));
+        }
+      }
+      for (int t = 0; t < TT; ++t)
+        f[t][b & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[t][0], acc[t][1])),
+                                      _mm512_set1_ps(a[t].xscale[b]), f[t][b & 1]);
+    }
+    const __m512 s = _mm512_loadu_ps(m.scales + g * 16);
+    const int64_t k = std::min<int64_t>(16, m.N - g * 16);
+    for (int t = 0; t < TT; ++t)
+      _mm512_mask_storeu_ps(a[t].y + g * 16, __mmask16((1u << k) - 1), _mm512_mul_ps(_mm512_add_ps(f[t][0], f[t][1]), s));
+  }
+}
+
 template <int TT>
 bool rows16_vnni_g(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
+  if (m.bits == 8) {
+    switch (m.G) {
+      case 16: rows16_vnni8<16, TT>(m, a, g0, g1); return true;
+      case 32: rows16_vnni8<32, TT>(m, a, g0, g1); return true;
+      case 64: rows16_vnni8<64, TT>(m, a, g0, g1); return true;
+      case 128: rows16_vnni8<128, TT>(m, a, g0, g1); return true;
+      case 256: rows16_vnni8<256, TT>(m, a, g0, g1); return true;
+      default: return false;
+    }
+  }
   switch (m.G) {
     case 16: rows16_vnni<16, TT>(m, a, g0, g1); return true;
     case 32: rows16_vnni<32, TT>(m, a, g0, g1); return true;
@@ -1939,6 +1987,22 @@ bool rows16_vnni_g(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
 // portable: the same integer sums per block, then the same float steps
 void rows16_portable(const MatVecQ& m, const Acts16& a, int64_t g0, int64_t g1) {
   const int64_t G = m.G, vpb = G / 8;
+  if (m.bits == 8) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t r = 0; r < 16 && g * 16 + r < m.N; ++r) {
+        float f[2] = {0.0f, 0.0f};
+        for (int64_t b = 0; b < m.nb; ++b) {
+          int32_t acc = 128 * a.nsum[b];
+          for (int64_t j = 0; j < G / 4; ++j) {
+            const uint8_t* w = m.codes + ((g * m.nb + b) * (G / 4) + j) * 64 + 4 * r;
+            for (int i = 0; i < 4; ++i) acc += int32_t(w[i]) * a.q[b * G + 4 * j + i];
+          }
+          f[b & 1] += float(acc) * a.xscale[b];
+        }
+        a.y[g * 16 + r] = (f[0] + f[1]) * m.scales[g * 16 + r];
+      }
+    return;
+  }
   for (int64_t g = g0; g < g1; ++g)
     for (int64_t r = 0; r < 16 && g * 16 + r < m.N; ++r) {
       float f[2] = {0.0f, 0.0f};
@@ -1985,16 +2049,16 @@ void matvec_input(MatVecQ& m, const Attrs& at, OrtKernelContext* ctx, size_t i, 
   Tensor codes = cached_input(at, ctx, i), scales = cached_input(at, ctx, i + 1), zeros = cached_input(at, ctx, i + 2);
   m.i16 = layout == 1;
   if (m.i16) {
-    m.bits = 4;
+    m.bits = bits;
     m.G = G;
     m.N = N;
     m.nb = codes.dims[1];
-    m.row_bytes = m.nb * G / 2;
+    m.row_bytes = m.nb * G * bits / 8;
     m.K = K;
     m.codes = codes.raw<uint8_t>();
-    m.hscales = scales.raw<uint16_t>();
-    m.scales = nullptr;
-    m.zeros = zeros.size ? zeros.raw<uint8_t>() : nullptr;
+    m.hscales = bits == 4 ? scales.raw<uint16_t>() : nullptr;   // 8-bit: float32, one a row
+    m.scales = bits == 4 ? nullptr : scales.data;
+    m.zeros = bits == 4 && zeros.size ? zeros.raw<uint8_t>() : nullptr;
     m.packed = false;
     return;
   }
@@ -2033,7 +2097,7 @@ void matvec_q16_compute(const Attrs& at, OrtKernelContext* ctx) {
   Tensor x = input(ctx, 0);   // (the prefill's token count changes from call to call)
   const int64_t K = x.dims[x.rank - 1];
   thread_local MatVecQ m;
-  matvec_input(m, at, ctx, 1, 4, at.block, K, 1, at.n);
+  matvec_input(m, at, ctx, 1, at.bits, at.block, K, 1, at.n);
   int64_t ydims[4];
   for (size_t d = 0; d < x.rank; ++d) ydims[d] = x.dims[d];
   ydims[x.rank - 1] = m.N;
@@ -2054,7 +2118,7 @@ void matvec_q16_compute(const Attrs& at, OrtKernelContext* ctx) {
     quantise16(x.data + t * K, K, m.G, m.nb, q.data() + t * Kp, xs.data() + t * m.nb, ns.data() + t * m.nb);
     acts[t] = Acts16{q.data() + t * Kp, xs.data() + t * m.nb, ns.data() + t * m.nb, y + t * m.N};
   }
-  const int64_t N16 = (m.N + 15) / 16, gbytes = std::max<int64_t>(1, 8 * Kp);   // a group's code bytes
+  const int64_t N16 = (m.N + 15) / 16, gbytes = std::max<int64_t>(1, 2 * m.bits * Kp);   // a group's code bytes
   const int64_t span = std::max<int64_t>(1, (int64_t(1) << 15) / gbytes);       // groups a pass of the tokens
   const MatVecQ& mq = m;   // (thread_local by reference: a pool thread would see its own)
   const std::vector<Acts16>& as = acts;
@@ -2305,6 +2369,7 @@ OpDef g_ops[] = {
     make("Rwkv7ClusteredHeadTopF32", "ffffiiwffl", 2, clustered_head_compute<float, true>, "fl"),
     make("Rwkv7MatVecQ", "fufu", 1, matvec_q_compute),
     make("Rwkv7MatVecQ16", "fuhu", 1, matvec_q16_compute),
+    make("Rwkv7MatVecQ16x8", "fufu", 1, matvec_q16_compute),
     make_variadic("Rwkv7MatVecSet", matvec_set_compute),
 };
 

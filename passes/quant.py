@@ -136,6 +136,23 @@ def interleave16(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray | Non
     return codes, s16, np.ascontiguousarray(z[..., 0::2] | (z[..., 1::2] << 4))
 
 
+def interleave16_int8(q: np.ndarray, scale: np.ndarray, group: int):
+    """An Int8 matrix (q int8 (N, K), scale (N,)) in the interleaved layout of rwkvc's Rwkv7MatVecQ16x8 (op set
+    7): uint8 codes q + 128 (MatMulNBits' 8-bit codes) with K padded to whole blocks of `group`, rows in
+    groups of 16 (the last padded), and for group g, block b, step j of 4 weights, 64 bytes holding row r's
+    codes b G + 4 j .. + 3 at 4 r. -> codes (N16, nb, 16 G) uint8, scales (N16, 16) float32 (one a row),
+    an empty zero-point array (the zero point is 128)."""
+    N, K = q.shape
+    nb = -(-K // group)
+    N16 = -(-N // 16)
+    c = np.full((N16 * 16, nb * group), U8_ZERO, np.uint8)
+    c[:N, :K] = u8_codes(q)
+    codes = np.ascontiguousarray(c.reshape(N16, 16, nb, group // 4, 4).transpose(0, 2, 3, 1, 4)).reshape(N16, nb, 16 * group)
+    s = np.zeros(N16 * 16, np.float32)
+    s[:N] = scale
+    return codes, s.reshape(N16, 16), np.zeros(0, np.uint8)
+
+
 def dequantize_int4(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group: int, K: int) -> np.ndarray:
     N = codes.shape[0]
     nb = scales.shape[1]
@@ -343,19 +360,52 @@ def emit_int8(g, lin: ir.Linear, x: str) -> str:
     return _from_f32(g, g.op("Mul", g.op("Cast", acc, to=TensorProto.FLOAT), scale))
 
 
-def emit_int8_nbits(g, lin: ir.Linear, x: str) -> str:
-    """The int8 matrix as MatMulNBits(bits=8): codes q + 128 (the operator's default zero point) in blocks
-    of INT8_BLOCK along K (the tail padded with the zero point), each row's scale repeated per block. The
-    same numbers re-laid out, never expanded to float."""
+def int8_spec(w: "Int8"):
+    return (8, effective_group(INT8_BLOCK, w.shape[1])) if w.accuracy_level == 4 else None
+
+
+def int8_layout16(g, w: "Int8") -> bool:
+    """Whether the int8 matrix (accuracy level 4) is stored interleaved for rwkvc's Rwkv7MatVecQ16x8: where
+    the step reads it with rwkvc's kernels (emit_onnx.matvec_fusable, step or prefill alike, as int4_layout16)."""
+    spec = int8_spec(w)
+    N, K = w.shape
+    return (spec is not None and emit_onnx.MATVEC_I16
+            and emit_onnx.matvec_fusable(g, 8, spec[1], w.accuracy_level, K, N, step=False))
+
+
+def int8_inputs16(g, lin: ir.Linear) -> tuple[str, str, str]:
+    """Rwkv7MatVecQ16x8's inputs for an int8 matrix (also Rwkv7MatVecSet's, layout 1, bits 8)."""
+    w = lin.weight
+    codes, s, z = interleave16_int8(w.q, w.scale, int8_spec(w)[1])
+    return (g.weight(lin.name + ".q8i", codes, np.uint8), g.weight(lin.name + ".q8iscale", s, np.float32),
+            g.weight(lin.name + ".q8izeros", z, np.uint8))
+
+
+def int8_nbits_inputs(g, lin: ir.Linear) -> tuple[str, str]:
+    """MatMulNBits(bits=8)'s inputs: codes q + 128 (the operator's default zero point) in blocks of
+    INT8_BLOCK along K (the tail padded with the zero point), each row's scale repeated per block."""
     w = lin.weight
     N, K = w.shape
-    B = effective_group(INT8_BLOCK, K)
+    B = int8_spec(w)[1] if w.accuracy_level == 4 else effective_group(INT8_BLOCK, K)
     nb = -(-K // B)
     codes = np.full((N, nb * B), U8_ZERO, np.uint8)
     codes[:, :K] = u8_codes(w.q)
     scales = np.repeat(np.asarray(w.scale, np.float32)[:, None], nb, axis=1)
-    return g.op("MatMulNBits", x, g.weight(lin.name + ".q8b", codes.reshape(N, nb, B), np.uint8),
-                g.weight(lin.name + ".q8bscales", scales, g.dtype),
+    return (g.weight(lin.name + ".q8b", codes.reshape(N, nb, B), np.uint8),
+            g.weight(lin.name + ".q8bscales", scales, g.dtype))
+
+
+def emit_int8_nbits(g, lin: ir.Linear, x: str) -> str:
+    """The int8 matrix as MatMulNBits(bits=8) (int8_nbits_inputs), or, where rwkvc's kernels read it
+    (int8_layout16), as Rwkv7MatVecQ16x8 over the interleaved layout. The same numbers re-laid out, never
+    expanded to float."""
+    w = lin.weight
+    N, K = w.shape
+    if int8_layout16(g, w):
+        return g.op("Rwkv7MatVecQ16x8", emit_onnx.f32(g, x), *int8_inputs16(g, lin), domain=emit_onnx.FUSED_DOMAIN,
+                    n=int(N), block=int(int8_spec(w)[1]), bits=8)
+    B = effective_group(INT8_BLOCK, K)
+    return g.op("MatMulNBits", x, *int8_nbits_inputs(g, lin),
                 domain="com.microsoft", K=int(K), N=int(N), bits=8, block_size=int(B),
                 accuracy_level=int(w.accuracy_level))
 
@@ -443,6 +493,8 @@ emit_onnx.LINEAR_EMITTERS["int8"] = emit_int8
 emit_onnx.ROWS_COUPLED["int8"] = lambda w, in_sparse_ffn: in_sparse_ffn or w.accuracy_level == 0
 emit_onnx.LINEAR_EMITTERS["int4"] = emit_int4
 emit_onnx.NBITS["int4"] = (int4_spec, int4_inputs, int4_layout16, int4_inputs16)
+# int8 joins a set only interleaved (emit_onnx.matvec_fusable: 8-bit products need MATVEC_I16)
+emit_onnx.NBITS["int8"] = (int8_spec, None, int8_layout16, int8_inputs16)
 emit_onnx.LINEAR_EMITTERS["factored"] = emit_factored
 emit_onnx.ROWS_MATMUL["int8"] = rows_matmul_int8
 emit_onnx.COLS_MATMUL["int8"] = cols_matmul_int8

@@ -356,7 +356,8 @@ def matvec_fusable(g: Graph, bits: int, block: int, accuracy_level: int, K: int,
     (docs/BENCHMARKS.md, session 6). ONNX Runtime's own kernels were as fast or faster on 8-bit matrices
     and on large narrow 4-bit ones (a 128-wide head). step=False: whether it would in this graph's step
     (the prefill graph's answer for the matrices the two share)."""
-    return (g.fused and (g.step or not step) and not g.rescale and accuracy_level == 4 and bits == 4
+    return (g.fused and (g.step or not step) and not g.rescale and accuracy_level == 4
+            and (bits == 4 or (bits == 8 and MATVEC_I16))
             and block in MATVEC_Q_BLOCKS and (K >= MATVEC_MIN_K or N * K <= MATVEC_SMALL)
             and (matvec_q_host() if MATVEC_Q is None else MATVEC_Q))
 

@@ -400,6 +400,50 @@ def test_matvec_q16_computes_matmulnbits(K, N, G, zeros):
         assert float(np.abs(got - ref).max()) <= 2e-6 * float(np.abs(ref).max())   # measured ~4e-7
 
 
+def q16x8_graph(K, N, fused, seed):
+    """y = W x over T tokens for an int8 matrix: MatMulNBits(bits=8, accuracy_level=4) as the cpu target
+    emits it (passes.quant.int8_nbits_inputs), or Rwkv7MatVecQ16x8 over it interleaved."""
+    from onnx import TensorProto, helper, numpy_helper
+    from passes.quant import INT8_BLOCK, effective_group, interleave16_int8, quantize_int8, u8_codes
+    q, sc = quantize_int8(np.random.default_rng(seed).standard_normal((N, K)).astype(np.float32))
+    B = effective_group(INT8_BLOCK, K)
+    nb = -(-K // B)
+    if fused:
+        c16, s16, z16 = interleave16_int8(q, sc, B)
+        inits = [numpy_helper.from_array(c16, "w"), numpy_helper.from_array(s16, "s"), numpy_helper.from_array(z16, "z")]
+        node = helper.make_node("Rwkv7MatVecQ16x8", ["x", "w", "s", "z"], ["y"], domain="ai.rwkvc", n=N, block=B, bits=8)
+    else:
+        codes = np.full((N, nb * B), 128, np.uint8)
+        codes[:, :K] = u8_codes(q)
+        inits = [numpy_helper.from_array(codes.reshape(N, nb, B), "w"),
+                 numpy_helper.from_array(np.repeat(sc[:, None], nb, axis=1), "s")]
+        node = helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], domain="com.microsoft", K=K, N=N, bits=8,
+                                block_size=B, accuracy_level=4)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", N])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
+                                               helper.make_opsetid("ai.rwkvc", 1)]).SerializeToString()
+
+
+@pytest.mark.parametrize("K,N", [(768, 768), (768, 300), (200, 50), (3072, 96), (64, 33), (128, 4099), (96, 70)])
+def test_matvec_q16x8_computes_matmulnbits(K, N):
+    """Op set 7's interleaved int8 layout: Rwkv7MatVecQ16x8 gives MatMulNBits' 8-bit numbers (blocks of 128,
+    or the smallest power of two >= 16 covering a smaller K) for one token and for several."""
+    import onnxruntime as ort
+    rng = np.random.default_rng(K + N)
+    xs = [rng.standard_normal((T, K)).astype(np.float32) for T in (1, 6, 1)]
+    out = []
+    for fused in (False, True):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 2
+        ortops.register(so, 2)
+        sess = ort.InferenceSession(q16x8_graph(K, N, fused, seed=K * 5 + N), so, providers=["CPUExecutionProvider"])
+        out.append([sess.run(None, {"x": x})[0] for x in xs])
+    for ref, got in zip(*out):
+        assert got.shape == ref.shape
+        assert float(np.abs(got - ref).max()) <= 2e-6 * float(np.abs(ref).max())
+
+
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
     """A model whose matrices are wide enough for rwkvc's 4-bit kernels (emit_onnx.MATVEC_MIN_K columns)."""
@@ -409,7 +453,8 @@ def wide(tmp_path_factory):
 @pytest.mark.parametrize("recipe,i16", [("int4(group=32)", True), ("int4(group=16)", True), ("int4(group=128)", True),
                                         ("svd(rank=0.5,targets=ffn),int4(group=64)", True),
                                         ("svd(rank=0.25),int4(group=32)", True),
-                                        ("int4(group=32)", False), ("svd(rank=0.25),int4(group=128)", False)])
+                                        ("int4(group=32)", False), ("svd(rank=0.25),int4(group=128)", False),
+                                        ("int8", True), ("svd(rank=0.5,targets=ffn),int8", True)])
 def test_quantised_step_products_match_the_plain_graph(wide, tmp_path, recipe, i16, monkeypatch):
     """The fused step with its 4-bit products in Rwkv7MatVecSet / Rwkv7MatVecQ16 nodes (op set 7's
     interleaved layout; i16 False: Rwkv7MatVecQ over MatMulNBits' layout) against the plain graph's
@@ -417,7 +462,8 @@ def test_quantised_step_products_match_the_plain_graph(wide, tmp_path, recipe, i
     quantise to 8 bits per block: an ulp of difference at a rounding boundary flips one 8-bit code, and such
     a token's logits then differ by up to ~1 % (each step from the plain graph's state). A wrong code, scale,
     zero point or layout moves every token. The fused prefill reads the interleaved matrices too
-    (Rwkv7MatVecQ16 over 16 tokens), and the artifact holds one copy of each."""
+    (Rwkv7MatVecQ16 over 16 tokens), and the artifact holds one copy of each. int8 (level 4): the same with
+    Rwkv7MatVecQ16x8 against MatMulNBits' 8-bit kernel."""
     from rwkvc import emit_onnx
     ckpt, calib = wide
     model = passes_model(ckpt, recipe, calib)
@@ -425,15 +471,16 @@ def test_quantised_step_products_match_the_plain_graph(wide, tmp_path, recipe, i
     monkeypatch.setattr(emit_onnx, "MATVEC_I16", i16)
     fused, plain = lower(model, tmp_path / "f", True), lower(model, tmp_path / "p", False)
     ops = {n for d, n in step_ops(fused) if d == "ai.rwkvc"}
-    assert {"Rwkv7MatVecSet", "Rwkv7MatVecQ16" if i16 else "Rwkv7MatVecQ"} <= ops
+    single = "Rwkv7MatVecQ16x8" if "int8" in recipe else "Rwkv7MatVecQ16" if i16 else "Rwkv7MatVecQ"
+    assert {"Rwkv7MatVecSet", single} <= ops
     if i16:
         pre = onnx.load(str(fused / "prefill.onnx"), load_external_data=False).graph
-        read = {i for n in pre.node if n.op_type == "MatMulNBits" for i in n.input}
-        assert any(n.op_type == "Rwkv7MatVecQ16" for n in pre.node)
-        assert not any(i.endswith(".q4i") for i in read)
+        assert any(n.op_type == single for n in pre.node)
         names = {t.name for t in pre.initializer} | {
             t.name for t in onnx.load(str(fused / "step.onnx"), load_external_data=False).graph.initializer}
-        assert not any(n.endswith(".q4i") and n[:-1] in names for n in names)   # never both layouts of a matrix
+        # never both layouts of a matrix (.q4 / .q4i, .q8b / .q8i)
+        assert not any(n.endswith(".q4i") and n[:-1] in names or n.endswith(".q8i") and n[:-1] + "b" in names
+                       for n in names)
         toks = [int(t) for t in calib[-16:]]
         got, ref = rwkvc.load(fused).forward(toks)[0], rwkvc.load(plain).forward(toks)[0]
         assert float(np.abs(got - ref).max()) <= FLIP_BOUND * max(1.0, float(np.abs(ref).max()))
@@ -525,6 +572,8 @@ def test_matvec_q_portable_path(avx2_build):
         test_matvec_q_computes_matmulnbits(*case)
     for case in [(768, 768, 32, True), (200, 50, 32, True), (768, 300, 16, False), (64, 33, 64, None)]:
         test_matvec_q16_computes_matmulnbits(*case)
+    for case in [(768, 300), (200, 50), (96, 70)]:
+        test_matvec_q16x8_computes_matmulnbits(*case)
 
 
 def test_compressed_kernels_avx2_path(small, tmp_path, avx2_build):
