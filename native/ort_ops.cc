@@ -1961,26 +1961,102 @@ void rows16_vnni8(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
   }
 }
 
+#endif
+
+// fn<G, ...>(m, a, g0, g1) for m.G in the op's blocks (16 .. 256); false for another block
+#define RWKVC_BY_BLOCK(fn, ...)                                          \
+  switch (m.G) {                                                         \
+    case 16: fn<16, __VA_ARGS__>(m, a, g0, g1); return true;             \
+    case 32: fn<32, __VA_ARGS__>(m, a, g0, g1); return true;             \
+    case 64: fn<64, __VA_ARGS__>(m, a, g0, g1); return true;             \
+    case 128: fn<128, __VA_ARGS__>(m, a, g0, g1); return true;           \
+    case 256: fn<256, __VA_ARGS__>(m, a, g0, g1); return true;           \
+    default: return false;                                               \
+  }
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 template <int TT>
 bool rows16_vnni_g(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
-  if (m.bits == 8) {
-    switch (m.G) {
-      case 16: rows16_vnni8<16, TT>(m, a, g0, g1); return true;
-      case 32: rows16_vnni8<32, TT>(m, a, g0, g1); return true;
-      case 64: rows16_vnni8<64, TT>(m, a, g0, g1); return true;
-      case 128: rows16_vnni8<128, TT>(m, a, g0, g1); return true;
-      case 256: rows16_vnni8<256, TT>(m, a, g0, g1); return true;
-      default: return false;
+  if (m.bits == 8) RWKVC_BY_BLOCK(rows16_vnni8, TT)
+  RWKVC_BY_BLOCK(rows16_vnni, TT)
+}
+#endif
+
+#if defined(__AVX2__) && defined(__F16C__) && !(defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__))
+// AVX2 (no VNNI): each half of a vector (rows 8 h .. 8 h + 7) at a time. 4-bit: vpmaddubsw of the low and
+// high nibbles with x's broadcast codes (two pairs of at most 15 x 127 each: no saturation), vpmaddwd into
+// 8 int32 lanes. 8-bit: the codes as int8 q (code ^ 0x80), vpmaddubsw of |q| with x's codes given q's signs
+// (pairs of at most 127 x 127 x 2: exact), so no zero-point term. The same integers as the VNNI path.
+template <int64_t G, int BITS, int TT>
+void rows16_avx2(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
+  constexpr int64_t wpv = BITS == 4 ? 8 : 4, vpb = G / wpv;   // weights a row per vector, vectors a block
+  const __m256i nib = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(char(0x80));
+  const __m256i zsh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const int64_t gstride = m.nb * vpb * 64;
+  for (int64_t g = g0; g < g1; ++g)
+    for (int h = 0; h < 2; ++h) {
+      const int64_t r0 = g * 16 + 8 * h, k = std::min<int64_t>(8, m.N - r0);
+      if (k <= 0) break;
+      const uint8_t* wc = m.codes + g * gstride + 32 * h;
+      __m256 f[TT][2];
+      for (int t = 0; t < TT; ++t) f[t][0] = f[t][1] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < m.nb; ++b) {
+        __m256i acc[TT];
+        if (BITS == 4) {
+          __m256i z = _mm256_set1_epi32(8);
+          if (m.zeros) {
+            int32_t zz;
+            std::memcpy(&zz, m.zeros + (g * m.nb + b) * 8 + 4 * h, 4);
+            z = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(zz), zsh), _mm256_set1_epi32(15));
+          }
+          for (int t = 0; t < TT; ++t) acc[t] = _mm256_mullo_epi32(z, _mm256_set1_epi32(a[t].nsum[b]));
+        } else {
+          for (int t = 0; t < TT; ++t) acc[t] = _mm256_setzero_si256();
+        }
+        for (int64_t j = 0; j < vpb; ++j) {
+          const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wc + (b * vpb + j) * 64));
+          if (BITS == 4) {
+            const __m256i lo = _mm256_and_si256(w, nib), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), nib);
+            for (int t = 0; t < TT; ++t) {
+              int32_t x0, x1;
+              std::memcpy(&x0, a[t].q + b * G + 8 * j, 4);
+              std::memcpy(&x1, a[t].q + b * G + 8 * j + 4, 4);
+              const __m256i d16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(x0)),
+                                                   _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x1)));
+              acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(d16, ones));
+            }
+          } else {
+            const __m256i q = _mm256_xor_si256(w, flip), aq = _mm256_abs_epi8(q);
+            for (int t = 0; t < TT; ++t) {
+              int32_t x0;
+              std::memcpy(&x0, a[t].q + b * G + 4 * j, 4);
+              const __m256i d16 = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(_mm256_set1_epi32(x0), q));
+              acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(d16, ones));
+            }
+          }
+        }
+        if (BITS == 4) {
+          const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m.hscales + (g * m.nb + b) * 16 + 8 * h)));
+          for (int t = 0; t < TT; ++t)
+            f[t][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), _mm256_mul_ps(s, _mm256_set1_ps(a[t].xscale[b])), f[t][b & 1]);
+        } else {
+          for (int t = 0; t < TT; ++t)
+            f[t][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), _mm256_set1_ps(a[t].xscale[b]), f[t][b & 1]);
+        }
+      }
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(k)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      for (int t = 0; t < TT; ++t) {
+        __m256 y = _mm256_add_ps(f[t][0], f[t][1]);
+        if (BITS == 8) y = _mm256_mul_ps(y, _mm256_loadu_ps(m.scales + r0));   // (N16, 16): rows past N are 0
+        _mm256_maskstore_ps(a[t].y + r0, mask, y);
+      }
     }
-  }
-  switch (m.G) {
-    case 16: rows16_vnni<16, TT>(m, a, g0, g1); return true;
-    case 32: rows16_vnni<32, TT>(m, a, g0, g1); return true;
-    case 64: rows16_vnni<64, TT>(m, a, g0, g1); return true;
-    case 128: rows16_vnni<128, TT>(m, a, g0, g1); return true;
-    case 256: rows16_vnni<256, TT>(m, a, g0, g1); return true;
-    default: return false;
-  }
+}
+
+template <int TT>
+bool rows16_avx2_g(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
+  if (m.bits == 8) RWKVC_BY_BLOCK(rows16_avx2, 8, TT)
+  RWKVC_BY_BLOCK(rows16_avx2, 4, TT)
 }
 #endif
 
@@ -2031,6 +2107,12 @@ void rows16_tokens(const MatVecQ& m, const Acts16* a, int64_t T, int64_t g0, int
   bool ok = true;
   for (; ok && t + 4 <= T; t += 4) ok = rows16_vnni_g<4>(m, a + t, g0, g1);
   for (; ok && t < T; ++t) ok = rows16_vnni_g<1>(m, a + t, g0, g1);
+  if (ok) return;
+#elif defined(__AVX2__) && defined(__F16C__)
+  int64_t t = 0;
+  bool ok = true;
+  for (; ok && t + 4 <= T; t += 4) ok = rows16_avx2_g<4>(m, a + t, g0, g1);
+  for (; ok && t < T; ++t) ok = rows16_avx2_g<1>(m, a + t, g0, g1);
   if (ok) return;
 #endif
   for (int64_t t = 0; t < T; ++t) rows16_portable(m, a[t], g0, g1);

@@ -554,25 +554,47 @@ def test_older_kernel_versions_still_load(pair, tmp_path):
     assert_close(a, b, 2e-5)
 
 
+def build_for(monkeypatch, march):
+    """rwkvc's kernels built once more with -march=`march` instead of native (~15 s), for the test's length."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the other builds are x86-64 ones")
+    monkeypatch.setattr(ortops, "FLAGS", [f if f != "-march=native" else "-march=" + march for f in ortops.FLAGS])
+    ortops.library.cache_clear()
+
+
 @pytest.fixture
 def avx2_build(monkeypatch):
-    """rwkvc's kernels built once more for a plain AVX2 x86-64 (~15 s): the paths AVX2-only hosts run."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("the AVX2 build is an x86-64 one")
-    monkeypatch.setattr(ortops, "FLAGS", [f if f != "-march=native" else "-march=x86-64-v3" for f in ortops.FLAGS])
-    ortops.library.cache_clear()
+    """A plain AVX2 x86-64 build: the paths AVX2-only hosts run."""
+    build_for(monkeypatch, "x86-64-v3")
     yield
     ortops.library.cache_clear()
 
 
+@pytest.fixture
+def sse_build(monkeypatch):
+    """A baseline x86-64 build (SSE2 only): the portable loops other CPUs run."""
+    build_for(monkeypatch, "x86-64")
+    yield
+    ortops.library.cache_clear()
+
+
+def test_matvec_q16_portable_loops(sse_build):
+    """Without AVX2 the interleaved layouts' portable loops give MatMulNBits' numbers too."""
+    for case in [(768, 300, 32, True), (200, 50, 16, False), (64, 33, 64, None)]:
+        test_matvec_q16_computes_matmulnbits(*case)
+    for case in [(768, 300), (96, 70)]:
+        test_matvec_q16x8_computes_matmulnbits(*case)
+
+
 def test_matvec_q_portable_path(avx2_build):
-    """Without AVX-512 VNNI the kernels take their portable loops: the same numbers."""
+    """Without AVX-512 VNNI the kernels take their AVX2 and portable paths: the same numbers."""
     for case in [(768, 768, 4, 32, True), (32, 130, 4, 32, True), (768, 300, 4, 16, True),
                  (896, 100, 4, 128, True), (768, 768, 8, 128, False), (96, 70, 8, 32, False)]:
         test_matvec_q_computes_matmulnbits(*case)
-    for case in [(768, 768, 32, True), (200, 50, 32, True), (768, 300, 16, False), (64, 33, 64, None)]:
+    for case in [(768, 768, 32, True), (200, 50, 32, True), (768, 300, 16, False), (64, 33, 64, None),
+                 (896, 100, 128, True), (128, 4099, 32, True)]:   # the AVX2 path of the interleaved layouts
         test_matvec_q16_computes_matmulnbits(*case)
-    for case in [(768, 300), (200, 50), (96, 70)]:
+    for case in [(768, 300), (200, 50), (96, 70), (128, 4099)]:
         test_matvec_q16x8_computes_matmulnbits(*case)
 
 
