@@ -1830,7 +1830,7 @@ void matvec_rows(const MatVecQ& m, int64_t n0, int64_t n1, float* y) {
 // tables), and a block ends with one vector of 16 rows' scales (float16) and zero points: ~6 operations per
 // 64 bytes and no lane sums (1.9-3.3x the row layout's speed on the 0.1B's shapes, hot in cache).
 //   block b's integer sum per row: (z_r) (-sum of x's codes in b) + sum_k code_k x_k  (the zero points' term
-//   as vpdpbusd's starting value); y_r = sum_b that * scale_r,b * xscale_b (even and odd blocks summed apart)
+//   as vpdpbusd's starting value); y_r = sum_b that * scale_r,b * xscale_b
 // x is quantised as Rwkv7MatVecQ quantises it (MatMulNBits' accuracy level 4): the same integers.
 
 // IEEE half -> float (exact), for the paths without F16C
@@ -1888,8 +1888,8 @@ void rows16_vnni(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
     const uint8_t* wc = m.codes + g * gstride;
     const uint16_t* sc = m.hscales + g * m.nb * 16;
     const uint8_t* zc = m.zeros ? m.zeros + g * m.nb * 8 : nullptr;
-    __m512 f[TT][2];
-    for (int t = 0; t < TT; ++t) f[t][0] = f[t][1] = _mm512_setzero_ps();
+    __m512 f[TT];
+    for (int t = 0; t < TT; ++t) f[t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < m.nb; ++b) {
       __m512i z;   // the 16 rows' zero points of this block
       if (zc) {
@@ -1903,25 +1903,28 @@ void rows16_vnni(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
         acc[t][0] = _mm512_mullo_epi32(z, _mm512_set1_epi32(a[t].nsum[b]));
         acc[t][1] = _mm512_setzero_si512();
       }
-      for (int64_t j = 0; j < vpb; ++j) {
-        const __m512i w = _mm512_loadu_si512(wc + (b * vpb + j) * 64);
-        const __m512i lo = _mm512_and_si512(w, nib), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nib);
-        for (int t = 0; t < TT; ++t) {
-          int32_t x0, x1;
-          std::memcpy(&x0, a[t].q + b * G + 8 * j, 4);
-          std::memcpy(&x1, a[t].q + b * G + 8 * j + 4, 4);
-          acc[t][j & 1] = _mm512_dpbusd_epi32(acc[t][j & 1], lo, _mm512_set1_epi32(x0));
-          acc[t][j & 1] = _mm512_dpbusd_epi32(acc[t][j & 1], hi, _mm512_set1_epi32(x1));
+      // two vectors a step, each into its own accumulator (vpb is even; indexing the accumulators by a
+      // run-time j & 1 kept them on the stack)
+      for (int64_t j = 0; j < vpb; j += 2) {
+        for (int u = 0; u < 2; ++u) {
+          const __m512i w = _mm512_loadu_si512(wc + (b * vpb + j + u) * 64);
+          const __m512i lo = _mm512_and_si512(w, nib), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nib);
+          for (int t = 0; t < TT; ++t) {
+            int32_t x0, x1;
+            std::memcpy(&x0, a[t].q + b * G + 8 * (j + u), 4);
+            std::memcpy(&x1, a[t].q + b * G + 8 * (j + u) + 4, 4);
+            acc[t][u] = _mm512_dpbusd_epi32(acc[t][u], lo, _mm512_set1_epi32(x0));
+            acc[t][u] = _mm512_dpbusd_epi32(acc[t][u], hi, _mm512_set1_epi32(x1));
+          }
         }
       }
       const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + b * 16)));
       for (int t = 0; t < TT; ++t)
-        f[t][b & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[t][0], acc[t][1])),
-                                      _mm512_mul_ps(s, _mm512_set1_ps(a[t].xscale[b])), f[t][b & 1]);
+        f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[t][0], acc[t][1])),
+                               _mm512_mul_ps(s, _mm512_set1_ps(a[t].xscale[b])), f[t]);
     }
     const int64_t k = std::min<int64_t>(16, m.N - g * 16);
-    for (int t = 0; t < TT; ++t)
-      _mm512_mask_storeu_ps(a[t].y + g * 16, __mmask16((1u << k) - 1), _mm512_add_ps(f[t][0], f[t][1]));
+    for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(a[t].y + g * 16, __mmask16((1u << k) - 1), f[t]);
   }
 }
 
@@ -1934,30 +1937,30 @@ void rows16_vnni8(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
   const int64_t gstride = m.nb * G * 16;
   for (int64_t g = g0; g < g1; ++g) {
     const uint8_t* wc = m.codes + g * gstride;
-    __m512 f[TT][2];
-    for (int t = 0; t < TT; ++t) f[t][0] = f[t][1] = _mm512_setzero_ps();
+    __m512 f[TT];
+    for (int t = 0; t < TT; ++t) f[t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < m.nb; ++b) {
       __m512i acc[TT][2];
       for (int t = 0; t < TT; ++t) {
         acc[t][0] = _mm512_set1_epi32(128 * a[t].nsum[b]);
         acc[t][1] = _mm512_setzero_si512();
       }
-      for (int64_t j = 0; j < vpb; ++j) {
-        const __m512i w = _mm512_loadu_si512(wc + (b * vpb + j) * 64);
-        for (int t = 0; t < TT; ++t) {
-          int32_t x0;
-          std::memcpy(&x0, a[t].q + b * G + 4 * j, 4);
-          acc[t][j & 1] = _mm512_dpbusd_epi32(acc[t][j & 1], w, _mm512_set1_epi32(x0));
+      for (int64_t j = 0; j < vpb; j += 2)   // two vectors a step (as rows16_vnni)
+        for (int u = 0; u < 2; ++u) {
+          const __m512i w = _mm512_loadu_si512(wc + (b * vpb + j + u) * 64);
+          for (int t = 0; t < TT; ++t) {
+            int32_t x0;
+            std::memcpy(&x0, a[t].q + b * G + 4 * (j + u), 4);
+            acc[t][u] = _mm512_dpbusd_epi32(acc[t][u], w, _mm512_set1_epi32(x0));
+          }
         }
-      }
       for (int t = 0; t < TT; ++t)
-        f[t][b & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[t][0], acc[t][1])),
-                                      _mm512_set1_ps(a[t].xscale[b]), f[t][b & 1]);
+        f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[t][0], acc[t][1])),
+                               _mm512_set1_ps(a[t].xscale[b]), f[t]);
     }
     const __m512 s = _mm512_loadu_ps(m.scales + g * 16);
     const int64_t k = std::min<int64_t>(16, m.N - g * 16);
-    for (int t = 0; t < TT; ++t)
-      _mm512_mask_storeu_ps(a[t].y + g * 16, __mmask16((1u << k) - 1), _mm512_mul_ps(_mm512_add_ps(f[t][0], f[t][1]), s));
+    for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(a[t].y + g * 16, __mmask16((1u << k) - 1), _mm512_mul_ps(f[t], s));
   }
 }
 
@@ -1998,8 +2001,8 @@ void rows16_avx2(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
       const int64_t r0 = g * 16 + 8 * h, k = std::min<int64_t>(8, m.N - r0);
       if (k <= 0) break;
       const uint8_t* wc = m.codes + g * gstride + 32 * h;
-      __m256 f[TT][2];
-      for (int t = 0; t < TT; ++t) f[t][0] = f[t][1] = _mm256_setzero_ps();
+      __m256 f[TT];
+      for (int t = 0; t < TT; ++t) f[t] = _mm256_setzero_ps();
       for (int64_t b = 0; b < m.nb; ++b) {
         __m256i acc[TT];
         if (BITS == 4) {
@@ -2038,15 +2041,15 @@ void rows16_avx2(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
         if (BITS == 4) {
           const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m.hscales + (g * m.nb + b) * 16 + 8 * h)));
           for (int t = 0; t < TT; ++t)
-            f[t][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), _mm256_mul_ps(s, _mm256_set1_ps(a[t].xscale[b])), f[t][b & 1]);
+            f[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), _mm256_mul_ps(s, _mm256_set1_ps(a[t].xscale[b])), f[t]);
         } else {
           for (int t = 0; t < TT; ++t)
-            f[t][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), _mm256_set1_ps(a[t].xscale[b]), f[t][b & 1]);
+            f[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), _mm256_set1_ps(a[t].xscale[b]), f[t]);
         }
       }
       const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(k)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
       for (int t = 0; t < TT; ++t) {
-        __m256 y = _mm256_add_ps(f[t][0], f[t][1]);
+        __m256 y = f[t];
         if (BITS == 8) y = _mm256_mul_ps(y, _mm256_loadu_ps(m.scales + r0));   // (N16, 16): rows past N are 0
         _mm256_maskstore_ps(a[t].y + r0, mask, y);
       }
@@ -2066,22 +2069,22 @@ void rows16_portable(const MatVecQ& m, const Acts16& a, int64_t g0, int64_t g1) 
   if (m.bits == 8) {
     for (int64_t g = g0; g < g1; ++g)
       for (int64_t r = 0; r < 16 && g * 16 + r < m.N; ++r) {
-        float f[2] = {0.0f, 0.0f};
+        float f = 0.0f;
         for (int64_t b = 0; b < m.nb; ++b) {
           int32_t acc = 128 * a.nsum[b];
           for (int64_t j = 0; j < G / 4; ++j) {
             const uint8_t* w = m.codes + ((g * m.nb + b) * (G / 4) + j) * 64 + 4 * r;
             for (int i = 0; i < 4; ++i) acc += int32_t(w[i]) * a.q[b * G + 4 * j + i];
           }
-          f[b & 1] += float(acc) * a.xscale[b];
+          f += float(acc) * a.xscale[b];
         }
-        a.y[g * 16 + r] = (f[0] + f[1]) * m.scales[g * 16 + r];
+        a.y[g * 16 + r] = f * m.scales[g * 16 + r];
       }
     return;
   }
   for (int64_t g = g0; g < g1; ++g)
     for (int64_t r = 0; r < 16 && g * 16 + r < m.N; ++r) {
-      float f[2] = {0.0f, 0.0f};
+      float f = 0.0f;
       for (int64_t b = 0; b < m.nb; ++b) {
         int32_t z = 8;
         if (m.zeros) {
@@ -2094,9 +2097,9 @@ void rows16_portable(const MatVecQ& m, const Acts16& a, int64_t g0, int64_t g1) 
           const int8_t* x = a.q + b * G + 8 * j;
           for (int i = 0; i < 4; ++i) acc += int32_t(w[i] & 15) * x[i] + int32_t(w[i] >> 4) * x[4 + i];
         }
-        f[b & 1] += float(acc) * (half_to_float(m.hscales[(g * m.nb + b) * 16 + r]) * a.xscale[b]);
+        f += float(acc) * (half_to_float(m.hscales[(g * m.nb + b) * 16 + r]) * a.xscale[b]);
       }
-      a.y[g * 16 + r] = f[0] + f[1];
+      a.y[g * 16 + r] = f;
     }
 }
 
