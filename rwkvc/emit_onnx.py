@@ -351,11 +351,13 @@ def matvec_q_host() -> bool:
 
 def matvec_fusable(g: Graph, bits: int, block: int, accuracy_level: int, K: int, N: int, step: bool = True) -> bool:
     """Whether a MatMulNBits product of the graph runs on rwkvc's kernels: the fused step, accuracy level 4
-    (the kernels compute what MatMulNBits computes at that level), 4-bit blocks they read, and matrices of
-    at least MATVEC_MIN_K columns or MATVEC_SMALL weights, where they measured faster than ONNX Runtime's
-    (docs/BENCHMARKS.md, session 6). ONNX Runtime's own kernels were as fast or faster on 8-bit matrices
-    and on large narrow 4-bit ones (a 128-wide head). step=False: whether it would in this graph's step
-    (the prefill graph's answer for the matrices the two share)."""
+    (the kernels compute what MatMulNBits computes at that level), blocks they read, and matrices of at least
+    MATVEC_MIN_K columns or MATVEC_SMALL weights, where they measured faster than ONNX Runtime's
+    (docs/BENCHMARKS.md, session 6); large narrow 4-bit ones (a 128-wide head) stay ONNX Runtime's. 8-bit
+    matrices only in op set 7's interleaved layout (MATVEC_I16): over MatMulNBits' layout ONNX Runtime's
+    8-bit kernel was as fast or faster, over the interleaved one rwkvc's is faster (session 13).
+    step=False: whether it would in this graph's step (the prefill graph's answer for the matrices the two
+    share, which both then read interleaved)."""
     return (g.fused and (g.step or not step) and not g.rescale and accuracy_level == 4
             and (bits == 4 or (bits == 8 and MATVEC_I16))
             and block in MATVEC_Q_BLOCKS and (K >= MATVEC_MIN_K or N * K <= MATVEC_SMALL)
