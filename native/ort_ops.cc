@@ -1977,9 +1977,12 @@ void rows16_vnni8(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
     default: return false;                                               \
   }
 
+// rows16_simd<TT>(m, a, g0, g1): the groups for TT tokens with this build's vector path (VNNI, else AVX2);
+// false where it has none for m's block
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define RWKVC_ROWS16_SIMD 1
 template <int TT>
-bool rows16_vnni_g(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
+bool rows16_simd(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
   if (m.bits == 8) RWKVC_BY_BLOCK(rows16_vnni8, TT)
   RWKVC_BY_BLOCK(rows16_vnni, TT)
 }
@@ -2056,8 +2059,9 @@ void rows16_avx2(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
     }
 }
 
+#define RWKVC_ROWS16_SIMD 1
 template <int TT>
-bool rows16_avx2_g(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
+bool rows16_simd(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
   if (m.bits == 8) RWKVC_BY_BLOCK(rows16_avx2, 8, TT)
   RWKVC_BY_BLOCK(rows16_avx2, 4, TT)
 }
@@ -2105,17 +2109,11 @@ void rows16_portable(const MatVecQ& m, const Acts16& a, int64_t g0, int64_t g1) 
 
 // rows g0 16 .. g1 16 (clipped to N) for tokens a[0 .. T)
 void rows16_tokens(const MatVecQ& m, const Acts16* a, int64_t T, int64_t g0, int64_t g1) {
-#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#ifdef RWKVC_ROWS16_SIMD
   int64_t t = 0;
   bool ok = true;
-  for (; ok && t + 4 <= T; t += 4) ok = rows16_vnni_g<4>(m, a + t, g0, g1);
-  for (; ok && t < T; ++t) ok = rows16_vnni_g<1>(m, a + t, g0, g1);
-  if (ok) return;
-#elif defined(__AVX2__) && defined(__F16C__)
-  int64_t t = 0;
-  bool ok = true;
-  for (; ok && t + 4 <= T; t += 4) ok = rows16_avx2_g<4>(m, a + t, g0, g1);
-  for (; ok && t < T; ++t) ok = rows16_avx2_g<1>(m, a + t, g0, g1);
+  for (; ok && t + 4 <= T; t += 4) ok = rows16_simd<4>(m, a + t, g0, g1);
+  for (; ok && t < T; ++t) ok = rows16_simd<1>(m, a + t, g0, g1);
   if (ok) return;
 #endif
   for (int64_t t = 0; t < T; ++t) rows16_portable(m, a[t], g0, g1);
