@@ -24,6 +24,7 @@ Calibration-based variants (method=awq / gptq) live in passes/calib_quant.py and
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -368,31 +369,33 @@ def int8_layout16(g, w: "Int8") -> bool:
     """Whether the int8 matrix (accuracy level 4) is stored interleaved for rwkvc's Rwkv7MatVecQ16x8: where
     the step reads it with rwkvc's kernels (emit_onnx.matvec_fusable, step or prefill alike, as int4_layout16)."""
     spec = int8_spec(w)
-    N, K = w.shape
-    return (spec is not None and emit_onnx.MATVEC_I16
-            and emit_onnx.matvec_fusable(g, 8, spec[1], w.accuracy_level, K, N, step=False))
+    N, K = w.shape   # (matvec_fusable takes 8-bit products only with emit_onnx.MATVEC_I16)
+    return spec is not None and emit_onnx.matvec_fusable(g, 8, spec[1], w.accuracy_level, K, N, step=False)
 
 
 def int8_inputs16(g, lin: ir.Linear) -> tuple[str, str, str]:
     """Rwkv7MatVecQ16x8's inputs for an int8 matrix (also Rwkv7MatVecSet's, layout 1, bits 8)."""
     w = lin.weight
-    codes, s, z = interleave16_int8(w.q, w.scale, int8_spec(w)[1])
-    return (g.weight(lin.name + ".q8i", codes, np.uint8), g.weight(lin.name + ".q8iscale", s, np.float32),
-            g.weight(lin.name + ".q8izeros", z, np.uint8))
+    lay = functools.cache(lambda: interleave16_int8(w.q, w.scale, int8_spec(w)[1]))   # once for both graphs
+    return (g.weight(lin.name + ".q8i", lambda: lay()[0], np.uint8),
+            g.weight(lin.name + ".q8iscale", lambda: lay()[1], np.float32),
+            g.weight(lin.name + ".q8izeros", lambda: lay()[2], np.uint8))
 
 
-def int8_nbits_inputs(g, lin: ir.Linear) -> tuple[str, str]:
-    """MatMulNBits(bits=8)'s inputs: codes q + 128 (the operator's default zero point) in blocks of
-    INT8_BLOCK along K (the tail padded with the zero point), each row's scale repeated per block."""
+def int8_nbits_inputs(g, lin: ir.Linear, B: int) -> tuple[str, str]:
+    """MatMulNBits(bits=8)'s inputs: codes q + 128 (the operator's default zero point) in blocks of B along
+    K (the tail padded with the zero point), each row's scale repeated per block."""
     w = lin.weight
     N, K = w.shape
-    B = int8_spec(w)[1] if w.accuracy_level == 4 else effective_group(INT8_BLOCK, K)
     nb = -(-K // B)
-    codes = np.full((N, nb * B), U8_ZERO, np.uint8)
-    codes[:, :K] = u8_codes(w.q)
-    scales = np.repeat(np.asarray(w.scale, np.float32)[:, None], nb, axis=1)
-    return (g.weight(lin.name + ".q8b", codes.reshape(N, nb, B), np.uint8),
-            g.weight(lin.name + ".q8bscales", scales, g.dtype))
+
+    def codes():   # (made once: the prefill graph finds the step's)
+        c = np.full((N, nb * B), U8_ZERO, np.uint8)
+        c[:, :K] = u8_codes(w.q)
+        return c.reshape(N, nb, B)
+    return (g.weight(lin.name + ".q8b", codes, np.uint8),
+            g.weight(lin.name + ".q8bscales", lambda: np.repeat(np.asarray(w.scale, np.float32)[:, None], nb, axis=1),
+                     g.dtype))
 
 
 def emit_int8_nbits(g, lin: ir.Linear, x: str) -> str:
@@ -401,11 +404,11 @@ def emit_int8_nbits(g, lin: ir.Linear, x: str) -> str:
     expanded to float."""
     w = lin.weight
     N, K = w.shape
+    B = effective_group(INT8_BLOCK, K)
     if int8_layout16(g, w):
         return g.op("Rwkv7MatVecQ16x8", emit_onnx.f32(g, x), *int8_inputs16(g, lin), domain=emit_onnx.FUSED_DOMAIN,
-                    n=int(N), block=int(int8_spec(w)[1]), bits=8)
-    B = effective_group(INT8_BLOCK, K)
-    return g.op("MatMulNBits", x, *int8_nbits_inputs(g, lin),
+                    n=int(N), block=int(B), bits=8)
+    return g.op("MatMulNBits", x, *int8_nbits_inputs(g, lin, B),
                 domain="com.microsoft", K=int(K), N=int(N), bits=8, block_size=int(B),
                 accuracy_level=int(w.accuracy_level))
 
@@ -426,17 +429,17 @@ def int4_layout16(g, w: "Int4") -> bool:
     it with rwkvc's kernels (emit_onnx.matvec_fusable, step or prefill alike: both graphs then read the one
     copy, the prefill through the same op) and its scales are exact in float16 (half_exact)."""
     N, K = w.shape
-    return (emit_onnx.MATVEC_I16 and w.group % 8 == 0
-            and emit_onnx.matvec_fusable(g, 4, w.group, w.accuracy_level, K, N, step=False)
+    return (emit_onnx.MATVEC_I16 and emit_onnx.matvec_fusable(g, 4, w.group, w.accuracy_level, K, N, step=False)
             and is_half_exact(w.scales))
 
 
 def int4_inputs16(g, lin: ir.Linear) -> tuple[str, str, str]:
     """Rwkv7MatVecQ16's inputs for an int4 matrix (also Rwkv7MatVecSet's, layout 1)."""
     w = lin.weight
-    codes, s16, z = interleave16(w.packed, w.scales, w.zeros, w.group)
-    return (g.weight(lin.name + ".q4i", codes, np.uint8), g.weight(lin.name + ".q4iscales", s16, np.float16),
-            g.weight(lin.name + ".q4izeros", z, np.uint8))
+    lay = functools.cache(lambda: interleave16(w.packed, w.scales, w.zeros, w.group))   # once for both graphs
+    return (g.weight(lin.name + ".q4i", lambda: lay()[0], np.uint8),
+            g.weight(lin.name + ".q4iscales", lambda: lay()[1], np.float16),
+            g.weight(lin.name + ".q4izeros", lambda: lay()[2], np.uint8))
 
 
 def emit_int4(g, lin: ir.Linear, x: str) -> str:

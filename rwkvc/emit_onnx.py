@@ -46,10 +46,12 @@ class WeightStore:
         self.entries: dict[str, TensorProto] = {}
         self.nbytes = 0
 
-    def add(self, name: str, arr: np.ndarray, dtype=None) -> TensorProto:
+    def add(self, name: str, arr, dtype=None) -> TensorProto:
+        """arr: the array, or a function making it, called only when `name` is new (a layout derived from
+        the IR, which the step and prefill graphs share, is then computed once)."""
         if name in self.entries:
             return self.entries[name]
-        a = np.ascontiguousarray(arr, dtype=np.dtype(dtype or self.dtype))
+        a = np.ascontiguousarray(arr() if callable(arr) else arr, dtype=np.dtype(dtype or self.dtype))
         pad = (-self.f.tell()) % ALIGN if a.nbytes >= ALIGN else (-self.f.tell()) % 64
         self.f.write(b"\0" * pad)
         offset = self.f.tell()
@@ -100,8 +102,8 @@ class Graph:
                     if v == old:
                         io[j] = new
 
-    def weight(self, name: str, arr: np.ndarray, dtype=None) -> str:
-        """A model parameter, stored once in the external weight file."""
+    def weight(self, name: str, arr, dtype=None) -> str:
+        """A model parameter, stored once in the external weight file (arr: as WeightStore.add)."""
         self.inits[name] = self.store.add(name, arr, dtype)
         return name
 
