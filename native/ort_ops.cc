@@ -36,8 +36,8 @@
 // chains have tanh or sigmoid between their products (the RWKV-7 LoRAs in one set); version 6 adds
 // Rwkv7SparseFfnQ / Rwkv7SparseFfnQF32: the MLP predictor in int8, 1-bit codes 16 rows together.
 //
-// Version 7 adds a layout for the step's 4-bit matrices, 16 rows interleaved a vector with float16 scales
-// (matvec_rows16), emitted where rwkvc's kernels are its only readers (the step and the prefill):
+// Version 7 adds a layout for the step's 4-bit and int8 matrices, 16 rows interleaved a vector (4-bit scales
+// float16; matvec_rows16), emitted where rwkvc's kernels are its only readers (the step and the prefill):
 //   Rwkv7MatVecQ16(x (.., K), codes (N16, nb, 8 G), scales (N16, nb, 16) float16, zero points (N16, nb, 8) or
 //       empty)  attrs n, block -> W x (one row: the step; T rows: the prefill), and Rwkv7MatVecSet's optional
 //       attributes layouts (1 for such a product) and ns (its N)
@@ -1398,8 +1398,9 @@ struct MatVecQ {
   std::vector<float> rep_sum;     // packed rows (matvec_rows_packed): per lane, the sum of its activation codes
   std::vector<int32_t> lane_zero; // no zero points (4-bit, all 8): per chunk and lane, -8 x the sum of its
                                   // activation codes, vpdpbusd's starting value (the zero points' term in the lanes)
-  // op set 7, 4-bit rows interleaved 16 a vector (matvec_rows16): codes (N16, nb, 8 G), float16 scales
-  // (N16, nb, 16), zero points (N16, nb, 8) (16 nibbles, row 2i low, 2i + 1 high) or null
+  // op set 7, rows interleaved 16 a vector (matvec_rows16): 4-bit codes (N16, nb, 8 G), float16 scales
+  // (N16, nb, 16), zero points (N16, nb, 8) (16 nibbles, row 2i low, 2i + 1 high) or null; 8-bit codes
+  // (N16, nb, 16 G), float32 scales (N16, 16) in `scales`
   bool i16 = false;
   const uint16_t* hscales = nullptr;
   std::vector<int32_t> nsum;      // i16: per block, minus the sum of its activation codes
@@ -1819,7 +1820,7 @@ void matvec_rows(const MatVecQ& m, int64_t n0, int64_t n1, float* y) {
   matvec_rows_portable(m, n0, n1, y);
 }
 
-// ---- 4-bit matrices interleaved 16 rows a vector (version 7) ----------------------------------------------
+// ---- 4-bit and int8 matrices interleaved 16 rows a vector (version 7) -----------------------------------
 //
 // MatMulNBits' layout keeps a row's codes together: the step's one-row product then costs ~14 vector
 // operations per 64 bytes (the activation codes loaded per chunk, the blocks' scales spread over the lanes,
@@ -1828,7 +1829,7 @@ void matvec_rows(const MatVecQ& m, int64_t n0, int64_t n1, float* y) {
 // byte i = code(k = b G + 8 j + i) | code(k + 4) << 4. Lane r of vpdpbusd is then row r: the low nibbles
 // take x's codes k .. k + 3 and the high ones k + 4 .. k + 7, one 32-bit broadcast each (in x's order, no
 // tables), and a block ends with one vector of 16 rows' scales (float16) and zero points: ~6 operations per
-// 64 bytes and no lane sums (1.9-3.3x the row layout's speed on the 0.1B's shapes, hot in cache).
+// 64 bytes and no lane sums (1.9-4.3x the row layout's speed on the 0.1B's shapes, hot in cache). int8: rows16_vnni8.
 //   block b's integer sum per row: (z_r) (-sum of x's codes in b) + sum_k code_k x_k  (the zero points' term
 //   as vpdpbusd's starting value); y_r = sum_b that * scale_r,b * xscale_b
 // x is quantised as Rwkv7MatVecQ quantises it (MatMulNBits' accuracy level 4): the same integers.

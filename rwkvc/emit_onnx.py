@@ -530,8 +530,8 @@ FUSED_VERSION = 7           # the op set's version: 1 the RWKV-7 step / prefill 
                             # 4 the clustered head's top token without its logits (Rwkv7ClusteredHeadTop),
                             # 5 tanh and sigmoid between a set's products (a LoRA in Rwkv7MatVecSet),
                             # 6 the sparse FFN with an int8 MLP predictor and 1-bit codes 16 rows together
-                            # (Rwkv7SparseFfnQ), 7 the interleaved 4-bit layout (Rwkv7MatVecQ16, Rwkv7MatVecSet's
-                            # layouts); a library of version n runs artifacts of 1..n
+                            # (Rwkv7SparseFfnQ), 7 the interleaved 4-bit and int8 layouts (Rwkv7MatVecQ16 / Q16x8,
+                            # Rwkv7MatVecSet's layouts); a library of version n runs artifacts of 1..n
 # (op, input index) of the fused kernels that read only some rows of that input (rwkvc.bench.weight_traffic)
 HEAD_MODE = "head_mode"   # the step's input with a top-token head (Rwkv7ClusteredHeadTop): 1 = the top token only
 FUSED_ROW_INPUTS = {("Rwkv7ClusteredHeadTop", 2), ("Rwkv7ClusteredHeadTop", 3), ("Rwkv7ClusteredHeadTop", 5),
