@@ -298,9 +298,31 @@ def test_clustered_head_top_is_the_argmax_of_its_logits(prior):
 # op set v3: Rwkv7MatVecQ / Rwkv7MatVecSet compute what MatMulNBits computes at accuracy level 4 (x quantised
 # to int8 per block, an integer dot product per block, then the scales)
 
+def one_node_model(node, inits, K, N, T="T") -> bytes:
+    """A model of one product node: x (T, K) -> y (T, N)."""
+    from onnx import TensorProto, helper
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [T, K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [T, N])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
+                                               helper.make_opsetid("ai.rwkvc", 1)]).SerializeToString()
+
+
+def run_reference_and_fused(make, xs) -> list[list[np.ndarray]]:
+    """[reference outputs, fused outputs] for inputs xs, make(fused) giving each model (2 intra-op threads)."""
+    import onnxruntime as ort
+    out = []
+    for fused in (False, True):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 2
+        ortops.register(so, 2)
+        sess = ort.InferenceSession(make(fused), so, providers=["CPUExecutionProvider"])
+        out.append([sess.run(None, {"x": x})[0] for x in xs])
+    return out
+
+
 def nbits_graph(K, N, bits, G, zeros, fused, seed):
     """One product y = W x: MatMulNBits(accuracy_level=4), or the same initializers through Rwkv7MatVecQ."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
     from passes.quant import pack_int4, quantize_int4
     rng = np.random.default_rng(seed)
     nb = -(-K // G)
@@ -320,10 +342,7 @@ def nbits_graph(K, N, bits, G, zeros, fused, seed):
             inits.append(numpy_helper.from_array(z, "z"))
         node = helper.make_node("MatMulNBits", ["x", "w", "s"] + ["z"] * (z is not None), ["y"],
                                 domain="com.microsoft", K=K, N=N, bits=bits, block_size=G, accuracy_level=4)
-    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N])], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
-                                               helper.make_opsetid("ai.rwkvc", 1)]).SerializeToString()
+    return one_node_model(node, inits, K, N, 1)
 
 
 @pytest.mark.parametrize("K,N,bits,G,zeros", [
@@ -334,24 +353,15 @@ def nbits_graph(K, N, bits, G, zeros, fused, seed):
     (768, 768, 8, 128, False), (3072, 96, 8, 128, False), (64, 768, 8, 64, False), (200, 40, 8, 64, False), (96, 70, 8, 32, False), (48, 33, 8, 16, False),
 ])
 def test_matvec_q_computes_matmulnbits(K, N, bits, G, zeros):
-    import onnxruntime as ort
     x = np.random.default_rng(K + N).standard_normal((1, K)).astype(np.float32)
-    out = []
-    for fused in (False, True):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 2
-        ortops.register(so, 2)
-        sess = ort.InferenceSession(nbits_graph(K, N, bits, G, zeros, fused, seed=K * 7 + N), so,
-                                    providers=["CPUExecutionProvider"])
-        out.append(sess.run(None, {"x": x})[0])
-    ref, got = out
+    (ref,), (got,) = run_reference_and_fused(lambda fused: nbits_graph(K, N, bits, G, zeros, fused, seed=K * 7 + N), [x])
     assert float(np.abs(got - ref).max()) <= 2e-6 * float(np.abs(ref).max())   # measured ~5e-7: summation order
 
 
 def q16_graph(K, N, G, zeros, fused, seed):
     """y = W x over T tokens: MatMulNBits(accuracy_level=4), or Rwkv7MatVecQ16 over the same matrix
     interleaved (passes.quant.interleave16; quantize_int4's scales are exact in float16)."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
     from passes.quant import interleave16, pack_int4, quantize_int4
     rng = np.random.default_rng(seed)
     nb = -(-K // G)
@@ -370,10 +380,7 @@ def q16_graph(K, N, G, zeros, fused, seed):
         inits += [numpy_helper.from_array(zp, "z")] if zp is not None else []
         node = helper.make_node("MatMulNBits", ["x", "w", "s"] + ["z"] * (zp is not None), ["y"],
                                 domain="com.microsoft", K=K, N=N, bits=4, block_size=G, accuracy_level=4)
-    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", K])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", N])], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
-                                               helper.make_opsetid("ai.rwkvc", 1)]).SerializeToString()
+    return one_node_model(node, inits, K, N)
 
 
 @pytest.mark.parametrize("K,N,G,zeros", [
@@ -384,17 +391,9 @@ def test_matvec_q16_computes_matmulnbits(K, N, G, zeros):
     token (the step) and for several (the prefill: 4 tokens a pass, then the rest), with zero points, without
     (False: the pass's zero points dropped, so the default 8 applies to codes made with their own; None:
     codes made with 8), K not a multiple of the block, N not of 16, and rows split over threads."""
-    import onnxruntime as ort
     rng = np.random.default_rng(K + N)
     xs = [rng.standard_normal((T, K)).astype(np.float32) for T in (1, 7, 1, 4)]
-    out = []
-    for fused in (False, True):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 2
-        ortops.register(so, 2)
-        sess = ort.InferenceSession(q16_graph(K, N, G, zeros, fused, seed=K * 7 + N), so,
-                                    providers=["CPUExecutionProvider"])
-        out.append([sess.run(None, {"x": x})[0] for x in xs])
+    out = run_reference_and_fused(lambda fused: q16_graph(K, N, G, zeros, fused, seed=K * 7 + N), xs)
     for ref, got in zip(*out):
         assert got.shape == ref.shape
         assert float(np.abs(got - ref).max()) <= 2e-6 * float(np.abs(ref).max())   # measured ~4e-7
@@ -403,7 +402,7 @@ def test_matvec_q16_computes_matmulnbits(K, N, G, zeros):
 def q16x8_graph(K, N, fused, seed):
     """y = W x over T tokens for an int8 matrix: MatMulNBits(bits=8, accuracy_level=4) as the cpu target
     emits it (passes.quant.int8_nbits_inputs), or Rwkv7MatVecQ16x8 over it interleaved."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
     from passes.quant import INT8_BLOCK, effective_group, interleave16_int8, quantize_int8, u8_codes
     q, sc = quantize_int8(np.random.default_rng(seed).standard_normal((N, K)).astype(np.float32))
     B = effective_group(INT8_BLOCK, K)
@@ -419,26 +418,16 @@ def q16x8_graph(K, N, fused, seed):
                  numpy_helper.from_array(np.repeat(sc[:, None], nb, axis=1), "s")]
         node = helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], domain="com.microsoft", K=K, N=N, bits=8,
                                 block_size=B, accuracy_level=4)
-    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", K])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", N])], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
-                                               helper.make_opsetid("ai.rwkvc", 1)]).SerializeToString()
+    return one_node_model(node, inits, K, N)
 
 
 @pytest.mark.parametrize("K,N", [(768, 768), (768, 300), (200, 50), (3072, 96), (64, 33), (128, 4099), (96, 70)])
 def test_matvec_q16x8_computes_matmulnbits(K, N):
     """Op set 7's interleaved int8 layout: Rwkv7MatVecQ16x8 gives MatMulNBits' 8-bit numbers (blocks of 128,
     or the smallest power of two >= 16 covering a smaller K) for one token and for several."""
-    import onnxruntime as ort
     rng = np.random.default_rng(K + N)
     xs = [rng.standard_normal((T, K)).astype(np.float32) for T in (1, 6, 1)]
-    out = []
-    for fused in (False, True):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 2
-        ortops.register(so, 2)
-        sess = ort.InferenceSession(q16x8_graph(K, N, fused, seed=K * 5 + N), so, providers=["CPUExecutionProvider"])
-        out.append([sess.run(None, {"x": x})[0] for x in xs])
+    out = run_reference_and_fused(lambda fused: q16x8_graph(K, N, fused, seed=K * 5 + N), xs)
     for ref, got in zip(*out):
         assert got.shape == ref.shape
         assert float(np.abs(got - ref).max()) <= 2e-6 * float(np.abs(ref).max())
