@@ -1,6 +1,6 @@
 """A/B of rwkvc's 4-bit step kernels (Rwkv7MatVecQ / Rwkv7MatVecSet, op set v3) against ONNX Runtime's
-MatMulNBits: the same checkpoint and recipe compiled twice for the cpu target, emit_onnx.MATVEC_Q on and
-off, and the step graph timed alternately in prebound ONNX Runtime sessions (no Python runtime around it).
+MatMulNBits: the same checkpoint and recipe compiled twice for the cpu target, LoweringPolicy.matvec_q on
+and off, and the step graph timed alternately in prebound ONNX Runtime sessions (no Python runtime around it).
 
     python bench/ab_matvec.py --model 0.1b --recipe "int4(group=32)" --threads 2
     python bench/ab_matvec.py --model demo --recipe "int4(group=32)"
@@ -11,6 +11,7 @@ Prints each variant's best and median microseconds a step over --reps alternatio
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -47,26 +48,26 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=8)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--matvec-small", type=int, default=None,
-                    help="emit_onnx.MATVEC_SMALL for the rwkvc-kernels variant (default: rwkvc's)")
+                    help="LoweringPolicy.matvec_small for the rwkvc-kernels variant (default: rwkvc's)")
     a = ap.parse_args(argv)
     from bench_passes import checkpoint
 
-    from rwkvc import emit_onnx
     from rwkvc.calib import default_calib_tokens
     from rwkvc.passes import PassContext
     from rwkvc.pipeline import compile_checkpoint, parse_recipe
+    from rwkvc.targets.onnx import LoweringPolicy
     with tempfile.TemporaryDirectory(prefix="rwkvc-ab-") as tmp:
         work = Path(tmp)
         ckpt = checkpoint(a.model, work)
         arts = {}
+        kernels = LoweringPolicy(fused=True, matvec_q=True)
         if a.matvec_small is not None:
-            emit_onnx.MATVEC_SMALL = a.matvec_small
-        for name, on in (("rwkvc kernels", True), ("MatMulNBits", False)):
-            emit_onnx.MATVEC_Q = on
+            kernels = dataclasses.replace(kernels, matvec_small=a.matvec_small)
+        for name, policy in (("rwkvc kernels", kernels), ("MatMulNBits", LoweringPolicy(fused=True, matvec_q=False))):
             arts[name] = work / name.replace(" ", "-")
             compile_checkpoint(str(ckpt), arts[name], target="cpu", passes=parse_recipe(a.recipe), force=True,
-                               ctx=PassContext(calib_tokens=default_calib_tokens(2048), progress=False))
-        emit_onnx.MATVEC_Q = None
+                               ctx=PassContext(calib_tokens=default_calib_tokens(2048), progress=False),
+                               options={"lowering": policy})
         sessions = {name: step_session(art, a.threads) for name, art in arts.items()}
         times = {name: [] for name in arts}
         for _ in range(a.reps):

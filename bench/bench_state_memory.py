@@ -34,9 +34,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 MODELS = {"demo": dict(n_layer=4, n_embd=128, head_size=64, vocab_size=65536),
           "0.1b": dict(n_layer=12, n_embd=768, head_size=64, vocab_size=65536)}
 
@@ -51,13 +48,14 @@ def _status(field: str) -> int:
 def child(args) -> dict:
     """One mode, in this process: setup, a warm-up step, reset the peak, `steps` timed steps."""
     import torch
-    from training import state_tune as st
+    from rwkvc.training.model import select_wkv
+    from rwkvc.training.state_model import StateModel, load_base
     torch.manual_seed(0)
     rss0 = _status("VmRSS")
     t0 = time.time()
-    base = st.load_base(args.ckpt, args.mode, 64)
-    sm = st.StateModel(base, None, *st.select_wkv("chunked", torch.device("cpu"), 32, torch.bfloat16)[1:],
-                       grad_cp=bool(args.grad_cp))
+    base = load_base(args.ckpt, args.mode, 64)
+    sm = StateModel(base, None, *select_wkv("chunked", torch.device("cpu"), 32, torch.bfloat16)[1:],
+                    grad_cp=bool(args.grad_cp))
     opt = torch.optim.Adam([sm.state], lr=1e-2)
     setup_s = time.time() - t0
     g = torch.Generator().manual_seed(1)
@@ -127,7 +125,7 @@ def memory(a) -> list[dict]:
 # task: a fixed answer format on the demo model
 
 def verse_docs():
-    from training.demo import HELD_OUT, bible_text, chapters
+    from rwkvc.training.demo import HELD_OUT, bible_text, chapters
     train, val = [], []
     for book, num, text in chapters(bible_text()):
         for line in text.splitlines()[2:]:
@@ -141,8 +139,9 @@ def task(a) -> dict:
     import numpy as np
     import torch
     from rwkvc.tokenizer import WorldTokenizer
-    from training import state_tune as st
-    from training.binidx import write_binidx
+    from rwkvc.binidx import write_binidx
+    from rwkvc.training.state_model import StateModel, load_base
+    from rwkvc.training.state_tune import train_states
     tok = WorldTokenizer()
     workdir = Path(a.workdir or tempfile.mkdtemp(prefix="bench-state-task-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -165,11 +164,11 @@ def task(a) -> dict:
                   ctx_len=128, micro_bsz=8, lr_init=a.lr, lr_final=a.lr / 10, warmup_steps=10,
                   epoch_steps=a.steps, epoch_count=1, accelerator="cpu", random_seed=0, threads=a.threads,
                   enable_progress_bar=0)
-    runs = {"fp32": st.train_states({**common, "proj_dir": str(workdir / "st-fp32")})}
+    runs = {"fp32": train_states({**common, "proj_dir": str(workdir / "st-fp32")})}
     if a.quant_type:
-        runs[a.quant_type] = st.train_states({**common, "proj_dir": str(workdir / f"st-{a.quant_type}"),
-                                              "quant": 1, "quant_type": a.quant_type, "precision": "bf16"})
-    base = st.load_base(a.base, "fp32")
+        runs[a.quant_type] = train_states({**common, "proj_dir": str(workdir / f"st-{a.quant_type}"),
+                                           "quant": 1, "quant_type": a.quant_type, "precision": "bf16"})
+    base = load_base(a.base, "fp32")
     res = {"base": a.base, "steps": a.steps, "lr": a.lr, "train_docs": len(train), "val_docs": len(val),
            "answer": a.answer}
     states = {"base (zero state)": None}
@@ -178,7 +177,7 @@ def task(a) -> dict:
         states[f"state tuned on {name} base"] = torch.stack([sd[f"blocks.{i}.att.time_state"]
                                                              for i in range(base.n_layer)])
     for name, S in states.items():
-        sm = st.StateModel(base, S)
+        sm = StateModel(base, S)
         nll = cnt = fnll = fcnt = hits = 0.0
         with torch.no_grad():
             for v in val:

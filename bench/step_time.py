@@ -3,11 +3,11 @@ the artifacts (and thread counts) alternated in one process so they share the ma
 
     python bench/step_time.py ART [ART ...] [--threads 1,2] [--reps 30] [--steps 64] [--native DIR,DIR]
 
---native A/B's rwkvc's fused kernels: each DIR holds an ort_ops.cc (a checkout's native/, or a copy of it), built
-as its own library; every artifact runs once on each library, all alternated in one process (separate
+--native A/B's rwkvc's fused kernels: each DIR holds the kernels' C++ (a checkout's runtimes/ortops/, or a copy
+of it), built as its own library; every artifact runs once on each library, all alternated in one process (separate
 processes on this VM differ by 20 % from minute to minute, more than a kernel change).
 
-The per-kernel timings in docs/BENCHMARKS.md (session 9) are this measurement, one thread.
+The step-time tables in docs/BENCHMARKS.md are this measurement.
 """
 from __future__ import annotations
 

@@ -5,6 +5,10 @@ A pass declares its parameters (name -> (type, default, check)) so a recipe stri
 """
 from __future__ import annotations
 
+from rwkvc.packages import claim
+
+claim(__name__, __file__)   # one import name: rwkvc.passes
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 

@@ -11,7 +11,8 @@ collected by running the (current) IR over the tokens (rwkvc.calib.IRRunner):
            rounding (W diag(s), s = mean|x|^alpha) and the input is divided by s; for int4 the scale
            is folded back into the dequantisation so the kernel and the representation do not change:
            W ~ Q(W diag(s)) diag(1/s) (the `Scaled` kind: one multiply of the input by 1/s, then the same
-           MatMulNBits). alpha is chosen per matrix on the calibration inputs from a grid; int4 only.
+           MatMulNBits; rwkvc.weights.scaled). alpha is chosen per matrix on the calibration inputs from a
+           grid; int4 only.
 
 Weight math, testable alone:  gptq_int4(w, H, group) -> (codes, scales, zeros);
 gptq_int8(w, H) -> (q, scale);  awq_int4(w, x_samples, group) -> (codes, scales, zeros, 1/s, alpha).
@@ -23,9 +24,11 @@ import torch
 
 from rwkvc import ir
 from rwkvc.errors import RwkvcError
+from rwkvc.weights import Int4, Int8, Scaled
+from rwkvc.weights.int4 import effective_group, quantize_int4
+from rwkvc.weights.int8 import quantize_int8
 
 from .common import selected
-from .quant import Int4, Int8, effective_group, quantize_int4, quantize_int8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,44 +234,3 @@ def make_quantizer(bits: int, args: dict, stats: CalibStats):
             return inner if inv_s is None else Scaled(inner, inv_s)
         return q
     raise RwkvcError(f"unknown quantisation method {method!r}")
-
-
-# ----------------------------------------------------------------------------------------------
-# W ~ Q diag(in_scale): the AWQ representation (the input is multiplied by in_scale, then Q applied)
-
-from dataclasses import dataclass  # noqa: E402
-from typing import ClassVar  # noqa: E402
-
-from rwkvc import emit_onnx  # noqa: E402
-
-
-@ir.register_weight_kind
-@dataclass
-class Scaled:
-    """W = Q diag(in_scale): y = Q (x * in_scale). Q any representation (AWQ: Int4 of W diag(s))."""
-    inner: object
-    in_scale: np.ndarray
-    kind: ClassVar[str] = "scaled"
-
-    @property
-    def shape(self):
-        return self.inner.shape
-
-    def arrays(self):
-        d = {"inner." + k: v for k, v in self.inner.arrays().items()}
-        d["in_scale"] = self.in_scale
-        return d
-
-    def to_dense(self):
-        return self.inner.to_dense() * self.in_scale[None, :]
-
-    def describe(self):
-        return f"scaled input x {self.inner.describe()}"
-
-
-def emit_scaled(g, lin: ir.Linear, x: str) -> str:
-    xs = g.op("Mul", x, g.weight(lin.name + ".in_scale", lin.weight.in_scale))
-    return emit_onnx.linear(g, ir.Linear(lin.name + ".q", lin.weight.inner), xs)
-
-
-emit_onnx.LINEAR_EMITTERS["scaled"] = emit_scaled

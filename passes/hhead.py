@@ -2,7 +2,7 @@
 probable clusters of the vocabulary; only those clusters' head rows are read.
 
 Result: ir.ClusteredHead (the representation RWKV-Lite checkpoints with a `*-cls.npy` load into), lowered
-by rwkvc.emit_onnx.emit_clustered. Per token, x the head's input:
+by rwkvc.targets.onnx.head. Per token, x the head's input:
 
     p = softmax(Wc x) over K clusters; S = the most probable clusters until their mass reaches `p`
         (at least min_k, at most max_k);
@@ -148,21 +148,6 @@ def selected_fraction(ch: ir.ClusteredHead, X: np.ndarray) -> tuple[float, float
     sizes = torch.as_tensor(np.diff(ch.bounds)).float()[ids]                      # (T, K) sorted
     rows = (torch.cumsum(sizes, -1).gather(1, (n - 1)[:, None])).squeeze(1)
     return float(rows.mean()) / ch.rows.shape[0], float(n.float().mean())
-
-
-def quantize_clustered(ch: ir.ClusteredHead, qs, name: str):
-    """The int passes on a clustered head: its cluster head like any matrix, its rows with the row-gather
-    quantiser (qs = (q, q_rows))."""
-    from .quant import quantize_rep
-    q, q_rows = qs if isinstance(qs, tuple) else (qs, qs)
-    cluster, c1 = quantize_rep(ch.cluster, q, name + ".cluster")
-    rows = ch.rows
-    c2 = False
-    if isinstance(rows, np.ndarray):
-        rows, c2 = q_rows(name + ".rows", np.asarray(rows, np.float32)), True
-    if not (c1 or c2):
-        return ch, False
-    return ir.ClusteredHead(ch.order, ch.bounds, rows, cluster, ch.top_p, ch.min_k, ch.max_k, ch.log_prior), True
 
 
 class _Final:

@@ -1,6 +1,6 @@
 """`sparse-ffn`: activation sparsity of the channel-mix with learned predictors (RWKV-Lite), realised:
 in the artifact only the predicted neurons' rows of the key matrix and of the transposed value matrix
-are read (rwkvc.emit_onnx.emit_sparse_ffn: NonZero -> Gather of rows -> Gemm / MatMul).
+are read (rwkvc.targets.onnx.sparse_ffn: NonZero -> Gather of rows -> Gemm / MatMul).
 
 Per layer, on calibration text (rwkvc.calib.IRRunner, dense activations):
 
@@ -36,10 +36,10 @@ import torch
 from rwkvc import ir
 from rwkvc.arch import lite
 from rwkvc.errors import RwkvcError
+from rwkvc.weights.int8 import dequantize_int8, quantize_int8
 
 from . import Param, register
 from .common import check_layers, fmt_bytes, nbytes, parse_layers
-from .quant import dequantize_int8, quantize_int8
 
 Q_GRID = (1.0, 0.99, 0.98, 0.97, 0.95, 0.93, 0.9, 0.85, 0.8, 0.7)
 

@@ -1,8 +1,7 @@
 """`svd`: low-rank factorisation W ~ B (A x) of chosen projections (ir.LowRank).
 
-Weight math:  svd_factor(w, rank) -> (a (rank, in), b (out, rank)) with b @ a the best rank-`rank`
-approximation of w (Eckart-Young), the singular values split evenly (b = U sqrt(S), a = sqrt(S) V^T)
-so both factors have the same scale (which suits their later quantisation).
+Weight math (rwkvc.weights.lowrank):  svd_factor(w, rank) -> (a (rank, in), b (out, rank)) with b @ a the
+best rank-`rank` approximation of w, the singular values split evenly between the two factors.
 Rank choice, per matrix:  rank=f (0 < f <= 1) keeps a fraction f of min(out, in); rank=n (> 1) keeps n;
 energy=e keeps the fewest singular values whose squares sum to at least e of the total, and leaves a
 matrix dense when its factors would not be smaller than it.
@@ -16,21 +15,10 @@ import numpy as np
 
 from rwkvc import ir
 from rwkvc.errors import RwkvcError
+from rwkvc.weights.lowrank import singular_values, svd_factor
 
 from . import Param, register
 from .common import check_layers, check_selector, fmt_bytes, nbytes, selected
-
-
-def svd_factor(w: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    w = np.asarray(w, np.float32)
-    U, S, Vt = np.linalg.svd(w.astype(np.float64), full_matrices=False)
-    r = int(max(1, min(rank, len(S))))
-    s = np.sqrt(S[:r])
-    return (s[:, None] * Vt[:r]).astype(np.float32), (U[:, :r] * s[None, :]).astype(np.float32)
-
-
-def singular_values(w: np.ndarray) -> np.ndarray:
-    return np.linalg.svd(np.asarray(w, np.float64), compute_uv=False)
 
 
 def rank_for_energy(S: np.ndarray, energy: float) -> int:

@@ -1,6 +1,10 @@
 """Runtimes: manifest["runtime"] -> a class that runs that artifact kind (see rwkvc.api.load)."""
 from __future__ import annotations
 
+from rwkvc.packages import claim
+
+claim(__name__, __file__)   # one import name: rwkvc.runtimes
+
 import importlib
 
 from rwkvc.errors import RwkvcError

@@ -1,14 +1,13 @@
 """Run cpu / cuda artifacts with ONNX Runtime: a step session, and a prefill session made on first use."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from rwkvc import ir
-from rwkvc.emit_onnx import DENSE_EMBEDDING, HEAD_MODE
+from rwkvc.abi import DENSE_EMBEDDING, HEAD_MODE
 from rwkvc.errors import RwkvcError
 
 from . import hugepages

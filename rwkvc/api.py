@@ -21,7 +21,7 @@ import numpy as np
 
 from . import ir
 from .artifact import read_manifest
-from .errors import RwkvcError
+from .errors import RwkvcError, RwkvcTypeError, RwkvcValueError
 
 
 @dataclass
@@ -34,11 +34,19 @@ class Generation:
 
 class Model:
     def __init__(self, path: str | os.PathLike, threads: int | None = None, **runtime_options):
+        from .options import RuntimeOptions
         from .runtimes import get_runtime
         from .tokenizer import WorldTokenizer
+        self.options = RuntimeOptions.resolve(threads)
+        from .integrity import check_on_load
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        self.config = ir.ModelConfig.from_dict(self.manifest["model"])
+        check_on_load(self.path, self.manifest)
+        try:
+            self.config = ir.ModelConfig.from_dict(self.manifest["model"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise RwkvcError(f"{self.path / 'manifest.json'}: its model description is damaged ({e!r}); "
+                             "recompile the artifact") from None
         self._state_shapes = self.config.state_shapes()
         runtime = get_runtime(self.manifest["runtime"])
         known = set(inspect.signature(runtime).parameters) - {"path", "manifest", "threads"}
@@ -46,7 +54,7 @@ class Model:
         if unknown:
             raise RwkvcError(f"rwkvc.load: option {unknown[0]!r} is not one the {self.manifest['runtime']} runtime "
                              f"of this artifact takes (it takes: {', '.join(sorted(known)) or 'none'})")
-        self.runtime = runtime(self.path, self.manifest, threads=threads, **runtime_options)
+        self.runtime = runtime(self.path, self.manifest, threads=self.options.threads, **runtime_options)
         self.tokenizer = WorldTokenizer(self.path / self.manifest["tokenizer"]["file"])
         self._init_state = self._load_init_state()
 
@@ -76,22 +84,41 @@ class Model:
         return self.init_state()
 
     def check_state(self, state: ir.State) -> ir.State:
+        if not isinstance(state, ir.State):
+            raise RwkvcTypeError(f"a state is an rwkvc.ir.State (from forward, init_state or load_state), "
+                                 f"not {type(state).__name__}")
         shift, wkv = state.shift, state.wkv
         if shift.shape != self._state_shapes["shift"] or wkv.shape != self._state_shapes["wkv"]:
             for name, shp in self._state_shapes.items():
                 got = getattr(state, name).shape
                 if tuple(got) != shp:
-                    raise RwkvcError(f"state.{name} has shape {tuple(got)}, this model needs {shp}")
+                    raise RwkvcValueError(f"state.{name} has shape {tuple(got)}, this model needs {shp}")
         if shift.dtype == np.float32 and wkv.dtype == np.float32 and shift.flags.c_contiguous and \
                 wkv.flags.c_contiguous:            # the usual case (a state this model returned): no copy
             return state
         return ir.State(np.ascontiguousarray(state.shift, np.float32), np.ascontiguousarray(state.wkv, np.float32))
 
-    def save_state(self, state: ir.State, path: str | os.PathLike) -> None:
+    @staticmethod
+    def check_state_path(path: str | os.PathLike) -> Path:
+        """Where save_state can write (checked before any work): not a directory, in one that exists."""
         p = Path(path)
-        tmp = p.with_name(p.name + ".tmp.npz")
-        np.savez(tmp, shift=state.shift, wkv=state.wkv, model=np.array(str(self.config.to_dict())))
-        os.replace(tmp, p)
+        if p.is_dir():
+            raise RwkvcError(f"{p}: is a directory; give a file name for the state (e.g. {p / 'state.npz'})")
+        if not p.parent.is_dir():
+            raise RwkvcError(f"{p.parent}: no such directory for the state file; create it first")
+        if not os.access(p.parent, os.W_OK):
+            raise RwkvcError(f"{p.parent}: not writable; save the state somewhere you can write")
+        return p
+
+    def save_state(self, state: ir.State, path: str | os.PathLike) -> None:
+        p = self.check_state_path(path)
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp.npz")
+        try:
+            np.savez(tmp, shift=state.shift, wkv=state.wkv, model=np.array(str(self.config.to_dict())))
+            os.replace(tmp, p)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise RwkvcError(f"{p}: cannot write the state ({e.strerror}); nothing was written") from None
 
     def load_state(self, path: str | os.PathLike) -> ir.State:
         p = Path(path)
@@ -110,13 +137,17 @@ class Model:
             lo = hi = tokens[0]
             toks = np.array(tokens, np.int64)
         else:
-            toks = np.atleast_1d(np.asarray(tokens, dtype=np.int64))
+            toks = np.atleast_1d(np.asarray(tokens))
+            if toks.size and not np.issubdtype(toks.dtype, np.integer):
+                raise RwkvcTypeError(f"forward takes integer token ids, not {toks.dtype} values "
+                                     "(encode text with m.encode)")
+            toks = toks.astype(np.int64)
             if toks.ndim != 1 or toks.size == 0:
-                raise RwkvcError("forward needs at least one token id")
+                raise RwkvcValueError("forward needs at least one token id")
             lo, hi = (int(toks[0]),) * 2 if toks.size == 1 else (int(toks.min()), int(toks.max()))
         if lo < 0 or hi >= self.config.vocab_size:
             bad = hi if hi >= self.config.vocab_size else lo
-            raise RwkvcError(f"token id {bad} is outside this model's vocabulary 0..{self.config.vocab_size - 1} "
+            raise RwkvcValueError(f"token id {bad} is outside this model's vocabulary 0..{self.config.vocab_size - 1} "
                              "(was the model trained with the RWKV World tokenizer?)")
         state = self.init_state() if state is None else self.check_state(state)
         return self.runtime.forward(toks, state)
@@ -147,6 +178,11 @@ class Model:
         cfg = sampling or SamplingConfig(**sampling_kw)
         if n < 0:
             raise RwkvcError("n (tokens to generate) must be >= 0")
+        V = self.config.vocab_size
+        for name, ids in (("token_ban", cfg.token_ban), ("token_stop", cfg.token_stop)):
+            outside = [i for i in ids if not 0 <= i < V]
+            if outside:
+                raise RwkvcError(f"{name}: token id {outside[0]} is not in this model's vocabulary (0 to {V - 1})")
         # ids the vocabulary has no text for are never sampled
         unused = tuple(i for i in self.tokenizer.unused_ids if i < self.config.vocab_size)
         if unused:

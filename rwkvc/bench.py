@@ -17,7 +17,7 @@ def weight_traffic(path) -> dict:
     decoded token, from the graph itself and the passes' calibration statistics in the manifest.
 
     An initializer that only Gather / GatherElements nodes read as their data, or that rwkvc's fused kernels
-    read row by row (emit_onnx.FUSED_ROW_INPUTS) (the lazy embedding table, a sparse FFN's key / value rows,
+    read row by row (rwkvc.abi.FUSED_ROW_INPUTS) (the lazy embedding table, a sparse FFN's key / value rows,
     a clustered head's rows, their scales and the head's per-block row / token tables) stays memory-mapped
     by ONNX Runtime: it is not resident, and a token reads only the rows it gathers: one row of the embedding; the fraction the sparse-ffn / hhead passes measured on
     calibration text for the others (their reports in manifest["passes"]; the head's tables are read by
@@ -29,7 +29,7 @@ def weight_traffic(path) -> dict:
 
     import onnx
     from .artifact import read_manifest
-    from .emit_onnx import DENSE_EMBEDDING, FUSED_ROW_INPUTS
+    from .abi import DENSE_EMBEDDING, FUSED_ROW_INPUTS
     d = Path(path)
     man = read_manifest(d)
     if "step" not in man.get("entry_points", {}) or not str(man["entry_points"]["step"]).endswith(".onnx"):

@@ -20,7 +20,6 @@ the accuracy numbers that matter are measured on the artifact (rwkvc.eval).
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -45,16 +44,13 @@ def load_tokens(src, limit: int | None = None, tokenizer=None) -> np.ndarray:
         p = Path(src)
         stem = p.with_suffix("") if p.suffix in (".bin", ".idx") else p
         if Path(f"{stem}.bin").is_file() and Path(f"{stem}.idx").is_file():
-            from rwkvc.training.binidx import MMapIndexedDataset
+            from rwkvc.binidx import MMapIndexedDataset
             ds = MMapIndexedDataset(str(stem))
             toks = np.asarray(ds.tokens[: limit or len(ds.tokens)], np.int64)
         elif not p.is_file():
             raise RwkvcError(f"{p}: no such file; give a text file, a .npy of token ids or a binidx prefix")
-        elif p.suffix == ".npy":
-            toks = np.load(p, allow_pickle=False).astype(np.int64).reshape(-1)
-        elif p.suffix == ".npz":
-            with np.load(p, allow_pickle=False) as z:
-                toks = z[z.files[0]].astype(np.int64).reshape(-1)
+        elif p.suffix in (".npy", ".npz"):
+            toks = _token_array(p)
         else:
             try:
                 text = p.read_text(encoding="utf-8")
@@ -73,6 +69,24 @@ def load_tokens(src, limit: int | None = None, tokenizer=None) -> np.ndarray:
     return toks
 
 
+def _token_array(p: Path) -> np.ndarray:
+    """The integer token ids of a .npy (or the first array of a .npz); no pickles, no floats."""
+    try:
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                if not z.files:
+                    raise ValueError("no arrays")
+                arr = z[z.files[0]]
+        else:
+            arr = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise RwkvcError(f"{p}: not a NumPy array of token ids ({str(e).splitlines()[0][:120]}); "
+                         "give integer ids saved with numpy.save") from None
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise RwkvcError(f"{p}: holds {arr.dtype} values, not integer token ids; save the ids as integers")
+    return arr.astype(np.int64).reshape(-1)
+
+
 def default_calib_tokens(n: int = 4096) -> np.ndarray:
     """Offline calibration text when none is given: the KJV (bible-kjv), else fortune/jargon if present."""
     import shutil
@@ -81,16 +95,9 @@ def default_calib_tokens(n: int = 4096) -> np.ndarray:
         if shutil.which(cmd[0]):
             out = subprocess.run(cmd, capture_output=True, text=True).stdout
             if len(out) > 10_000:
-                return load_tokens(_as_file(out), limit=n)
+                from .tokenizer import WorldTokenizer
+                return np.asarray(WorldTokenizer().encode(out[: n * 16]), np.int64)[:n]
     raise RwkvcError("this pass needs calibration text: give --calib FILE (text, .npy token ids or a binidx prefix)")
-
-
-def _as_file(text: str) -> str:
-    import tempfile
-    fd, path = tempfile.mkstemp(suffix=".txt", prefix="rwkvc-calib-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    return path
 
 
 def calib_tokens(ctx, n: int) -> np.ndarray:
@@ -277,46 +284,29 @@ class IRRunner:
         y = y + bonus.view(T, C)
         return lin("output", y * g), S2[0], v_first
 
-    # -- RWKV-4, -5, -6 (the maths of emit_onnx's lowerings, in float32 torch) ------------------
+    # -- RWKV-4, -5, -6: the projections here, the recurrences from rwkvc.reference -------------
 
     def time_mix_v4(self, att: ir.TimeMix, x, prev, S, v_first, i, hooks):
         _, xm = self._mixes(att.mix, x, prev)
         lin = lambda k, z: self.lin(att.lin[k], z, hooks)  # noqa: E731
         r = torch.sigmoid(lin("receptance", xm["x_r"]))
         k, v = lin("key", xm["x_k"]), lin("value", xm["x_v"])
+        from rwkvc.reference.v4 import wkv4_recurrent
         w = -torch.exp(_t(att.vec["w0"]))
-        u = _t(att.vec["u"])
-        aa, bb, pp = S[0].clone(), S[1].clone(), S[2].clone()
-        ys = []
-        for t in range(x.shape[0]):   # the numerically stable form of emit_onnx.wkv4_step
-            ww = u + k[t]
-            p = torch.maximum(pp, ww)
-            e1, e2 = torch.exp(pp - p), torch.exp(ww - p)
-            ys.append((e1 * aa + e2 * v[t]) / (e1 * bb + e2))
-            ww = w + pp
-            p = torch.maximum(ww, k[t])
-            e1, e2 = torch.exp(ww - p), torch.exp(k[t] - p)
-            aa, bb, pp = e1 * aa + e2 * v[t], e1 * bb + e2, p
-        return lin("output", r * torch.stack(ys)), torch.stack([aa, bb, pp]), v_first
+        y, S2 = wkv4_recurrent(w, _t(att.vec["u"]), k[None], v[None], S[None])
+        return lin("output", r * y[0]), S2[0], v_first
 
     def _wkv5(self, att: ir.TimeMix, S, r, k, v, w):
-        """y_t = S_{t-1} r_t + v_t (u k_t . r_t) per head, S_t = S_{t-1} diag(w_t) + v_t k_t^T, then ln_x.
-        w: (C,) or (T, C)."""
+        """The RWKV-5/6 recurrence (rwkvc.reference.v5.wkv5_recurrent), then ln_x. w: (C,) or (T, C)."""
+        from rwkvc.reference.v5 import wkv5_recurrent
         cfg = self.model.config
         H, N, C = cfg.n_head, cfg.head_size, cfg.n_embd
         T = r.shape[0]
-        w = w.expand(T, C) if w.dim() == 1 else w
-        S = S.clone()
-        ys = []
-        for t in range(T):
-            rt, kt, vt, wt = (z[t].view(H, N) for z in (r, k, v, w))
-            ys.append((S @ rt[..., None])[..., 0])
-            S = S * wt[:, None, :] + vt[..., None] * kt[:, None, :]
-        y = torch.stack(ys).view(T, C)
-        u = _t(att.vec["u"]).view(H, N)
-        y = y + (v.view(T, H, N) * (u * k.view(T, H, N) * r.view(T, H, N)).sum(-1, keepdim=True)).view(T, C)
-        y = torch.nn.functional.layer_norm(y.view(T, H, N), (N,), eps=att.ln_x.eps).view(T, C)
-        return y * _t(att.ln_x.weight) + _t(att.ln_x.bias), S
+        hv = lambda z: z.reshape(1, T, H, N)  # noqa: E731
+        w = w.view(H, N) if w.dim() == 1 else hv(w)
+        y, S2 = wkv5_recurrent(hv(r), hv(k), hv(v), w, _t(att.vec["u"]).view(H, N), S[None])
+        y = torch.nn.functional.layer_norm(y[0], (N,), eps=att.ln_x.eps).view(T, C)
+        return y * _t(att.ln_x.weight) + _t(att.ln_x.bias), S2[0]
 
     def time_mix_v5(self, att: ir.TimeMix, x, prev, S, v_first, i, hooks):
         _, xm = self._mixes(att.mix, x, prev)
@@ -328,7 +318,7 @@ class IRRunner:
         return lin("output", y), S2, v_first
 
     def time_mix_v6(self, att: ir.TimeMix, x, prev, S, v_first, i, hooks):
-        from rwkvc.emit_onnx import MAA
+        from rwkvc.arch.v6 import MAA
         L = att.lin
         lin = lambda k, z: self.lin(L[k], z, hooks)  # noqa: E731
         D = L["maa1"].out_features // 5

@@ -15,9 +15,18 @@ import click
 from .errors import RwkvcError
 
 
-def _threads_default():
-    env = os.environ.get("RWKVC_THREADS")
-    return int(env) if env else None
+class _ReaderGone(Exception):
+    """stdout's reader went away (`rwkvc run ... | head`)."""
+
+
+def _out(text: str) -> None:
+    """Generated text to stdout as it comes (click turns a broken pipe into exit status 1; a reader that has
+    read enough is a normal end)."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise _ReaderGone from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -104,14 +113,14 @@ def target_options(target: str, fused: bool | None) -> dict:
 @click.option("--data", required=True, help="evaluation text (.txt), .npy token ids or binidx prefix")
 @click.option("--ref", default=None, help="the uncompressed model: a checkpoint (.pth) or an artifact directory")
 @click.option("--tokens", "n_tokens", type=int, default=2000, show_default=True, help="tokens to predict")
-@click.option("--threads", type=int, default=None, help="CPU threads")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: RWKVC_THREADS, else one per core)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def eval_cmd(artifact, data, ref, n_tokens, threads, as_json):
     """Perplexity of an artifact; with --ref, its delta, top-1 agreement and mean KL against the reference."""
     from .eval import evaluate, format_report
     if n_tokens < 1:
         raise RwkvcError("--tokens must be >= 1")
-    r = evaluate(artifact, data, ref=ref, n_tokens=n_tokens, threads=threads or _threads_default())
+    r = evaluate(artifact, data, ref=ref, n_tokens=n_tokens, threads=threads)
     click.echo(json.dumps(r, indent=2) if as_json else format_report(r))
 
 
@@ -159,14 +168,17 @@ def _sampling_config(kw):
 @click.option("--state-in", default=None, help="resume from a state saved with --state-out")
 @click.option("--state-out", default=None, help="save the state after generation (.npz)")
 @click.option("--chat", is_flag=True, help="interactive chat (User:/Assistant: turns) on stdin")
-@click.option("--threads", type=int, default=None, help="CPU threads (default: ONNX Runtime's choice)")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: RWKVC_THREADS, else one per core)")
 def run(artifact, prompt, n_tokens, tuned_state, state_in, state_out, chat, threads, **kw):
     """Generate text from an artifact, streaming it to stdout."""
     from .api import load
     cfg = _sampling_config(kw)
     if n_tokens < 0:
         raise RwkvcError("-n must be >= 0")
-    m = load(artifact, threads=threads or _threads_default())
+    if state_out:
+        from .api import Model
+        Model.check_state_path(state_out)
+    m = load(artifact, threads=threads)
     if tuned_state:
         m.use_state(tuned_state)
     state = m.load_state(state_in) if state_in else None
@@ -175,9 +187,8 @@ def run(artifact, prompt, n_tokens, tuned_state, state_in, state_out, chat, thre
     else:
         result = []
         for piece in m.stream(prompt, n_tokens, state=state, sampling=cfg, result=result):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+            _out(piece)
+        _out("\n")
         state = result[0].state
     if state_out:
         m.save_state(state, state_out)
@@ -195,15 +206,24 @@ def _chat(m, cfg, n_tokens, state):
         if not line or not line.strip():
             return state
         prompt = f"User: {line.strip()}\n\nAssistant:"
-        sys.stdout.write("Assistant:")
+        _out("Assistant:")
         result = []
         for piece in m.stream(prompt, n_tokens, state=state, sampling=cfg, result=result):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n\n")
-        sys.stdout.flush()
+            _out(piece)
+        _out("\n\n")
         state = result[0].state
         _, state = m.forward(m.encode("\n\n"), state)
+
+
+# ------------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("artifact")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bar")
+def verify(artifact, quiet):
+    """Check every file of an artifact against its manifest's sha256; name the first damaged one."""
+    from .integrity import verify_artifact
+    r = verify_artifact(artifact, progress=not quiet)
+    click.echo(f"{artifact}: {r['files']} files, {r['bytes'] / 1e6:.1f} MB verified in {r['seconds']:.2f} s")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,7 +232,7 @@ def _chat(m, cfg, n_tokens, state):
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--tokens", "n_decode", type=int, default=64, show_default=True, help="decode steps to time")
 @click.option("--prefill", "n_prefill", type=int, default=512, show_default=True, help="prompt length for prefill")
-@click.option("--threads", type=int, default=None, help="CPU threads")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: RWKVC_THREADS, else one per core)")
 @click.option("--repeat", type=int, default=3, show_default=True, help="timed repetitions (best is reported)")
 def bench(artifact, as_json, n_decode, n_prefill, threads, repeat):
     """Decode and prefill tokens/s, peak RSS and artifact bytes."""
@@ -220,7 +240,7 @@ def bench(artifact, as_json, n_decode, n_prefill, threads, repeat):
     if n_decode < 1 or n_prefill < 1 or repeat < 1:
         raise RwkvcError("--tokens, --prefill and --repeat must be >= 1")
     r = bench_artifact(artifact, n_decode=n_decode, n_prefill=n_prefill,
-                       threads=threads or _threads_default(), repeat=repeat)
+                       threads=threads, repeat=repeat)
     if as_json:
         click.echo(json.dumps(r, indent=2))
     else:
@@ -257,11 +277,10 @@ def demo(prompt, n_tokens, target, passes, cache_dir, seed):
         compile_checkpoint(ckpt, art, target=target, passes=passes, force=True, progress=True)
     m = load(art)
     click.echo(f"artifact: {art}\nprompt: {prompt!r}\n", err=True)
-    sys.stdout.write(prompt)
+    _out(prompt)
     for piece in m.stream(prompt, n_tokens, temperature=1.0, top_p=0.7, seed=seed, token_stop=(0,)):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+        _out(piece)
+    _out("\n")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,15 +293,23 @@ def main(argv=None):
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+    except click.ClickException as e:   # a bad option: one line, like rwkvc's own errors
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
-    except BrokenPipeError:
-        sys.stderr.close()
+    except MemoryError:
+        click.echo("error: out of memory; use a smaller model or recipe, or a machine with more memory", err=True)
+        sys.exit(2)
+    except (_ReaderGone, BrokenPipeError):   # the reader went away: a normal end
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # nothing left to flush at exit
         sys.exit(0)
+    except OSError as e:      # the environment: no space, permissions, a missing directory
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"error: {where}{e.strerror or e}; free some space, fix the permissions or choose another "
+                   "path, then run again", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,12 @@ def detect_version(sd: dict) -> Arch:
 
 
 def check_finite(sd: dict) -> None:
+    """Every tensor is floating point (RWKV-LM writes fp32 / fp16 / bf16) and finite."""
     for k, t in sd.items():
+        if not t.is_floating_point():
+            raise RwkvcError(f"tensor '{k}' holds {str(t.dtype).replace('torch.', '')} values, not floating point; "
+                             "rwkvc compiles float checkpoints (fp32, fp16, bf16): export the trained weights, "
+                             "not a quantised copy")
         if t.dtype in FLOAT_DTYPES and not bool(torch.isfinite(t).all()):
             raise RwkvcError(f"tensor '{k}' holds NaN or Inf values; the checkpoint is damaged "
                              "(re-export it from a healthy training step)")

@@ -12,10 +12,11 @@ The IR is a tree of plain dataclasses:
       head:   Linear                   (V, C)
       init_state: State | None         a tuned / time_state initial state
 
-Every matrix is a `Linear` whose `weight` is a *representation* (`Dense`, `LowRank`, `ClusteredHead`;
-quantised and other forms are further classes registered in `WEIGHT_KINDS`). Passes are IR -> IR
-rewrites that replace representations and return a report; emitters dispatch on the representation
-kind, and a target declares which kinds it can lower.
+Every matrix is a `Linear` whose `weight` is a *representation* (a weight kind: `Dense`, `LowRank`,
+`Int8`, `Int4`, `Factored`, `Scaled`, `ClusteredHead`; the embedding's may be a `LazyEmbedding`), one
+module each in rwkvc.weights, closed in `WEIGHT_KINDS`. Passes are IR -> IR rewrites that replace
+representations and return a report; each lowering dispatches on the representation kind through its own
+table, and a target declares which kinds it can lower.
 
 Matrices are stored (out, in) as in PyTorch: y = x @ W.T. Vectors are 1-D, shape (C,) (the official
 checkpoints' (1, 1, C) mixing vectors are squeezed on import). Tensors are numpy arrays, in float32 or
@@ -25,188 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterator
+from typing import Iterator
 
 import numpy as np
 
-
-# ----------------------------------------------------------------------------------------------
-# Weight representations
-
-
-@dataclass
-class Dense:
-    """W (out, in): y = x @ W.T."""
-    w: np.ndarray
-    kind: ClassVar[str] = "dense"
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.w.shape)
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {"w": self.w}
-
-    def to_dense(self) -> np.ndarray:
-        return np.asarray(self.w, dtype=np.float32)
-
-    def describe(self) -> str:
-        return f"dense {self.w.shape[0]}x{self.w.shape[1]} {self.w.dtype}"
-
-
-# kind name -> representation class; passes add theirs (low-rank, quantised, ...)
-WEIGHT_KINDS: dict[str, type] = {"dense": Dense}
-
-
-def register_weight_kind(cls):
-    WEIGHT_KINDS[cls.kind] = cls
-    return cls
-
-
-class TwoFactors:
-    """Shape and rank of W ~ B act(A x) with a (rank, in) and b (out, rank), whatever a and b hold."""
-    a: object
-    b: object
-
-    def check_factors(self):
-        if self.a.shape[0] != self.b.shape[1]:
-            raise ValueError(f"{type(self).__name__}: a {self.a.shape} and b {self.b.shape} disagree on the rank")
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.b.shape[0], self.a.shape[1])
-
-    @property
-    def rank(self) -> int:
-        return self.a.shape[0]
-
-
-@register_weight_kind
-@dataclass
-class LowRank(TwoFactors):
-    """W ~ B act(A x) (+ diag * x): y = act(x @ A.T) @ B.T (+ x * diag).
-
-    a (rank, in), b (out, rank). act: None, "relu" or "relu2" (squared relu), as RWKV-Lite's
-    factorised projections use; diag (in,) only for square matrices.
-    """
-    a: np.ndarray
-    b: np.ndarray
-    act: str | None = None
-    diag: np.ndarray | None = None
-    kind: ClassVar[str] = "lowrank"
-
-    def __post_init__(self):
-        self.check_factors()
-        if self.act not in (None, "relu", "relu2"):
-            raise ValueError(f"LowRank.act must be None, 'relu' or 'relu2', got {self.act!r}")
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        d = {"a": self.a, "b": self.b}
-        if self.diag is not None:
-            d["diag"] = self.diag
-        return d
-
-    def to_dense(self) -> np.ndarray:
-        if self.act is not None:
-            raise ValueError("a LowRank with an activation has no dense equivalent")
-        w = np.asarray(self.b, np.float32) @ np.asarray(self.a, np.float32)
-        if self.diag is not None:
-            w = w + np.diag(np.asarray(self.diag, np.float32))
-        return w
-
-    def describe(self) -> str:
-        extra = (f" act={self.act}" if self.act else "") + (" +diag" if self.diag is not None else "")
-        return f"lowrank {self.shape[0]}x{self.shape[1]} rank {self.rank}{extra} {self.a.dtype}"
-
-
-@register_weight_kind
-@dataclass
-class ClusteredHead:
-    """The hierarchical (clustered) head of RWKV-Lite: W (V, C) with its rows grouped into K clusters.
-
-    order (V,) int64    token ids sorted by cluster (a permutation of 0..V-1)
-    bounds (K+1,) int64 cluster k owns rows order[bounds[k]:bounds[k+1]]
-    rows (V, C)         W[order]: the head's rows, cluster by cluster (an array, or a weight representation
-                        such as a quantised one: only the chosen clusters' rows are read, via emit_onnx.ROWS_MATMUL)
-    cluster             a weight representation (K, C) giving cluster logits (Dense, or LowRank with
-                        act "relu" for RWKV-Lite's MLP variant head_l1fc2(relu(head_l1fc1 x)))
-    top_p, min_k, max_k which clusters get exact logits, per token: the most probable ones until their
-                        cumulative probability reaches top_p, at least min_k and at most max_k of them
-
-    Inference (one token, x (C,)):  p = softmax(cluster x); S = the chosen clusters;
-        logit_t = rows_t . x                                           for t in a cluster of S
-        logit_t = logsumexp_{s in S} logit_s + log p_c - log sum_{S} p + log q_t     for t in cluster c not in S
-    so the non-chosen clusters share the mass the cluster head gives them, spread over their tokens by
-    q_t = exp(log_prior_t), a fixed distribution within each cluster (rwkvc's hhead pass: the tokens' mean
-    probability on calibration text), or evenly (q_t = 1/|c|, RWKV-Lite) when log_prior is None.
-    With top_p >= 1 or min_k >= K every logit is exact (`to_dense` is that exact matrix).
-    """
-    order: np.ndarray
-    bounds: np.ndarray
-    rows: np.ndarray
-    cluster: object
-    top_p: float = 0.95
-    min_k: int = 3
-    max_k: int = 100
-    log_prior: np.ndarray | None = None   # (V,) float32 in row order, sums to 1 (as exp) within each cluster
-    kind: ClassVar[str] = "clustered"
-
-    def __post_init__(self):
-        V = self.rows.shape[0]
-        if self.order.shape != (V,) or self.bounds.ndim != 1 or int(self.bounds[0]) != 0 or int(self.bounds[-1]) != V:
-            raise ValueError(f"ClusteredHead: order {self.order.shape} / bounds {self.bounds.shape} do not describe {V} rows")
-        if np.any(np.diff(self.bounds) < 0):
-            raise ValueError("ClusteredHead.bounds must be non-decreasing")
-        if tuple(self.cluster.shape) != (self.n_clusters, self.rows.shape[1]):
-            raise ValueError(f"ClusteredHead: cluster head shape {tuple(self.cluster.shape)} != (K, C) = "
-                             f"{(self.n_clusters, self.rows.shape[1])}")
-        if self.log_prior is not None and self.log_prior.shape != (V,):
-            raise ValueError(f"ClusteredHead.log_prior {self.log_prior.shape} != ({V},)")
-        if not (0 < self.top_p <= 1) or self.min_k < 1 or self.max_k < self.min_k:
-            raise ValueError(f"ClusteredHead: need 0 < top_p <= 1 and 1 <= min_k <= max_k, got "
-                             f"top_p={self.top_p} min_k={self.min_k} max_k={self.max_k}")
-
-    @property
-    def n_clusters(self) -> int:
-        return len(self.bounds) - 1
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.rows.shape)
-
-    def row_cluster(self) -> np.ndarray:
-        """(V,) int64: the cluster of each row of `rows`."""
-        return np.repeat(np.arange(self.n_clusters, dtype=np.int64), np.diff(self.bounds))
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        d = {"order": self.order, "bounds": self.bounds}
-        if isinstance(self.rows, np.ndarray):
-            d["rows"] = self.rows
-        else:
-            d.update({"rows." + k: v for k, v in self.rows.arrays().items()})
-        d.update({"cluster." + k: v for k, v in self.cluster.arrays().items()})
-        if self.log_prior is not None:
-            d["log_prior"] = self.log_prior
-        return d
-
-    def row_log_prior(self) -> np.ndarray:
-        """(V,) log q_t in row order: log_prior, or -log |c| (uniform within each cluster)."""
-        if self.log_prior is not None:
-            return np.asarray(self.log_prior, np.float32)
-        return -np.log(np.maximum(np.diff(self.bounds), 1)).astype(np.float32)[self.row_cluster()]
-
-    def rows_dense(self) -> np.ndarray:
-        return self.rows if isinstance(self.rows, np.ndarray) else self.rows.to_dense()
-
-    def to_dense(self) -> np.ndarray:
-        w = np.empty(tuple(self.rows.shape), np.float32)
-        w[self.order] = self.rows_dense()
-        return w
-
-    def describe(self) -> str:
-        rows = self.rows.dtype if isinstance(self.rows, np.ndarray) else self.rows.describe()
-        return (f"clustered {self.shape[0]}x{self.shape[1]} K={self.n_clusters} (cluster head "
-                f"{self.cluster.describe()}) top_p={self.top_p} k={self.min_k}..{self.max_k} rows {rows}")
+from rwkvc.weights import (WEIGHT_KINDS, ClusteredHead, Dense, Factored, Int4, Int8, LazyEmbedding,  # noqa: F401
+                           LowRank, Scaled, SparseFFN, TwoFactors)
 
 
 @dataclass
@@ -254,91 +79,6 @@ class TimeMix:
     vec: dict[str, np.ndarray]        # other per-channel parameters, e.g. w0 (log-log decay), u (bonus), k_k (C,)
     lin: dict[str, Linear]            # every matrix: receptance, key, value, output, w1, w2, ...
     ln_x: Norm | None = None
-
-
-@dataclass
-class SparseFFN:
-    """Activation sparsity of a channel-mix (RWKV-Lite): per token, predict which of the F hidden units
-    fire and compute only those rows of `key` and columns of `value`.
-
-    With xk (C,) the token-shifted input of `key`:
-        mlp   = sigmoid(fc2 @ relu(fc1 @ xk)) > mlp_threshold                       (F,)  if fc1 is set
-        q     = q_scale * (q_codes @ xk) + q_zero * sum(xk)                          (F,)  if q_codes is set
-        quant = q > quantile(q, q_quantile)     (linear interpolation, as torch.quantile)
-        active = mlp | quant
-        h = relu(key @ xk)^2 where active, 0 elsewhere;   y = value @ h
-    q_codes are the `key` weight quantised to q_bits (RWKV-Lite: 1 bit, one scale and zero point for the
-    whole matrix), so q approximates key @ xk. A unit the predictors miss is dropped: lossy by design.
-    fc1_scale / fc2_scale: the MLP predictor stored in int8 (the sparse-ffn pass's default): fc1 and fc2 are then
-    exactly int8 codes times one float32 scale per output row (fc1_scale (D,), fc2_scale (F,)), the values
-    every consumer computes with; a target may store the codes and scales instead.
-    """
-    fc1: np.ndarray | None = None          # (D, C) MLP predictor, first layer
-    fc2: np.ndarray | None = None          # (F, D)
-    fc1_scale: np.ndarray | None = None    # (D,) with fc2_scale: fc1 = int8 codes * fc1_scale[:, None]
-    fc2_scale: np.ndarray | None = None    # (F,)
-    mlp_threshold: float = 0.7
-    q_codes: np.ndarray | None = None      # (F, C) uint8 codes in [0, 2^q_bits)
-    q_scale: float = 1.0
-    q_zero: float = 0.0
-    q_bits: int = 1
-    q_quantile: float = 0.95
-
-    def __post_init__(self):
-        if (self.fc1 is None) != (self.fc2 is None):
-            raise ValueError("SparseFFN needs both fc1 and fc2 (or neither)")
-        if self.fc1 is None and self.q_codes is None:
-            raise ValueError("SparseFFN needs at least one predictor (fc1/fc2 or q_codes)")
-        if self.fc1 is not None and self.fc1.shape[0] != self.fc2.shape[1]:
-            raise ValueError(f"SparseFFN: fc1 {self.fc1.shape} and fc2 {self.fc2.shape} disagree on the hidden width")
-        if not (0.0 <= self.q_quantile <= 1.0):
-            raise ValueError(f"SparseFFN.q_quantile must be in [0, 1], got {self.q_quantile}")
-        if (self.fc1_scale is None) != (self.fc2_scale is None) or (self.fc1_scale is not None and self.fc1 is None):
-            raise ValueError("SparseFFN: an int8 MLP predictor needs fc1, fc2 and both scales")
-        if self.fc1_scale is not None and (self.fc1_scale.shape != self.fc1.shape[:1] or self.fc2_scale.shape != self.fc2.shape[:1]):
-            raise ValueError(f"SparseFFN: scales {self.fc1_scale.shape}/{self.fc2_scale.shape} do not match fc1 "
-                             f"{self.fc1.shape}/fc2 {self.fc2.shape}")
-
-    def fc_codes(self) -> tuple[np.ndarray, np.ndarray]:
-        """An int8 MLP predictor's codes: fc1 / fc1_scale, fc2 / fc2_scale (exact), int8."""
-        return tuple(np.rint(np.asarray(w, np.float32) / np.where(sc == 0, 1, sc)[:, None]).astype(np.int8)
-                     for w, sc in ((self.fc1, self.fc1_scale), (self.fc2, self.fc2_scale)))
-
-    @staticmethod
-    def code_bytes(F: int, C: int, bits: int) -> int:
-        """The key copy's codes as a target stores them: each of F rows' C codes packed to `bits`."""
-        return F * -(-C * bits // 8)
-
-    def stored_bytes(self) -> int:
-        """What a target stores of the predictors: an int8 MLP as codes and scales, key codes packed to
-        q_bits (the fused kernels' layout)."""
-        n = 0
-        if self.fc1_scale is not None:
-            n += self.fc1.size + self.fc2.size + 4 * (self.fc1_scale.size + self.fc2_scale.size)
-        elif self.fc1 is not None:
-            n += 4 * (self.fc1.size + self.fc2.size)
-        if self.q_codes is not None:
-            n += self.code_bytes(*self.q_codes.shape, self.q_bits)
-        return n
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        d = {}
-        if self.fc1 is not None:
-            d["fc1"], d["fc2"] = self.fc1, self.fc2
-        if self.fc1_scale is not None:
-            d["fc1_scale"], d["fc2_scale"] = self.fc1_scale, self.fc2_scale
-        if self.q_codes is not None:
-            d["q_codes"] = self.q_codes
-        return d
-
-    def describe(self) -> str:
-        parts = []
-        if self.fc1 is not None:
-            parts.append(f"{'int8 ' if self.fc1_scale is not None else ''}mlp predictor "
-                         f"{self.fc1.shape[1]}->{self.fc1.shape[0]}->{self.fc2.shape[0]} > {self.mlp_threshold}")
-        if self.q_codes is not None:
-            parts.append(f"{self.q_bits}-bit key predictor top {1 - self.q_quantile:.0%}")
-        return "sparse ffn: " + " | ".join(parts)
 
 
 @dataclass

@@ -1,6 +1,10 @@
 """Targets: name -> Target (see targets/base.py)."""
 from __future__ import annotations
 
+from rwkvc.packages import claim
+
+claim(__name__, __file__)   # one import name: rwkvc.targets
+
 from rwkvc.errors import RwkvcError
 
 from .base import Capabilities, Target, unsupported

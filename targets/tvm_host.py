@@ -1,11 +1,11 @@
-"""`tvm-host`: the TVM lowering (targets/tvm_lower.py) for this machine's CPU, run in-process by the
+"""`tvm-host`: the TVM lowering (targets/tvm/) for this machine's CPU, run in-process by the
 `tvm` Python package's Relax VM. It exists to compare TVM with ONNX Runtime on one machine."""
 from __future__ import annotations
 
 from rwkvc import ir
 
 from .base import Capabilities
-from .tvm_lower import TIME_MIX_LOWERINGS, WEIGHT_DTYPES, weight_kinds
+from .tvm import TIME_MIX_LOWERINGS, WEIGHT_DTYPES, weight_kinds
 
 
 class TvmHostTarget:
@@ -23,13 +23,13 @@ class TvmHostTarget:
                             extras={"kernel": {"panel": 32, "rows": 4, "lanes": 8}})
 
     def llvm_target(self) -> dict:
-        from .tvm_lower import _import_tvm
-        tvm = _import_tvm()
+        from .tvm import import_tvm
+        tvm = import_tvm()
         cg = tvm.target.codegen
         return {"kind": "llvm", "mtriple": cg.llvm_get_system_triple(), "mcpu": cg.llvm_get_system_cpu()}
 
     def compile(self, model: ir.Model, out_dir: str, options: dict, progress=None) -> dict:
-        from .tvm_lower import KernelShape, check_lowerable, compile_model
+        from .tvm import KernelShape, check_lowerable, compile_model
         check_lowerable(model)
         ks = KernelShape(**self.capabilities.extras["kernel"], weights=options.get("dtype") or "float32")
         fields = compile_model(model, out_dir, self.llvm_target(), ks, progress=progress)

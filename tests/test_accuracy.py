@@ -6,9 +6,10 @@ $RWKV_CACHE/test-accuracy (~/.cache/rwkvc/test-accuracy): about 2-3 minutes on 2
 Every compressed artifact is evaluated with `rwkvc.eval.evaluate` against the dense cpu artifact on
 held-out books (Ruth, Ecclesiastes, Jonah, Philippians), calibrating on the training text.
 
-Bounds (issue 5): int8 perplexity within 1 % and top-1 agreement >= 98 %; int4 within 5 %; hhead within
-2 % and top-1 >= 98 %; sparse-ffn within 3 %; all passes together within 10 %. What each reached is
-printed (pytest -s) and recorded in docs/COMPRESSION.md.
+Bounds (issue 5): int8 perplexity within 1 % and top-1 agreement >= 98 %; int4 within 5 %; svd(energy=0.9)
+within 2 % and top-1 >= 90 % (measured +0.43 % / 93.8 % on the demo, +0.45 % / 95.2 % on the 2-layer model);
+hhead within 2 % and top-1 >= 98 %; sparse-ffn within 3 %; all passes together within 10 %. What each
+reached is printed (pytest -s) and recorded in docs/COMPRESSION.md.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ CASES = {
     "int4-g128": ("int4(group=128)", 5.0, None),
     "int4-gptq": ("int4(group=32,method=gptq)", 5.0, None),
     "int4-awq": ("int4(group=32,method=awq)", 5.0, None),
-    "svd-energy": ("svd(energy=0.9)", None, None),
+    "svd-energy": ("svd(energy=0.9)", 2.0, 0.90),
     "hhead": ("hhead(k=200,p=0.95)", 2.0, 0.98),
     "sparse-ffn": ("sparse-ffn(recall=0.99,tokens=2048)", 3.0, None),
     "lazy-emb": ("lazy-emb(storage=int8)", 1.0, 0.98),

@@ -182,7 +182,7 @@ def test_dense_embedding_is_held_in_memory(art, m):
     from rwkvc.runtimes.onnxruntime import DENSE_EMBEDDING
     held = m.runtime.held[DENSE_EMBEDDING]
     assert held.shape == (65536, 64) and held.dtype == np.float32
-    from rwkvc.emit_onnx import folded_embedding
+    from rwkvc.weights.embedding import folded_embedding
     from rwkvc.frontend import load_model
     np.testing.assert_array_equal(held, folded_embedding(load_model(art[1])))
     w = weight_traffic(art[0])
@@ -224,3 +224,33 @@ def test_unknown_runtime_option_is_a_clear_error(art):
     with pytest.raises(rwkvc.errors.RwkvcError, match="option 'hugepages' is not one the onnxruntime runtime"):
         rwkvc.load(art[0], hugepages=False)
     assert rwkvc.load(art[0], huge_pages=False).runtime.huge_pages is False
+
+
+def test_manifest_records_the_lowering_policy(art):
+    """The cpu target builds its LoweringPolicy once, from the options and this host's CPU, and records it."""
+    from rwkvc.host import cpu_flags
+    from rwkvc.runtimes import ortops
+    from rwkvc.targets.onnx import LoweringPolicy
+    man = json.loads((art[0] / "manifest.json").read_text())
+    fused = ortops.compiler() is not None
+    assert man["lowering"] == LoweringPolicy.for_host(fused, cpu_flags()).to_dict()
+    assert man["lowering"]["fused"] == ("custom_ops" in man)
+
+
+def test_compile_options_are_typed(art, tmp_path):
+    from rwkvc.targets.onnx import LoweringPolicy
+    ckpt = art[1]
+    with pytest.raises(rwkvc.errors.RwkvcError, match="unknown compile option 'fuse'"):
+        rwkvc.compile(ckpt, tmp_path / "a", options={"fuse": True})
+    with pytest.raises(rwkvc.errors.RwkvcError, match="fused must be True, False or None"):
+        rwkvc.compile(ckpt, tmp_path / "b", options={"fused": "yes"})
+    with pytest.raises(rwkvc.errors.RwkvcError, match="disagree"):
+        rwkvc.compile(ckpt, tmp_path / "c", options={"fused": True, "lowering": LoweringPolicy(fused=False)})
+    for field, bad in (("matvec_q", 1), ("matvec_small", -1), ("matvec_min_k", 0), ("rescale_every", 2.0)):
+        with pytest.raises(rwkvc.errors.RwkvcError, match=f"LoweringPolicy.{field} must be"):
+            LoweringPolicy(**{field: bad})
+    pinned = LoweringPolicy(matvec_small=0)
+    path = rwkvc.compile(ckpt, tmp_path / "d", options={"lowering": pinned})
+    man = json.loads((path / "manifest.json").read_text())
+    assert man["lowering"] == pinned.to_dict() and "custom_ops" not in man
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -2,7 +2,8 @@
 
 rwkvc.calib.IRRunner runs every generation from the IR; its float logits must be the cpu artifact's (the
 same 1e-4 bound as the parity tests), and the calibrated passes must compile, with their lossless settings
-giving the dense logits.
+giving the dense logits; int4 gptq's logit MSE against the float model is at most GPTQ_MSE_OVER_RTN of
+round-to-nearest's at the same group.
 """
 import numpy as np
 import pytest
@@ -60,14 +61,34 @@ def test_calibrated_lossless_settings_give_the_dense_logits(case, recipe):
     assert worst <= tol(case["dense"])
 
 
-def test_gptq_calibrates_and_stays_close(case):
+def step_logits(art, tokens) -> np.ndarray:
+    m, state, out = rwkvc.load(art), None, []
+    for t in tokens.tolist():
+        lg, state = m.forward([t], state)
+        out.append(lg)
+    return np.stack(out)
+
+
+# gptq's logit MSE against the float model, as a fraction of round-to-nearest's at the same bits and group
+# (measured on these models: 0.86 (v4), 0.82 (v5.2), 0.86 (v6))
+GPTQ_MSE_OVER_RTN = 0.95
+
+
+def test_gptq_calibrates_and_beats_round_to_nearest(case):
     from rwkvc.passes import PassContext
     calib = np.random.default_rng(2).integers(0, 300, 400)
     ctx = PassContext(calib_tokens=calib, progress=False)
     art = rwkvc.compile(case["ckpt"], case["dir"] / "gptq", target="cpu", passes="int4(group=32,method=gptq)", ctx=ctx)
+    rtn = rwkvc.compile(case["ckpt"], case["dir"] / "rtn", target="cpu", passes="int4(group=32,method=rtn)", ctx=ctx)
     m = rwkvc.load(art)
     out, _ = m.forward(case["tokens"].tolist())
     ref = case["dense"][-1]
     # random weights have no structure to exploit; int4 keeps the last token's logits within 25 % of their range
     assert np.isfinite(out).all()
     assert np.abs(out - ref).max() <= 0.25 * (ref.max() - ref.min())
+    # and calibrating pays: over held-out tokens (not the calibration text), gptq's logits are nearer the
+    # float model's than round-to-nearest's
+    mse = {name: float(np.mean((step_logits(a, case["tokens"]) - case["dense"]) ** 2)) for name, a in
+           (("gptq", art), ("rtn", rtn))}
+    assert mse["gptq"] <= GPTQ_MSE_OVER_RTN * mse["rtn"], \
+        f"v{case['version']}: gptq logit MSE {mse['gptq']:.3g} > {GPTQ_MSE_OVER_RTN} x rtn's {mse['rtn']:.3g}"

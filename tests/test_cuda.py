@@ -25,6 +25,7 @@ def test_compiles_without_gpu(arts):
     man = json.loads((cuda / "manifest.json").read_text())
     assert man["target"] == "cuda" and man["providers"][0] == "CUDAExecutionProvider"
     assert man["dtype"] in ("float16", "float32")
+    assert man["lowering"]["fused"] is False and "custom_ops" not in man   # plain ONNX operators only
     import onnx
     onnx.checker.check_model(str(cuda / "step.onnx"), full_check=True)
 

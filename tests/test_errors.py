@@ -129,9 +129,14 @@ def test_existing_output_needs_force(tmp_path, good):
     r = rwkvc("compile", good, "-o", tmp_path / "out", "-q")
     assert_user_error(r, "--force")
     assert (tmp_path / "out" / "keep.txt").exists()
+    r = rwkvc("compile", good, "-o", tmp_path / "out", "-q", "--force")   # --force replaces only an artifact
+    assert_user_error(r, "not an rwkvc artifact")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "x"
+    (tmp_path / "out" / "keep.txt").unlink()
+    assert rwkvc("compile", good, "-o", tmp_path / "out", "-q").returncode == 0   # an empty directory is fine
     r = rwkvc("compile", good, "-o", tmp_path / "out", "-q", "--force")
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "out" / "manifest.json").exists() and not (tmp_path / "out" / "keep.txt").exists()
+    assert (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_run_errors(tmp_path, good):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import rwkvc
-from rwkvc import emit_onnx
-from rwkvc.errors import RwkvcError
+from rwkvc.targets import onnx as lowering
+from rwkvc.targets.onnx import LoweringPolicy
 from rwkvc.testing import (random_v4_state_dict, random_v5_state_dict, random_v6_state_dict, random_v7_state_dict,
                            save_state_dict)
 
@@ -95,7 +95,7 @@ def test_without_rescale_the_same_model_overflows(tmp_path):
     for every in (0, 6):
         d = tmp_path / f"every{every}"
         d.mkdir()
-        files = emit_onnx.emit(model, str(d), dtype=np.float16, rescale_every=every)
+        files = lowering.emit(model, str(d), dtype=np.float16, policy=LoweringPolicy(rescale_every=every))
         rt = OrtRuntime(d, {"entry_points": files, "providers": ["CPUExecutionProvider"]})
         logits, _ = rt.forward(np.array(TOKENS), rwkvc.ir.State.zeros(model.config))
         results[every] = bool(np.isfinite(logits).all())
@@ -104,11 +104,11 @@ def test_without_rescale_the_same_model_overflows(tmp_path):
 
 def test_rescale_plan():
     cfg = rwkvc.ir.ModelConfig("5.2", 24, 64, 32, 500, 224)
-    plan = emit_onnx.rescale_plan(cfg, np.float16)
+    plan = lowering.rescale_plan(cfg, np.float16)
     assert "blocks.5.att.output" not in plan and plan["blocks.6.att.output"] == 2
     assert plan["blocks.23.ffn.value"] == 8 and plan["blocks.12.att.output"] == 4
-    assert emit_onnx.rescale_plan(cfg, np.float32) == {}
-    assert emit_onnx.rescale_plan(rwkvc.ir.ModelConfig("7", 24, 64, 32, 500, 224), np.float16) == plan
+    assert lowering.rescale_plan(cfg, np.float32) == {}
+    assert lowering.rescale_plan(rwkvc.ir.ModelConfig("7", 24, 64, 32, 500, 224), np.float16) == plan
 
 
 def test_fp16_weights_are_rescaled_in_the_artifact(tmp_path):

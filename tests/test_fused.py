@@ -1,10 +1,11 @@
-"""rwkvc's fused CPU kernels (native/ort_ops.cc, domain ai.rwkvc) in the cpu target's step graph.
+"""rwkvc's fused CPU kernels (runtimes/ortops/, domain ai.rwkvc) in the cpu target's step graph.
 
 The fused step must compute what the plain-ONNX step computes (float tolerance: it reorders float32 sums
 and uses its own exp), agree with the artifact's own prefill, and the options around it must fail clearly.
 The parity tests against the official package (test_v7_parity.py) run the fused step too: it is the
 default wherever g++ exists.
 """
+import dataclasses
 import json
 import platform
 
@@ -16,7 +17,7 @@ import rwkvc
 from rwkvc.errors import RwkvcError
 from rwkvc.runtimes import ortops
 from rwkvc.testing import save_random_v7
-from test_rpi5 import FLIP_BOUND, INT8_FLIPS, assert_logits_match
+from helpers import FLIP_BOUND, INT8_FLIPS, assert_logits_match
 
 pytestmark = pytest.mark.skipif(ortops.compiler() is None, reason="no C++ compiler for the fused kernels")
 
@@ -83,13 +84,32 @@ def test_fused_step_and_prefill_match_the_plain_graphs(pair):
 
 
 def test_fused_with_sparse_ffn_and_int8_runs_the_packed_graph(pair, tmp_path):
+    """sparse-ffn + int8 through the fused step: the sparse FFN is one Rwkv7SparseFfnQ node over the packed
+    int8 rows and predictors, and the logits are the plain graph's (each token from the plain graph's state,
+    up to INT8_FLIPS tokens whose 8-bit activation rounding flips, as in test_int8_rows_match_the_plain_graph)."""
+    from rwkvc.targets.onnx import LoweringPolicy
     ckpt, _, _, V = pair
-    art = rwkvc.compile(ckpt, tmp_path / "q", target="cpu", passes="int8")
-    assert ("ai.rwkvc", "Rwkv7WkvStep") in step_ops(art)
-    m = rwkvc.load(art)
+    calib = np.random.default_rng(V + 1).integers(0, V, 384)
+    model = passes_model(ckpt, "sparse-ffn(recall=0.9,steps=40,tokens=256,max_fraction=1),int8", calib)
+    assert all(blk.ffn.sparse is not None for blk in model.blocks)
+    art = lower(model, tmp_path / "q", LoweringPolicy(fused=True))
+    plain = lower(model, tmp_path / "p", LoweringPolicy(fused=False))
+    ops = step_ops(art)
+    assert {("ai.rwkvc", "Rwkv7WkvStep"), ("ai.rwkvc", "Rwkv7SparseFfnQ")} <= ops
+    sparse = [n for n in onnx.load(str(art / "step.onnx"), load_external_data=False).graph.node
+              if n.op_type == "Rwkv7SparseFfnQ"]
+    assert len(sparse) == len(model.blocks)
+    assert not any(dom == "ai.rwkvc" for dom, _ in step_ops(plain))
+    m, mp = rwkvc.load(art), rwkvc.load(plain)
     logits, state = m.forward([1, 2, 3])
     logits2, _ = m.forward([4], state)
     assert np.isfinite(logits2).all() and logits2.shape == (V,)
+    got, ref, st = [], [], None
+    for t in calib[-48:]:
+        got.append(m.forward([int(t)], st)[0])
+        lp, st = mp.forward([int(t)], st)
+        ref.append(lp)
+    assert_logits_match(np.stack(got), np.stack(ref), "fused sparse-ffn + int8", INT8_FLIPS)
 
 
 def test_artifact_from_another_kernel_version_is_refused(pair, tmp_path):
@@ -136,8 +156,9 @@ def test_unwritable_cache_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_without_a_compiler_compile_falls_back_or_refuses(pair, tmp_path, monkeypatch, capsys):
+    from rwkvc import host
     ckpt = pair[0]
-    monkeypatch.setattr(ortops, "compiler", lambda: None)
+    monkeypatch.setattr(host, "compiler", lambda: None)
     art = rwkvc.compile(ckpt, tmp_path / "fallback", target="cpu")
     assert "custom_ops" not in json.loads((art / "manifest.json").read_text())
     assert "no C++ compiler found" in capsys.readouterr().err
@@ -173,9 +194,12 @@ def passes_model(ckpt, recipe, calib):
 
 
 def lower(model, out, fused):
+    """The cpu artifact of `model`; fused: True / False (this host's policy with the fused kernels on / off)
+    or a LoweringPolicy, pinned."""
     from rwkvc.artifact import compile_to_dir
     from rwkvc.targets import get_target
-    return compile_to_dir(model, get_target("cpu"), out, force=True, options={"fused": fused})
+    options = {"fused": fused} if isinstance(fused, bool) else {"lowering": fused}
+    return compile_to_dir(model, get_target("cpu"), out, force=True, options=options)
 
 
 def step_logits(art, toks):
@@ -323,7 +347,7 @@ def run_reference_and_fused(make, xs) -> list[list[np.ndarray]]:
 def nbits_graph(K, N, bits, G, zeros, fused, seed):
     """One product y = W x: MatMulNBits(accuracy_level=4), or the same initializers through Rwkv7MatVecQ."""
     from onnx import helper, numpy_helper
-    from passes.quant import pack_int4, quantize_int4
+    from rwkvc.weights.int4 import pack_int4, quantize_int4
     rng = np.random.default_rng(seed)
     nb = -(-K // G)
     if bits == 4:
@@ -360,9 +384,9 @@ def test_matvec_q_computes_matmulnbits(K, N, bits, G, zeros):
 
 def q16_graph(K, N, G, zeros, fused, seed):
     """y = W x over T tokens: MatMulNBits(accuracy_level=4), or Rwkv7MatVecQ16 over the same matrix
-    interleaved (passes.quant.interleave16; quantize_int4's scales are exact in float16)."""
+    interleaved (rwkvc.weights.int4.interleave16; quantize_int4's scales are exact in float16)."""
     from onnx import helper, numpy_helper
-    from passes.quant import interleave16, pack_int4, quantize_int4
+    from rwkvc.weights.int4 import interleave16, pack_int4, quantize_int4
     rng = np.random.default_rng(seed)
     nb = -(-K // G)
     codes, sc, z = quantize_int4(rng.standard_normal((N, K)).astype(np.float32), G)
@@ -401,9 +425,10 @@ def test_matvec_q16_computes_matmulnbits(K, N, G, zeros):
 
 def q16x8_graph(K, N, fused, seed):
     """y = W x over T tokens for an int8 matrix: MatMulNBits(bits=8, accuracy_level=4) as the cpu target
-    emits it (passes.quant.int8_nbits_inputs), or Rwkv7MatVecQ16x8 over it interleaved."""
+    emits it (rwkvc.targets.onnx.quant.int8_nbits_inputs), or Rwkv7MatVecQ16x8 over it interleaved."""
     from onnx import helper, numpy_helper
-    from passes.quant import INT8_BLOCK, effective_group, interleave16_int8, quantize_int8, u8_codes
+    from rwkvc.weights.int4 import effective_group
+    from rwkvc.weights.int8 import INT8_BLOCK, interleave16_int8, quantize_int8, u8_codes
     q, sc = quantize_int8(np.random.default_rng(seed).standard_normal((N, K)).astype(np.float32))
     B = effective_group(INT8_BLOCK, K)
     nb = -(-K // B)
@@ -435,7 +460,7 @@ def test_matvec_q16x8_computes_matmulnbits(K, N):
 
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
-    """A model whose matrices are wide enough for rwkvc's 4-bit kernels (emit_onnx.MATVEC_MIN_K columns)."""
+    """A model whose matrices are wide enough for rwkvc's 4-bit kernels (LoweringPolicy.matvec_min_k columns)."""
     return random_model(tmp_path_factory.mktemp("v3"), 256, 13)
 
 
@@ -444,7 +469,7 @@ def wide(tmp_path_factory):
                                         ("svd(rank=0.25),int4(group=32)", True),
                                         ("int4(group=32)", False), ("svd(rank=0.25),int4(group=128)", False),
                                         ("int8", True), ("svd(rank=0.5,targets=ffn),int8", True)])
-def test_quantised_step_products_match_the_plain_graph(wide, tmp_path, recipe, i16, monkeypatch):
+def test_quantised_step_products_match_the_plain_graph(wide, tmp_path, recipe, i16):
     """The fused step with its 4-bit products in Rwkv7MatVecSet / Rwkv7MatVecQ16 nodes (op set 7's
     interleaved layout; i16 False: Rwkv7MatVecQ over MatMulNBits' layout) against the plain graph's
     MatMulNBits. Each product agrees to ~5e-7, but a product's output is the next one's input, which both
@@ -453,12 +478,13 @@ def test_quantised_step_products_match_the_plain_graph(wide, tmp_path, recipe, i
     zero point or layout moves every token. The fused prefill reads the interleaved matrices too
     (Rwkv7MatVecQ16 over 16 tokens), and the artifact holds one copy of each. int8 (level 4): the same with
     Rwkv7MatVecQ16x8 against MatMulNBits' 8-bit kernel."""
-    from rwkvc import emit_onnx
+    from rwkvc.targets.onnx import LoweringPolicy
     ckpt, calib = wide
     model = passes_model(ckpt, recipe, calib)
-    monkeypatch.setattr(emit_onnx, "MATVEC_Q", True)   # whatever this CPU would pick (matvec_q_host)
-    monkeypatch.setattr(emit_onnx, "MATVEC_I16", i16)
-    fused, plain = lower(model, tmp_path / "f", True), lower(model, tmp_path / "p", False)
+    # rwkvc's matrix-vector kernels whatever this CPU would pick (LoweringPolicy.for_host)
+    policy = LoweringPolicy(fused=True, matvec_q=True, matvec_i16=i16)
+    fused, plain = lower(model, tmp_path / "f", policy), lower(model, tmp_path / "p", False)
+    assert json.loads((fused / "manifest.json").read_text())["lowering"] == dataclasses.asdict(policy)
     ops = {n for d, n in step_ops(fused) if d == "ai.rwkvc"}
     single = "Rwkv7MatVecQ16x8" if "int8" in recipe else "Rwkv7MatVecQ16" if i16 else "Rwkv7MatVecQ"
     assert {"Rwkv7MatVecSet", single} <= ops
@@ -476,7 +502,7 @@ def test_quantised_step_products_match_the_plain_graph(wide, tmp_path, recipe, i
     nbits = [n for n in onnx.load(str(fused / "step.onnx"), load_external_data=False).graph.node
              if n.op_type == "MatMulNBits"]   # the large narrow ones stay ONNX Runtime's
     attr = lambda n, k: next(a.i for a in n.attribute if a.name == k)  # noqa: E731
-    assert all(attr(n, "K") < emit_onnx.MATVEC_MIN_K and attr(n, "K") * attr(n, "N") > emit_onnx.MATVEC_SMALL
+    assert all(attr(n, "K") < policy.matvec_min_k and attr(n, "K") * attr(n, "N") > policy.matvec_small
                for n in nbits)
     mf, mp = rwkvc.load(fused), rwkvc.load(plain)
     rel, st = [], None
@@ -499,7 +525,8 @@ def test_kernel_splits_over_threads_are_exact(tmp_path):
     model = passes_model(ckpt, "svd(rank=0.25,targets=att.r+att.k+att.v+att.o),"
                                "sparse-ffn(recall=0.9,steps=20,tokens=128,max_fraction=1),hhead(k=16,p=1,steps=20,tokens=128),"
                                "int4(group=32)", calib)
-    art = lower(model, tmp_path / "a", True)
+    from rwkvc.targets.onnx import LoweringPolicy
+    art = lower(model, tmp_path / "a", LoweringPolicy(fused=True, matvec_q=True))   # whatever this CPU would pick
     assert {("ai.rwkvc", "Rwkv7SparseFfnQ"), ("ai.rwkvc", "Rwkv7MatVecSet"),
             ("ai.rwkvc", "Rwkv7ClusteredHeadTop")} <= step_ops(art)
     runs = []

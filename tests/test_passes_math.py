@@ -6,7 +6,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from rwkvc.passes import calib_quant, hhead, quant, sparse_ffn, svd
+from rwkvc.passes import calib_quant, hhead, sparse_ffn, svd
+from rwkvc.weights import int4, int8, lowrank
 
 
 @pytest.fixture
@@ -23,41 +24,41 @@ def _session(nodes, inits, inputs):
 
 
 def test_int8_roundtrip(w):
-    q, s = quant.quantize_int8(w)
+    q, s = int8.quantize_int8(w)
     assert q.dtype == np.int8 and s.shape == (96,) and np.abs(q).max() <= 127
-    err = np.abs(quant.dequantize_int8(q, s) - w)
+    err = np.abs(int8.dequantize_int8(q, s) - w)
     assert np.all(err <= s[:, None] / 2 + 1e-7)          # round to nearest: at most half a step
-    q0, s0 = quant.quantize_int8(np.zeros((3, 5), np.float32))
+    q0, s0 = int8.quantize_int8(np.zeros((3, 5), np.float32))
     assert np.all(q0 == 0) and np.all(s0 == 1)
 
 
 @pytest.mark.parametrize("group", [16, 32, 64, 128])
 def test_int4_roundtrip_and_padding(w, group):
-    codes, scales, zeros = quant.quantize_int4(w, group)
+    codes, scales, zeros = int4.quantize_int4(w, group)
     nb = -(-160 // group)
     assert codes.shape == (96, nb * group) and scales.shape == zeros.shape == (96, nb)
     assert codes.max() <= 15 and zeros.max() <= 15
-    deq = quant.dequantize_int4(codes, scales, zeros, group, 160)
+    deq = int4.dequantize_int4(codes, scales, zeros, group, 160)
     step = np.repeat(scales, group, axis=1)[:, :160]
     assert np.all(np.abs(deq - w) <= step / 2 + 1e-6)
     # padding columns dequantise to exactly 0
-    full = quant.dequantize_int4(codes, scales, zeros, group, nb * group)
+    full = int4.dequantize_int4(codes, scales, zeros, group, nb * group)
     assert np.all(full[:, 160:] == 0)
-    assert np.array_equal(quant.unpack_int4(quant.pack_int4(codes)), codes)
+    assert np.array_equal(int4.unpack_int4(int4.pack_int4(codes)), codes)
 
 
 def test_int4_representation(w):
-    rep = quant.Int4.from_dense(w, 32)
+    rep = int4.Int4.from_dense(w, 32)
     assert rep.shape == (96, 160) and rep.packed.shape == (96, 5, 16) and rep.zeros.shape == (96, 3)
-    codes, s, z = quant.quantize_int4(w, 32)
-    assert np.allclose(rep.to_dense(), quant.dequantize_int4(codes, s, z, 32, 160))
-    assert quant.effective_group(128, 32) == 32 and quant.effective_group(32, 300) == 32
-    assert quant.Int4.from_dense(w[:, :24], 128).group == 32       # a narrow factor is not padded to 128
+    codes, s, z = int4.quantize_int4(w, 32)
+    assert np.allclose(rep.to_dense(), int4.dequantize_int4(codes, s, z, 32, 160))
+    assert int4.effective_group(128, 32) == 32 and int4.effective_group(32, 300) == 32
+    assert int4.Int4.from_dense(w[:, :24], 128).group == 32       # a narrow factor is not padded to 128
 
 
 def test_matmulnbits_layout_matches_reference(w, rng):
     """ONNX Runtime's MatMulNBits on Int4's packed arrays = x @ to_dense().T (accuracy_level 0: exact)."""
-    rep = quant.Int4.from_dense(w, 32, accuracy_level=0)
+    rep = int4.Int4.from_dense(w, 32, accuracy_level=0)
     x = rng.standard_normal((3, 160)).astype(np.float32)
     node = helper.make_node("MatMulNBits", ["x", "b", "s", "z"], ["y"], domain="com.microsoft", K=160, N=96,
                             bits=4, block_size=32, accuracy_level=0)
@@ -70,13 +71,13 @@ def test_matmulinteger_lowering_matches_reference(w, rng):
     """DynamicQuantizeLinear + MatMulInteger + scales = x @ W_q.T up to the activation's 8-bit rounding, with
     the weights as the lowering gives them: uint8 codes q + 128, zero point 128 (an int8 B saturates on x86
     CPUs without VNNI: this bound failed by 20x on an AVX2-only EPYC)."""
-    rep = quant.Int8.from_dense(w)
+    rep = int8.Int8.from_dense(w)
     x = rng.standard_normal((2, 160)).astype(np.float32)
     nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
              helper.make_node("MatMulInteger", ["xq", "b", "xz", "bz"], ["acc"]),
              helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
              helper.make_node("Mul", ["xs", "s"], ["sc"]), helper.make_node("Mul", ["accf", "sc"], ["y"])]
-    s = _session(nodes, [numpy_helper.from_array(quant.u8_codes(rep.q.T), "b"), numpy_helper.from_array(np.array(quant.U8_ZERO, np.uint8), "bz"),
+    s = _session(nodes, [numpy_helper.from_array(int8.u8_codes(rep.q.T), "b"), numpy_helper.from_array(np.array(int8.U8_ZERO, np.uint8), "bz"),
                          numpy_helper.from_array(rep.scale, "s")], [("x", TensorProto.FLOAT, [2, 160])])
     ref = x @ rep.to_dense().T
     assert np.abs(s.run(None, {"x": x})[0] - ref).max() <= 0.01 * np.abs(ref).max()
@@ -84,16 +85,16 @@ def test_matmulinteger_lowering_matches_reference(w, rng):
 
 def test_svd_factor_exact_at_full_rank_and_energy(rng):
     a = rng.standard_normal((64, 48)).astype(np.float32)
-    A, B = svd.svd_factor(a, 48)
+    A, B = lowrank.svd_factor(a, 48)
     np.testing.assert_allclose(B @ A, a, atol=1e-4)
     low = (rng.standard_normal((64, 5)) @ rng.standard_normal((5, 48))).astype(np.float32)
-    S = svd.singular_values(low)
+    S = lowrank.singular_values(low)
     assert svd.rank_for_energy(S, 0.999999) == 5
-    A, B = svd.svd_factor(low, 5)
+    A, B = lowrank.svd_factor(low, 5)
     np.testing.assert_allclose(B @ A, low, atol=1e-4)
     assert svd.choose_rank((64, 48), None, 0.25, 0) == 12 and svd.choose_rank((64, 48), None, 7, 0) == 7
     assert svd.choose_rank((64, 48), S, 1.0, 0.5) <= 5
-    assert svd.choose_rank((64, 48), svd.singular_values(a), 1.0, 1.0) == 49   # no saving: keep dense
+    assert svd.choose_rank((64, 48), lowrank.singular_values(a), 1.0, 1.0) == 49   # no saving: keep dense
 
 
 def _hessian(rng, K, n=2000):
@@ -106,25 +107,25 @@ def _hessian(rng, K, n=2000):
 def test_gptq_beats_rtn_on_output_error(w, rng):
     x, H = _hessian(rng, 160)
     ref = x @ w.T
-    c, s, z = quant.quantize_int4(w, 32)
-    rtn = np.mean((x @ quant.dequantize_int4(c, s, z, 32, 160).T - ref) ** 2)
+    c, s, z = int4.quantize_int4(w, 32)
+    rtn = np.mean((x @ int4.dequantize_int4(c, s, z, 32, 160).T - ref) ** 2)
     c, s, z = calib_quant.gptq_int4(w, H, 32)
-    gq = np.mean((x @ quant.dequantize_int4(c, s, z, 32, 160).T - ref) ** 2)
+    gq = np.mean((x @ int4.dequantize_int4(c, s, z, 32, 160).T - ref) ** 2)
     assert gq < 0.8 * rtn
     q, sc = calib_quant.gptq_int8(w, H)
-    rtn8 = np.mean((x @ quant.dequantize_int8(*quant.quantize_int8(w)).T - ref) ** 2)
-    assert np.mean((x @ quant.dequantize_int8(q, sc).T - ref) ** 2) < rtn8
+    rtn8 = np.mean((x @ int8.dequantize_int8(*int8.quantize_int8(w)).T - ref) ** 2)
+    assert np.mean((x @ int8.dequantize_int8(q, sc).T - ref) ** 2) < rtn8
 
 
 def test_awq_no_worse_than_rtn(w, rng):
     x, _ = _hessian(rng, 160, 512)
     codes, sc, z, inv_s, alpha = calib_quant.awq_int4(w, x, 32)
-    deq = quant.dequantize_int4(codes, sc, z, 32, 160)
+    deq = int4.dequantize_int4(codes, sc, z, 32, 160)
     if inv_s is not None:
         deq = deq * inv_s[None, :]
-    c0, s0, z0 = quant.quantize_int4(w, 32)
+    c0, s0, z0 = int4.quantize_int4(w, 32)
     ref = x @ w.T
-    assert np.mean((x @ deq.T - ref) ** 2) <= np.mean((x @ quant.dequantize_int4(c0, s0, z0, 32, 160).T - ref) ** 2) + 1e-12
+    assert np.mean((x @ deq.T - ref) ** 2) <= np.mean((x @ int4.dequantize_int4(c0, s0, z0, 32, 160).T - ref) ** 2) + 1e-12
 
 
 def test_sparse_thresholds_reach_recall(rng):
@@ -196,7 +197,7 @@ def test_within_cluster_prior(rng):
 def test_head_blocks_cover_each_row_once():
     """The clustered head's block layout: every row in exactly one real slot of a block of its own cluster;
     padding slots repeat their cluster's last row and are marked -inf; empty clusters own no block."""
-    from rwkvc.emit_onnx import head_blocks
+    from rwkvc.targets.onnx.head import head_blocks
     bounds = np.array([0, 5, 5, 21, 24, 24, 40])                 # sizes 5, 0, 16, 3, 0, 16
     bc, rows, pad = head_blocks(bounds, B=4)
     sizes = np.diff(bounds)
@@ -215,11 +216,13 @@ def test_int8_lowerings_match_reference(w, rng, tmp_path, level):
     stores the matrix as float."""
     import onnx
 
-    from rwkvc import emit_onnx, ir
-    rep = quant.Int8.from_dense(w, accuracy_level=level)
-    store = emit_onnx.WeightStore(str(tmp_path / "weights.bin"))
-    g = emit_onnx.Graph(store)
-    y = quant.emit_int8(g, ir.Linear("m", rep), "x")
+    from rwkvc import ir
+    from rwkvc.targets.onnx.graph import Graph, WeightStore
+    from rwkvc.targets.onnx.quant import emit_int8
+    rep = int8.Int8.from_dense(w, accuracy_level=level)
+    store = WeightStore(str(tmp_path / "weights.bin"))
+    g = Graph(store)
+    y = emit_int8(g, ir.Linear("m", rep), "x")
     g.nodes.append(helper.make_node("Identity", [y], ["y"]))
     store.close()
     graph = g.make("g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 160])],
@@ -234,3 +237,17 @@ def test_int8_lowerings_match_reference(w, rng, tmp_path, level):
     out = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     ref = x @ rep.to_dense().T
     assert np.abs(out - ref).max() <= 0.01 * np.abs(ref).max()
+
+
+def test_weight_kinds_are_one_closed_table_the_onnx_lowering_covers():
+    """Every IR weight kind is one class of rwkvc.weights, listed once in WEIGHT_KINDS; the ONNX lowering's
+    tables cover exactly those kinds (no pass adds or patches any), and the cpu and cuda targets declare them."""
+    import rwkvc.passes  # noqa: F401  (importing every pass changes nothing below)
+    from rwkvc.targets import get_target
+    from rwkvc.targets.onnx import kinds
+    from rwkvc.weights import WEIGHT_KINDS
+    assert set(WEIGHT_KINDS) == {"dense", "lowrank", "int8", "int4", "factored", "scaled", "clustered", "lazy"}
+    assert all(cls.kind == k and cls.__module__.startswith("rwkvc.weights.") for k, cls in WEIGHT_KINDS.items())
+    assert set(kinds.LINEAR) == set(WEIGHT_KINDS) - {"lazy"} and set(kinds.EMBEDDERS) == {"dense", "lazy"}
+    assert kinds.LOWERED == set(WEIGHT_KINDS)
+    assert get_target("cpu").capabilities.weight_kinds == get_target("cuda").capabilities.weight_kinds == kinds.LOWERED

@@ -152,7 +152,69 @@ def test_lowering_matches_ir(ckpt, tokens, calib, tmp_path, recipe, bound):
     sim = ir_logits(model, tokens)
     got = artifact_logits(path, tokens)
     assert np.abs(got - sim).max() <= bound * max(1.0, float(np.abs(sim).max())), recipe
-    assert model.passes[-1]["summary"]
+    check_reports(model, recipe)
+
+
+def check_reports(model, recipe):
+    """Each pass's report: its name and the parameters it ran with (defaults filled in), the bytes and counts
+    it states measured on the model it produced, and a summary line that says those numbers."""
+    from rwkvc.passes.common import fmt_bytes, nbytes, selected
+    assert [(r["name"], r["args"]) for r in model.passes] == parse_recipe(recipe)
+    V, C, F = model.config.vocab_size, model.config.n_embd, model.config.ffn_dim
+    lins = {lin.name: lin for lin in model.linears()}
+    for r in model.passes:
+        name, args = r["name"], r["args"]
+        if name in ("int4", "int8"):
+            bits = int(name[3])
+            chosen = [lin.name for *_, lin in selected(model, args["targets"], args["layers"])]
+            assert r["matrices"] == len(r["names"]) == len(chosen) and r["names"] == chosen
+            assert args["targets"] != "all" or len(chosen) == len(lins)   # all: every matrix, the head too
+            held = sum(nbytes(lins[n].weight.rows if lins[n].kind == "clustered" else lins[n].weight)
+                       for n in r["names"])
+            assert r["bytes_after"] == held and r["bytes_before"] > (4 if bits == 4 else 2) * held
+            if len(model.passes) == 1:   # the dense float32 model went in
+                assert r["bytes_before"] == 4 * sum(int(np.prod(lins[n].weight.shape)) for n in r["names"])
+            what = f"group {args['group']}, " if bits == 4 else "per-channel, "
+            assert r["summary"] == (f"{r['matrices']} matrices to int{bits} ({what}{args['method']}): "
+                                    f"{fmt_bytes(r['bytes_before'])} -> {fmt_bytes(r['bytes_after'])} "
+                                    f"({r['bytes_before'] / r['bytes_after']:.2f}x)")
+            assert ("calibration" in r) == (args["method"] != "rtn")
+        elif name == "svd":
+            assert set(r["ranks"].values()) == {int(args["rank"] * C)}
+            assert r["bytes_before"] == 4 * sum(int(np.prod(lins[n].weight.shape)) for n in r["ranks"])
+            assert r["summary"] == (f"{r['matrices']} matrices factorised (rank {args['rank']:g}; ranks "
+                                    f"{int(args['rank'] * C)}..{int(args['rank'] * C)}): {fmt_bytes(r['bytes_before'])}"
+                                    f" -> {fmt_bytes(r['bytes_after'])} ({r['bytes_before'] / r['bytes_after']:.2f}x), "
+                                    f"mean relative error {r['mean_relative_error']:.3f}")
+        elif name == "sparse-ffn":
+            L = model.config.n_layer
+            assert r["ffn_bytes"] == L * 2 * F * C * 4 and r["dense_layers"] == []
+            assert r["predictor_bytes"] == sum(b.ffn.sparse.stored_bytes() for b in model.blocks)
+            assert 0 < r["mean_fraction"] < 1 and r["ffn_bytes_read_per_token"] < r["ffn_bytes"]
+            assert r["summary"] == (f"{L} channel-mixes sparse (recall {args['recall']:g}): {r['mean_fraction']:.1%} "
+                                    f"of FFN rows read on average; FFN bytes read per token {fmt_bytes(r['ffn_bytes'])}"
+                                    f" -> {fmt_bytes(r['ffn_bytes_read_per_token'])} (predictors "
+                                    f"{fmt_bytes(r['predictor_bytes'])})")
+        elif name == "lazy-emb":
+            row = {"float32": 4 * C, "float16": 2 * C, "int8": C + 4}[args["storage"]]
+            assert r["storage"] == args["storage"] and r["bytes_read_per_token"] == row
+            assert r["table_bytes_dense_f32"] == V * C * 4 and r["table_bytes_on_disk"] == V * row
+            assert r["summary"] == (f"embedding {V}x{C} memory-mapped, rows in {args['storage']}: resident "
+                                    f"{fmt_bytes(V * C * 4)} -> rows touched only ({row} B per token read)")
+        elif name == "hhead":
+            ch = model.head.weight
+            assert r["clusters"] == args["k"] == len(ch.bounds) - 1 and r["head_bytes"] == V * C * 4
+            assert (r["top_p"], r["min_k"]) == (args["p"], args["min_k"]) == (ch.top_p, ch.min_k)
+            sizes = np.diff(ch.bounds)
+            assert r["cluster_sizes"] == [int(sizes.min()), int(np.median(sizes)), int(sizes.max())]
+            assert r["head_bytes_read_per_token"] < r["head_bytes"] and 0 < r["rows_fraction_read"] < 1
+            assert r["summary"] == (f"head clustered into {args['k']} (sizes {sizes.min()}..{sizes.max()}), cluster "
+                                    f"head KL {r['distill_kl']:.4f}; {r['clusters_chosen']:.1f} clusters = "
+                                    f"{r['rows_fraction_read']:.1%} of head rows read per token on calibration "
+                                    f"text; head bytes read {fmt_bytes(V * C * 4)} -> "
+                                    f"{fmt_bytes(r['head_bytes_read_per_token'])}")
+        else:
+            raise AssertionError(f"no report check for pass {name}")
 
 
 def test_reports_and_bytes(ckpt, calib, tmp_path):

@@ -5,8 +5,6 @@ Runs the runner under qemu-aarch64 on x86 hosts. Bounds: logits within 1e-4 * ma
 generated text identical to rwkvc's Python API on the cpu artifact, greedy and seeded (the runner
 reimplements numpy's SeedSequence + PCG64 and the Sampler's algorithm).
 """
-import platform
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,23 +17,8 @@ from rwkvc import ir
 from rwkvc.errors import RwkvcError
 from rwkvc.testing import save_random_v7
 
+from helpers import INT8_FLIPS, MISSING, assert_logits_match, compressed_ir, fp16_rounded_ir
 
-def _toolchain_missing() -> str | None:
-    try:
-        import tvm  # noqa: F401
-    except ImportError:
-        return "Apache TVM is not installed (scripts/setup_tvm.sh)"
-    from rwkvc.targets.rpi5 import CROSS_CXX, RUNTIME_LIBS, aarch64_dir
-    if shutil.which(CROSS_CXX) is None:
-        return f"{CROSS_CXX} is not installed (scripts/setup_tvm.sh)"
-    if any(not (aarch64_dir() / "lib" / f).exists() for f in RUNTIME_LIBS):
-        return f"the aarch64 TVM runtime is not in {aarch64_dir()} (scripts/setup_tvm.sh)"
-    if platform.machine() not in ("aarch64", "arm64") and shutil.which("qemu-aarch64") is None:
-        return "qemu-aarch64 is not installed (scripts/setup_tvm.sh)"
-    return None
-
-
-MISSING = _toolchain_missing()
 needs_toolchain = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
 L, C, N, V = 2, 128, 64, 1000
@@ -225,7 +208,6 @@ def test_fp16_weights_artifact_under_qemu(arts):
     from rwkvc.artifact import compile_to_dir
     from rwkvc.frontend import load_model
     from rwkvc.targets import get_target
-    from test_tvm_host import fp16_rounded_ir
     d = arts["dir"]
     model = fp16_rounded_ir(load_model(d / "model.pth"))
     cpu = compile_to_dir(model, get_target("cpu"), d / "cpu16")
@@ -238,23 +220,9 @@ def test_fp16_weights_artifact_under_qemu(arts):
 
 
 # ----------------------------------------------------------------------------------------------
-# Compressed weights: packed in weights.bin, dequantised inside the kernels, against the cpu artifact
-#
-# int8 with accuracy_level=0 is plain ONNX integer math on the cpu target (DynamicQuantizeLinear ->
-# MatMulInteger: the activation quantised per tensor to uint8 with round-half-to-even, int32 sums), which
-# the TVM kernels reproduce exactly, so the logits agree to float rounding. (The default level 4 is ONNX
-# Runtime's MatMulNBits with its own internal int8 activation blocks, which no other runtime reproduces
-# bit for bit; TVM computes the level-0 math for every int8 matrix.) One caveat is inherent to dynamic
-# quantisation: the float work before a quantisation (layer norms, FMA contraction, which TVM's LLVM
-# backend does and ONNX Runtime does not) differs by an ulp or so between the runtimes, and when an
-# activation lies that close to a rounding step the two round it to neighbouring codes; the logits then
-# move by ~1e-3..1e-2 relative (measured: 1 or 2 tokens in 400 on these random models; an exact PyTorch
-# emulation of the integer math agrees bit for bit with ONNX Runtime, and TVM's quantiser matches it on
-# 200 random and tie-planted tensors). So each step starts from the cpu artifact's state (a flip cannot
-# contaminate later tokens) and the int8 checks allow at most INT8_FLIPS such tokens, each within
-# FLIP_BOUND; a wrong scale, zero point, rounding or layout fails every token. int4 uses accuracy_level=1
-# (fp32 activations on the cpu target; the TVM kernel always dequantises to fp32 in registers), which is
-# continuous: strict 1e-4 on every token.
+# Compressed weights: packed in weights.bin, dequantised inside the kernels, against the cpu artifact.
+# int8 matches the cpu artifact's integer math up to rare rounding flips (INT8_FLIPS, FLIP_BOUND: see
+# tests/helpers.py); int4 (accuracy_level=1, fp32 activations) is continuous: strict 1e-4 on every token.
 
 QUANT_CASES = {
     # name: (IR changes before the passes, recipe)
@@ -269,43 +237,6 @@ QUANT_CASES = {
 # another unit or cluster and the logits then differ by percents on any two runtimes (a PyTorch emulation
 # of the IR differs from ONNX Runtime the same way); the step-by-step check from a shared state covers them.
 TEXT_CASES = ("int8", "int4")
-INT8_FLIPS, FLIP_BOUND = 1, 2e-2
-
-
-def with_sparse_predictors(model, seed=0):
-    """RWKV-Lite's FFN predictors on every layer (an MLP and a 1-bit copy of the key, as the sparse-ffn pass
-    makes them): a random model has no sparsity to calibrate, so they are made up; the lowering is the point."""
-    from rwkvc import ir
-    from rwkvc.arch import lite
-    rng = np.random.default_rng(seed)
-    for blk in model.blocks:
-        K = np.asarray(blk.ffn.lin["key"].weight.w, np.float32)
-        F, C_ = K.shape
-        codes, scale, zero = lite.quantise(K, 1)
-        blk.ffn.sparse = ir.SparseFFN(fc1=rng.standard_normal((32, C_)).astype(np.float32) / C_ ** 0.5,
-                                      fc2=rng.standard_normal((F, 32)).astype(np.float32) / 32 ** 0.5,
-                                      mlp_threshold=0.6, q_codes=codes, q_scale=float(scale), q_zero=float(zero),
-                                      q_bits=1, q_quantile=0.9)
-    return model
-
-
-def compressed_ir(ckpt, prep, recipe, vocab):
-    from rwkvc.frontend import load_model
-    from rwkvc.passes import PassContext
-    from rwkvc.pipeline import parse_recipe, run_passes
-    model = load_model(ckpt)
-    if prep == "sparse":
-        model = with_sparse_predictors(model)
-    calib = np.random.default_rng(1).integers(0, vocab, 2048)
-    return run_passes(model, parse_recipe(recipe), PassContext(calib_tokens=calib, progress=False))
-
-
-def assert_logits_match(got, ref, what, flips=0):
-    """Every row of got (n, V) within bound(ref row), except at most `flips` rows within FLIP_BOUND."""
-    rel = np.array([float(np.abs(g - r).max()) / max(1.0, float(np.abs(r).max())) for g, r in zip(got, ref)])
-    over = np.flatnonzero(rel > 1e-4)
-    assert len(over) <= flips and (rel <= FLIP_BOUND).all(), \
-        f"{what}: rows {over.tolist()} differ by {rel[over].tolist()} (relative; bound 1e-4, {flips} rounding flips allowed)"
 
 
 @pytest.fixture(scope="module", params=list(QUANT_CASES))
@@ -418,7 +349,7 @@ def test_refuses_a_weight_kind_it_has_no_kernel_for(tmp_path):
         assert not (tmp_path / name).exists()
     # nested in a kind the targets lower (a low-rank matrix whose factor was quantised to it): the
     # lowering's own check names where it is
-    from rwkvc.passes.quant import Factored
+    from rwkvc.weights.factored import Factored
     model.blocks[0].ffn.lin["key"].weight = Factored(Int3(w[:8].copy()), ir.Dense(w[:, :8].copy()))
     for name in ("rpi5", "tvm-host"):
         with pytest.raises(RwkvcError, match=r"no kernel for weight representation int3 \(blocks\.0\.ffn\.key\.a"):
@@ -432,3 +363,12 @@ def test_missing_qemu_is_one_clear_line(tmp_path):
         runner_command(tmp_path, {"runner": "run"}, which=lambda _: None, machine="x86_64")
     msg = str(e.value)
     assert "\n" not in msg and "qemu-user" in msg and "apt-get install" in msg
+
+
+def test_runner_sources_ship_with_the_target():
+    """The runner's C++ sources and Makefile are where the target builds them from (targets/rpi5/runner/)."""
+    from rwkvc.targets.rpi5 import RUNNER_DIR, RUNNER_SOURCES
+    for f in (*RUNNER_SOURCES, "Makefile"):
+        assert (RUNNER_DIR / f).is_file(), f"{RUNNER_DIR / f} is missing"
+    make = (RUNNER_DIR / "Makefile").read_text()
+    assert all(f in make for f in RUNNER_SOURCES), "the Makefile's prerequisites are the runner's sources"

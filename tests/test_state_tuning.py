@@ -44,21 +44,13 @@ from rwkvc.errors import RwkvcError
 from rwkvc.states import KEY, state_for_model
 
 ROOT = Path(__file__).resolve().parents[1]
-try:
-    from rwkvc.training import binidx, state_tune as st
-    from rwkvc.training.config import TrainArgs
-    from rwkvc.training.merge_state import merge_state
-    from rwkvc.training.orpo import orpo_loss
-    from rwkvc.training.prepare_orpo import prepare
-    from rwkvc.training.trainer import train
-except ImportError:  # a source checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
-    from training import binidx, state_tune as st
-    from training.config import TrainArgs
-    from training.merge_state import merge_state
-    from training.orpo import orpo_loss
-    from training.prepare_orpo import prepare
-    from training.trainer import train
+from rwkvc import binidx
+from rwkvc.training import frozen, state_args, state_model, state_tune
+from rwkvc.training.config import TrainArgs
+from rwkvc.training.merge_state import merge_state
+from rwkvc.training.orpo import orpo_loss
+from rwkvc.training.prepare_orpo import prepare
+from rwkvc.training.trainer import train
 
 from conftest import official_rwkv
 
@@ -66,8 +58,7 @@ V, Q, A = 512, 300, 301
 STYLES = [[20 + 10 * k + j for j in range(4)] for k in range(6)]   # six fixed answer formats of 4 words
 MARK = 400   # MARK + k before a question: "answer in format k" (the base's general documents all have one)
 TASK_STYLE = 1
-ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "PYTHONUNBUFFERED": "1",
-       "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
 def bound(ref):
@@ -141,19 +132,19 @@ def task(tmp_path_factory, one_thread):
                            epoch_steps=200, epoch_count=1, epoch_save=0, accelerator="cpu", random_seed=0,
                            enable_progress_bar=0, wkv="chunked", chunk_len=16), log=lambda *a: None)
     base_sha = sha256(base)
-    state = st.train_states(tune_args(d, str(base), "tuned", 150), log=lambda *a: None)
+    state = state_tune.train_states(tune_args(d, str(base), "tuned", 150), log=lambda *a: None)
     return dict(d=d, base=str(base), base_sha=base_sha, state=str(state))
 
 
 def first_answer_nll(base_path, state_file, storage="fp32") -> tuple[float, float]:
     """Mean NLL of the first answer word on held-out task documents: (base, tuned)."""
-    base = st.load_base(base_path, storage)
+    base = state_model.load_base(base_path, storage)
     sd = torch.load(state_file, weights_only=True)
     S = torch.stack([sd[KEY.format(i)] for i in range(base.n_layer)])
     docs = task_docs(50, 3)
     out = []
     for init in (None, S):
-        sm = st.StateModel(base, init)
+        sm = state_model.StateModel(base, init)
         nll = []
         for doc in docs:
             x, y = torch.tensor(doc[:-1])[None], torch.tensor(doc[1:])[None]
@@ -184,7 +175,7 @@ def test_tuned_state_raises_task_likelihood_base_bit_identical(task):
 @pytest.mark.parametrize("qtype", ["nf4", "int4"])
 def test_state_tuning_on_4bit_base(task, qtype):
     d = Path(task["d"])
-    state = st.train_states(tune_args(d, task["base"], f"tuned-{qtype}", 50, quant=1, quant_type=qtype),
+    state = state_tune.train_states(tune_args(d, task["base"], f"tuned-{qtype}", 50, quant=1, quant_type=qtype),
                             log=lambda *a: None)
     m = metrics(d / f"tuned-{qtype}")
     rep = m["baseline"]
@@ -199,14 +190,14 @@ def test_state_tuning_on_4bit_base(task, qtype):
 def test_resume_equals_uninterrupted(task, tmp_path):
     d = Path(task["d"])
     kw = dict(epoch_steps=3, epoch_count=2, micro_bsz=4)
-    a = st.train_states({**tune_args(d, task["base"], "x", 3), **kw, "proj_dir": str(tmp_path / "a")},
+    a = state_tune.train_states({**tune_args(d, task["base"], "x", 3), **kw, "proj_dir": str(tmp_path / "a")},
                         log=lambda *a: None)
     b_dir = tmp_path / "b"
-    st.train_states({**tune_args(d, task["base"], "x", 3), **kw, "proj_dir": str(b_dir)}, log=lambda *a: None)
+    state_tune.train_states({**tune_args(d, task["base"], "x", 3), **kw, "proj_dir": str(b_dir)}, log=lambda *a: None)
     for f in b_dir.glob("rwkv-final*"):      # as if killed after epoch 0's checkpoint
         f.unlink()
     out = []
-    b = st.train_states({**tune_args(d, task["base"], "x", 3), **kw, "proj_dir": str(b_dir)}, log=out.append)
+    b = state_tune.train_states({**tune_args(d, task["base"], "x", 3), **kw, "proj_dir": str(b_dir)}, log=out.append)
     assert any("resumed from" in line and "step 3" in line for line in out)
     sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -245,7 +236,7 @@ def test_demo_model_tuned_state_raises_held_out_likelihood(tmp_path):
     val = docs(val_v, 50)
     binidx.write_binidx(tmp_path / "task-val", val)
     sha0 = sha256(base)
-    state = st.train_states(dict(load_model=str(base), data_file=str(tmp_path / "task"),
+    state = state_tune.train_states(dict(load_model=str(base), data_file=str(tmp_path / "task"),
                                  val_file=str(tmp_path / "task-val"), proj_dir=str(tmp_path / "st"), ctx_len=128,
                                  micro_bsz=8, lr_init=0.3, lr_final=0.03, warmup_steps=10, epoch_steps=100,
                                  epoch_count=1, accelerator="cpu", random_seed=0, enable_progress_bar=0),
@@ -253,12 +244,12 @@ def test_demo_model_tuned_state_raises_held_out_likelihood(tmp_path):
     m = metrics(tmp_path / "st")
     before, after = m["baseline"]["val_loss"], m["done"]["val_loss"]
     # the answer's tokens alone, zero state against the tuned one
-    b = st.load_base(str(base))
+    b = state_model.load_base(str(base))
     sd = torch.load(state, weights_only=True)
     S = torch.stack([sd[KEY.format(i)] for i in range(b.n_layer)])
     ans = []
     for init in (None, S):
-        sm, nll = st.StateModel(b, init), []
+        sm, nll = state_model.StateModel(b, init), []
         with torch.no_grad():
             for doc in val:
                 lp = sm.logprobs(torch.tensor(doc[:-1])[None], torch.tensor(doc[1:])[None])[0]
@@ -275,28 +266,28 @@ def test_demo_model_tuned_state_raises_held_out_likelihood(tmp_path):
 # pieces
 
 def test_4bit_weight_math():
-    from rwkvc.passes.quant import dequantize_int4, pack_int4, quantize_int4
+    from rwkvc.weights.int4 import dequantize_int4, pack_int4, quantize_int4
     g = torch.Generator().manual_seed(0)
     w = torch.randn(37, 100, generator=g) * torch.linspace(0.1, 2, 100)     # odd shapes: padding exercised
-    packed, absmax = st.quantize_nf4(w, 32)
+    packed, absmax = frozen.quantize_nf4(w, 32)
     # NumPy reference: nearest NF4 level per 32-input block of each row, times the block's absmax
     wn = np.zeros((37, 128), np.float32)
     wn[:, :100] = w.numpy()
     blocks = wn.reshape(37, 4, 32)
     amax = np.abs(blocks).max(-1, keepdims=True)
-    lv = st.NF4.numpy()
+    lv = frozen.NF4.numpy()
     ref = lv[np.abs(blocks[..., None] / amax[..., None] - lv).argmin(-1)] * amax
-    deq = st.dequantize_nf4(packed, absmax, 100)
+    deq = frozen.dequantize_nf4(packed, absmax, 100)
     np.testing.assert_allclose(deq.numpy(), ref.reshape(37, 128)[:, :100], rtol=1e-6, atol=1e-6)
     assert packed.shape == (37, 64) and packed.dtype == torch.uint8
-    # int4: rwkvc's own weight math, the same numbers as passes/quant.py
-    pk, sc, zr = st.quantize_int4_torch(w, 32)
+    # int4: rwkvc's own weight math, the same numbers as rwkvc/weights/int4.py
+    pk, sc, zr = frozen.quantize_int4_torch(w, 32)
     codes, scales, zeros = quantize_int4(w.numpy(), 32)
     np.testing.assert_array_equal(pk.numpy(), pack_int4(codes))
-    np.testing.assert_allclose(st.dequantize_int4_torch(pk, sc, zr, 100).numpy(),
+    np.testing.assert_allclose(frozen.dequantize_int4_torch(pk, sc, zr, 100).numpy(),
                                dequantize_int4(codes, scales, zeros, 32, 100), rtol=0, atol=1e-6)
     for fmt, tol in (("nf4", 0.12), ("int4", 0.1)):
-        m = st.FrozenMatrix(w, fmt, 32)
+        m = frozen.FrozenMatrix(w, fmt, 32)
         err = (m.dense() - w).abs().max() / w.abs().max()
         assert err < tol, f"{fmt}: max error {err:.3f} of max |w|"
         np.testing.assert_array_equal(m.rows(5, 9).numpy(), m.dense()[5:9].numpy())
@@ -306,10 +297,10 @@ def test_4bit_weight_math():
 def test_frozen_head_and_matmul_gradients():
     g = torch.Generator().manual_seed(1)
     W = torch.randn(300, 16, generator=g)
-    head = st.FrozenLinear(st.FrozenMatrix(W, "fp32"))
+    head = frozen.FrozenLinear(frozen.FrozenMatrix(W, "fp32"))
     x = torch.randn(2, 5, 16, generator=g, requires_grad=True)
     t = torch.randint(0, 300, (2, 5), generator=g)
-    lp = st.head_logprobs(x, head, t, tok_chunk=3, voc_chunk=64)        # several token and vocabulary chunks
+    lp = frozen.head_logprobs(x, head, t, tok_chunk=3, voc_chunk=64)        # several token and vocabulary chunks
     ref = torch.log_softmax(x @ W.t(), -1).gather(-1, t[..., None]).squeeze(-1)
     torch.testing.assert_close(lp, ref, rtol=1e-5, atol=1e-5)
     w8 = torch.randn(2, 5, generator=g)
@@ -351,7 +342,7 @@ def test_v7_state_same_logits_official_cpu_rpi5(task, tmp_path):
         official.append(out.float().numpy().copy())
     official = np.stack(official)
     # rwkvc's reference model (training's forward) with the same state
-    sm = st.StateModel(st.load_base(task["base"]), S)
+    sm = state_model.StateModel(state_model.load_base(task["base"]), S)
     own = sm.logits(torch.tensor(tokens)[None])[0].numpy()
     np.testing.assert_allclose(own, official, rtol=0, atol=bound(official))
     # cpu artifact compiled from the base with --state; step by step and as one prefill
@@ -373,7 +364,7 @@ def test_v7_state_same_logits_official_cpu_rpi5(task, tmp_path):
     np.testing.assert_array_equal(plain.forward(tokens)[0], zero_logits)
     assert np.abs(zero_logits - official[-1]).max() > 100 * bound(official[-1])   # the state matters
     # rpi5 artifact: through the Python API (qemu) and its native runner on its own (no --state-in)
-    from test_rpi5 import MISSING
+    from helpers import MISSING
     if MISSING:
         pytest.skip(f"rpi5 part: {MISSING}")
     pi_dir = rwkvc.compile(task["base"], d / "pi", target="rpi5", state_path=task["state"])
@@ -406,7 +397,7 @@ def test_v6_state_tuning_official_package_and_cpu(task, tmp_path):
                            d / "v6.pth")
     binidx.write_binidx(d / "task", task_docs(40, 5))
     binidx.write_binidx(d / "task-val", task_docs(8, 6))
-    state = st.train_states(dict(tune_args(d, base, "tuned", 8), ctx_len=32, micro_bsz=4), log=lambda *a: None)
+    state = state_tune.train_states(dict(tune_args(d, base, "tuned", 8), ctx_len=32, micro_bsz=4), log=lambda *a: None)
     m = metrics(d / "tuned")
     assert m["done"]["val_loss"] < m["baseline"]["val_loss"] and m["done"]["base_unchanged"]
     merged = merge_state(base, state, d / "merged.pth", log=lambda *a: None)
@@ -462,7 +453,7 @@ def test_orpo_state_tuning(task, tmp_path):
                 lr_final=0.03, warmup_steps=3, epoch_steps=30, epoch_count=1, accelerator="cpu", random_seed=0,
                 enable_progress_bar=0, orpo=1, orpo_alpha=1.0, rlhf_train_file=str(tmp_path / "pairs.jsonl"),
                 rlhf_max_corpus_len=12)
-    st.train_states(args, log=lambda *a: None)
+    state_tune.train_states(args, log=lambda *a: None)
     m = metrics(tmp_path / "orpo")
     b, a = m["baseline"], m["done"]
     assert b["val_pref_acc"] <= 0.8 and a["val_pref_acc"] >= 0.9, (b, a)
@@ -513,14 +504,14 @@ def test_state_tuning_settings_in_config_files(tmp_path):
         'rlhf_max_corpus_len = 12\nrlhf_train_file = "pairs.jsonl"\nsample = "windows"\nload_state = "s.pth"\n'
         'lr_init = 0.1\n', encoding="utf-8")
     a = parse_args(["--config", str(tmp_path / "st.toml"), "--quant_type", "nf4"])
-    targs, sargs = st.split_args(a)
-    assert sargs == st.StateArgs(train_type="states", quant=1, quant_type="nf4", quant_group=32, orpo=1,
+    targs, sargs = state_args.split_args(a)
+    assert sargs == state_args.StateArgs(train_type="states", quant=1, quant_type="nf4", quant_group=32, orpo=1,
                                  orpo_alpha=0.5, rlhf_max_corpus_len=12, rlhf_train_file="pairs.jsonl",
                                  sample="windows", load_state="s.pth")
     assert targs.lr_init == 0.1 and targs.train_type == "" and targs.quant == 0
     # StateArgs takes its defaults from TrainArgs (one definition); only train_type differs
-    assert {f: getattr(st.StateArgs(), f) for f in st.STATE_FIELDS - {"train_type"}} == \
-           {f: getattr(TrainArgs(), f) for f in st.STATE_FIELDS - {"train_type"}}
+    assert {f: getattr(state_args.StateArgs(), f) for f in state_args.STATE_FIELDS - {"train_type"}} == \
+           {f: getattr(TrainArgs(), f) for f in state_args.STATE_FIELDS - {"train_type"}}
     # validation names the field, for int choices too; a state-tuning setting alone is refused
     for body, msg in (("quant = 2", r"--quant 2: must be one of 0, 1"),
                       ("quant_group = 48", r"--quant_group 48: must be one of 16, 32, 64, 128, 256"),
@@ -565,10 +556,10 @@ def test_command_line(task, tmp_path, capsys):
     assert r.returncode == 0, r.stderr[-2000:]
     state = tmp_path / "cli" / "rwkv-final.pth"
     assert state.is_file() and "as int4" in r.stdout
-    assert st.main(args) == 0 and "already finished" in capsys.readouterr().out       # rerun: nothing to do
-    assert st.main(args[:-1] + ["fp8"]) == 2
+    assert state_tune.main(args) == 0 and "already finished" in capsys.readouterr().out       # rerun: nothing to do
+    assert state_tune.main(args[:-1] + ["fp8"]) == 2
     assert capsys.readouterr().err.strip() == "error: --quant_type 'fp8': must be one of nf4, int4"
-    assert st.main(args[:-4] + ["--orpo", "1"]) == 2
+    assert state_tune.main(args[:-4] + ["--orpo", "1"]) == 2
     assert "--orpo 1 needs --rlhf_train_file" in capsys.readouterr().err
     from rwkvc.training.merge_state import main as merge_main
     assert merge_main([task["base"], str(state), str(tmp_path / "m.pth")]) == 0

@@ -22,22 +22,15 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-try:
-    from rwkvc.training import binidx, data as tdata, model as tmodel
-    from rwkvc.training.config import TrainArgs, load_config_file, parse_args
-    from rwkvc.training.make_data import make_data
-    from rwkvc.training.train import main as train_main
-except ImportError:  # a source checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
-    from training import binidx, data as tdata, model as tmodel
-    from training.config import TrainArgs, load_config_file, parse_args
-    from training.make_data import make_data
-    from training.train import main as train_main
+from rwkvc import binidx
 from rwkvc.errors import RwkvcError
 from rwkvc.reference.v7 import RWKV7, wkv7_chunked, wkv7_recurrent
+from rwkvc.training import data as tdata, model as tmodel
+from rwkvc.training.config import TrainArgs, load_config_file, parse_args
+from rwkvc.training.make_data import make_data
+from rwkvc.training.train import main as train_main
 
-ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-       "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TRAIN = [sys.executable, str(ROOT / "training" / "train.py")]
 # a tiny model: V 512 keeps every step and checkpoint small
 TINY = ["--n_layer", "2", "--n_embd", "64", "--head_size_a", "32", "--ctx_len", "32", "--vocab_size", "512",
@@ -462,10 +455,7 @@ def test_demo_data_parsing():
     import shutil
     if shutil.which("bible") is None:
         pytest.skip("bible-kjv is not installed")
-    try:
-        from rwkvc.training import demo
-    except ImportError:
-        from training import demo
+    from rwkvc.training import demo
     chs = demo.chapters(demo.bible_text())
     assert len(chs) == 1189 and chs[0][:2] == ("Genesis", 1) and chs[-1][:2] == ("Revelation", 22)
     assert chs[0][2].startswith("Genesis 1\n\n1 In the beginning God created the heaven and the earth.\n2 And")

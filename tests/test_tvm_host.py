@@ -11,6 +11,8 @@ from rwkvc.frontend import load_model
 from rwkvc.targets import get_target
 from rwkvc.testing import save_random_v7
 
+from helpers import INT8_FLIPS, assert_logits_match, compressed_ir, fp16_rounded_ir
+
 tvm = pytest.importorskip("tvm", reason="Apache TVM is not installed (scripts/setup_tvm.sh)")
 
 T = 40
@@ -96,24 +98,12 @@ def test_prefill_chunks_match_cpu(case, chunks):
 
 
 def test_pack_panels_round_trip():
-    from rwkvc.targets.tvm_lower import pack_panels
+    from rwkvc.targets.tvm import pack_panels
     w = np.arange(5 * 3, dtype=np.float32).reshape(5, 3)
     p = pack_panels(w, 4)                    # (2 panels, in 3, panel 4), last panel zero-padded
     assert p.shape == (2, 3, 4)
     np.testing.assert_array_equal(p.transpose(0, 2, 1).reshape(8, 3)[:5], w)
     assert not p[1, :, 1:].any()
-
-
-def fp16_rounded_ir(model: ir.Model) -> ir.Model:
-    """The IR whose fp32 lowering equals the fp16-weights lowering exactly: matrices and the (ln0-folded)
-    embedding rounded to fp16, so both artifacts hold the same numbers."""
-    from rwkvc.emit_onnx import folded_embedding
-    r16 = lambda a: np.asarray(a, np.float16).astype(np.float32)  # noqa: E731
-    model.emb.weight = ir.Dense(r16(folded_embedding(model)))
-    model.ln0 = None
-    for lin in model.linears():
-        lin.weight = ir.Dense(r16(lin.weight.w))
-    return model
 
 
 def test_fp16_weights_match_the_rounded_model(tmp_path):
@@ -140,7 +130,7 @@ def test_fp16_weights_match_the_rounded_model(tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # Compressed IR: every weight kind the TVM lowering has, against the cpu artifact of the same IR.
-# Bounds and the rounding-flip allowance of int8 are explained in test_rpi5.py (QUANT_CASES).
+# Bounds and the rounding-flip allowance of int8 are explained in tests/helpers.py.
 
 COMPRESSED = {
     # name: (IR changes before the passes, recipe)
@@ -153,7 +143,6 @@ COMPRESSED = {
 
 @pytest.fixture(scope="module", params=list(COMPRESSED))
 def ccase(request, tmp_path_factory):
-    from test_rpi5 import INT8_FLIPS, compressed_ir
     prep, recipe = COMPRESSED[request.param]
     d = tmp_path_factory.mktemp(request.param)
     V = 1000
@@ -167,7 +156,6 @@ def ccase(request, tmp_path_factory):
 
 def test_compressed_steps_match_cpu(ccase):
     """Each token from the cpu artifact's state (so a rounding flip stays one token's)."""
-    from test_rpi5 import assert_logits_match
     mc, mh = rwkvc.load(ccase["cpu"]), rwkvc.load(ccase["host"])
     got, ref, st = [], [], None
     for t in ccase["tokens"]:
@@ -180,7 +168,6 @@ def test_compressed_steps_match_cpu(ccase):
 @pytest.mark.parametrize("chunks", [[T], [3, 17, 20]])
 def test_compressed_prefill_matches_cpu(ccase, chunks):
     """Prefill chunks from the cpu artifact's state after each chunk; int8 quantises per chunk on both."""
-    from test_rpi5 import assert_logits_match
     mc, mh = rwkvc.load(ccase["cpu"]), rwkvc.load(ccase["host"])
     toks, st, pos, got, ref = ccase["tokens"], None, 0, [], []
     for c in chunks:
@@ -192,9 +179,10 @@ def test_compressed_prefill_matches_cpu(ccase, chunks):
 
 
 def test_lowering_covers_every_weight_kind():
-    """The kinds the passes register are the kinds the TVM targets declare (the capabilities are data)."""
-    import rwkvc.passes  # noqa: F401  (registers the passes' kinds)
-    from rwkvc.targets.tvm_lower import weight_kinds
-    assert weight_kinds() == set(ir.WEIGHT_KINDS)
+    """Every IR weight kind (the closed rwkvc.weights.WEIGHT_KINDS) is a kind the TVM targets declare (the
+    capabilities are data)."""
+    from rwkvc.targets.tvm import weight_kinds
+    from rwkvc.weights import WEIGHT_KINDS
+    assert weight_kinds() == set(WEIGHT_KINDS)
     assert get_target("tvm-host").capabilities.weight_kinds == weight_kinds()
 

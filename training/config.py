@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from rwkvc.errors import RwkvcError
+from rwkvc.training.files import ArgumentParser
 
 STRATEGIES = ("auto", "single", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
@@ -65,6 +66,9 @@ class TrainArgs:
                                "epoch_count = magic_prime // 40320")
     random_seed: int = _f(-1, "seed for the initial weights (-1 = pick one; it is logged)")
     proj_dir: str = _f("out", "where checkpoints, training state and metrics.jsonl go")
+    restart: int = _f(0, "1 = start again from step 0 although --proj_dir holds checkpoints (their training "
+                         "states are deleted, their .pth files overwritten as this run saves); 0 = resume",
+                      choices=(0, 1))
     # --- engine
     accelerator: str = _f("", "cpu | gpu (default: gpu when CUDA is available)", choices=("", "cpu", "gpu"))
     devices: int = _f(1, "processes per node you launched (torchrun/deepspeed set WORLD_SIZE)")
@@ -182,7 +186,7 @@ def load_config_file(path: str | Path) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="train.py", description="Train an RWKV-7 language model (RWKV-LM's flags; see docs/TRAINING.md).")
     ap.add_argument("--config", default="", help="JSON or TOML file of the settings below; flags override it")
     for f in fields(TrainArgs):

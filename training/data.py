@@ -21,7 +21,7 @@ import torch
 
 from rwkvc.errors import RwkvcError
 
-from .binidx import MMapIndexedDataset, is_prime, magic_prime
+from rwkvc.binidx import MMapIndexedDataset, is_prime, magic_prime
 
 
 @dataclass(frozen=True)

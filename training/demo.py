@@ -14,7 +14,6 @@ the held-out tokens themselves, which favours the baseline).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -24,22 +23,14 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script from a source checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from training.binidx import MMapIndexedDataset
-    from training.config import TrainArgs
-    from training.engine import cpu_bf16_native
-    from training.data import TokenData, unigram_loss
-    from training.make_data import make_data
-    from training.trainer import train
-else:
-    from .binidx import MMapIndexedDataset
-    from .config import TrainArgs
-    from .engine import cpu_bf16_native
-    from .data import TokenData, unigram_loss
-    from .make_data import make_data
-    from .trainer import train
-from rwkvc.errors import RwkvcError, exit_status
+from rwkvc.binidx import MMapIndexedDataset
+from rwkvc.errors import RwkvcError
+from rwkvc.training.config import TrainArgs
+from rwkvc.training.data import TokenData, unigram_loss
+from rwkvc.training.engine import cpu_bf16_native
+from rwkvc.training.files import ArgumentParser, atomic_write_text, script_main
+from rwkvc.training.make_data import make_data
+from rwkvc.training.trainer import train
 
 BIBLE_RANGE = "gen1:1-rev22:21"
 # four books of different kinds (narrative, wisdom, prophecy, epistle) with no close parallels elsewhere
@@ -47,9 +38,8 @@ HELD_OUT = ("Ruth", "Ecclesiastes", "Jonah", "Philippians")
 
 REQUIRED_MARGIN = 1.0  # nats/token the demo must beat the unigram baseline by (docs/TRAINING.md)
 
-# Bumped whenever the same RECIPE would train a different model, so a cached demo is retrained:
-# 2 = the trainer reads consecutive magic-prime samples (version 1 passed its sample count where
-#     TokenData.batch takes a step number, so it read other windows, some twice, some never).
+# Raised whenever the same RECIPE trains a different model (the trainer's sampling changes), so a
+# cached demo made by another trainer is retrained instead of reused.
 RECIPE_VERSION = 2
 
 RECIPE = dict(
@@ -75,7 +65,11 @@ def bible_text() -> str:
     exe = shutil.which("bible")
     if exe is None:
         raise RwkvcError("the demo needs the offline King James Bible: apt-get install bible-kjv")
-    out = subprocess.run([exe, BIBLE_RANGE], capture_output=True, text=True, check=True).stdout
+    r = subprocess.run([exe, BIBLE_RANGE], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RwkvcError(f"`bible {BIBLE_RANGE}` failed (exit status {r.returncode}): "
+                         f"{(r.stderr.strip().splitlines() or [''])[-1][:200]}")
+    out = r.stdout
     if len(out) < 1_000_000:
         raise RwkvcError(f"`bible {BIBLE_RANGE}` printed only {len(out)} characters; is bible-kjv complete?")
     return out
@@ -154,7 +148,7 @@ def demo(cache_dir: str | os.PathLike | None = None, force: bool = False, log=pr
               "held_out_books": list(HELD_OUT), "val_tokens": int(data.num_val_targets),
               "train_data_tokens": int(data.plan.train_len), "recipe": recipe, "recipe_version": RECIPE_VERSION}
     report["required_margin_nats"] = REQUIRED_MARGIN
-    report_path.write_text(json.dumps(report, indent=1))
+    atomic_write_text(report_path, json.dumps(report, indent=1))
     if report["margin_nats"] < REQUIRED_MARGIN:
         log(f"warning: the demo beats the unigram baseline by only {report['margin_nats']:.3f} nats/token "
             f"(expected at least {REQUIRED_MARGIN})")
@@ -164,11 +158,11 @@ def demo(cache_dir: str | os.PathLike | None = None, force: bool = False, log=pr
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Train (or reuse) the KJV demo model; prints its checkpoint path.")
+    ap = ArgumentParser(description="Train (or reuse) the KJV demo model; prints its checkpoint path.")
     ap.add_argument("--cache_dir", default=None, help="default: $RWKV_CACHE/demo or ~/.cache/rwkvc/demo")
     ap.add_argument("--force", action="store_true", help="retrain even if a cached model exists")
     a = ap.parse_args(argv)
-    return exit_status(lambda: print(demo(a.cache_dir, force=a.force)))
+    return script_main(lambda: print(demo(a.cache_dir, force=a.force)))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,7 @@ import torch
 import torch.distributed as dist
 
 from rwkvc.errors import RwkvcError
-
-from .model import LMLoss, param_groups
+from rwkvc.training.model import LMLoss, param_groups
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SAVE_DTYPE = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -32,8 +31,8 @@ def cpu_bf16_native() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except Exception:  # a torch without the probe: the CPU's flags
-        from rwkvc.runtimes.ortops import _cpu_flags
-        return bool(set(_cpu_flags().split()) & {"avx512_bf16", "amx_bf16", "bf16"})
+        from rwkvc.host import cpu_flags
+        return bool(set(cpu_flags().split()) & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 @dataclass(frozen=True)
@@ -45,9 +44,19 @@ class Dist:
 
     @staticmethod
     def from_env(local_rank_flag: int = -1) -> "Dist":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", local_rank_flag if local_rank_flag >= 0 else 0))
+        def number(name: str, default: int, least: int) -> int:
+            text = os.environ.get(name, str(default))
+            try:
+                value = int(text)
+            except ValueError:
+                value = least - 1
+            if value < least:
+                raise RwkvcError(f"environment variable {name}={text!r}: must be an integer >= {least} "
+                                 "(torchrun and the deepspeed launcher set it)")
+            return value
+        world = number("WORLD_SIZE", 1, 1)
+        rank = number("RANK", 0, 0)
+        local = number("LOCAL_RANK", local_rank_flag if local_rank_flag >= 0 else 0, 0)
         return Dist(rank=rank, world=world, local_rank=local)
 
 

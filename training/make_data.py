@@ -20,12 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script from a source checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from training.binidx import MMapIndexedDataset, MMapIndexedDatasetBuilder, magic_prime
-else:
-    from .binidx import MMapIndexedDataset, MMapIndexedDatasetBuilder, magic_prime
-from rwkvc.errors import RwkvcError, exit_status
+from rwkvc.binidx import MMapIndexedDataset, MMapIndexedDatasetBuilder, magic_prime
+from rwkvc.errors import RwkvcError
+from rwkvc.training.files import ArgumentParser, script_main, temp_path
 
 EOD = 0  # end-of-document token of the World tokenizer
 
@@ -61,6 +58,8 @@ def make_data(input_path: str | os.PathLike, n_epoch: int, ctx_len: int, out: st
               seed: int | None = 0, doc_sep: str | None = None, tokenizer=None,
               log=print) -> tuple[str, int | None]:
     """Build PREFIX.bin/.idx; returns (prefix, magic_prime for ctx_len or None if the data is too small)."""
+    if not Path(input_path).is_file():
+        raise RwkvcError(f"input file {input_path} not found")
     if n_epoch < 1:
         raise RwkvcError(f"N_EPOCH must be >= 1, got {n_epoch}")
     if ctx_len < 1:
@@ -95,14 +94,24 @@ def make_data(input_path: str | os.PathLike, n_epoch: int, ctx_len: int, out: st
         rng.shuffle(perm)
         order += perm
 
-    tmp = prefix + ".tmp"
-    builder = MMapIndexedDatasetBuilder(tmp + ".bin", np.uint16)
-    for i in order:
-        builder.add_item(encoded[i])
-        builder.end_document()
-    builder.finalize(tmp + ".idx")
-    os.replace(tmp + ".bin", prefix + ".bin")  # .bin first: a .idx always has its .bin
-    os.replace(tmp + ".idx", prefix + ".idx")
+    # written beside the output under temporary names, fsynced, renamed: whole files or none (and no
+    # temporary file left after a failure such as a full disk)
+    tmp_bin, tmp_idx = temp_path(Path(prefix + ".bin")), temp_path(Path(prefix + ".idx"))
+    try:
+        builder = MMapIndexedDatasetBuilder(str(tmp_bin), np.uint16)
+        for i in order:
+            builder.add_item(encoded[i])
+            builder.end_document()
+        builder.finalize(str(tmp_idx))
+        for t in (tmp_bin, tmp_idx):
+            with open(t, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp_bin, prefix + ".bin")  # .bin first: a .idx always has its .bin
+        os.replace(tmp_idx, prefix + ".idx")
+    except BaseException:
+        for t in (tmp_bin, tmp_idx):
+            t.unlink(missing_ok=True)
+        raise
 
     # verify: read back and compare every sequence with what was meant to be written
     data = MMapIndexedDataset(prefix)
@@ -126,7 +135,7 @@ def make_data(input_path: str | os.PathLike, n_epoch: int, ctx_len: int, out: st
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    ap = ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("input", help=".jsonl ({\"text\": ...} per line) or plain-text file")
     ap.add_argument("n_epoch", type=int, help="how many shuffled copies of the data to write")
@@ -137,7 +146,7 @@ def main(argv=None) -> int:
                     help="plain text only: split documents on this string (escapes like \\n allowed)")
     a = ap.parse_args(argv)
     sep = a.doc_sep.encode().decode("unicode_escape") if a.doc_sep else None
-    return exit_status(lambda: make_data(a.input, a.n_epoch, a.ctx_len, out=a.out,
+    return script_main(lambda: make_data(a.input, a.n_epoch, a.ctx_len, out=a.out,
                                          seed=None if a.seed < 0 else a.seed, doc_sep=sep))
 
 

@@ -14,27 +14,30 @@ official `rwkv` package for v5/v6 (it starts every new state from time_state, tr
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script from a source checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rwkvc.errors import RwkvcError, exit_status
+from rwkvc.errors import RwkvcError
+from rwkvc.training.files import ArgumentParser, atomic_save, script_main
 
 
 def merge_state(base: str | os.PathLike, state: str | os.PathLike, out: str | os.PathLike,
                 force: bool = False, log=print) -> Path:
-    import torch
-
     from rwkvc.frontend import detect_version, load_state_dict
     from rwkvc.states import KEY, state_for_model, time_state_dict
     out = Path(out)
+    if out.is_dir():                                      # --force replaces a file, never a directory
+        raise RwkvcError(f"{out} is a directory; give the merged checkpoint's file name (e.g. {out / 'merged.pth'})")
     if out.exists() and not force:
         raise RwkvcError(f"{out} exists; pass --force to replace it")
     if out.resolve() in (Path(base).resolve(), Path(state).resolve()):
         raise RwkvcError(f"{out}: write the merged checkpoint to a new file, not over an input")
+    if not out.parent.is_dir():
+        raise RwkvcError(f"{out.parent}: directory does not exist")
+    for name, p in (("BASE", base), ("STATE", state)):
+        if not Path(p).is_file():
+            raise RwkvcError(f"{name} {p} not found")
     sd = load_state_dict(base)
     old = [k for k in sd if k.endswith(".att.time_state")]
     plain = {k: v for k, v in sd.items() if k not in old}
@@ -42,11 +45,7 @@ def merge_state(base: str | os.PathLike, state: str | os.PathLike, out: str | os
     st = state_for_model(state, cfg)                      # every layer and shape checked, errors name them
     merged = dict(plain)
     merged.update(time_state_dict(st.wkv))
-    if not out.parent.exists():
-        raise RwkvcError(f"{out.parent}: directory does not exist")
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(merged, tmp)
-    os.replace(tmp, out)
+    atomic_save(merged, out)                              # whole or not at all
     log(f"{out}: RWKV-{cfg.version} L{cfg.n_layer} C{cfg.n_embd} + {cfg.n_layer} x {KEY.format('N')} "
         f"{(cfg.n_head, cfg.head_size, cfg.head_size)} float32"
         + (f" (replaced the {len(old)} time_state tensors {Path(base).name} had)" if old else ""))
@@ -54,13 +53,13 @@ def merge_state(base: str | os.PathLike, state: str | os.PathLike, out: str | os
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Write BASE with a tuned STATE as blocks.N.att.time_state.")
+    ap = ArgumentParser(description="Write BASE with a tuned STATE as blocks.N.att.time_state.")
     ap.add_argument("base", help="the base checkpoint the state was tuned on (.pth / .safetensors)")
     ap.add_argument("state", help="the state file (rwkv-final.pth of state tuning) or a merged checkpoint")
     ap.add_argument("out", help="the merged checkpoint to write (.pth)")
-    ap.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    ap.add_argument("--force", action="store_true", help="replace OUT if it is a file")
     a = ap.parse_args(argv)
-    return exit_status(lambda: merge_state(a.base, a.state, a.out, force=a.force))
+    return script_main(lambda: merge_state(a.base, a.state, a.out, force=a.force))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from rwkvc.errors import RwkvcError
+from rwkvc.training.tasks import pad_rows, sample_order
 
 
 def orpo_loss(logp: torch.Tensor, mask: torch.Tensor, alpha: float):
@@ -64,8 +65,6 @@ class OrpoTask:
     mean log odds ratio and the preference accuracy (mean log p of chosen > of reject)."""
 
     def __init__(self, args, sargs, vocab_size: int, seed: int):
-        from .state_tune import _order, _pad
-        self._order, self._pad = _order, _pad
         self.seed, self.cache, self.max_len, self.alpha = seed, {}, sargs.rlhf_max_corpus_len, sargs.orpo_alpha
         pairs = read_orpo_file(sargs.rlhf_train_file)
         if args.val_file:
@@ -96,10 +95,10 @@ class OrpoTask:
                 mk[len(p) - 1:] = 1.0                          # targets that are answer tokens
                 rows.append(seq)
                 masks.append(mk)
-        return self._pad(rows, masks)
+        return pad_rows(rows, masks)
 
     def batch(self, ii: int, B: int):
-        return self.rows([self.pairs[self._order(self.n_items, ii + j, self.seed, self.cache)] for j in range(B)])
+        return self.rows([self.pairs[sample_order(self.n_items, ii + j, self.seed, self.cache)] for j in range(B)])
 
     def loss(self, sm, batch):
         x, y, m = batch

@@ -15,7 +15,6 @@ order until there are N (0 = each pair once). Training cuts each part to --rlhf_
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -24,9 +23,8 @@ import random
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script from a source checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rwkvc.errors import RwkvcError, exit_status
+from rwkvc.errors import RwkvcError
+from rwkvc.training.files import ArgumentParser, atomic_write_text, script_main
 
 ALIASES = {"prompt": ("prompt",), "chosen": ("chosen",), "reject": ("reject", "rejected")}
 EOD = 0
@@ -99,11 +97,9 @@ def prepare(input_csv, output_save, target_pair_count: int = 0, seed: int = 0, e
     dst = Path(output_save)
     if dst.parent and not dst.parent.exists():
         dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for pr in out:
-            f.write(json.dumps(pr) + "\n")
-    os.replace(tmp, dst)
+    if dst.is_dir():
+        raise RwkvcError(f"--output_save {dst} is a directory; give the file to write")
+    atomic_write_text(dst, "".join(json.dumps(pr) + "\n" for pr in out))
     n_tok = [sum(len(v) for v in pr.values()) for pr in pairs]
     log(f"{input_csv}: {len(pairs)} pairs -> {dst}: {len(out)} pairs, {min(n_tok)}..{max(n_tok)} tokens per pair "
         "(prompt + chosen + reject)")
@@ -111,7 +107,7 @@ def prepare(input_csv, output_save, target_pair_count: int = 0, seed: int = 0, e
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Tokenize a prompt/chosen/reject CSV for ORPO state tuning.")
+    ap = ArgumentParser(description="Tokenize a prompt/chosen/reject CSV for ORPO state tuning.")
     ap.add_argument("--input_csv", required=True)
     ap.add_argument("--output_save", required=True, help="the JSON-lines file for --rlhf_train_file")
     ap.add_argument("--target_pair_count", type=int, default=0, help="repeat pairs until there are this many (0 = once)")
@@ -129,7 +125,7 @@ def main(argv=None) -> int:
                 raise RwkvcError(f"{a.load_model}: no emb.weight; not an RWKV checkpoint")
             vocab = int(sd["emb.weight"].shape[0])
         prepare(a.input_csv, a.output_save, a.target_pair_count, a.seed, not a.no_eod, vocab)
-    return exit_status(run)
+    return script_main(run)
 
 
 if __name__ == "__main__":

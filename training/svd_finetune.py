@@ -8,7 +8,7 @@ trained, so the loss lost to truncation is won back.
     # factors with no truncation error (the SVD of a rank-r matrix at rank r is exact).
 
 The selected nn.Linear modules of the reference model (rwkvc.reference.v7) are replaced by two-factor
-modules B(A x) initialised from passes.svd.svd_factor; everything else trains too (at the same
+modules B(A x) initialised from rwkvc.weights.lowrank.svd_factor; everything else trains too (at the same
 learning rate), with the training module's loss, engine, data order and learning-rate schedule.
 Saving merges each pair back into B @ A, so the checkpoint format does not change.
 """
@@ -24,11 +24,11 @@ import torch.nn as nn
 
 from rwkvc.errors import RwkvcError
 from rwkvc.reference.v7 import RWKV7, V7Config
-
-from .config import TrainArgs
-from .data import TokenData
-from .engine import Dist, SingleEngine
-from .model import LMLoss, lr_at, select_wkv
+from rwkvc.training.config import TrainArgs
+from rwkvc.training.data import TokenData
+from rwkvc.training.engine import Dist, SingleEngine
+from rwkvc.training.files import atomic_save, atomic_write_text
+from rwkvc.training.model import LMLoss, lr_at, select_wkv
 
 MODULES = {"att": ("receptance", "key", "value", "output"), "ffn": ("key", "value")}
 
@@ -64,7 +64,8 @@ def config_from_state_dict(sd: dict) -> V7Config:
 def factorise(model: RWKV7, rank: float, energy: float, targets: str) -> dict[str, int]:
     """Replace the selected Linear modules by LowRankLinear from their SVD; returns {name: rank}."""
     from rwkvc.passes.common import parse_selector
-    from rwkvc.passes.svd import choose_rank, singular_values, svd_factor
+    from rwkvc.passes.svd import choose_rank
+    from rwkvc.weights.lowrank import singular_values, svd_factor
     sel = parse_selector(targets)
     ranks = {}
     for i, blk in enumerate(model.blocks):
@@ -119,6 +120,8 @@ def finetune(load_model: str, data_file: str, proj_dir: str, rank: float = 0.25,
     sample_offset: where in the data's sample order to start (e.g. after the samples the base model saw)."""
     if not Path(load_model).is_file():
         raise RwkvcError(f"--load_model {load_model} not found")
+    out = Path(proj_dir)
+    out.mkdir(parents=True, exist_ok=True)                # before the work: an unwritable PROJ_DIR fails now
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -150,11 +153,9 @@ def finetune(load_model: str, data_file: str, proj_dir: str, rank: float = 0.25,
     final_loss = _val_loss(engine, data, micro_bsz)
     log(f"svd fine-tune: {steps} steps in {time.time() - t0:.0f} s; val loss {trunc_loss:.4f} -> {final_loss:.4f} "
         f"(dense {base_loss:.4f})")
-    out = Path(proj_dir)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "rwkv-svd.pth"
-    torch.save(merged_state_dict(engine.model), path)
-    (out / "svd-report.json").write_text(json.dumps({
+    atomic_save(merged_state_dict(engine.model), path)
+    atomic_write_text(out / "svd-report.json", json.dumps({
         "load_model": str(load_model), "rank": rank, "energy": energy, "targets": targets, "ranks": ranks,
         "steps": steps, "val_loss_dense": base_loss, "val_loss_truncated": trunc_loss, "val_loss_finetuned": final_loss,
         "train_loss_last": float(np.mean(losses[-10:])) if losses else None}, indent=1))

@@ -9,21 +9,17 @@
     python training/train.py --svd "rank=0.25,targets=att+ffn" --load_model base.pth ...
                                                         # low-rank factorisation + fine-tuning (docs/COMPRESSION.md)
 
-Re-running the same command resumes from the newest checkpoint in --proj_dir.
+Re-running the same command resumes from the newest checkpoint in --proj_dir. A --proj_dir whose newest
+training state cannot be read, or that holds checkpoints but no training state, is refused with one line
+(nothing is overwritten); --restart 1 starts again from step 0 there.
 """
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script from a source checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from training.config import parse_args
-    from training.trainer import train
-else:
-    from .config import parse_args
-    from .trainer import train
 from rwkvc.errors import RwkvcError
+from rwkvc.training.config import parse_args
+from rwkvc.training.trainer import train
 
 
 def _take(argv: list[str], flag: str) -> str | None:
@@ -55,10 +51,12 @@ def main(argv=None) -> int:
             finetune_from_args(types.SimpleNamespace(**args.to_dict(), svd=svd))
         else:
             train(args)
-    except RwkvcError as e:
+    except (RwkvcError, OSError) as e:
         import os
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
+        from rwkvc.training.files import os_error_text
+        rank = os.environ.get("RANK", "0").strip()
+        if not (rank.isdigit() and int(rank) > 0):      # one process says it (any that cannot tell its rank too)
+            print(f"error: {os_error_text(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,12 +1,16 @@
 """The training loop, as one importable function: `train(args) -> path of the final checkpoint`.
 
-Later passes (low-rank fine-tuning, predictor training, state tuning) reuse it with their own
-TrainArgs. Everything that can be wrong with the inputs is checked before the model is built.
+Low-rank fine-tuning (svd_finetune.py) and state tuning (state_tune.py) run their own loops on the
+same pieces (TrainArgs, the lr schedule, the data and, for state tuning, checkpoint.py). Everything
+that can be wrong with the inputs is checked before the model is built.
 
     steps:  warmup + decay (RWKV-LM), batch b of step s = magic-prime samples [s*real_bsz, (s+1)*real_bsz)
     epochs: every epoch_steps steps -> validation loss, and rwkv-<epoch>.pth every epoch_save epochs
     end:    validation loss, rwkv-final.pth
-    resume: automatic, from the newest checkpoint in proj_dir that has its training state
+    resume: automatic, from the newest checkpoint in proj_dir that has its training state; unreadable newer
+            states, or checkpoints without states, stop the run before any work (--restart 1 starts over)
+    faults: every file is written atomically (training/files.py); an OSError (a full disk) stops the run
+            with one line naming the file and the last complete checkpoint
 """
 from __future__ import annotations
 
@@ -21,12 +25,12 @@ import torch
 
 from rwkvc.errors import RwkvcError
 from rwkvc.reference.v7 import RWKV7
-
-from . import checkpoint as ckpt
-from .config import TrainArgs, as_train_args
-from .data import TokenData
-from .engine import DeepSpeedEngine, Dist, SingleEngine, cpu_bf16_native
-from .model import LMLoss, enable_grad_checkpointing, init_rwkv_lm, lr_at, model_config, select_wkv
+from rwkvc.training import checkpoint as ckpt
+from rwkvc.training import files
+from rwkvc.training.config import TrainArgs, as_train_args
+from rwkvc.training.data import TokenData
+from rwkvc.training.engine import DeepSpeedEngine, Dist, SingleEngine, cpu_bf16_native
+from rwkvc.training.model import LMLoss, enable_grad_checkpointing, init_rwkv_lm, lr_at, model_config, select_wkv
 
 ENGINES = {"auto": SingleEngine, "single": SingleEngine, "deepspeed_stage_1": DeepSpeedEngine,
            "deepspeed_stage_2": DeepSpeedEngine, "deepspeed_stage_3": DeepSpeedEngine}
@@ -57,7 +61,9 @@ class Plan:
         self.epoch_count = math.ceil(total / self.epoch_steps)
 
 
-def _resolve(args: TrainArgs) -> TrainArgs:
+def resolve_devices(args: TrainArgs) -> TrainArgs:
+    """args with --accelerator and --precision filled in from the machine (gpu + bf16 where CUDA is, else
+    cpu + fp32) and checked against it."""
     accelerator = args.accelerator or ("gpu" if torch.cuda.is_available() else "cpu")
     if accelerator == "gpu" and not torch.cuda.is_available():
         raise RwkvcError("--accelerator gpu: no CUDA device is available (use --accelerator cpu)")
@@ -90,7 +96,7 @@ def _evaluate(engine, data: TokenData, micro_bsz: int, dist_info: Dist) -> float
 
 def train(args, log=None) -> Path:
     """Train (or resume) as `args` (TrainArgs, dict or argparse.Namespace) say; returns rwkv-final.pth."""
-    args = _resolve(as_train_args(args))
+    args = resolve_devices(as_train_args(args))
     dist_info = Dist.from_env(args.local_rank)
     rank0 = dist_info.rank == 0
     say = (log or print) if rank0 else (lambda *a, **k: None)
@@ -114,7 +120,8 @@ def train(args, log=None) -> Path:
     device = torch.device(f"cuda:{dist_info.local_rank}" if args.accelerator == "gpu" else "cpu")
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
     wkv_name, wkv_fn = select_wkv(args.wkv, device, args.chunk_len, compute)
-    resume = ckpt.list_checkpoints(proj)
+    files.check_output_dir(proj, "--proj_dir")
+    resume = ckpt.check_resumable(proj, bool(args.restart))
     model = RWKV7(model_config(args))
     seed = args.random_seed if args.random_seed >= 0 else int.from_bytes(os.urandom(3), "little")
     if not resume and args.load_model:
@@ -129,117 +136,126 @@ def train(args, log=None) -> Path:
     if args.grad_cp:
         enable_grad_checkpointing(model)
 
-    # ---- everything checked: from here on files are written
-    proj.mkdir(parents=True, exist_ok=True)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = args.precision != "fp32"
-        torch.backends.cudnn.allow_tf32 = args.precision != "fp32"
-    engine = ENGINES[args.strategy](LMLoss(model, wkv_fn), args, device, dist_info)
+    # ---- everything checked: from here on files are written (an OSError stops with what was kept)
+    with ckpt.stop_on_os_error(proj):
+        proj.mkdir(parents=True, exist_ok=True)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            torch.backends.cuda.matmul.allow_tf32 = args.precision != "fp32"
+            torch.backends.cudnn.allow_tf32 = args.precision != "fp32"
+        engine = ENGINES[args.strategy](LMLoss(model, wkv_fn), args, device, dist_info)
+        if rank0:
+            files.remove_dead_temps(proj)                  # what a killed run was writing
+            if args.restart and ckpt.clear_states(proj):
+                say(f"note: --restart 1: starting again from step 0; the training states in {proj} are deleted "
+                    "and its checkpoints are overwritten as this run saves")
+        engine.barrier()
 
-    # ---- resume
-    step, samples, epoch_val = 0, 0, None
+        # ---- resume
+        step, samples, epoch_val = 0, 0, None
 
-    def restore(tag, weights, state):
-        if state.get("world") != dist_info.world and args.strategy.startswith("deepspeed"):
-            raise RwkvcError(f"{tag} was written by {state.get('world')} processes; resume with as many")
-        engine.load_state(str(proj), state, weights)
+        def restore(tag, weights, state):
+            if state.get("world") != dist_info.world and args.strategy.startswith("deepspeed"):
+                raise RwkvcError(f"{tag} was written by {state.get('world')} processes; resume with as many")
+            engine.load_state(str(proj), state, weights)
 
-    found = ckpt.resume_latest(proj, resume, restore, say)
-    if found:
-        tag, state = found
-        step, samples, seed = state["step"], state["samples"], state.get("seed", seed)
-        say(f"resumed from {ckpt.weights_path(proj, tag)}: step {step}, {samples} samples, lr {state['lr']:.3g}")
-    else:
-        torch.manual_seed(seed)
+        found = ckpt.resume_latest(proj, resume, restore, say)
+        if found:
+            tag, state = found
+            step, samples, seed = state["step"], state["samples"], state.get("seed", seed)
+            say(f"resumed from {ckpt.weights_path(proj, tag)}: step {step}, {samples} samples, lr {state['lr']:.3g}")
+        else:
+            torch.manual_seed(seed)
 
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"RWKV-7 L{args.n_layer} D{args.n_embd} V{args.vocab_size} ({n_params / 1e6:.2f}M params), "
-        f"ctx {args.ctx_len}, {args.precision} on {device.type} x{dist_info.world} ({engine.name} "
-        f"{args.strategy}), wkv {wkv_name}, seed {seed}\n"
-        f"data {data.data.prefix}: {data.plan.train_len} training tokens, magic_prime {data.magic_prime}, "
-        f"{data.num_val_targets} validation tokens"
-        f"{' from ' + args.val_file if args.val_file else ' (held-out tail)'}\n"
-        f"{plan.total_steps} steps x {plan.real_bsz} x {args.ctx_len} tokens = "
-        f"{plan.total_steps * plan.real_bsz * args.ctx_len} tokens, {plan.epoch_count} epochs of "
-        f"{plan.epoch_steps} steps; lr {args.lr_init:g} -> {args.lr_final:g}, warmup {args.warmup_steps}")
-    if data.plan.note:
-        say(f"note: {data.plan.note}")
-    if args.devices * args.num_nodes > dist_info.world:
-        say(f"note: --devices {args.devices} x --num_nodes {args.num_nodes} but {dist_info.world} process(es) "
-            "are running; start one per device with torchrun or the deepspeed launcher")
-    if rank0:
-        (proj / "train-args.json").write_text(json.dumps({**args.to_dict(), "seed": seed}, indent=1))
-    final = ckpt.weights_path(proj, "final")
-    if step >= plan.total_steps:
-        say(f"training already finished at step {step}: {final}")
-        engine.close()
-        return final
+        n_params = sum(p.numel() for p in model.parameters())
+        say(f"RWKV-7 L{args.n_layer} D{args.n_embd} V{args.vocab_size} ({n_params / 1e6:.2f}M params), "
+            f"ctx {args.ctx_len}, {args.precision} on {device.type} x{dist_info.world} ({engine.name} "
+            f"{args.strategy}), wkv {wkv_name}, seed {seed}\n"
+            f"data {data.data.prefix}: {data.plan.train_len} training tokens, magic_prime {data.magic_prime}, "
+            f"{data.num_val_targets} validation tokens"
+            f"{' from ' + args.val_file if args.val_file else ' (held-out tail)'}\n"
+            f"{plan.total_steps} steps x {plan.real_bsz} x {args.ctx_len} tokens = "
+            f"{plan.total_steps * plan.real_bsz * args.ctx_len} tokens, {plan.epoch_count} epochs of "
+            f"{plan.epoch_steps} steps; lr {args.lr_init:g} -> {args.lr_final:g}, warmup {args.warmup_steps}")
+        if data.plan.note:
+            say(f"note: {data.plan.note}")
+        if args.devices * args.num_nodes > dist_info.world:
+            say(f"note: --devices {args.devices} x --num_nodes {args.num_nodes} but {dist_info.world} process(es) "
+                "are running; start one per device with torchrun or the deepspeed launcher")
+        if rank0:
+            files.atomic_write_text(proj / "train-args.json", json.dumps({**args.to_dict(), "seed": seed}, indent=1))
+        final = ckpt.weights_path(proj, "final")
+        if step >= plan.total_steps:
+            say(f"training already finished at step {step}: {final}")
+            engine.close()
+            return final
 
-    # ---- loop
-    metrics = open(proj / "metrics.jsonl", "a") if rank0 else None
-    if metrics and step:
-        metrics.write(json.dumps({"event": "resume", "step": step, "samples": samples}) + "\n")
-    from tqdm import tqdm
-    bar = tqdm(total=plan.total_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr,
-               disable=not (rank0 and args.enable_progress_bar), mininterval=1.0)
-    tokens_per_step = plan.real_bsz * args.ctx_len
-    t0, t_last, ema = time.time(), time.time(), None
-    lr = lr_at(step, args, plan.total_steps, plan.real_bsz)
-    try:
-        while step < plan.total_steps:
-            lr = lr_at(step, args, plan.total_steps, plan.real_bsz)
-            engine.set_lr(lr)
-            batch = data.batch(step, dist_info.rank, dist_info.world, args.micro_bsz)  # a step, not a sample count
-            loss = engine.train_step(batch[:, :-1], batch[:, 1:])
-            step, samples = step + 1, samples + plan.real_bsz
-            now = time.time()
-            tok_s = tokens_per_step / max(1e-9, now - t_last)
-            t_last = now
-            ema = loss if ema is None else 0.95 * ema + 0.05 * loss
-            bar.update(1)
-            bar.set_postfix(loss=f"{ema:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", refresh=False)
-            if metrics:
-                metrics.write(json.dumps({"step": step, "loss": loss, "lr": lr, "tokens": samples * args.ctx_len,
-                                          "tok_s": round(tok_s, 1), "time": round(now - t0, 3)}) + "\n")
-            end_of_epoch = step % plan.epoch_steps == 0
-            if not (end_of_epoch or step == plan.total_steps):
-                continue
-            epoch = (step - 1) // plan.epoch_steps
-            epoch_val = _evaluate(engine, data, args.micro_bsz, dist_info)
-            tags = []
-            if end_of_epoch and args.epoch_save > 0 and epoch % args.epoch_save == 0:
-                tags.append(str(epoch))
-            if step == plan.total_steps:
-                tags.append("final")
-            state = {"step": step, "epoch": epoch, "samples": samples, "lr": lr, "seed": seed,
-                     "world": dist_info.world, "micro_bsz": args.micro_bsz, "ctx_len": args.ctx_len,
-                     "total_steps": plan.total_steps, "magic_prime": data.magic_prime, "val_loss": epoch_val,
-                     "rng": ckpt.rng_state(), "args": args.to_dict()}
-            for tag in tags:
-                weights = engine.weights()
-                extra = engine.save_state(str(proj), tag)
+        # ---- loop
+        metrics = files.JsonLines(proj / "metrics.jsonl") if rank0 else None
+        if metrics and step:
+            metrics.write({"event": "resume", "step": step, "samples": samples})
+        from tqdm import tqdm
+        bar = tqdm(total=plan.total_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                   disable=not (rank0 and args.enable_progress_bar), mininterval=1.0)
+        tokens_per_step = plan.real_bsz * args.ctx_len
+        t0, t_last, ema = time.time(), time.time(), None
+        lr = lr_at(step, args, plan.total_steps, plan.real_bsz)
+        try:
+            while step < plan.total_steps:
+                lr = lr_at(step, args, plan.total_steps, plan.real_bsz)
+                engine.set_lr(lr)
+                batch = data.batch(step, dist_info.rank, dist_info.world, args.micro_bsz)  # a step, not a sample count
+                loss = engine.train_step(batch[:, :-1], batch[:, 1:])
+                step, samples = step + 1, samples + plan.real_bsz
+                now = time.time()
+                tok_s = tokens_per_step / max(1e-9, now - t_last)
+                t_last = now
+                ema = loss if ema is None else 0.95 * ema + 0.05 * loss
+                bar.update(1)
+                bar.set_postfix(loss=f"{ema:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", refresh=False)
+                if metrics:
+                    metrics.write({"step": step, "loss": loss, "lr": lr, "tokens": samples * args.ctx_len,
+                                   "tok_s": round(tok_s, 1), "time": round(now - t0, 3)})
+                end_of_epoch = step % plan.epoch_steps == 0
+                if not (end_of_epoch or step == plan.total_steps):
+                    continue
+                epoch = (step - 1) // plan.epoch_steps
+                epoch_val = _evaluate(engine, data, args.micro_bsz, dist_info)
+                tags = []
+                if end_of_epoch and args.epoch_save > 0 and epoch % args.epoch_save == 0:
+                    tags.append(str(epoch))
+                if step == plan.total_steps:
+                    tags.append("final")
+                state = {"step": step, "epoch": epoch, "samples": samples, "lr": lr, "seed": seed,
+                         "world": dist_info.world, "micro_bsz": args.micro_bsz, "ctx_len": args.ctx_len,
+                         "total_steps": plan.total_steps, "magic_prime": data.magic_prime, "val_loss": epoch_val,
+                         "rng": ckpt.rng_state(), "args": args.to_dict()}
+                for tag in tags:
+                    weights = engine.weights()
+                    extra = engine.save_state(str(proj), tag)
+                    if rank0:
+                        ckpt.save_checkpoint(weights, {**state, **extra}, proj, tag)
+                    engine.barrier()
                 if rank0:
-                    ckpt.save_weights(weights, proj, tag)
-                    ckpt.save_state({**state, **extra}, proj, tag)
-                engine.barrier()
-            if rank0:
-                ckpt.prune_states(proj)
-            line = {"step": step, "epoch": epoch, "val_loss": epoch_val, "lr": lr,
-                    "tokens": samples * args.ctx_len, "time": round(time.time() - t0, 3),
-                    "checkpoints": [ckpt.weights_path(proj, t).name for t in tags]}
+                    ckpt.prune_states(proj)
+                line = {"step": step, "epoch": epoch, "val_loss": epoch_val, "lr": lr,
+                        "tokens": samples * args.ctx_len, "time": round(time.time() - t0, 3),
+                        "checkpoints": [ckpt.weights_path(proj, t).name for t in tags]}
+                if metrics:
+                    metrics.write(line)
+                    metrics.sync()
+                val_txt = f"val_loss {epoch_val:.4f}" if epoch_val is not None else "no validation data"
+                text = (f"epoch {epoch} (step {step}): train_loss {ema:.4f} {val_txt}"
+                        + (f", saved {', '.join(line['checkpoints'])}" if tags else ""))
+                if rank0 and args.enable_progress_bar:
+                    bar.write(text, file=sys.stderr)          # above the bar
+                else:
+                    say(text)
+                t_last = time.time()  # validation and saving are not training throughput
+        finally:
+            bar.close()
             if metrics:
-                metrics.write(json.dumps(line) + "\n")
-                metrics.flush()
-            val_txt = f"val_loss {epoch_val:.4f}" if epoch_val is not None else "no validation data"
-            if rank0:
-                bar.write(f"epoch {epoch} (step {step}): train_loss {ema:.4f} {val_txt}"
-                          + (f", saved {', '.join(line['checkpoints'])}" if tags else ""), file=sys.stderr)
-            t_last = time.time()  # validation and saving are not training throughput
-    finally:
-        bar.close()
-        if metrics:
-            metrics.close()
+                metrics.close()
     engine.close()
     say(f"done: {final} (val_loss {epoch_val})")
     return final

@@ -91,7 +91,8 @@ class MMapIndexedDataset:
     """Read-only binidx dataset; the .bin is memory-mapped (minipile's 3 GB load instantly).
 
     Same reading API as RWKV-LM's `src/binidx.py`: len(ds), ds[i], ds.get(i, offset, length),
-    ds.sizes, ds.doc_idx, ds._index, ds._bin_buffer; plus `tokens`, the whole .bin as one flat array.
+    ds.sizes, ds.doc_idx, ds._index, ds._bin_buffer; plus `tokens`, the whole .bin as one flat array,
+    and `pointers`, the byte offset of each sequence in it.
     """
 
     def __init__(self, path_prefix: str | os.PathLike):
@@ -132,6 +133,10 @@ class MMapIndexedDataset:
     @property
     def sizes(self) -> np.ndarray:
         return self._index.sizes
+
+    @property
+    def pointers(self) -> np.ndarray:
+        return self._index.pointers
 
     @property
     def doc_idx(self) -> np.ndarray:

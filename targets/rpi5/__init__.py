@@ -12,7 +12,8 @@
       tokenizer/, manifest.json
 
 On the Pi: `DIR/run --prompt TEXT -n 100`. On an x86 host, `rwkvc run DIR` runs the same binary under
-qemu-aarch64 (runtime `tvm-native`). The lowering is targets/tvm_lower.py (from the IR, not the ONNX).
+qemu-aarch64 (runtime `tvm-native`). The lowering is targets/tvm/ (from the IR, not the ONNX); the runner's
+C++ sources and a Makefile to build it by hand are in runner/.
 """
 from __future__ import annotations
 
@@ -25,11 +26,11 @@ from pathlib import Path
 from rwkvc import ir
 from rwkvc.errors import RwkvcError
 
-from .base import Capabilities
-from .tvm_lower import TIME_MIX_LOWERINGS, WEIGHT_DTYPES, weight_kinds
+from ..base import Capabilities
+from ..tvm import TIME_MIX_LOWERINGS, WEIGHT_DTYPES, weight_kinds
 
-NATIVE_DIR = Path(__file__).resolve().parent.parent / "native"
-NATIVE_SOURCES = ("rwkv_run.cc", "rwkv_model.h", "sampler.h", "world_tokenizer.h")
+RUNNER_DIR = Path(__file__).resolve().parent / "runner"
+RUNNER_SOURCES = ("rwkv_run.cc", "rwkv_model.h", "sampler.h", "world_tokenizer.h")
 CROSS_CXX = "aarch64-linux-gnu-g++"
 RUNTIME_LIBS = ("libtvm_runtime.so", "libtvm_ffi.so")
 SETUP_HINT = "run scripts/setup_tvm.sh (apt: g++-aarch64-linux-gnu qemu-user; pip: apache-tvm; the aarch64 TVM wheels)"
@@ -57,8 +58,8 @@ def check_toolchain() -> tuple[str, Path]:
 def build_runner(cxx: str, tvm_dir: Path) -> Path:
     """The native runner for aarch64, built once per (sources, compiler, TVM runtime) and cached."""
     h = hashlib.sha256()
-    for f in NATIVE_SOURCES:
-        h.update((NATIVE_DIR / f).read_bytes())
+    for f in RUNNER_SOURCES:
+        h.update((RUNNER_DIR / f).read_bytes())
     h.update(subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.encode())
     for f in RUNTIME_LIBS:
         h.update(hashlib.sha256((tvm_dir / "lib" / f).read_bytes()).digest())
@@ -67,7 +68,7 @@ def build_runner(cxx: str, tvm_dir: Path) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"run.tmp{os.getpid()}")
-    cmd = [cxx, "-std=c++17", "-O2", "-mcpu=cortex-a76", f"-I{tvm_dir / 'include'}", str(NATIVE_DIR / "rwkv_run.cc"),
+    cmd = [cxx, "-std=c++17", "-O2", "-mcpu=cortex-a76", f"-I{tvm_dir / 'include'}", str(RUNNER_DIR / "rwkv_run.cc"),
            "-o", str(tmp), f"-L{tvm_dir / 'lib'}", "-Wl,--no-as-needed", "-ltvm_ffi", "-ltvm_runtime",
            "-Wl,-rpath,$ORIGIN/lib"]
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -100,9 +101,9 @@ class Rpi5Target:
             })
 
     def compile(self, model: ir.Model, out_dir: str, options: dict, progress=None) -> dict:
-        from .tvm_lower import KernelShape, _import_tvm, check_lowerable, compile_model
+        from ..tvm import KernelShape, check_lowerable, compile_model, import_tvm
         check_lowerable(model)
-        _import_tvm()
+        import_tvm()
         from tvm.support import cc
         cxx, tvm_dir = check_toolchain()
         runner = build_runner(cxx, tvm_dir)

@@ -1,4 +1,4 @@
-// The parts of ONNX Runtime's C API (its stable, append-only ABI) that ort_ops.cc uses, declared here
+// The parts of ONNX Runtime's C API (its stable, append-only ABI) that rwkvc's kernels use, declared here
 // because the onnxruntime wheel ships no C headers. OrtApi is a table of function pointers whose order
 // never changes between releases; these are the slots (0-based) of the functions we call, all present
 // since API version 1. Custom-op descriptors of `version` 14 have every member up to the variadic ones.

@@ -1,0 +1,228 @@
+// The RWKV-7 recurrence (WKV), heads split over the intra-op threads:
+//   Rwkv7WkvStep(r, w, k, v, a, vg, v_first, g, S (H, N, N), w0, a0, v0, k_k, k_a, r_k, ln_x.weight,
+//                ln_x.bias)  attrs eps, first  (wkv_compute)
+//       -> y (1, C): the step's time-mix output before its output projection, S' (H, N, N)
+//   Rwkv7WkvSeq(r, logw, k, v, a, b (T, C), S (H, N, N)) -> y (T, C), S'  (wkv_seq_compute): the prefill's
+//       recurrence, token by token
+// Heads hold at most 256 channels (the ONNX lowering emits these ops only for such models).
+#pragma once
+#include "common.h"
+
+namespace {
+
+const float kDecayScale = 0.60653065971263342f;   // exp(-0.5): w = exp(-exp(-0.5) * sigmoid(w_raw))
+
+// One head of the RWKV-7 recurrence and its output, all vectors of length N (this head's slice).
+//   S' = S diag(decay) + (S a) b^T + v k^T;  y = S' r;  out = (GroupNorm(y) * lnw + lnb + v * (k . (r*r_k))) * g
+// N is a template argument for the usual head sizes, so the row loops unroll completely.
+template <int64_t NT>
+void wkv7_head(const float* S, float* S2, int64_t n, const float* r, const float* decay, const float* k,
+               const float* v, const float* a, const float* b, const float* r_k, const float* lnw,
+               const float* lnb, const float* g, float eps, float* out) {
+  const int64_t N = NT ? NT : n;
+  float y[256], sa[256];
+  int64_t i0 = 0;
+#ifdef __AVX512F__
+  if (NT && NT % 16 == 0) {   // 16 rows at a time, their dot products' lanes summed together (no reduction a row)
+    for (; i0 < N; i0 += 16) {
+      __m512 acc[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        const float* Si = S + (i0 + i) * N;
+        __m512 t = _mm512_setzero_ps();
+        for (int64_t j = 0; j < N; j += 16) t = _mm512_fmadd_ps(_mm512_loadu_ps(Si + j), _mm512_loadu_ps(a + j), t);
+        acc[i] = t;
+      }
+      _mm512_storeu_ps(sa + i0, lane_sums16(acc, 0));
+    }
+    for (i0 = 0; i0 < N; i0 += 16) {
+      __m512 acc[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        const float* Si = S + (i0 + i) * N;
+        float* S2i = S2 + (i0 + i) * N;
+        const __m512 vi = _mm512_set1_ps(v[i0 + i]), sai = _mm512_set1_ps(sa[i0 + i]);
+        __m512 t = _mm512_setzero_ps();
+        for (int64_t j = 0; j < N; j += 16) {
+          const __m512 s = _mm512_fmadd_ps(vi, _mm512_loadu_ps(k + j),
+                                           _mm512_fmadd_ps(sai, _mm512_loadu_ps(b + j),
+                                                           _mm512_mul_ps(_mm512_loadu_ps(Si + j), _mm512_loadu_ps(decay + j))));
+          _mm512_storeu_ps(S2i + j, s);
+          t = _mm512_fmadd_ps(s, _mm512_loadu_ps(r + j), t);
+        }
+        acc[i] = t;
+      }
+      _mm512_storeu_ps(y + i0, lane_sums16(acc, 0));
+    }
+  }
+#endif
+  // two passes over the rows, each of independent dot products (the out-of-order core overlaps them)
+  for (int64_t i = i0; i < N; ++i) {
+    const float* Si = S + i * N;
+    float acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < N; ++j) acc += Si[j] * a[j];
+    sa[i] = acc;
+  }
+  for (int64_t i = i0; i < N; ++i) {
+    const float* Si = S + i * N;
+    float* S2i = S2 + i * N;
+    const float vi = v[i], sai = sa[i];
+    float yi = 0;
+#pragma omp simd reduction(+ : yi)
+    for (int64_t j = 0; j < N; ++j) {
+      const float s = Si[j] * decay[j] + sai * b[j] + vi * k[j];
+      S2i[j] = s;
+      yi += s * r[j];
+    }
+    y[i] = yi;
+  }
+  float mean = 0, var = 0, rk = 0;
+#pragma omp simd reduction(+ : mean, rk)
+  for (int64_t i = 0; i < N; ++i) {
+    mean += y[i];
+    rk += k[i] * r[i] * r_k[i];
+  }
+  mean /= N;
+#pragma omp simd reduction(+ : var)
+  for (int64_t i = 0; i < N; ++i) var += (y[i] - mean) * (y[i] - mean);
+  var /= N;
+  const float inv = 1.0f / std::sqrt(var + eps);
+  for (int64_t i = 0; i < N; ++i) out[i] = ((y[i] - mean) * inv * lnw[i] + lnb[i] + v[i] * rk) * g[i];
+}
+
+using HeadFn = void (*)(const float*, float*, int64_t, const float*, const float*, const float*, const float*,
+                        const float*, const float*, const float*, const float*, const float*, const float*, float,
+                        float*);
+
+HeadFn head_kernel(int64_t N) {
+  return N == 64 ? wkv7_head<64> : N == 32 ? wkv7_head<32> : N == 128 ? wkv7_head<128> : wkv7_head<0>;
+}
+
+struct WkvArgs {
+  const float *r, *w, *k, *v, *a, *vg, *vf, *g, *S, *w0, *a0, *v0, *k_k, *k_a, *r_k, *lnw, *lnb;
+  float* y;
+  float* S2;
+  int64_t N;
+  float eps;
+  bool first;
+};
+
+// heads h0 .. h1 of the step
+void wkv_heads(const WkvArgs& p, int64_t h0, int64_t h1) {
+  const int64_t N = p.N;
+  const HeadFn head = head_kernel(N);
+  float decay[256], kk[256], kn[256], aa[256], bb[256], vv[256];
+  for (int64_t h = h0; h < h1; ++h) {
+    const int64_t o = h * N;
+    float norm = 0;
+#pragma omp simd reduction(+ : norm)
+    for (int64_t j = 0; j < N; ++j) {
+      decay[j] = fast_exp(-kDecayScale * sigmoid(p.w[o + j] + p.w0[o + j]));
+      kk[j] = p.k[o + j] * p.k_k[o + j];
+      norm += kk[j] * kk[j];
+    }
+    norm = std::sqrt(norm);
+    const float scale = 1.0f / (norm > 1e-12f ? norm : 1e-12f);
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j) {
+      const float iclr = sigmoid(p.a0[o + j] + p.a[o + j]);
+      const float kkj = kk[j] * scale;
+      aa[j] = -kkj;
+      bb[j] = kkj * iclr;
+      kn[j] = p.k[o + j] * ((1.0f - p.k_a[o + j]) + iclr * p.k_a[o + j]);
+    }
+    if (p.first) {
+      for (int64_t j = 0; j < N; ++j) vv[j] = p.v[o + j];
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < N; ++j)
+        vv[j] = p.v[o + j] + (p.vf[o + j] - p.v[o + j]) * sigmoid(p.v0[o + j] + p.vg[o + j]);
+    }
+    head(p.S + h * N * N, p.S2 + h * N * N, N, p.r + o, decay, kn, vv, aa, bb, p.r_k + o, p.lnw + o, p.lnb + o,
+         p.g + o, p.eps, p.y + o);
+  }
+}
+
+void wkv_compute(const Attrs& at, OrtKernelContext* ctx) {
+  Tensor in[17];
+  for (size_t i = 0; i < 17; ++i) in[i] = input(ctx, i);
+  const Tensor& S = in[8];
+  const int64_t H = S.dims[0], N = S.dims[1], C = H * N;
+  const int64_t row[2] = {1, C};
+  float* y = output(ctx, 0, row, 2);
+  float* S2 = output(ctx, 1, S.dims, 3);
+  if (N > 256) return;   // rwkvc.targets.onnx.v7_fused.fused_supported: heads of at most FUSED_MAX_HEAD = 256
+  WkvArgs p{in[0].data, in[1].data, in[2].data, in[3].data, in[4].data, in[5].data, in[6].data, in[7].data,
+            S.data, in[9].data, in[10].data, in[11].data, in[12].data, in[13].data, in[14].data, in[15].data,
+            in[16].data, y, S2, N, at.eps, at.first != 0};
+  // heads over the intra-op threads once the state is big enough to pay for waking them (a 0.1B-shaped
+  // layer's 12 heads of 64 take ~20 us)
+  parallel_ranges(ctx, H, std::max<int64_t>(1, (int64_t(1) << 14) / (N * N)),
+                  [&](int64_t h0, int64_t h1) { wkv_heads(p, h0, h1); });
+}
+
+// The recurrence over T tokens for one head, on the transposed state Z = S^T held in a local buffer:
+// every product is then a sum of scaled rows of Z (no horizontal reductions), and Z stays in L1.
+//   sa = sum_j a_j Z_j;  Z_j <- w_j Z_j + b_j sa + k_j v;  y = sum_j r_j Z_j      (rows Z_j of length N)
+template <int64_t NT>
+void wkv7_seq_head(float* Z, int64_t n, int64_t T, int64_t C, const float* r, const float* logw, const float* k,
+                   const float* v, const float* a, const float* b, float* y) {
+  const int64_t N = NT ? NT : n;
+  float sa[256], acc[256], w[256];
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t o = t * C;
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j) w[j] = fast_exp(logw[o + j]);
+    for (int64_t i = 0; i < N; ++i) sa[i] = 0, acc[i] = 0;
+    for (int64_t j = 0; j < N; ++j) {
+      const float aj = a[o + j];
+      const float* Zj = Z + j * N;
+#pragma omp simd
+      for (int64_t i = 0; i < N; ++i) sa[i] += aj * Zj[i];
+    }
+    const float* vt = v + o;
+    for (int64_t j = 0; j < N; ++j) {
+      const float wj = w[j], bj = b[o + j], kj = k[o + j], rj = r[o + j];
+      float* Zj = Z + j * N;
+#pragma omp simd
+      for (int64_t i = 0; i < N; ++i) {
+        const float z = Zj[i] * wj + sa[i] * bj + vt[i] * kj;
+        Zj[i] = z;
+        acc[i] += z * rj;
+      }
+    }
+    for (int64_t i = 0; i < N; ++i) y[o + i] = acc[i];
+  }
+}
+
+
+// Rwkv7WkvSeq(r, logw, k, v, a, b (T, C), S (H, N, N)) -> y (T, C), S' (H, N, N): the prefill's WKV,
+// token by token (the exact recurrence), heads split over the intra-op pool (parallel_ranges).
+void wkv_seq_compute(const Attrs&, OrtKernelContext* ctx) {
+  Tensor in[7];
+  for (size_t i = 0; i < 7; ++i) in[i] = input(ctx, i);
+  const Tensor& S = in[6];
+  const int64_t H = S.dims[0], N = S.dims[1], C = H * N, T = in[0].size / C;
+  const int64_t ydims[2] = {T, C};
+  float* y = output(ctx, 0, ydims, 2);
+  float* S2 = output(ctx, 1, S.dims, 3);
+  if (N > 256) return;   // as above
+  auto run = [&](int64_t h0, int64_t h1) {
+    std::vector<float> buf(N * N);
+    float* Z = buf.data();
+    for (int64_t h = h0; h < h1; ++h) {
+      const float* Sh = S.data + h * N * N;
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t j = 0; j < N; ++j) Z[j * N + i] = Sh[i * N + j];
+      const int64_t o = h * N;
+      auto fn = N == 64 ? wkv7_seq_head<64> : N == 32 ? wkv7_seq_head<32> : wkv7_seq_head<0>;
+      fn(Z, N, T, C, in[0].data + o, in[1].data + o, in[2].data + o, in[3].data + o, in[4].data + o,
+         in[5].data + o, y + o);
+      float* S2h = S2 + h * N * N;
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t j = 0; j < N; ++j) S2h[i * N + j] = Z[j * N + i];
+    }
+  };
+  parallel_ranges(ctx, H, 1, run);   // heads over the intra-op threads
+}
+
+}  // namespace

@@ -1,0 +1,28 @@
+"""The contract between the ONNX lowering (rwkvc.targets.onnx) and the runtime (rwkvc.runtimes): names and
+numbers both sides read, so neither imports the other."""
+from __future__ import annotations
+
+ALIGN = 4096                # weights.bin: tensors of at least this many bytes start on a page boundary
+
+FUSED_DOMAIN = "ai.rwkvc"   # rwkvc's own CPU kernels (rwkvc.runtimes.ortops builds and registers them)
+FUSED_VERSION = 7           # the op set's version: 1 the RWKV-7 step / prefill kernels, 2 adds the sparse FFN
+                            # and clustered head kernels, 3 the quantised matrix-vector product (Rwkv7MatVecQ),
+                            # 4 the clustered head's top token without its logits (Rwkv7ClusteredHeadTop),
+                            # 5 tanh and sigmoid between a set's products (a LoRA in Rwkv7MatVecSet),
+                            # 6 the sparse FFN with an int8 MLP predictor and 1-bit codes 16 rows together
+                            # (Rwkv7SparseFfnQ), 7 the interleaved 4-bit and int8 layouts (Rwkv7MatVecQ16 / Q16x8,
+                            # Rwkv7MatVecSet's layouts); a library of version n runs artifacts of 1..n
+
+HEAD_MODE = "head_mode"     # the step's input with a top-token head (Rwkv7ClusteredHeadTop): 1 = the top token only
+
+# (op, input index) of the fused kernels that read only some rows of that input (rwkvc.bench.weight_traffic)
+FUSED_ROW_INPUTS = {("Rwkv7ClusteredHeadTop", 2), ("Rwkv7ClusteredHeadTop", 3), ("Rwkv7ClusteredHeadTop", 5),
+                    ("Rwkv7ClusteredHeadTopF32", 2), ("Rwkv7ClusteredHeadTopF32", 5),
+                    ("Rwkv7SparseFfn", 4), ("Rwkv7SparseFfn", 5), ("Rwkv7SparseFfn", 6),
+                    ("Rwkv7SparseFfnF32", 4), ("Rwkv7SparseFfnF32", 6),
+                    ("Rwkv7SparseFfnQ", 6), ("Rwkv7SparseFfnQ", 7), ("Rwkv7SparseFfnQ", 8),
+                    ("Rwkv7SparseFfnQF32", 6), ("Rwkv7SparseFfnQF32", 8),
+                    ("Rwkv7ClusteredHead", 2), ("Rwkv7ClusteredHead", 3), ("Rwkv7ClusteredHead", 5),
+                    ("Rwkv7ClusteredHeadF32", 2), ("Rwkv7ClusteredHeadF32", 5)}
+
+DENSE_EMBEDDING = "emb.folded"   # the dense table's initializer (the runtime holds it in memory)
