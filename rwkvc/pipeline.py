@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import re
 import sys
 from pathlib import Path
@@ -96,6 +97,15 @@ def run_passes(model: ir.Model, recipe, ctx=None) -> ir.Model:
     return model
 
 
+def check_dump_dir(d: Path) -> None:
+    """--dump-ir's directory: one that exists or can be made (checked before any work)."""
+    if d.exists() and not d.is_dir():
+        raise RwkvcError(f"{d}: --dump-ir names a file; give a directory for the IR dumps")
+    parent = next((p for p in [d, *d.parents] if p.exists()), None)
+    if parent is not None and not os.access(parent, os.W_OK):
+        raise RwkvcError(f"{d}: cannot create the --dump-ir directory there (not writable); choose another")
+
+
 def compile_checkpoint(model_path, out_dir, target: str = "cpu", passes=None, dtype: str | None = None,
                        force: bool = False, progress: bool = False, dump_dir: str | None = None,
                        state_path: str | None = None, ctx=None, cluster_file: str | None = None,
@@ -108,6 +118,9 @@ def compile_checkpoint(model_path, out_dir, target: str = "cpu", passes=None, dt
     recipe = parse_recipe(passes) if isinstance(passes, str) or passes is None else passes
     out = Path(out_dir)
     check_output_dir(out, force)
+    dump_dir = dump_dir or (ctx.dump_dir if ctx is not None else None)
+    if dump_dir is not None:
+        check_dump_dir(Path(dump_dir))
     bar = _Progress(enabled=progress, total=2 + len(recipe))
     bar.step("load checkpoint")
     model = load_model(model_path, cluster_file=cluster_file)

@@ -1,9 +1,11 @@
 """Helpers that more than one test module uses: the rpi5 toolchain check, IR builders for the lowering
-tests, and the logits comparison with its allowance for int8 rounding flips."""
+tests, the logits comparison with its allowance for int8 rounding flips, the official package's model,
+the CLI command, and the one-line error check of the fault tests."""
 from __future__ import annotations
 
 import platform
 import shutil
+import sys
 
 import numpy as np
 
@@ -121,3 +123,16 @@ def tree(d) -> dict[str, bytes]:
     from pathlib import Path
     d = Path(d)
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def official_rwkv(path_pth: str):
+    """The official package's model for a .pth file ('cpu fp32'); it appends '.pth' itself."""
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):
+        from rwkv.model import RWKV
+        return RWKV(str(path_pth)[:-4], "cpu fp32")
+
+
+def rwkvc_cmd():
+    return [sys.executable, "-m", "rwkvc.cli"]

@@ -208,3 +208,10 @@ def test_piping_into_head_is_a_normal_end(work):
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout) == 1 and b"Traceback" not in r.stderr and b"Exception" not in r.stderr
+
+
+def test_dump_ir_onto_a_file_is_refused_before_work(work, tmp_path):
+    (tmp_path / "ir.txt").write_text("mine")
+    r = rwkvc("compile", work / "m.pth", "-o", tmp_path / "o", "--passes", "int8", "--dump-ir", tmp_path / "ir.txt", "-q")
+    one_error_line(r, "--dump-ir")
+    assert (tmp_path / "ir.txt").read_text() == "mine" and not (tmp_path / "o").exists()

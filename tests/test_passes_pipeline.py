@@ -18,7 +18,7 @@ from rwkvc.pipeline import parse_recipe, run_passes
 from rwkvc.targets import get_target
 from rwkvc.testing import save_random_v7
 
-from conftest import rwkvc_cmd
+from helpers import rwkvc_cmd
 
 V = 1000
 T = 24

@@ -52,7 +52,7 @@ from rwkvc.training.orpo import orpo_loss
 from rwkvc.training.prepare_orpo import prepare
 from rwkvc.training.trainer import train
 
-from conftest import official_rwkv
+from helpers import official_rwkv
 
 V, Q, A = 512, 300, 301
 STYLES = [[20 + 10 * k + j for j in range(4)] for k in range(6)]   # six fixed answer formats of 4 words

@@ -11,7 +11,7 @@ import torch
 import rwkvc
 from rwkvc.testing import save_random_v7
 
-from conftest import official_rwkv
+from helpers import official_rwkv
 
 SHAPES = {
     # name: (n_layer, n_embd, head_size, vocab, file dtype, low-rank dims)
