@@ -21,8 +21,9 @@ class LoweringPolicy:
     # where the model is one they cover (rwkvc.targets.onnx.v7_fused.fused_supported)
     fused: bool = False
     # in the fused step, rwkvc's kernels for the quantised matrix-vector products (Rwkv7MatVecQ / Q16 / Set)
-    # instead of ONNX Runtime's MatMulNBits: faster with AVX-512 VNNI (~1.2x on the 0.1B step), slower on
-    # AVX2 alone (1.75x MatMulNBits' time on an AVX2-only EPYC), so `for_host` sets it from the CPU flags
+    # instead of ONNX Runtime's MatMulNBits: faster with AVX-512 VNNI, and with AVX2 alone on the interleaved
+    # layouts (1.35x on the 0.1B int4 step, 1.3x its prefill on a Zen 3); the portable loops of a CPU with
+    # neither are slower, so `for_host` sets it from the CPU flags
     matvec_q: bool = False
     # those matrices stored in the interleaved layouts of op set 7 (rwkvc.weights.int4.interleave16,
     # rwkvc.weights.int8.interleave16_int8), read by the step and the prefill alike; False: MatMulNBits'
@@ -50,7 +51,7 @@ class LoweringPolicy:
     @staticmethod
     def for_host(fused: bool, cpu_flags: str) -> "LoweringPolicy":
         """The policy for a CPU with these flags (/proc/cpuinfo's, rwkvc.host.cpu_flags)."""
-        return LoweringPolicy(fused=fused, matvec_q="avx512_vnni" in cpu_flags.split())
+        return LoweringPolicy(fused=fused, matvec_q=bool({"avx512_vnni", "avx2"} & set(cpu_flags.split())))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
