@@ -328,7 +328,7 @@ def test_kernel_splits_over_threads_are_exact(tmp_path):
     assert {("ai.rwkvc", "Rwkv7SparseFfnQ"), ("ai.rwkvc", "Rwkv7MatVecSet"),
             ("ai.rwkvc", "Rwkv7ClusteredHeadTop")} <= step_ops(art)
     runs = []
-    for threads in (1, 2):   # one session at a time: the library's thread count is the last session's
+    for threads in (1, 2):   # one session at a time: the kernels follow the newest session's count
         m, st, out = rwkvc.load(art, threads=threads), None, []
         for t in calib[:6]:
             lg, st = m.forward([int(t)], st)

@@ -177,6 +177,6 @@ def require(spec: dict) -> None:
 
 def register(so, threads: int | None = None) -> None:
     """Register the library into an onnxruntime.SessionOptions; `threads` for the kernels that split their
-    work (the prefill's WKV; one setting per process, the last session's)."""
+    work (the prefill's WKV; one setting per process: that of the ONNX Runtime session made last)."""
     so.register_custom_ops_library(library())
     ctypes.CDLL(library()).rwkvc_ort_ops_set_threads(int(threads or os.cpu_count() or 1))
