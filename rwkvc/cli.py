@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from .errors import RwkvcError
+from .packages import PackageNameError
 
 
 class _ReaderGone(Exception):
@@ -299,6 +300,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except PackageNameError as e:   # an installation mixing two checkouts
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
     except MemoryError:
         click.echo("error: out of memory; use a smaller model or recipe, or a machine with more memory", err=True)
         sys.exit(2)

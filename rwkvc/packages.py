@@ -10,14 +10,18 @@ from pathlib import Path
 STAGES = ("passes", "targets", "runtimes", "training")
 
 
+class PackageNameError(ImportError):
+    """A stage package imported under a second name or beside another tree's core."""
+
+
 def claim(name: str, file: str) -> None:
     """Refuse to load the stage package at `file` under any name but rwkvc.<folder>, or beside another
     tree's core."""
     folder = Path(file).resolve().parent
     expected = "rwkvc." + folder.name
     if name != expected:
-        raise ImportError(f"{folder} is the package {expected}: import {expected}, not {name}")
+        raise PackageNameError(f"{folder} is the package {expected}: import {expected}, not {name}")
     core = Path(sys.modules["rwkvc"].__file__).resolve().parent
     if folder.parent not in (core, core.parent):   # installed: rwkvc/passes; a source tree: ROOT/passes
-        raise ImportError(f"{expected} at {folder} does not belong to the rwkvc core at {core}: "
+        raise PackageNameError(f"{expected} at {folder} does not belong to the rwkvc core at {core}: "
                           f"install one checkout (pip install -e DIR) and run from it")
