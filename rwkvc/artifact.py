@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -23,19 +22,12 @@ from pathlib import Path
 
 from . import __version__, ir
 from .errors import RwkvcError
+from .integrity import file_sha256
 
 FORMAT = "rwkvc-artifact"
 FORMAT_VERSION = 2  # 2: one wkv state input/output per layer in the ONNX graphs
 MANIFEST = "manifest.json"
 VOCAB = "rwkv_vocab_v20230424.txt"
-
-
-def sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 def is_artifact(d: Path) -> bool:
@@ -165,7 +157,7 @@ def compile_to_dir(model: ir.Model, target, out: str | os.PathLike, *, dtype: st
             "tokenizer": {"kind": "rwkv-world", "file": f"tokenizer/{VOCAB}"},
             **fields,
         }
-        manifest["files"] = {str(p.relative_to(tmp)): {"sha256": sha256(p), "bytes": p.stat().st_size}
+        manifest["files"] = {str(p.relative_to(tmp)): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
                              for p in sorted(tmp.rglob("*")) if p.is_file()}
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=2)
@@ -253,4 +245,4 @@ def verify_hashes(path: str | os.PathLike) -> list[str]:
     """Names of files whose sha256 differs from the manifest (slow: reads everything)."""
     d = Path(path)
     m = read_manifest(d)
-    return [rel for rel, info in m["files"].items() if sha256(d / rel) != info["sha256"]]
+    return [rel for rel, info in m["files"].items() if file_sha256(d / rel) != info["sha256"]]

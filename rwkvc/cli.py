@@ -266,8 +266,10 @@ def bench(artifact, as_json, n_decode, n_prefill, threads, repeat):
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo(prompt, n_tokens, target, passes, cache_dir, seed):
     """The built-in default: train (once, cached) a small RWKV-7 on the KJV bible, compile it, generate."""
-    from rwkvc.training.demo import cache_root, demo as train_demo
+    from rwkvc.training.demo import demo as train_demo
+
     from .api import load
+    from .cache import cache_root
     from .pipeline import compile_checkpoint
     root = Path(cache_dir) if cache_dir else cache_root() / "demo"
     ckpt = train_demo(cache_dir=root, log=lambda *a: click.echo(" ".join(map(str, a)), err=True))

@@ -45,7 +45,7 @@ RESULTS: dict[str, dict] = {}
 
 
 def _cache() -> Path:
-    from rwkvc.training.demo import cache_root
+    from rwkvc.cache import cache_root
     return cache_root()
 
 

@@ -216,7 +216,8 @@ def test_demo_model_tuned_state_raises_held_out_likelihood(tmp_path):
     import re
     import shutil
     from rwkvc.tokenizer import WorldTokenizer
-    from rwkvc.training.demo import HELD_OUT, bible_text, cache_root, chapters
+    from rwkvc.cache import cache_root
+    from rwkvc.training.demo import HELD_OUT, bible_text, chapters
     base = cache_root() / "demo" / "model" / "rwkv-final.pth"
     if not (base.is_file() and (cache_root() / "demo" / "report.json").is_file()) or shutil.which("bible") is None:
         pytest.skip("needs the cached demo model (python training/demo.py) and bible-kjv")
