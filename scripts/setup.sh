@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything rwkvc needs on a fresh Debian machine with Python 3.11 (idempotent).
 #   system: g++ (DeepSpeed's CPU op), the aarch64 cross compiler + qemu (rpi5 target), bible-kjv (demo corpus)
-#   python: torch (CPU), rwkvc with its test extras (the official `rwkv` package is the test reference)
+#   python: torch (CPU), rwkvc with its extras: test (the official `rwkv` package is the test reference;
+#           the `openai` client), train, tvm, serve (FastAPI, uvicorn, lm-eval), distill (transformers), plot
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,6 +20,6 @@ fi
 
 # torch first and pinned: an unpinned torch pulls several GB of CUDA packages
 $PY -c "import torch" 2>/dev/null || $PY -m pip install -q "torch==2.13.0" >&2
-$PY -m pip install -q -e ".[test,train,tvm]" >&2
+$PY -m pip install -q -e ".[test,train,tvm,serve,distill,plot]" >&2
 bash scripts/setup_tvm.sh >&2   # aarch64 TVM runtime wheels, cross compiler, qemu (rpi5 target)
 echo "setup: done" >&2
