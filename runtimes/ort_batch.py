@@ -1,0 +1,101 @@
+"""Batched decode on an artifact's batch_step graph (rwkvc.targets.onnx.batch): B live sequences in slots
+0..B-1 of state pools, one graph call a step for all of them.
+
+The pools are double-buffered: a step reads slots 0..B-1 of one pool and writes the same slots of the
+other (ONNX Runtime's outputs bound straight into it), then the two swap, so a step copies no state. A
+sequence joins by having its state written into slot B; one that leaves is replaced by the last slot's
+sequence (one state copy), so the live slots stay a contiguous block, which is what the graph takes.
+
+    pool = BatchPool(runtime, max_batch=8)
+    slot = pool.add(state)               # a prefilled sequence joins
+    logits = pool.step(tokens)           # tokens (B,) int64 -> logits (B, V), a view valid until the next step
+    moved = pool.remove(slot)            # the slot now holds the sequence that was in slot `moved`
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from rwkvc import ir
+from rwkvc.errors import RwkvcError
+
+from .onnxruntime import _run_bound
+
+BATCH_ENTRY = "batch_step"
+
+
+def has_batch_step(manifest: dict) -> bool:
+    return BATCH_ENTRY in manifest.get("entry_points", {}) and manifest.get("runtime") == "onnxruntime"
+
+
+class BatchPool:
+    def __init__(self, runtime, max_batch: int):
+        if max_batch < 1:
+            raise RwkvcError(f"max_batch must be >= 1, got {max_batch}")
+        if not has_batch_step(runtime.manifest):
+            raise RwkvcError(f"{runtime.path}: this artifact has no batched step graph (RWKV-7 float32 artifacts "
+                             "compiled by this rwkvc have one); recompile it, or serve with --max-batch 1")
+        self.sess = runtime.session(BATCH_ENTRY)
+        st = runtime.manifest["state"]
+        self.shift_shape, self.wkv_shape = tuple(st["shift"]), tuple(st["wkv"])     # (L, 2, C), (L, H, N, N)
+        self.vocab = int(runtime.manifest["model"]["vocab_size"])
+        self.max_batch, self.n = max_batch, 0
+        L = self.wkv_shape[0]
+        self.shift = [np.zeros((max_batch, *self.shift_shape), np.float32) for _ in range(2)]
+        self.wkv = [[np.zeros((max_batch, *self.wkv_shape[1:]), np.float32) for _ in range(L)] for _ in range(2)]
+        self.logits = np.zeros((max_batch, self.vocab), np.float32)
+        self.cur = 0
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of the two pools (what max_batch costs in memory)."""
+        return 2 * (self.shift[0].nbytes + sum(w.nbytes for w in self.wkv[0])) + self.logits.nbytes
+
+    def add(self, state: ir.State) -> int:
+        """A sequence joins with `state`; returns its slot."""
+        if self.n >= self.max_batch:
+            raise RwkvcError(f"the batch is full ({self.max_batch} sequences)")
+        self._write(self.n, state)
+        self.n += 1
+        return self.n - 1
+
+    def _write(self, slot: int, state: ir.State) -> None:
+        c = self.cur
+        self.shift[c][slot] = state.shift
+        for i, w in enumerate(self.wkv[c]):
+            w[slot] = state.wkv[i]
+
+    def state(self, slot: int) -> ir.State:
+        """A copy of the state of the sequence in `slot`."""
+        c = self.cur
+        return ir.State(self.shift[c][slot].copy(), np.stack([w[slot] for w in self.wkv[c]]))
+
+    def remove(self, slot: int) -> int:
+        """The sequence in `slot` leaves; the last slot's sequence moves into it. Returns the slot it moved
+        from (== slot when `slot` was the last)."""
+        last = self.n - 1
+        if not 0 <= slot <= last:
+            raise RwkvcError(f"slot {slot} is not live (live: 0..{last})")
+        if slot != last:
+            c = self.cur
+            self.shift[c][slot] = self.shift[c][last]
+            for w in self.wkv[c]:
+                w[slot] = w[last]
+        self.n = last
+        return last
+
+    def step(self, tokens) -> np.ndarray:
+        """One token for each live sequence (tokens (B,), B = the live count) -> logits (B, V), a view that
+        the next step overwrites."""
+        B = self.n
+        toks = np.ascontiguousarray(tokens, np.int64).reshape(-1)
+        if B == 0 or toks.size != B:
+            raise RwkvcError(f"step: {toks.size} tokens for {B} live sequences")
+        a, b = self.cur, 1 - self.cur
+        ins = [("tokens", toks), ("shift_in", self.shift[a][:B])]
+        ins += [(f"wkv_in.{i}", w[:B]) for i, w in enumerate(self.wkv[a])]
+        outs = [("logits", [B, self.vocab], self.logits.ctypes.data),
+                ("shift_out", [B, *self.shift_shape], self.shift[b].ctypes.data)]
+        outs += [(f"wkv_out.{i}", [B, *self.wkv_shape[1:]], w.ctypes.data) for i, w in enumerate(self.wkv[b])]
+        _run_bound(self.sess, ins, outs)
+        self.cur = b
+        return self.logits[:B]

@@ -1,0 +1,145 @@
+"""The batched decode step: one token for each of B independent sequences, each with its own state.
+
+    batch_step.onnx  tokens (B,) + shift (B, L, 2, C) + wkv.i (B, H, N, N) -> logits (B, V) + the new states
+
+B is a free dimension: the caller (a server's continuous batching) runs whichever sequences are live at
+each step. Every matrix product is the prefill's (`linear` with the graph's prefill flags: the same
+initializers in weights.bin, no second copy, and where the prefill uses rwkvc's matrix kernels over many
+rows, so does this graph), so the B rows read each weight once per step. What is per sequence (token
+shift, the WKV recurrence, group norm, bonus) is batched over a leading B axis:
+
+    x (B, C) ─ln1─► mixes with prev = shift[:, l, 0] ─► r k v w a g (B, C) each, one product per Linear
+       WKV: S (B,H,N,N) <- S*w + [S@a, v] @ [b; k],  y = S@r          (w,b,k rows (B,H,1,N); a,v,r columns)
+       group norm per head, bonus, gate, output ─(+)─► x ─ln2─► relu² FFN with prev = shift[:, l, 1] ─(+)─► x
+
+rwkvc's fused step kernels (Rwkv7Mix6, Rwkv7WkvStep, Rwkv7MatVecSet) take one sequence, so this graph uses
+plain ONNX operators for the element-wise work. Covered: RWKV-7 in float32 with a dense FFN and a dense or
+quantised head (no sparse FFN, no clustered head); `batch_supported` says.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from rwkvc import ir
+
+from .graph import F32, OPSET, Graph, WeightStore, f32, layer_norm, to_compute
+from .kinds import EMBEDDERS, linear
+from .policy import LoweringPolicy
+from .v7 import DECAY_SCALE, emit_channel_mix_v7, v7_projections
+from .v7_fused import fused_supported
+
+BATCH_ENTRY = "batch_step"
+
+
+def batch_supported(model: ir.Model, dtype) -> bool:
+    """Whether the batched step lowers this model: RWKV-7 in float32, dense FFNs, a head that is no
+    clustered one (those choose rows per token)."""
+    cfg = model.config
+    return (cfg.version == "7" and np.dtype(dtype) == np.float32 and model.head.kind != "clustered"
+            and all(b.ffn.sparse is None and b.ffn.version == "7" for b in model.blocks))
+
+
+def wkv_step_batched(g: Graph, S: str, B_H_N: tuple[int, int], r, logw, k, v, a, b):
+    """S (B,H,N,N); r, logw, k, v, a, b (B, C) -> y (B, C), S'. S' = S*w + (S@a)@b + v@k, y = S'@r per
+    sequence and head (the two outer products as one rank-2 product, as the one-sequence step)."""
+    H, N = B_H_N
+    col, row = g.const([-1, H, N, 1]), g.const([-1, H, 1, N])
+    w = g.op("Reshape", g.op("Exp", logw), row)
+    b, k = g.op("Reshape", b, row), g.op("Reshape", k, row)                             # (B, H, 1, N)
+    a, v, r = g.op("Reshape", a, col), g.op("Reshape", v, col), g.op("Reshape", r, col)  # (B, H, N, 1)
+    sa = g.op("MatMul", S, a)
+    upd = g.op("MatMul", g.op("Concat", sa, v, axis=3), g.op("Concat", b, k, axis=2))   # (B, H, N, N)
+    S2 = g.op("Add", g.op("Mul", S, w), upd)
+    y = g.op("MatMul", S2, r)                                                           # (B, H, N, 1)
+    return g.op("Reshape", y, g.const([-1, H * N])), S2
+
+
+def emit_time_mix_v7_batched(g: Graph, att: ir.TimeMix, x: str, prev: str, S: str, v_first: str | None,
+                             cfg: ir.ModelConfig, i: int):
+    """RWKV-7's time-mix for B sequences of one token each: x, prev (B, C); S (B, H, N, N)."""
+    H, N, C = cfg.n_head, cfg.head_size, cfg.n_embd
+    p = f"blocks.{i}.att."
+    vec = att.vec
+    w32 = lambda name, arr: g.weight(p + name, arr, F32)  # noqa: E731
+    xx = g.op("Sub", prev, x)
+    xm = {m: g.op("Add", x, g.op("Mul", xx, g.weight(p + m, att.mix[m]))) for m in att.mix}   # the prefill's names
+    pr = v7_projections(g, att, xm, i)
+    r, k, v = (f32(g, pr[n]) for n in "rkv")
+    logw = g.op("Mul", g.op("Sigmoid", g.op("Add", f32(g, pr["w"]), w32("w0", vec["w0"]))), g.const(-DECAY_SCALE, F32))
+    iclr = g.op("Sigmoid", g.op("Add", w32("a0", vec["a0"]), f32(g, pr["a"])))
+    heads = g.const([-1, H, N])
+    kk = g.op("Reshape", g.op("Mul", k, w32("k_k", vec["k_k"])), heads)
+    kk = g.op("Div", kk, g.op("Max", g.op("ReduceL2", kk, g.const([-1]), keepdims=1), g.const(1e-12, F32)))
+    kk = g.op("Reshape", kk, g.const([-1, C]))
+    k = g.op("Mul", k, g.op("Add", w32("k_a_c", 1.0 - vec["k_a"]), g.op("Mul", iclr, w32("k_a", vec["k_a"]))))
+    if i == 0:
+        v_first = v
+    else:
+        vg = g.op("Sigmoid", g.op("Add", w32("v0", vec["v0"]), f32(g, pr["vg"])))
+        v = g.op("Add", v, g.op("Mul", g.op("Sub", v_first, v), vg))
+    y, S2 = wkv_step_batched(g, S, (H, N), r=r, logw=logw, k=k, v=v, a=g.op("Neg", kk), b=g.op("Mul", kk, iclr))
+    yh = g.op("LayerNormalization", g.op("Reshape", y, heads), g.const(np.ones(N), F32), g.const(np.zeros(N), F32),
+              axis=-1, epsilon=float(att.ln_x.eps))                                     # group norm (B, H, N)
+    y = g.op("Add", g.op("Mul", g.op("Reshape", yh, g.const([-1, C])), w32("ln_x.weight", att.ln_x.weight)),
+             w32("ln_x.bias", att.ln_x.bias))
+    rk = g.op("Reshape", g.op("Mul", g.op("Mul", r, k), w32("r_k", vec["r_k"])), heads)
+    bonus = g.op("Mul", g.op("ReduceSum", rk, g.const([-1]), keepdims=1), g.op("Reshape", v, heads))
+    y = to_compute(g, g.op("Add", y, g.op("Reshape", bonus, g.const([-1, C]))))
+    return linear(g, att.lin["output"], g.op("Mul", y, pr["g"])), S2, v_first
+
+
+def build_batch_step(model: ir.Model, store: WeightStore, policy: LoweringPolicy) -> onnx.ModelProto:
+    """The batched step graph (module docstring) over `store`, whose weights the prefill graph wrote."""
+    cfg = model.config
+    L, C, H, N, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size, cfg.vocab_size
+    g = Graph(store, store.dtype, policy)
+    # the prefill's choices for the products (so its initializers are shared, none is added)
+    g.fused, g.step = policy.fused and fused_supported(model, store.dtype), False
+    x = EMBEDDERS[model.emb.weight.kind](g, model, "tokens")                         # (B, C)
+    # shift (B, L, 2, C) -> 2L values (B, C): [att of layer 0, ffn of layer 0, att of layer 1, ...]
+    rows = g.op("Split", g.op("Reshape", "shift_in", g.const([-1, 2 * L, C])), axis=1, num_outputs=2 * L,
+                n_out=2 * L)
+    prev = [g.op("Reshape", r, g.const([-1, C])) for r in rows]
+    new_rows, v_first = [], None
+    for i, blk in enumerate(model.blocks):
+        xa = layer_norm(g, x, blk.ln1, f"blocks.{i}.ln1")
+        dx, S2, v_first = emit_time_mix_v7_batched(g, blk.att, xa, prev[2 * i], f"wkv_in.{i}", v_first, cfg, i)
+        g.rename(S2, f"wkv_out.{i}")
+        x = g.op("Add", x, dx)
+        xf = layer_norm(g, x, blk.ln2, f"blocks.{i}.ln2")
+        x = g.op("Add", x, emit_channel_mix_v7(g, blk.ffn, xf, prev[2 * i + 1], i, prefill=False))
+        new_rows += [xa, xf]
+    logits = linear(g, model.head, layer_norm(g, x, model.ln_out, "ln_out"))          # (B, V)
+    g.rename(logits, "logits")
+    unsq = [g.op("Reshape", r, g.const([-1, 1, C])) for r in new_rows]
+    g.nodes.append(helper.make_node("Reshape", [g.op("Concat", *unsq, axis=1), g.const([-1, L, 2, C])],
+                                    ["shift_out"]))
+    f = TensorProto.FLOAT
+    layer = ["B", H, N, N]
+    inputs = [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["B"]),
+              helper.make_tensor_value_info("shift_in", f, ["B", L, 2, C])]
+    inputs += [helper.make_tensor_value_info(f"wkv_in.{i}", f, layer) for i in range(L)]
+    outputs = [helper.make_tensor_value_info("logits", f, ["B", V]),
+               helper.make_tensor_value_info("shift_out", f, ["B", L, 2, C])]
+    outputs += [helper.make_tensor_value_info(f"wkv_out.{i}", f, layer) for i in range(L)]
+    graph = g.make("rwkv_batch_step", inputs, outputs)
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
+    if g.fused:
+        from rwkvc.abi import FUSED_DOMAIN
+        opsets.append(helper.make_opsetid(FUSED_DOMAIN, 1))
+    m = helper.make_model(graph, opset_imports=opsets, producer_name="rwkvc")
+    m.ir_version = 9
+    return m
+
+
+def emit_batch(model: ir.Model, store: WeightStore, policy: LoweringPolicy, out_dir: str) -> dict[str, str]:
+    """Write batch_step.onnx beside the other graphs where batch_supported; {entry point: file name}."""
+    import os
+    if not batch_supported(model, store.dtype):
+        return {}
+    fn = f"{BATCH_ENTRY}.onnx"
+    with open(os.path.join(out_dir, fn), "wb") as f:
+        f.write(build_batch_step(model, store, policy).SerializeToString())
+    return {BATCH_ENTRY: fn}
