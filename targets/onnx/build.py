@@ -177,6 +177,8 @@ def emit(model: ir.Model, out_dir: str, dtype=np.float32, policy: LoweringPolicy
             files[entry] = fn
             if progress:
                 progress(entry)
+        from .batch import emit_batch   # B sequences a step (a server's batched decode), where it lowers
+        files.update(emit_batch(model, store, policy, out_dir))
     finally:
         store.close()
     return files
