@@ -92,6 +92,11 @@ def check_finite(sd: dict) -> None:
 
 def load_model(path: str | os.PathLike, cluster_file: str | os.PathLike | None = None) -> ir.Model:
     """cluster_file: RWKV-Lite's vocabulary clusters (`*-cls.npy`) for a checkpoint with a hierarchical head."""
+    from .arch import hybrid
+    if hybrid.is_hybrid(path):   # a config.json names an RWKV-7 hybrid: the directory, or the file beside it
+        model = hybrid.load_model(path)
+        ir.verify(model)
+        return model
     sd = load_state_dict(path)
     return model_from_state_dict(sd, cluster_file=cluster_file)
 

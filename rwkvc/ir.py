@@ -65,6 +65,7 @@ class Norm:
     weight: np.ndarray
     bias: np.ndarray
     eps: float = 1e-5
+    rms: bool = False                 # RMSNorm (no centring; bias zero): the RWKV-7 hybrids' Qwen2 / Llama norms
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,6 +88,7 @@ class ChannelMix:
     mix: dict[str, np.ndarray]        # x_k (and x_r before v7)
     lin: dict[str, Linear]            # key (F, C), value (C, F) (and receptance (C, C) before v7)
     sparse: SparseFFN | None = None   # activation-sparsity predictors (RWKV-Lite), None = dense
+    bias: dict[str, np.ndarray] = field(default_factory=dict)  # per-matrix output biases (a hybrid's GPT MLP)
 
 
 @dataclass

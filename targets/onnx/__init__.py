@@ -16,11 +16,12 @@
 from __future__ import annotations
 
 from .build import CHANNEL_MIX_EMITTERS, FP16_VERSIONS, TIME_MIX_EMITTERS, emit, rescale_plan
+from .hybrid import GRAPH_BUILDERS
 from .kinds import LOWERED
 from .policy import LoweringPolicy
 from .v7_fused import FUSED_MAX_HEAD, fused_supported
 
-VERSIONS = frozenset(TIME_MIX_EMITTERS) & frozenset(CHANNEL_MIX_EMITTERS)   # the RWKV generations lowered
+VERSIONS = frozenset(TIME_MIX_EMITTERS) & frozenset(CHANNEL_MIX_EMITTERS) | frozenset(GRAPH_BUILDERS)   # lowered
 
 __all__ = ["FP16_VERSIONS", "FUSED_MAX_HEAD", "LOWERED", "VERSIONS", "LoweringPolicy", "emit", "fused_supported",
            "rescale_plan"]

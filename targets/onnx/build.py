@@ -30,6 +30,7 @@ from rwkvc import ir
 from rwkvc.abi import FUSED_DOMAIN, HEAD_MODE
 
 from .graph import F32, OPSET, Graph, WeightStore, f32, layer_norm, to_compute
+from .hybrid import GRAPH_BUILDERS
 from .kinds import EMBEDDERS, linear, rows_coupled
 from .policy import RESCALE_EVERY, LoweringPolicy
 from .rwkv456 import emit_channel_mix_rwkv, emit_time_mix_v4, emit_time_mix_v5, emit_time_mix_v6
@@ -64,6 +65,8 @@ def build_graph(model: ir.Model, store: WeightStore, prefill: bool, policy: Lowe
     """The step (prefill=False) or prefill graph under `policy`. policy.fused: rwkvc's own kernels
     (FUSED_DOMAIN) for the step's element-wise work (emit_block_v7_fused) and the prefill's WKV, where
     fused_supported."""
+    if model.config.version in GRAPH_BUILDERS:   # a family with its own layer layout (the RWKV-7 hybrids)
+        return GRAPH_BUILDERS[model.config.version](model, store, prefill, policy)
     cfg = model.config
     L, C, H, N, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size, cfg.vocab_size
     g = Graph(store, store.dtype, policy)

@@ -22,7 +22,7 @@ def fused_supported(model: ir.Model, dtype) -> bool:
     """rwkvc's fused kernels (the step's element-wise work, the prefill's WKV and mixes): RWKV-7 in float32,
     heads of at most FUSED_MAX_HEAD channels."""
     cfg = model.config
-    return cfg.version == "7" and np.dtype(dtype) == np.float32 and cfg.head_size <= FUSED_MAX_HEAD
+    return cfg.version in ("7", "7-hybrid") and np.dtype(dtype) == np.float32 and cfg.head_size <= FUSED_MAX_HEAD
 
 
 def emit_block_v7_fused(g: Graph, blk, x: str, dx: str, prev_att: str, prev_ffn: str, S: str, v_first: str | None,
