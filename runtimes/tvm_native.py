@@ -54,7 +54,7 @@ class TvmNativeRuntime:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err)
         hello = self._read(6 * 8)
         magic, L, C, H, N, V = struct.unpack("<6q", hello)
-        if magic != MAGIC or (L, 2, C) != self.shapes["shift"] or (L, H, N, N) != self.shapes["wkv"] or V != self.V:
+        if magic != MAGIC or (L, 2, C) != self.shapes["shift"] or (H, N) != (cfg.n_head, cfg.head_size) or V != self.V:
             self.close()
             raise RwkvcError(f"{self.path}: the native runner disagrees with the manifest about the model; "
                              "recompile the artifact")

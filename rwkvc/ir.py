@@ -30,8 +30,8 @@ from typing import Iterator
 
 import numpy as np
 
-from rwkvc.weights import (WEIGHT_KINDS, ClusteredHead, Dense, Factored, Int4, Int8, LazyEmbedding,  # noqa: F401
-                           LowRank, Scaled, SparseFFN, TwoFactors)
+from rwkvc.weights import (WEIGHT_KINDS, ClusteredHead, DeepEmbed, Dense, Factored, Int4, Int8,  # noqa: F401
+                           LazyEmbedding, LowRank, Scaled, SparseFFN, TwoFactors)
 
 
 @dataclass
@@ -88,6 +88,7 @@ class ChannelMix:
     mix: dict[str, np.ndarray]        # x_k (and x_r before v7)
     lin: dict[str, Linear]            # key (F, C), value (C, F) (and receptance (C, C) before v7)
     sparse: SparseFFN | None = None   # activation-sparsity predictors (RWKV-Lite), None = dense
+    deep: DeepEmbed | None = None     # RWKV-7a's per-token table and s0, s1, s2 (rwkvc.weights.deepembed)
     bias: dict[str, np.ndarray] = field(default_factory=dict)  # per-matrix output biases (a hybrid's GPT MLP)
 
 
@@ -181,6 +182,8 @@ class Model:
     def component_params(self) -> dict[str, tuple[int, int]]:
         """(parameter count, bytes as stored) per component: embedding, time-mix, channel-mix, head, other."""
         out = {k: [0, 0] for k in ("embedding", "time-mix", "channel-mix", "head", "norms")}
+        if any(blk.ffn.deep is not None for blk in self.blocks):
+            out["deep-embed"] = [0, 0]    # RWKV-7a's per-token tables (s_emb and s_emb_x as loaded)
 
         def add(comp, arrays):
             for a in arrays:
@@ -200,6 +203,9 @@ class Model:
                 add("channel-mix", lin.weight.arrays().values())
             if blk.ffn.sparse is not None:
                 add("channel-mix", blk.ffn.sparse.arrays().values())
+            if blk.ffn.deep is not None:
+                add("channel-mix", blk.ffn.deep.arrays().values())
+                add("deep-embed", blk.ffn.deep.table.arrays().values())
             add("norms", [blk.ln1.weight, blk.ln1.bias, blk.ln2.weight, blk.ln2.bias])
         add("norms", [self.ln_out.weight, self.ln_out.bias] + ([self.ln0.weight, self.ln0.bias] if self.ln0 else []))
         return {k: (v[0], v[1]) for k, v in out.items()}
@@ -220,6 +226,8 @@ class Model:
                 lines.append(f"      {k:<11} {lin.weight.describe()}")
             if blk.ffn.sparse is not None:
                 lines.append(f"      {blk.ffn.sparse.describe()}")
+            if blk.ffn.deep is not None:
+                lines.append(f"      {'deep':<11} {blk.ffn.deep.describe()}")
         lines.append(f"  ln_out, head: {self.head.weight.describe()}")
         if self.init_state is not None:
             lines.append("  init_state: tuned")
@@ -247,6 +255,14 @@ def verify(model: Model) -> None:
             raise ValueError(f"blocks.{i}.ffn key/value shapes {k.weight.shape}/{vv.weight.shape} disagree with F={F}, C={C}")
         if "receptance" in blk.ffn.lin and blk.ffn.lin["receptance"].weight.shape != (C, C):
             raise ValueError(f"blocks.{i}.ffn receptance shape {blk.ffn.lin['receptance'].weight.shape} != (C, C) = {(C, C)}")
+        de = blk.ffn.deep
+        if de is not None:
+            D = de.rank
+            if (de.s1.shape != (C, D) or de.s2.shape != (D, F) or de.s0.shape != (F,)
+                    or tuple(de.table.shape) != (V, D * D) or tuple(de.table.s_emb_x.shape) != (D * D, C)):
+                raise ValueError(f"blocks.{i} deep-embed shapes s0 {de.s0.shape}, s1 {de.s1.shape}, s2 {de.s2.shape}, "
+                                 f"table {tuple(de.table.shape)}, s_emb_x {tuple(de.table.s_emb_x.shape)} disagree "
+                                 f"with C={C}, F={F}, V={V}, D={D}")
         sp = blk.ffn.sparse
         if sp is not None:
             if sp.fc1 is not None and (sp.fc1.shape[1] != C or sp.fc2.shape[0] != F):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rwkvc import ir
 
 from .base import Capabilities
-from .tvm import TIME_MIX_LOWERINGS, WEIGHT_DTYPES, weight_kinds
+from .tvm import WEIGHT_DTYPES, versions, weight_kinds
 
 
 class TvmHostTarget:
@@ -18,7 +18,7 @@ class TvmHostTarget:
             # float16: matrices and embedding stored in fp16 (half the bytes and memory traffic),
             # widened to fp32 in registers; all arithmetic and the state stay fp32
             dtypes=WEIGHT_DTYPES,
-                            versions=frozenset(TIME_MIX_LOWERINGS), runtime="tvm-host",
+                            versions=versions(), runtime="tvm-host",
                             # 32 output columns x 4 rows per register tile suits AVX2/AVX-512
                             extras={"kernel": {"panel": 32, "rows": 4, "lanes": 8}})
 

@@ -29,6 +29,7 @@ from onnx import TensorProto, helper
 from rwkvc import ir
 from rwkvc.abi import FUSED_DOMAIN, HEAD_MODE
 
+from .deepembed import emit_channel_mix_v7a
 from .graph import F32, OPSET, Graph, WeightStore, f32, layer_norm, to_compute
 from .hybrid import GRAPH_BUILDERS
 from .kinds import EMBEDDERS, linear, rows_coupled
@@ -37,13 +38,15 @@ from .rwkv456 import emit_channel_mix_rwkv, emit_time_mix_v4, emit_time_mix_v5, 
 from .v7 import emit_channel_mix_v7, emit_time_mix_v7
 from .v7_fused import emit_block_v7_fused, fused_supported
 
-TIME_MIX_EMITTERS = {"7": emit_time_mix_v7, "6": emit_time_mix_v6, "5.2": emit_time_mix_v5, "5.1": emit_time_mix_v5,
+TIME_MIX_EMITTERS = {"7": emit_time_mix_v7, "7a": emit_time_mix_v7, "6": emit_time_mix_v6, "5.2": emit_time_mix_v5,
+                     "5.1": emit_time_mix_v5,
                      "5.0": emit_time_mix_v5, "4": emit_time_mix_v4}
-CHANNEL_MIX_EMITTERS = {"7": emit_channel_mix_v7, "6": emit_channel_mix_rwkv, "5.2": emit_channel_mix_rwkv,
+CHANNEL_MIX_EMITTERS = {"7": emit_channel_mix_v7, "7a": emit_channel_mix_v7a, "6": emit_channel_mix_rwkv,
+                        "5.2": emit_channel_mix_rwkv,
                         "5.1": emit_channel_mix_rwkv, "5.0": emit_channel_mix_rwkv, "4": emit_channel_mix_rwkv}
 
 
-RESCALE_VERSIONS = frozenset({"4", "5.0", "5.1", "5.2", "6", "7"})
+RESCALE_VERSIONS = frozenset({"4", "5.0", "5.1", "5.2", "6", "7", "7a"})
 
 
 def rescale_plan(cfg: ir.ModelConfig, dtype, every: int = RESCALE_EVERY) -> dict[str, float]:

@@ -27,7 +27,7 @@ from rwkvc import ir
 from rwkvc.errors import RwkvcError
 
 from ..base import Capabilities
-from ..tvm import TIME_MIX_LOWERINGS, WEIGHT_DTYPES, weight_kinds
+from ..tvm import WEIGHT_DTYPES, versions, weight_kinds
 
 RUNNER_DIR = Path(__file__).resolve().parent / "runner"
 RUNNER_SOURCES = ("rwkv_run.cc", "rwkv_model.h", "sampler.h", "world_tokenizer.h")
@@ -90,7 +90,7 @@ class Rpi5Target:
             # float16: matrices and embedding stored in fp16 (half the bytes and memory traffic),
             # widened to fp32 in registers; all arithmetic and the state stay fp32
             dtypes=WEIGHT_DTYPES,
-            versions=frozenset(TIME_MIX_LOWERINGS), runtime="tvm-native",
+            versions=versions(), runtime="tvm-native",
             extras={
                 # Cortex-A76: NEON (4 x f32 lanes), dot product and fp16 arithmetic (the last two are
                 # for the int8 / fp16 kernels; the fp32 kernels use NEON FMA)

@@ -11,12 +11,14 @@ TVM legalises and fuses.
     base.py            the TVM modules (imported on first use), dtype names, KernelShape (register tiling)
     params.py          Params (the VM's params order, weights.bin + params.json), the packed layouts
     kernels.py         TIR: packed-panel matrix products (float / int8 / n-bit codes), the activation
-                       quantiser, the WKV-7 recurrence
+                       quantiser, the WKV recurrences (v7; v5/v6; v4)
     sparse_kernels.py  TIR that reads only the rows it needs: the sparse FFN's, the clustered head's
     context.py         Ctx: the BlockBuilder, the kernel cache, the dense-path kernel calls
     kinds.py           the closed table IR weight kind -> lowering (matrices, row-read matrices, embedding)
     sparse_ffn.py      RWKV-Lite's sparse FFN: the predictors' mask, the used units' rows only
     v7.py              the RWKV-7 time-mix and channel-mix in Relax
+    rwkv456.py         RWKV-4, -5.x, -6 (RWKV-Lite's 5.2 layouts through the weight kinds and sparse_ffn)
+    mixers.py          the closed tables version -> time-mix / channel-mix lowering
     graph.py           the parameters in order, the per-layer functions, the step / prefill entry points
     build.py           check, build the module, compile with TVM, export the library and weights
 
@@ -40,7 +42,7 @@ from .base import WEIGHT_DTYPES, KernelShape, import_tvm
 from .build import build_module, check_lowerable, compile_model
 from .kinds import weight_kinds
 from .params import Params, pack_panels
-from .v7 import TIME_MIX_LOWERINGS
+from .mixers import CHANNEL_MIX_LOWERINGS, TIME_MIX_LOWERINGS, versions
 
-__all__ = ["TIME_MIX_LOWERINGS", "WEIGHT_DTYPES", "KernelShape", "Params", "build_module", "check_lowerable",
-           "compile_model", "import_tvm", "pack_panels", "weight_kinds"]
+__all__ = ["CHANNEL_MIX_LOWERINGS", "TIME_MIX_LOWERINGS", "WEIGHT_DTYPES", "KernelShape", "Params", "build_module", "check_lowerable",
+           "compile_model", "import_tvm", "pack_panels", "versions", "weight_kinds"]

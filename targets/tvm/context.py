@@ -8,7 +8,7 @@ from typing import Callable
 from rwkvc import ir
 
 from .base import F32, KernelShape, relax, te, tirx
-from .kernels import dense_kernel, int8_kernel, nbit_kernel, quantize_act_te, wkv7_kernel
+from .kernels import dense_kernel, int8_kernel, nbit_kernel, quantize_act_te, wkv4_kernel, wkv5_kernel, wkv7_kernel
 
 
 class Ctx:
@@ -101,3 +101,22 @@ class Ctx:
         S2 = self.emit(relax.TupleGetItem(out, 0))
         y = self.emit(relax.op.reshape(self.emit(relax.TupleGetItem(out, 1)), [T, H * N]))
         return y, S2
+
+    def wkv5(self, S, r, w, k, v):
+        """RWKV-5/6's recurrence (no bonus): r, w, k, v (T, C), S (H, N, N) -> y (T, C), S'."""
+        H, N = self.cfg.n_head, self.cfg.head_size
+        T = self.rows_of(r)
+        gv = self.kernel(("wkv5", H, N), lambda: wkv5_kernel(H, N, self.ks.lanes))
+        args = [self.emit(relax.op.reshape(a, [T, H, N])) for a in (r, w, k, v)]
+        out = self.emit(relax.call_tir(gv, args + [S], [relax.TensorType([H, N, N], F32),
+                                                         relax.TensorType([T, H, N], F32)]))
+        y = self.emit(relax.op.reshape(self.emit(relax.TupleGetItem(out, 1)), [T, H * N]))
+        return y, self.emit(relax.TupleGetItem(out, 0))
+
+    def wkv4(self, S, k, v, w, u):
+        """RWKV-4's recurrence: k, v (T, C), w, u (C,), S (3, C) -> y (T, C), S'."""
+        C, T = self.cfg.n_embd, self.rows_of(k)
+        gv = self.kernel(("wkv4", C), lambda: wkv4_kernel(C))
+        out = self.emit(relax.call_tir(gv, [k, v, w, u, S], [relax.TensorType([3, C], F32),
+                                                              relax.TensorType([T, C], F32)]))
+        return self.emit(relax.TupleGetItem(out, 1)), self.emit(relax.TupleGetItem(out, 0))

@@ -18,8 +18,9 @@ from .base import F32, KernelShape, relax, tirx
 from .context import Ctx
 from .kinds import EMBED_LOWERINGS, LINEAR_LOWERINGS, embed, linear, rep_signature
 from .params import Params
+from .mixers import CHANNEL_MIX_LOWERINGS, TIME_MIX_LOWERINGS, att_vectors, uses_v_first
 from .sparse_ffn import predictor_params, rows_params, selective_sparse
-from .v7 import CHANNEL_MIX_LOWERINGS, TIME_MIX_LOWERINGS, last_row, layer_norm
+from .v7 import last_row, layer_norm
 
 
 def collect_params(model: ir.Model, ks: KernelShape) -> Params:
@@ -43,10 +44,11 @@ def block_arrays(blk: ir.Block, ks: KernelShape) -> list[tuple[str, np.ndarray]]
     f32 = lambda n, a: (n, np.asarray(a, np.float32))  # noqa: E731
     out = [f32("ln1.weight", blk.ln1.weight), f32("ln1.bias", blk.ln1.bias)]
     out += [f32(f"att.{m}", v) for m, v in blk.att.mix.items()]
-    out += [f32(f"att.{m}", v) for m, v in blk.att.vec.items()]
+    out += [f32(f"att.{m}", v) for m, v in att_vectors(blk.att).items()]
     for m, lin in blk.att.lin.items():
         out += [(f"att.{m}.{s}", a) for s, a in LINEAR_LOWERINGS[lin.kind].params(lin, ks).items()]
-    out += [f32("att.ln_x.weight", blk.att.ln_x.weight), f32("att.ln_x.bias", blk.att.ln_x.bias)]
+    if blk.att.ln_x is not None:
+        out += [f32("att.ln_x.weight", blk.att.ln_x.weight), f32("att.ln_x.bias", blk.att.ln_x.bias)]
     out += [f32("ln2.weight", blk.ln2.weight), f32("ln2.bias", blk.ln2.bias)]
     out += [f32(f"ffn.{m}", v) for m, v in blk.ffn.mix.items()]
     if selective_sparse(blk.ffn):
@@ -71,16 +73,18 @@ def block_signature(blk: ir.Block) -> tuple:
 
 def emit_block(ctx: Ctx, blk: ir.Block, arrays: list[tuple[str, np.ndarray]], first: bool, prefill: bool, name: str):
     """A private Relax function for one layer:
-        (x (T,C), prev (2,C), S (H,N,N), [v_first (T,C)], *weights) -> (x', prev', S', [v_first])"""
+        (x (T,C), prev (2,C), S (the layer's wkv state), [v_first (T,C)], *weights) -> (x', prev', S', [v_first])
+    v_first (RWKV-7): made by layer 0 (an output), taken by the others (an input)."""
     cfg = ctx.cfg
-    C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
+    C = cfg.n_embd
     T = 1 if not prefill else tirx.Var("T", "int64")
     x = relax.Var("x", relax.TensorType([T, C], F32))
     prev = relax.Var("prev", relax.TensorType([2, C], F32))
-    S = relax.Var("S", relax.TensorType([H, N, N], F32))
-    vf = None if first else relax.Var("v_first", relax.TensorType([T, C], F32))
+    S = relax.Var("S", relax.TensorType(list(cfg.state_shapes()["wkv"][1:]), F32))
+    vfirst = uses_v_first(blk.att.version)
+    vf = relax.Var("v_first", relax.TensorType([T, C], F32)) if vfirst and not first else None
     wvars = [relax.Var(rel.replace(".", "_"), relax.TensorType(list(a.shape), str(a.dtype))) for rel, a in arrays]
-    args = [x, prev, S] + ([] if first else [vf]) + wvars
+    args = [x, prev, S] + ([vf] if vf is not None else []) + wvars
     bb, op = ctx.bb, relax.op
     with bb.function(name, args, private=True):
         ctx.W = {rel: v for (rel, _), v in zip(arrays, wvars)}
@@ -95,7 +99,7 @@ def emit_block(ctx: Ctx, blk: ir.Block, arrays: list[tuple[str, np.ndarray]], fi
             xf = layer_norm(ctx, x2, W["ln2.weight"], W["ln2.bias"], blk.ln2.eps)
             x3 = ctx.emit(op.add(x2, CHANNEL_MIX_LOWERINGS[blk.ffn.version](ctx, blk.ffn, xf, p_ffn, prefill)))
             prev2 = ctx.emit(op.concat([last_row(ctx, xa, prefill), last_row(ctx, xf, prefill)], axis=0))
-            outs = [x3, prev2, S2] + ([vf2] if first else [])
+            outs = [x3, prev2, S2] + ([vf2] if vfirst and first else [])
             res = bb.emit_output(relax.Tuple(outs))
         gv = bb.emit_func_output(res)
     ctx.W = {}
@@ -105,11 +109,12 @@ def emit_block(ctx: Ctx, blk: ir.Block, arrays: list[tuple[str, np.ndarray]], fi
 def emit_entry(ctx: Ctx, model: ir.Model, P: Params, prefill: bool):
     """The `step` (prefill False) or `prefill` entry point: embedding, the layers' functions, ln_out, head."""
     cfg = ctx.cfg
-    L, C, H, N, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size, cfg.vocab_size
+    L, C, V = cfg.n_layer, cfg.n_embd, cfg.vocab_size
+    S_shape = list(cfg.state_shapes()["wkv"][1:])                   # one layer's: (H, N, N), v4 (3, C)
     T = 1 if not prefill else tirx.Var("T", "int64")
     tokens = relax.Var("tokens", relax.TensorType([T], "int64"))
     shift = relax.Var("shift", relax.TensorType([L, 2, C], F32))
-    wkv = relax.Var("wkv", relax.TensorType([L, H, N, N], F32))
+    wkv = relax.Var("wkv", relax.TensorType([L] + S_shape, F32))
     params = relax.Var("params", relax.TupleType([relax.TensorType(list(P.arrays[n].shape), str(P.arrays[n].dtype))
                                                    for n in P.names]))
 
@@ -118,10 +123,11 @@ def emit_entry(ctx: Ctx, model: ir.Model, P: Params, prefill: bool):
     per_layer = []
     for i, blk in enumerate(model.blocks):
         arrays = P.group(f"blocks.{i}.")
-        sig = (i == 0, tuple((rel, a.shape, str(a.dtype)) for rel, a in arrays), block_signature(blk))
+        first = i == 0 and uses_v_first(blk.att.version)    # layer 0 differs only where it makes v_first
+        sig = (first, tuple((rel, a.shape, str(a.dtype)) for rel, a in arrays), block_signature(blk))
         if sig not in block_fns:
-            nm = f"{'prefill' if prefill else 'step'}_block{'_first' if i == 0 else ''}_{len(block_fns)}"
-            block_fns[sig] = emit_block(ctx, blk, arrays, i == 0, prefill, nm)
+            nm = f"{'prefill' if prefill else 'step'}_block{'_first' if first else ''}_{len(block_fns)}"
+            block_fns[sig] = emit_block(ctx, blk, arrays, first, prefill, nm)
         per_layer.append((block_fns[sig], [P.index(f"blocks.{i}.{rel}") for rel, _ in arrays]))
 
     bb, op = ctx.bb, relax.op
@@ -134,13 +140,13 @@ def emit_entry(ctx: Ctx, model: ir.Model, P: Params, prefill: bool):
             v_first, shifts, wkvs = None, [], []
             for i, (gv, idx) in enumerate(per_layer):
                 prev = ctx.emit(op.reshape(op.strided_slice(shift, axes=[0], begin=[i], end=[i + 1]), [2, C]))
-                S = ctx.emit(op.reshape(op.strided_slice(wkv, axes=[0], begin=[i], end=[i + 1]), [H, N, N]))
+                S = ctx.emit(op.reshape(op.strided_slice(wkv, axes=[0], begin=[i], end=[i + 1]), S_shape))
                 ws = [ctx.emit(relax.TupleGetItem(params, j)) for j in idx]
-                out = ctx.emit(relax.Call(gv, [x, prev, S] + ([] if i == 0 else [v_first]) + ws))
+                out = ctx.emit(relax.Call(gv, [x, prev, S] + ([] if v_first is None else [v_first]) + ws))
                 x = ctx.emit(relax.TupleGetItem(out, 0))
                 shifts.append(ctx.emit(op.reshape(relax.TupleGetItem(out, 1), [1, 2, C])))
-                wkvs.append(ctx.emit(op.reshape(relax.TupleGetItem(out, 2), [1, H, N, N])))
-                if i == 0:
+                wkvs.append(ctx.emit(op.reshape(relax.TupleGetItem(out, 2), [1] + S_shape)))
+                if i == 0 and uses_v_first(model.blocks[0].att.version):
                     v_first = ctx.emit(relax.TupleGetItem(out, 3))
             xl = last_row(ctx, x, prefill)
             xl = layer_norm(ctx, xl, get("ln_out.weight"), get("ln_out.bias"), model.ln_out.eps)

@@ -1,5 +1,6 @@
 """The TIR kernels of the dense path: the packed-panel matrix products (float, int8, n-bit codes), the
-activation quantiser (ONNX's DynamicQuantizeLinear), and the RWKV-7 WKV recurrence. Each is built once
+activation quantiser (ONNX's DynamicQuantizeLinear), and the WKV recurrences (RWKV-7's, RWKV-5/6's, RWKV-4's).
+Each is built once
 per shape, scheduled here, and marked opaque so that Relax's fusion leaves it alone."""
 from __future__ import annotations
 
@@ -212,3 +213,96 @@ def wkv7_kernel(H: int, N: int, lanes: int):
                     y[t, h, i] = dot[0]
 
     return finish(wkv7, f"wkv7_h{H}_n{N}")
+
+
+def wkv5_kernel(H: int, N: int, lanes: int):
+    """The RWKV-5/6 recurrence over T tokens without the bonus, heads in parallel (i: value, j: key index):
+
+        y_t[i] = S[i,:] . r_t            S[i,j] = S[i,j] w_t[j] + v_t[i] k_t[j]
+
+    r, k, v, w: (T, H, N) (RWKV-5's constant decay broadcast over T by the caller); S_in (H, N, N) ->
+    S_out (H, N, N), y (T, H, N). One pass over S[i,:] per token does the dot product, then the update.
+    """
+    from tvm.script import tirx as T
+    VL = lanes if N % lanes == 0 else 1
+    NJ = N // VL
+
+    @T.prim_func(private=True)
+    def wkv5(r_h: T.handle, w_h: T.handle, k_h: T.handle, v_h: T.handle, s_h: T.handle, so_h: T.handle,
+             y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        n = T.int64()
+        r = T.match_buffer(r_h, (n, H, N), "float32")
+        w = T.match_buffer(w_h, (n, H, N), "float32")
+        k = T.match_buffer(k_h, (n, H, N), "float32")
+        v = T.match_buffer(v_h, (n, H, N), "float32")
+        S0 = T.match_buffer(s_h, (H, N, N), "float32")
+        S = T.match_buffer(so_h, (H, N, N), "float32")
+        y = T.match_buffer(y_h, (n, H, N), "float32")
+        for h in T.parallel(H):
+            acc = T.decl_buffer((VL,), "float32", scope="local")
+            dot = T.decl_buffer((1,), "float32", scope="local")
+            for i in range(N):
+                for j in T.vectorized(N):
+                    S[h, i, j] = S0[h, i, j]
+            for t in range(n):
+                for i in range(N):
+                    for l in T.vectorized(VL):
+                        acc[l] = T.float32(0)
+                    for jo in range(NJ):
+                        for l in T.vectorized(VL):
+                            acc[l] = acc[l] + S[h, i, jo * VL + l] * r[t, h, jo * VL + l]
+                    dot[0] = T.float32(0)
+                    for l in range(VL):
+                        dot[0] = dot[0] + acc[l]
+                    y[t, h, i] = dot[0]
+                    for j in T.vectorized(N):
+                        S[h, i, j] = S[h, i, j] * w[t, h, j] + v[t, h, i] * k[t, h, j]
+
+    return finish(wkv5, f"wkv5_h{H}_n{N}")
+
+
+def wkv4_kernel(C: int):
+    """RWKV-4's numerically stable recurrence over T tokens, channels in parallel. S = (aa, bb, pp) (3, C):
+    the running sums of e^k v and of e^k, both scaled by e^-pp. w = -exp(time_decay), u = time_first (C,):
+
+        q = max(pp, u + k);  y = (e^(pp-q) aa + e^(u+k-q) v) / (e^(pp-q) bb + e^(u+k-q))
+        q = max(pp + w, k);  aa = e^(pp+w-q) aa + e^(k-q) v;  bb = e^(pp+w-q) bb + e^(k-q);  pp = q
+
+    k, v (T, C), w, u (C,), S_in (3, C) -> S_out (3, C), y (T, C)."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(private=True)
+    def wkv4(k_h: T.handle, v_h: T.handle, w_h: T.handle, u_h: T.handle, s_h: T.handle, so_h: T.handle,
+             y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        n = T.int64()
+        k = T.match_buffer(k_h, (n, C), "float32")
+        v = T.match_buffer(v_h, (n, C), "float32")
+        w = T.match_buffer(w_h, (C,), "float32")
+        u = T.match_buffer(u_h, (C,), "float32")
+        S0 = T.match_buffer(s_h, (3, C), "float32")
+        S = T.match_buffer(so_h, (3, C), "float32")
+        y = T.match_buffer(y_h, (n, C), "float32")
+        for c in T.parallel(C):
+            st = T.decl_buffer((3,), "float32", scope="local")     # aa, bb, pp
+            e = T.decl_buffer((3,), "float32", scope="local")      # q, e1, e2
+            st[0] = S0[0, c]
+            st[1] = S0[1, c]
+            st[2] = S0[2, c]
+            for t in range(n):
+                e[0] = T.max(st[2], u[c] + k[t, c])
+                e[1] = T.exp(st[2] - e[0])
+                e[2] = T.exp(u[c] + k[t, c] - e[0])
+                y[t, c] = (e[1] * st[0] + e[2] * v[t, c]) / (e[1] * st[1] + e[2])
+                e[0] = T.max(st[2] + w[c], k[t, c])
+                e[1] = T.exp(st[2] + w[c] - e[0])
+                e[2] = T.exp(k[t, c] - e[0])
+                st[0] = e[1] * st[0] + e[2] * v[t, c]
+                st[1] = e[1] * st[1] + e[2]
+                st[2] = e[0]
+            S[0, c] = st[0]
+            S[1, c] = st[1]
+            S[2, c] = st[2]
+
+    return finish(wkv4, f"wkv4_c{C}")

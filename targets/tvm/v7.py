@@ -88,6 +88,12 @@ def time_mix_v7(ctx: Ctx, att: ir.TimeMix, x, prev, S, v_first, first: bool, pre
 def channel_mix_v7(ctx: Ctx, ffn: ir.ChannelMix, x, prev, prefill: bool):
     W, op, em = ctx.W, relax.op, ctx.emit
     xk = em(op.add(x, op.multiply(op.subtract(shifted(ctx, x, prev, prefill), x), W["ffn.x_k"])))
+    return relu2_ffn(ctx, ffn, xk)
+
+
+def relu2_ffn(ctx: Ctx, ffn: ir.ChannelMix, xk):
+    """value(relu(key xk)^2), (T, C): dense, or RWKV-Lite's sparse FFN (every version's channel-mix core)."""
+    op, em = relax.op, ctx.emit
     if selective_sparse(ffn):
         return sparse_ffn_selective(ctx, ffn, xk, sparse_ffn_mask(ctx, ffn.sparse, xk, ffn.lin["key"].out_features))
     k = em(op.nn.relu(linear(ctx, "ffn.key", ffn.lin["key"], xk)))
@@ -98,6 +104,3 @@ def channel_mix_v7(ctx: Ctx, ffn: ir.ChannelMix, x, prev, prefill: bool):
         h = em(op.multiply(h, sparse_ffn_mask(ctx, ffn.sparse, xk, ffn.lin["key"].out_features)))
     return linear(ctx, "ffn.value", ffn.lin["value"], h)
 
-
-TIME_MIX_LOWERINGS = {"7": time_mix_v7}
-CHANNEL_MIX_LOWERINGS = {"7": channel_mix_v7}

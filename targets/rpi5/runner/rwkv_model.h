@@ -15,6 +15,7 @@
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
 
+#include <algorithm>
 #include <cstring>
 #include <fstream>
 #include <optional>
@@ -53,13 +54,14 @@ inline ffi::Tensor Borrow(void* ptr, std::vector<int64_t> shape, DLDataType dtyp
 }
 
 struct State {
-  std::vector<float> shift, wkv;  // (L, 2, C), (L, H, N, N)
+  std::vector<float> shift, wkv;  // (L, 2, C), (L, H, N, N) (RWKV-4: (L, 3, C), aa / bb / pp per channel)
 };
 
 class Model {
  public:
   int64_t L = 0, C = 0, H = 0, N = 0, V = 0;
-  std::string dir, vocab_file;
+  std::string dir, vocab_file, version;
+  std::vector<int64_t> wkv_shape;  // the wkv state's shape (ModelConfig.state_shapes)
 
   // prefill_chunk: as the Python runtimes (1024): int8 matrices quantise their input per call, so the
   // chunking is part of the numbers
@@ -72,6 +74,8 @@ class Model {
     N = JsonAt(cfg, "head_size").cast<int64_t>();
     V = JsonAt(cfg, "vocab_size").cast<int64_t>();
     H = C / N;
+    version = std::string(JsonAt(cfg, "version").cast<ffi::String>());
+    wkv_shape = version == "4" ? std::vector<int64_t>{L, 3, C} : std::vector<int64_t>{L, H, N, N};
     vocab_file = dir + "/" + std::string(JsonAt(JsonAt(m, "tokenizer").cast<ffi::json::Object>(), "file").cast<ffi::String>());
     std::string lib_path = dir + "/" + std::string(JsonAt(m, "library").cast<ffi::String>());
     std::string index_path = dir + "/" + std::string(JsonAt(m, "params").cast<ffi::String>());
@@ -90,7 +94,15 @@ class Model {
     if (map_) munmap(map_, map_len_);
   }
 
-  State ZeroState() const { return State{std::vector<float>(L * 2 * C, 0.f), std::vector<float>(L * H * N * N, 0.f)}; }
+  // zeros; RWKV-4's running maximum exponent pp starts at -1e38 (as ir.State.zeros)
+  State ZeroState() const {
+    int64_t n = 1;
+    for (int64_t d : wkv_shape) n *= d;
+    State st{std::vector<float>(L * 2 * C, 0.f), std::vector<float>(n, 0.f)};
+    if (version == "4")
+      for (int64_t l = 0; l < L; ++l) std::fill_n(st.wkv.begin() + (l * 3 + 2) * C, C, -1e38f);
+    return st;
+  }
 
   // run tokens through the model, updating st; returns the logits of the last token (V floats)
   std::vector<float> Forward(const std::vector<int64_t>& tokens, State& st) {
@@ -157,7 +169,7 @@ class Model {
   std::vector<float> Run(const ffi::Function& fn, std::vector<int64_t>& tokens, State& st) {
     ffi::Tensor tok = Borrow(tokens.data(), {static_cast<int64_t>(tokens.size())}, DLDataType{kDLInt, 64, 1});
     ffi::Tensor sh = Borrow(st.shift.data(), {L, 2, C}, F32());
-    ffi::Tensor wk = Borrow(st.wkv.data(), {L, H, N, N}, F32());
+    ffi::Tensor wk = Borrow(st.wkv.data(), wkv_shape, F32());
     ffi::Array<ffi::Any> out = fn(tok, sh, wk, params_).cast<ffi::Array<ffi::Any>>();
     auto copy = [](const ffi::Any& a, float* dst, size_t n) {
       ffi::Tensor t = a.cast<ffi::Tensor>();

@@ -5,7 +5,7 @@
 //                                                         step per token, every token's logits), float32
 //   ./run --encode TEXT | --decode 1,2,3                  the tokenizer alone
 //   ./run --serve                                         binary forward() protocol on stdin/stdout
-//   --state-in FILE / --state-out FILE                    raw float32 state: shift (L,2,C) then wkv (L,H,N,N)
+//   --state-in FILE / --state-out FILE                    raw float32 state: shift (L,2,C) then wkv (L,H,N,N; v4 L,3,C)
 //
 // Without --state-in, a run starts from the artifact's initial state: zeros, or the tuned state compiled
 // in with `rwkvc compile --state` (manifest "init_state_raw", the same raw float32 layout).
