@@ -7,29 +7,31 @@ from pathlib import Path
 import numpy as np
 
 from rwkvc import ir
-from rwkvc.abi import DENSE_EMBEDDING, HEAD_MODE
+from rwkvc.abi import DENSE_EMBEDDING, HEAD_MODE, resident  # noqa: F401  (DENSE_EMBEDDING: tests read held[...])
 from rwkvc.errors import RwkvcError
 
 from . import hugepages
 
 
 def _dense_embedding(graph_path: Path) -> dict[str, np.ndarray]:
-    """{name: array} of the dense embedding table of a graph whose weights are external, read into memory."""
+    """{name: array} of the tables the runtime holds in memory (rwkvc.abi.resident: the dense embedding, RWKV-7a's
+    dense DeepEmbed tables) of a graph whose weights are external, read into memory."""
     import onnx
     from onnx import helper
     m = onnx.load(str(graph_path), load_external_data=False)
+    held = {}
     for t in m.graph.initializer:
-        if t.name == DENSE_EMBEDDING and t.data_location == onnx.TensorProto.EXTERNAL:
+        if resident(t.name) and t.data_location == onnx.TensorProto.EXTERNAL:
             ext = {e.key: e.value for e in t.external_data}
             dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
             count = int(np.prod(t.dims))
             arr = np.fromfile(graph_path.parent / ext["location"], dtype=dtype, count=count,
                               offset=int(ext.get("offset", 0)))
             if arr.size != count:
-                raise RwkvcError(f"{graph_path.parent / ext['location']}: truncated (the embedding table "
+                raise RwkvcError(f"{graph_path.parent / ext['location']}: truncated (the table {t.name} "
                                  "ends past the end of the file); recompile the artifact")
-            return {t.name: arr.reshape(tuple(t.dims))}
-    return {}
+            held[t.name] = arr.reshape(tuple(t.dims))
+    return held
 
 
 def _run_bound(sess, inputs: list, outputs: list) -> None:

@@ -26,3 +26,10 @@ FUSED_ROW_INPUTS = {("Rwkv7ClusteredHeadTop", 2), ("Rwkv7ClusteredHeadTop", 3), 
                     ("Rwkv7ClusteredHeadF32", 2), ("Rwkv7ClusteredHeadF32", 5)}
 
 DENSE_EMBEDDING = "emb.folded"   # the dense table's initializer (the runtime holds it in memory)
+DEEP_EMBED_DENSE = ".ffn.s_emb.merged"   # suffix of a layer's dense RWKV-7a DeepEmbed table (held in memory too)
+
+
+def resident(name: str) -> bool:
+    """Whether the runtime reads this gathered table into memory: the dense embedding and dense DeepEmbed
+    tables (a memory-mapped table costs a page fault per new row)."""
+    return name == DENSE_EMBEDDING or name.endswith(DEEP_EMBED_DENSE)

@@ -29,7 +29,7 @@ def weight_traffic(path) -> dict:
 
     import onnx
     from .artifact import read_manifest
-    from .abi import DENSE_EMBEDDING, FUSED_ROW_INPUTS
+    from .abi import FUSED_ROW_INPUTS, resident
     d = Path(path)
     man = read_manifest(d)
     if "step" not in man.get("entry_points", {}) or not str(man["entry_points"]["step"]).endswith(".onnx"):
@@ -61,7 +61,7 @@ def weight_traffic(path) -> dict:
             read += n
             parts[part] += n
             continue
-        if name == DENSE_EMBEDDING:                       # held in memory by the runtime; one row a token
+        if resident(name):                                # held in memory by the runtime; one row a token
             resident += n
         else:
             gathered_total += n

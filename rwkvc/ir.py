@@ -88,8 +88,8 @@ class ChannelMix:
     mix: dict[str, np.ndarray]        # x_k (and x_r before v7)
     lin: dict[str, Linear]            # key (F, C), value (C, F) (and receptance (C, C) before v7)
     sparse: SparseFFN | None = None   # activation-sparsity predictors (RWKV-Lite), None = dense
-    deep: DeepEmbed | None = None     # RWKV-7a's per-token table and s0, s1, s2 (rwkvc.weights.deepembed)
     bias: dict[str, np.ndarray] = field(default_factory=dict)  # per-matrix output biases (a hybrid's GPT MLP)
+    deep: DeepEmbed | None = None     # RWKV-7a's per-token table and s0, s1, s2 (rwkvc.weights.deepembed)
 
 
 @dataclass

@@ -9,9 +9,11 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def random_v7_state_dict(n_layer=2, n_embd=128, head_size=64, vocab_size=1000, ffn_dim=None,
-                         dims=None, dtype="fp32", seed=0, scale=1.0) -> dict:
+                         dims=None, dtype="fp32", seed=0, scale=1.0, deep_embed=0) -> dict:
+    """deep_embed = D > 0: an RWKV-7a (DeepEmbed) checkpoint, tables (V, D*D)."""
     from rwkvc.reference.v7 import RWKV7, V7Config
     d = V7Config.default_dims(n_embd)
+    d["deep_embed"] = deep_embed
     if ffn_dim:
         d["ffn_dim"] = ffn_dim
     for k, v in (dims or {}).items():
@@ -176,8 +178,10 @@ def run_official(path: str, tokens: list[int], chunks: list[list[int]] = ()) -> 
     return run_official_many([(path, tokens, chunks)])[0]
 
 
-def run_official_many(jobs) -> list[dict]:
-    """`run_official` for several (path, tokens, chunks) jobs in one subprocess (one torch import)."""
+def run_official_many(jobs, env_extra: dict | None = None) -> list[dict]:
+    """`run_official` for several (path, tokens, chunks) jobs in one subprocess (one torch import).
+    env_extra: variables the package reads at import, e.g. {"RWKV_V7_ON": "1", "RWKV_DE_VERSION": "1"} for
+    RWKV-7a (DeepEmbed) checkpoints."""
     import json
     import subprocess
     import sys
@@ -185,7 +189,8 @@ def run_official_many(jobs) -> list[dict]:
 
     import numpy as np
     env = {k: v for k, v in os.environ.items() if k != "RWKV_V7_ON"}
-    env.update(RWKV_JIT_ON="0", RWKV_CUDA_ON="0")
+    env.pop("RWKV_DE_VERSION", None)
+    env.update(RWKV_JIT_ON="0", RWKV_CUDA_ON="0", **(env_extra or {}))
     with tempfile.TemporaryDirectory() as d:
         spec = [[str(p), list(map(int, t)), [list(c) for c in ch], os.path.join(d, f"out{j}.npz")]
                 for j, (p, t, ch) in enumerate(jobs)]

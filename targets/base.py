@@ -29,6 +29,7 @@ class Capabilities:
         if dtype not in self.dtypes:
             return f"target '{target}' computes in {', '.join(self.dtypes)}, not {dtype}"
         kinds = {lin.kind for lin in model.linears()} | {model.emb.weight.kind}
+        kinds |= {blk.ffn.deep.table.kind for blk in model.blocks if getattr(blk.ffn, "deep", None) is not None}
         missing = sorted(kinds - self.weight_kinds)
         if missing:
             return (f"target '{target}' has no kernel for weight representation(s) {', '.join(missing)} "

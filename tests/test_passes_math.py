@@ -246,8 +246,10 @@ def test_weight_kinds_are_one_closed_table_the_onnx_lowering_covers():
     from rwkvc.targets import get_target
     from rwkvc.targets.onnx import kinds
     from rwkvc.weights import WEIGHT_KINDS
-    assert set(WEIGHT_KINDS) == {"dense", "lowrank", "int8", "int4", "factored", "scaled", "clustered", "lazy"}
+    assert set(WEIGHT_KINDS) == {"dense", "lowrank", "int8", "int4", "factored", "scaled", "clustered", "lazy",
+                                 "deepembed", "deepembed-lazy"}
     assert all(cls.kind == k and cls.__module__.startswith("rwkvc.weights.") for k, cls in WEIGHT_KINDS.items())
-    assert set(kinds.LINEAR) == set(WEIGHT_KINDS) - {"lazy"} and set(kinds.EMBEDDERS) == {"dense", "lazy"}
+    assert set(kinds.LINEAR) == set(WEIGHT_KINDS) - {"lazy", "deepembed", "deepembed-lazy"}
+    assert set(kinds.EMBEDDERS) == {"dense", "lazy"} and set(kinds.DEEP_TABLES) == {"deepembed", "deepembed-lazy"}
     assert kinds.LOWERED == set(WEIGHT_KINDS)
     assert get_target("cpu").capabilities.weight_kinds == get_target("cuda").capabilities.weight_kinds == kinds.LOWERED

@@ -16,7 +16,8 @@ class V7:
     name = "7"
 
     def detect(self, sd) -> bool:
-        return "blocks.0.att.k_k" in sd or "blocks.0.att.r_k" in sd
+        from .v7a import is_deep   # RWKV-7a (DeepEmbed) checkpoints are rwkvc.arch.v7a's
+        return ("blocks.0.att.k_k" in sd or "blocks.0.att.r_k" in sd) and not is_deep(sd)
 
     def marker(self, sd) -> str:
         return "blocks.0.att.k_k" if "blocks.0.att.k_k" in sd else "blocks.0.att.r_k"

@@ -6,7 +6,12 @@ so `model.load_state_dict(torch.load(ckpt))` and `model.state_dict()` round-trip
 
 Dimensions (named once, used everywhere):
     B batch, T time, C channels (n_embd), H heads, N head size (C = H*N), F FFN width, V vocabulary,
-    L layers, Dw/Da/Dv/Dg the low-rank widths of the decay / in-context-lr / value-residual / gate LoRAs.
+    L layers, Dw/Da/Dv/Dg the low-rank widths of the decay / in-context-lr / value-residual / gate LoRAs,
+    D the side of RWKV-7a's DeepEmbed matrices (a table row holds a D x D matrix; 32 in released models).
+
+RWKV-7a ("DeepEmbed", V7Config.deep_embed = D > 0): every channel-mix also scales its hidden units per token
+by a D x D matrix read from a per-token table (ChannelMix's docstring); the official package runs these
+checkpoints with RWKV_DE_VERSION=1.
 
 State per layer (the RNN's whole memory):
     shift: (2, B, C)    the previous token's normalised input to time-mix [0] and channel-mix [1]
@@ -39,12 +44,15 @@ class V7Config:
     dim_a: int
     dim_v: int
     dim_g: int
+    deep_embed: int = 0      # RWKV-7a: D, the side of the DeepEmbed matrices (0: plain RWKV-7)
 
     def __post_init__(self):
         for f in ("n_layer", "n_embd", "head_size", "vocab_size", "ffn_dim", "dim_w", "dim_a", "dim_v", "dim_g"):
             v = getattr(self, f)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"V7Config.{f} must be a positive int, got {v!r}")
+        if not isinstance(self.deep_embed, int) or self.deep_embed < 0:
+            raise ValueError(f"V7Config.deep_embed must be an int >= 0, got {self.deep_embed!r}")
         if self.n_embd % self.head_size:
             raise ValueError(f"V7Config.n_embd ({self.n_embd}) must be a multiple of head_size ({self.head_size})")
 
@@ -201,16 +209,36 @@ class TimeMix(nn.Module):
 
 
 class ChannelMix(nn.Module):
+    """relu(K xk)^2 -> V. RWKV-7a (cfg.deep_embed = D > 0) scales the hidden units per token:
+
+        row = s_emb[token] + x0 @ s_emb_x^T       (D*D,)   x0 = ln0(emb[token]), the first layer's input
+        h   = h * ((x @ s1) @ row.view(D, D) @ s2 + s0)    x = this channel-mix's input (ln2's output)
+    """
+
     def __init__(self, cfg: V7Config):
         super().__init__()
-        self.x_k = nn.Parameter(torch.zeros(1, 1, cfg.n_embd))
-        self.key = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=False)
-        self.value = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=False)
+        C, F, D = cfg.n_embd, cfg.ffn_dim, cfg.deep_embed
+        self.x_k = nn.Parameter(torch.zeros(1, 1, C))
+        self.key = nn.Linear(C, F, bias=False)
+        self.value = nn.Linear(F, C, bias=False)
+        if D:
+            self.s_emb = nn.Embedding(cfg.vocab_size, D * D)
+            self.s_emb_x = nn.Linear(C, D * D, bias=False)
+            self.s0 = nn.Parameter(torch.zeros(1, 1, F))
+            self.s1 = nn.Parameter(torch.zeros(C, D))
+            self.s2 = nn.Parameter(torch.zeros(D, F))
 
-    def forward(self, x, shift):
-        """x: (B, T, C), shift: (B, C) -> (B, T, C), new shift (B, C)."""
+    def forward(self, x, shift, idx=None, x0=None):
+        """x: (B, T, C), shift: (B, C) -> (B, T, C), new shift (B, C).
+        RWKV-7a also takes the tokens idx (B, T) and x0 (B, T, C), their ln0-normalised embeddings."""
         k = x + (token_shift(x, shift) - x) * self.x_k
         k = torch.relu(self.key(k)) ** 2                                          # (B, T, F)
+        if hasattr(self, "s_emb"):
+            B, T, C = x.shape
+            D = self.s1.shape[1]
+            row = (self.s_emb(idx) + self.s_emb_x(x0)).view(B, T, D, D)           # (B, T, D, D)
+            ss = ((x @ self.s1).unsqueeze(-2) @ row).squeeze(-2)                  # (B, T, D)
+            k = k * (ss @ self.s2 + self.s0)                                      # (B, T, F)
         return self.value(k), x[:, -1]
 
 
@@ -245,12 +273,12 @@ class RWKV7(nn.Module):
         if state is None:
             state = State.zeros(self.cfg, B, dtype=self.emb.weight.dtype, device=idx.device)
         shifts, wkvs = [], []
-        x = self.blocks[0].ln0(self.emb(idx))                                     # (B, T, C)
+        x = x0 = self.blocks[0].ln0(self.emb(idx))                                # (B, T, C)
         v_first = None
         for i, blk in enumerate(self.blocks):
             dx, s_att, wkv, v_first = blk.att(blk.ln1(x), state.shift[i, 0], state.wkv[i], v_first, wkv_fn=wkv_fn)
             x = x + dx
-            dx, s_ffn = blk.ffn(blk.ln2(x), state.shift[i, 1])
+            dx, s_ffn = blk.ffn(blk.ln2(x), state.shift[i, 1], idx, x0)
             x = x + dx
             shifts.append(torch.stack([s_att, s_ffn]))
             wkvs.append(wkv)
@@ -315,6 +343,13 @@ class RWKV7(nn.Module):
             ffn.x_k.copy_((1 - ddd ** (r1 ** 4)).view(1, 1, C))
             ffn.key.weight.copy_(rnd(cfg.ffn_dim, C, std=1.0 / math.sqrt(C)))
             ffn.value.weight.copy_(rnd(C, cfg.ffn_dim, std=0.5 * scale / math.sqrt(cfg.ffn_dim)))
+            if cfg.deep_embed:     # RWKV-7a: multipliers ss @ s2 + s0 around 1, varying by token
+                D = cfg.deep_embed
+                ffn.s_emb.weight.copy_(rnd(cfg.vocab_size, D * D, std=1.0 / math.sqrt(D)))
+                ffn.s_emb_x.weight.copy_(rnd(D * D, C, std=0.3 * scale / math.sqrt(C * D)))
+                ffn.s0.copy_(1 + rnd(1, 1, cfg.ffn_dim, std=0.1 * scale))
+                ffn.s1.copy_(rnd(C, D, std=1.0 / math.sqrt(C)))
+                ffn.s2.copy_(rnd(D, cfg.ffn_dim, std=0.3 * scale / math.sqrt(D)))
         return self
 
 
@@ -327,4 +362,5 @@ def config_from_state_dict(sd) -> V7Config:
                     ffn_dim=sd["blocks.0.ffn.key.weight"].shape[0],
                     dim_w=sd["blocks.0.att.w1"].shape[1], dim_a=sd["blocks.0.att.a1"].shape[1],
                     dim_v=sd["blocks.1.att.v1"].shape[1] if L > 1 else sd["blocks.0.att.v1"].shape[1],
-                    dim_g=sd["blocks.0.att.g1"].shape[1])
+                    dim_g=sd["blocks.0.att.g1"].shape[1],
+                    deep_embed=sd["blocks.0.ffn.s1"].shape[1] if "blocks.0.ffn.s1" in sd else 0)

@@ -11,6 +11,7 @@ its NumPy math (quantisers, packings, the layouts targets store it in).
     lazy       LazyEmbedding    the embedding table read row by row from disk
     sparse     SparseFFN        a channel-mix's activation-sparsity predictors (not a matrix: ChannelMix.sparse)
     embedding  folded_embedding the embedding rows with ln0 folded in
+    deepembed  DeepEmbedTable   RWKV-7a's per-token channel-mix tables (resident, or memory-mapped: lazy)
 
 Every kind a `Linear` or the `Embedding` can hold is in WEIGHT_KINDS (closed: passes make these kinds, they
 do not add any); each lowering (rwkvc.targets.onnx.kinds, rwkvc.targets.tvm) has its own table of how it
@@ -19,6 +20,7 @@ lowers them.
 from __future__ import annotations
 
 from .clustered import ClusteredHead
+from .deepembed import DeepEmbed, DeepEmbedTable, LazyDeepEmbedTable
 from .dense import Dense
 from .factored import Factored
 from .int4 import Int4
@@ -29,7 +31,7 @@ from .scaled import Scaled
 from .sparse import SparseFFN
 
 WEIGHT_KINDS: dict[str, type] = {cls.kind: cls for cls in (
-    Dense, LowRank, Int8, Int4, Factored, Scaled, ClusteredHead, LazyEmbedding)}
+    Dense, LowRank, Int8, Int4, Factored, Scaled, ClusteredHead, LazyEmbedding, DeepEmbedTable, LazyDeepEmbedTable)}
 
-__all__ = ["WEIGHT_KINDS", "ClusteredHead", "Dense", "Factored", "Int4", "Int8", "LazyEmbedding", "LowRank",
-           "Scaled", "SparseFFN", "TwoFactors"]
+__all__ = ["WEIGHT_KINDS", "ClusteredHead", "DeepEmbed", "DeepEmbedTable", "Dense", "Factored", "Int4", "Int8",
+           "LazyDeepEmbedTable", "LazyEmbedding", "LowRank", "Scaled", "SparseFFN", "TwoFactors"]

@@ -12,6 +12,7 @@
                   one scale for all rows (DynamicQuantizeLinear): the rows of a prefill then depend on each
                   other, so the last channel-mix keeps all T rows, to compute what every other target computes
     EMBEDDERS     embedding kind -> fn(g, model, tokens) -> x (T, C)
+    DEEP_TABLES   RWKV-7a DeepEmbed table kind -> fn(g, table, layer, tokens) -> rows (T, D*D)  (deepembed.py)
 
 LOWERED is every kind the tables lower: the cpu and cuda targets' capabilities.
 """
@@ -24,6 +25,7 @@ import numpy as np
 from rwkvc import ir
 
 from . import quant
+from .deepembed import DEEP_TABLES
 from .embedding import embed_dense, embed_lazy
 from .graph import Graph
 from .head import emit_clustered
@@ -101,7 +103,7 @@ ROWS_COUPLED: dict[str, Callable[[object, bool], bool]] = {
 
 EMBEDDERS: dict[str, Callable[[Graph, ir.Model, str], str]] = {"dense": embed_dense, "lazy": embed_lazy}
 
-LOWERED = frozenset(LINEAR) | frozenset(EMBEDDERS)
+LOWERED = frozenset(LINEAR) | frozenset(EMBEDDERS) | frozenset(DEEP_TABLES)
 
 
 def linear(g: Graph, lin: ir.Linear, x: str) -> str:

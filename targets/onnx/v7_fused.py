@@ -9,6 +9,7 @@ import numpy as np
 from rwkvc import ir
 from rwkvc.abi import FUSED_DOMAIN
 
+from .deepembed import emit_channel_mix_v7a_fused
 from .graph import F32, Graph
 from .kinds import linear
 from .matvec import matvec_product
@@ -22,7 +23,7 @@ def fused_supported(model: ir.Model, dtype) -> bool:
     """rwkvc's fused kernels (the step's element-wise work, the prefill's WKV and mixes): RWKV-7 in float32,
     heads of at most FUSED_MAX_HEAD channels."""
     cfg = model.config
-    return cfg.version in ("7", "7-hybrid") and np.dtype(dtype) == np.float32 and cfg.head_size <= FUSED_MAX_HEAD
+    return cfg.version in ("7", "7-hybrid", "7a") and np.dtype(dtype) == np.float32 and cfg.head_size <= FUSED_MAX_HEAD
 
 
 def emit_block_v7_fused(g: Graph, blk, x: str, dx: str, prev_att: str, prev_ffn: str, S: str, v_first: str | None,
@@ -69,6 +70,8 @@ def emit_channel_mix_v7_fused(g: Graph, blk, x: str, dx: str, prev: str, i: int,
     x, xf, xk = g.op("Rwkv7Mix1", x, dx, g.weight(f"blocks.{i}.ln2.weight", blk.ln2.weight),
                      g.weight(f"blocks.{i}.ln2.bias", blk.ln2.bias), prev, g.weight(pf + "x_k", ffn.mix["x_k"]),
                      domain=FUSED_DOMAIN, n_out=3, eps=float(blk.ln2.eps))
+    if ffn.deep is not None:   # RWKV-7a: the DeepEmbed multiplier between key and value
+        return x, emit_channel_mix_v7a_fused(g, ffn, xf, xk, i, prefill), xf
     if ffn.sparse is not None:
         if not prefill and sparse_ffn_fusable(g, ffn):
             return x, emit_sparse_ffn_fused(g, ffn, xk, pf), xf
