@@ -20,7 +20,8 @@ import rwkvc
 from rwkvc.packages import STAGES
 
 ROOT = Path(rwkvc.__file__).resolve().parents[1]
-FRONT_DOOR = {"rwkvc", "rwkvc.pipeline", "rwkvc.api", "rwkvc.cli", "rwkvc.eval", "rwkvc.bench", "rwkvc.inspect"}
+FRONT_DOOR = {"rwkvc", "rwkvc.pipeline", "rwkvc.api", "rwkvc.cli", "rwkvc.eval", "rwkvc.bench", "rwkvc.inspect",
+              "rwkvc.serve"}
 LAYERS = ("core", "passes", "runtimes", "targets", "training", "front door")
 
 
