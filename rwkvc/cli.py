@@ -79,6 +79,18 @@ def compile_cmd(model, target, out, passes, recipe_file, preset_name, calib, cal
     from rwkvc.passes.presets import needs_calibration, resolve
     from rwkvc.targets import get_target
     get_target(target)  # unknown target: fail before reading anything
+    from rwkvc.targets.gpt_onnx import export_gpt, is_gpt_checkpoint
+    if is_gpt_checkpoint(model):   # train.py --model gpt: exported as it is (docs/COMPARISON.md)
+        given = [n for n, v in (("--passes", passes), ("--recipe", recipe_file), ("--preset", preset_name),
+                                ("--state", state_path), ("--cluster-file", cluster_file), ("--dump-ir", dump_ir),
+                                ("--fused", fused), ("--dtype", dtype not in (None, "float32"))) if v]
+        if target != "cpu" or given:
+            raise RwkvcError(f"{model} is a GPT checkpoint: it compiles for --target cpu in float32 only, without "
+                             f"{', '.join(given) or '--target ' + target}")
+        path = export_gpt(model, out or f"{Path(model).stem}-{target}", force=force,
+                          progress=None if quiet else lambda text: click.echo(text, err=True))
+        click.echo(f"wrote {path}", err=True)
+        return
     text, recipe_calib = resolve(passes, recipe_file, preset_name)
     recipe = parse_recipe(text)                       # unknown passes, bad arguments, bad order: before any work
     calib = calib or recipe_calib
@@ -284,6 +296,33 @@ def demo(prompt, n_tokens, target, passes, cache_dir, seed):
     for piece in m.stream(prompt, n_tokens, temperature=1.0, top_p=0.7, seed=seed, token_stop=(0,)):
         _out(piece)
     _out("\n")
+
+
+# ------------------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("artifact")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on (0.0.0.0: every interface)")
+@click.option("--port", type=int, default=8000, show_default=True, help="port (0: any free one, printed)")
+@click.option("--max-batch", type=int, default=8, show_default=True,
+              help="sequences decoded together per step (continuous batching)")
+@click.option("--cache-mb", type=float, default=256, show_default=True,
+              help="memory for the prefix-state cache (MiB; 0 = off)")
+@click.option("--model-name", default=None, help="the model id clients name [default: the artifact's folder name]")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: RWKVC_THREADS, else one per core)")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(artifact, host, port, max_batch, cache_mb, model_name, threads, log_level):
+    """Serve an artifact over the OpenAI API (/v1/completions, /v1/chat/completions; docs/SERVING.md)."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise RwkvcError("rwkvc serve needs FastAPI and uvicorn: pip install 'rwkvc[serve]'") from None
+    from .serve.server import serve as run_server
+    if not 0 <= port < 65536:
+        raise RwkvcError(f"--port must be 0..65535, got {port}")
+    run_server(artifact, host=host, port=port, max_batch=max_batch, cache_mb=cache_mb, threads=threads,
+               model_name=model_name, log_level=log_level, echo=lambda m: click.echo(m, err=True))
 
 
 # ------------------------------------------------------------------------------------------------
