@@ -1,4 +1,4 @@
-"""RWKV-4 ("Dove") in plain PyTorch, recurrent form: the readable truth for rwkvc's v4 lowering.
+"""RWKV-4 ("Dove") in plain PyTorch, recurrent and parallel forms: the readable truth for rwkvc's v4 lowering.
 
 Parameter names and shapes are those of official RWKV-LM v4 checkpoints, so
 `RWKV4.from_state_dict(torch.load(ckpt))` loads one as is.
@@ -10,6 +10,10 @@ State per layer:
     wkv:   (B, 3, C)  the running numerator aa, denominator bb and their common exponent pp: the
                       weighted average sum_i e^{w (t-1-i) + k_i} v_i / sum_i e^{w (t-1-i) + k_i} is kept
                       as aa / bb with both scaled by e^-pp, so nothing overflows (pp starts at -1e38)
+
+The WKV comes in two forms with one signature: `wkv4_recurrent` (token by token, the RNN) and
+`wkv4_chunked` (whole chunks of tokens at once, the parallel / training form); `RWKV4.forward(...,
+wkv_fn=...)` picks one, and both give the same logits and state to float tolerance.
 """
 from __future__ import annotations
 
@@ -56,6 +60,48 @@ def wkv4_recurrent(w, u, k, v, state):
     return torch.stack(ys, 1), torch.stack([aa, bb, pp], 1)
 
 
+def wkv4_chunked(w, u, k, v, state, chunk_len: int = 64):
+    """`wkv4_recurrent` computed a chunk of L tokens at a time (same maths, same signature).
+
+    Unrolled, the output at step t of a chunk that starts from the state (aa, bb, pp) is a softmax-like
+    weighted average over the incoming state and the chunk's tokens i <= t, with log-weights
+        e_state(t) = pp + w t                       (the state, decayed t times; it adds aa, bb)
+        e(t, i)    = k_i + w (t - 1 - i)   i < t    (earlier tokens, decayed t - 1 - i times)
+        e(t, t)    = u + k_t                        (the current token, with the bonus)
+    so every y_t is one (L x L) masked "attention" row. Subtracting each row's maximum m_t before exp
+    (the max trick the recurrent form applies step by step) keeps every exp in (0, 1]. The state the
+    chunk hands on is the same sum over all L tokens seen from step L, with its own maximum as pp:
+        pp' = max(pp + w L, max_i k_i + w (L - 1 - i))
+        aa' = e^{pp + w L - pp'} aa + sum_i e^{k_i + w (L - 1 - i) - pp'} v_i   (bb' alike, with 1 for v_i)
+    Max distributes over the additions, so pp' equals the recurrent form's pp. Only this hand-over is
+    sequential; memory is B C L^2 per chunk (chunk_len >= T: the whole sequence in one chunk).
+
+    w: (C,) = -exp(time_decay), u: (C,), k, v: (B, T, C); state (B, 3, C) -> y (B, T, C), state (B, 3, C)
+    """
+    B, T, C = k.shape
+    aa, bb, pp = state.unbind(1)                                             # (B, C) each
+    w_, u_ = w.view(1, C, 1), u.view(1, C, 1)
+    ys = []
+    for c0 in range(0, T, chunk_len):
+        kc, vc = k[:, c0:c0 + chunk_len].transpose(1, 2), v[:, c0:c0 + chunk_len].transpose(1, 2)  # (B, C, L)
+        L = kc.shape[-1]
+        t = torch.arange(L, device=k.device)
+        dt = (t[:, None] - 1 - t[None, :]).to(k.dtype)                       # (L, L): t - 1 - i
+        e = torch.where(t[:, None] > t[None, :], w_.unsqueeze(-1) * dt + kc.unsqueeze(-2),
+                        torch.where(t[:, None] == t[None, :], (u_ + kc).unsqueeze(-2), -torch.inf))  # (B, C, L, L)
+        e_state = pp.unsqueeze(-1) + w_ * t.to(k.dtype)                      # (B, C, L)
+        m = torch.maximum(e.amax(-1), e_state)                               # (B, C, L), finite (the diagonal)
+        p, p_state = torch.exp(e - m.unsqueeze(-1)), torch.exp(e_state - m)
+        num = (p @ vc.unsqueeze(-1)).squeeze(-1) + p_state * aa.unsqueeze(-1)
+        y = num / (p.sum(-1) + p_state * bb.unsqueeze(-1))                   # (B, C, L)
+        ys.append(y.transpose(1, 2))                                         # (B, L, C)
+        e_end = kc + w_ * (L - 1 - t).to(k.dtype)                            # (B, C, L): token i seen from step L
+        pp_new = torch.maximum(pp + w * L, e_end.amax(-1))                   # (B, C)
+        q, q_state = torch.exp(e_end - pp_new.unsqueeze(-1)), torch.exp(pp + w * L - pp_new)
+        aa, bb, pp = q_state * aa + (q * vc).sum(-1), q_state * bb + q.sum(-1), pp_new
+    return torch.cat(ys, 1), torch.stack([aa, bb, pp], 1)
+
+
 class TimeMix(nn.Module):
     def __init__(self, cfg: V4Config):
         super().__init__()
@@ -68,13 +114,16 @@ class TimeMix(nn.Module):
         self.receptance = nn.Linear(C, C, bias=False)
         self.output = nn.Linear(C, C, bias=False)
 
-    def forward(self, x, shift, wkv):
-        """x: (B, T, C), shift: (B, C), wkv: (B, 3, C) -> (B, T, C), new shift, new wkv."""
+    def forward(self, x, shift, wkv, wkv_fn=None):
+        """x: (B, T, C), shift: (B, C), wkv: (B, 3, C) -> (B, T, C), new shift, new wkv.
+
+        wkv_fn: the WKV form (same signature as `wkv4_recurrent`, the default; or `wkv4_chunked`).
+        """
         xx = token_shift(x, shift)
         k = self.key(lerp_mix(x, xx, self.time_mix_k))
         v = self.value(lerp_mix(x, xx, self.time_mix_v))
         r = torch.sigmoid(self.receptance(lerp_mix(x, xx, self.time_mix_r)))
-        y, wkv = wkv4_recurrent(-torch.exp(self.time_decay), self.time_first, k, v, wkv)
+        y, wkv = (wkv_fn or wkv4_recurrent)(-torch.exp(self.time_decay), self.time_first, k, v, wkv)
         return self.output(r * y), x[:, -1], wkv
 
 
@@ -130,13 +179,13 @@ class RWKV4(nn.Module):
         return m
 
     @torch.no_grad()
-    def forward(self, idx, state: State | None = None):
-        """idx: (B, T) int64 -> logits (B, T, V), new State."""
+    def forward(self, idx, state: State | None = None, wkv_fn=None):
+        """idx: (B, T) int64 -> logits (B, T, V), new State. wkv_fn: see `TimeMix.forward`."""
         state = state or State.zeros(self.cfg, idx.shape[0])
         x = self.blocks[0].ln0(self.emb(idx))                                   # (B, T, C)
         shifts, wkvs = [], []
         for i, blk in enumerate(self.blocks):
-            dx, s_att, wkv = blk.att(blk.ln1(x), state.shift[i, 0], state.wkv[i])
+            dx, s_att, wkv = blk.att(blk.ln1(x), state.shift[i, 0], state.wkv[i], wkv_fn)
             x = x + dx
             dx, s_ffn = blk.ffn(blk.ln2(x), state.shift[i, 1])
             x = x + dx

@@ -1,4 +1,4 @@
-"""RWKV-5 ("Eagle": 5.0, 5.1, 5.2) and RWKV-Lite's compressed 5.2, in plain PyTorch, recurrent form.
+"""RWKV-5 ("Eagle": 5.0, 5.1, 5.2) and RWKV-Lite's compressed 5.2 in plain PyTorch, recurrent and parallel.
 
 The readable truth for rwkvc's v5 lowering, and the only reference for RWKV-Lite's variants, which the
 official `rwkv` package cannot run. Parameter names are the checkpoints' own, so
@@ -12,6 +12,10 @@ State per layer:
     wkv:   (B, H, N, N)  the matrix memory, wkv[b, h, i, j] with i the value and j the key index
                          (the layout of RWKV-7 and of RWKV-6's time_state; the official package keeps its
                          transpose)
+
+The WKV comes in two forms with one signature, shared with RWKV-6: `wkv5_recurrent` (token by token, the
+RNN) and `wkv5_chunked` (whole chunks of tokens at once, the parallel / training form); `RWKV5.forward(...,
+wkv_fn=...)` picks one, and both give the same logits and state to float tolerance.
 
 RWKV-Lite adds (see rwkvc.arch.lite for the keys):
     factorised projections   y = W2 act(W1 x) (+ diag * x): act = relu^2 where a diag exists, else none
@@ -118,6 +122,45 @@ def wkv5_recurrent(r, k, v, w, u, wkv):
     return torch.stack(ys, 1), wkv
 
 
+def wkv5_chunked(r, k, v, w, u, wkv, chunk_len: int = 32):
+    """`wkv5_recurrent` computed a chunk of L tokens at a time (same maths, same signature).
+
+    Within a chunk of tokens t = 0 .. L-1 that starts from the state S0, write G(a, b) = w_{a+1} * ... * w_b
+    (per key channel n; 1 for a >= b). Unrolling the recurrence,
+        S_t = S0 diag(G(-1, t)) + sum_{j<=t} v_j (k_j * G(j, t))^T
+        y_t = S0 (r_t * G(-1, t-1)) + sum_{j<t} v_j A[t, j] + v_t (u . k_t . r_t)
+        A[t, j] = sum_n r_t[n] k_j[n] G(j, t-1)[n]                                   (j < t)
+    so Y = (R * G(-1, t-1)) S0^T + A V for the whole chunk (A: L x L, one "attention" matrix per head),
+    and the state handed on is S_{L-1} = S0 diag(G(-1, L-1)) + V^T (K * G(j, L-1)). Only that hand-over
+    is sequential. Each decay product is exp of a sum of log w over its own span (a cumulative sum over a
+    masked (L, L, N) tensor), never a ratio of two cumulative products: RWKV-5/6 decays reach ~1e-4 per
+    step, so w_0...w_{L-1} leaves the float range within a chunk and G_t / G_j would overflow. The cost
+    is B T C L multiply-adds for the decays; a decay of exactly 0 (underflow) is an exp(-inf) = 0 factor.
+
+    r, k, v: (B, T, H, N); w: decay in (0, 1), (H, N) or per token (B, T, H, N); u: bonus (H, N);
+    wkv: (B, H, N, N), [value, key] -> y (B, T, H, N), wkv (B, H, N, N)
+    """
+    B, T, H, N = r.shape
+    lw = torch.log(w).expand(B, T, H, N) if w.dim() == 2 else torch.log(w)  # log decay, <= 0
+    uh = u.unsqueeze(-2)                                                     # (H, 1, N)
+    ys = []
+    for c0 in range(0, T, chunk_len):
+        rc, kc, vc, lc = (z[:, c0:c0 + chunk_len].transpose(1, 2) for z in (r, k, v, lw))  # (B, H, L, N)
+        L = rc.shape[-2]
+        t = torch.arange(L, device=r.device)
+        after = (t[:, None] > t[None, :]).unsqueeze(-1)                      # (L, L, 1): [s, j] = s > j
+        span = torch.where(after, lc.unsqueeze(-2), 0.0).cumsum(-3)          # [t, j] = log G(j, t), (B, H, L, L, N)
+        prev = torch.cat([torch.zeros_like(span[..., :1, :, :]), span[..., :-1, :, :]], -3)  # [t, j] = log G(j, t-1)
+        decay = torch.where(after, prev, -torch.inf).exp()                   # 0 for j >= t
+        A = torch.einsum("bhtn,bhjn,bhtjn->bhtj", rc, kc, decay)             # (B, H, L, L)
+        A = A + torch.diag_embed((uh * kc * rc).sum(-1))                     # the current token, with the bonus
+        g_in = torch.cat([torch.zeros_like(lc[..., :1, :]), lc[..., :-1, :]], -2).cumsum(-2).exp()  # G(-1, t-1)
+        ys.append((rc * g_in) @ wkv.transpose(-1, -2) + A @ vc)              # (B, H, L, N)
+        g_out = span[..., -1, :, :].exp()                                    # G(j, L-1), (B, H, L, N)
+        wkv = wkv * lc.sum(-2, keepdim=True).exp() + vc.transpose(-1, -2) @ (kc * g_out)
+    return torch.cat(ys, 2).transpose(1, 2), wkv
+
+
 def group_norm(y, ln_x: nn.GroupNorm):
     """y: (B, T, C) -> GroupNorm over the heads, (B, T, C)."""
     B, T, C = y.shape
@@ -148,8 +191,11 @@ class TimeMix(nn.Module):
         u = torch.exp(u) if self.cfg.bonus == "time_first" else u
         return w, u.reshape(H, -1).expand(H, N)
 
-    def forward(self, x, shift, wkv):
-        """x: (B, T, C), shift: (B, C), wkv: (B, H, N, N) -> (B, T, C), new shift, new wkv."""
+    def forward(self, x, shift, wkv, wkv_fn=None):
+        """x: (B, T, C), shift: (B, C), wkv: (B, H, N, N) -> (B, T, C), new shift, new wkv.
+
+        wkv_fn: the WKV form (same signature as `wkv5_recurrent`, the default; or `wkv5_chunked`).
+        """
         B, T, C = x.shape
         H, N = self.cfg.n_head, self.cfg.head_size
         xx = token_shift(x, shift)
@@ -158,7 +204,7 @@ class TimeMix(nn.Module):
         k = project(self, "key", lerp_mix(x, xx, self.time_mix_k))
         v = project(self, "value", lerp_mix(x, xx, self.time_mix_v))
         w, u = self.decay_and_bonus()
-        y, wkv = wkv5_recurrent(hv(r), hv(k), hv(v), w, u, wkv)
+        y, wkv = (wkv_fn or wkv5_recurrent)(hv(r), hv(k), hv(v), w, u, wkv)
         y = group_norm(y.reshape(B, T, C), self.ln_x)
         if self.gated:
             y = y * F.silu(project(self, "gate", lerp_mix(x, xx, self.time_mix_g)))
@@ -228,7 +274,7 @@ def clustered_logits(x, head_w, cluster_logits, clusters, top_p, min_k, max_k):
     counts = torch.bincount(cl, minlength=K).double()
     approx = lse + logp - torch.logsumexp(logp[chosen], 0) - torch.log(counts)  # (K,)
     logits[~exact] = approx[cl[~exact]]
-    return logits.float()
+    return logits.to(x.dtype)                                                    # fp32 for an fp32 model
 
 
 class ChannelMix(nn.Module):
@@ -308,13 +354,15 @@ class RWKV5(nn.Module):
         return st
 
     @torch.no_grad()
-    def forward(self, idx, state: State | None = None):
-        """idx: (B, T) int64 -> logits (B, T, V) (hierarchical head: every position), new State."""
+    def forward(self, idx, state: State | None = None, wkv_fn=None):
+        """idx: (B, T) int64 -> logits (B, T, V) (hierarchical head: every position), new State.
+
+        wkv_fn: the WKV form, `wkv5_recurrent` (default) or `wkv5_chunked`; see `TimeMix.forward`."""
         state = state or self.zero_state(idx.shape[0])
         x = self.blocks[0].ln0(self.emb(idx))                                   # (B, T, C)
         shifts, wkvs = [], []
         for i, blk in enumerate(self.blocks):
-            dx, s_att, wkv = blk.att(blk.ln1(x), state.shift[i, 0], state.wkv[i])
+            dx, s_att, wkv = blk.att(blk.ln1(x), state.shift[i, 0], state.wkv[i], wkv_fn)
             x = x + dx
             dx, s_ffn = blk.ffn(blk.ln2(x), state.shift[i, 1], getattr(blk, "mlp", None), self.lite)
             x = x + dx

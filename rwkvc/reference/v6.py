@@ -1,4 +1,4 @@
-"""RWKV-6 ("Finch", x060) in plain PyTorch, recurrent form: the readable truth for rwkvc's v6 lowering.
+"""RWKV-6 ("Finch", x060) in plain PyTorch, recurrent and parallel forms: the readable truth for v6.
 
 Parameter names are the official checkpoints' own, so `RWKV6.from_state_dict(torch.load(ckpt))` loads one
 as is (a state-tuned file's `time_state` becomes the initial state).
@@ -10,7 +10,8 @@ What RWKV-6 adds to RWKV-5.2:
     data-dependent token shift  x_m = x + (prev - x) * (maa_m + W2_m tanh(W1 (x + (prev - x) * maa_x)))
                                 for m in w, k, v, r, g
     data-dependent decay        w_t = exp(-exp(time_decay + W2_w tanh(W1_w x_w)))   per token and channel
-State layout as RWKV-5: shift (2, B, C), wkv (B, H, N, N) [value, key].
+State layout as RWKV-5: shift (2, B, C), wkv (B, H, N, N) [value, key]. The WKV forms are RWKV-5's
+(`rwkvc.reference.v5.wkv5_recurrent` and the parallel `wkv5_chunked`), which take a per-token decay.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .common import Block, token_shift
-from .v5 import LN_X_EPS, State, group_norm, load_with_time_state, wkv5_recurrent
+from .v5 import LN_X_EPS, State, group_norm, load_with_time_state, wkv5_chunked, wkv5_recurrent  # noqa: F401
 
 MAA = ("w", "k", "v", "r", "g")
 
@@ -69,8 +70,11 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=LN_X_EPS)
 
-    def forward(self, x, shift, wkv):
-        """x: (B, T, C), shift: (B, C), wkv: (B, H, N, N) -> (B, T, C), new shift, new wkv."""
+    def forward(self, x, shift, wkv, wkv_fn=None):
+        """x: (B, T, C), shift: (B, C), wkv: (B, H, N, N) -> (B, T, C), new shift, new wkv.
+
+        wkv_fn: the WKV form (same signature as `wkv5_recurrent`, the default; or `wkv5_chunked`).
+        """
         B, T, C = x.shape
         H, N = self.cfg.n_head, self.cfg.head_size
         xx = token_shift(x, shift) - x                                           # prev - x
@@ -88,7 +92,7 @@ class TimeMix(nn.Module):
         w = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2   # (B, T, C)
         w = torch.exp(-torch.exp(w))
         hv = lambda z: z.view(B, T, H, N)  # noqa: E731
-        y, wkv = wkv5_recurrent(hv(r), hv(k), hv(v), hv(w), self.time_faaaa, wkv)
+        y, wkv = (wkv_fn or wkv5_recurrent)(hv(r), hv(k), hv(v), hv(w), self.time_faaaa, wkv)
         y = group_norm(y.reshape(B, T, C), self.ln_x) * g
         return self.output(y), x[:, -1], wkv
 
@@ -135,13 +139,16 @@ class RWKV6(nn.Module):
         return st
 
     @torch.no_grad()
-    def forward(self, idx, state: State | None = None):
-        """idx: (B, T) int64 -> logits (B, T, V), new State."""
+    def forward(self, idx, state: State | None = None, wkv_fn=None):
+        """idx: (B, T) int64 -> logits (B, T, V), new State.
+
+        wkv_fn: the WKV form, `wkv5_recurrent` (default) or `wkv5_chunked` (parallel, for the
+        data-dependent decay too); see `TimeMix.forward`."""
         state = state or self.zero_state(idx.shape[0])
         x = self.blocks[0].ln0(self.emb(idx))
         shifts, wkvs = [], []
         for i, blk in enumerate(self.blocks):
-            dx, s_att, wkv = blk.att(blk.ln1(x), state.shift[i, 0], state.wkv[i])
+            dx, s_att, wkv = blk.att(blk.ln1(x), state.shift[i, 0], state.wkv[i], wkv_fn)
             x = x + dx
             dx, s_ffn = blk.ffn(blk.ln2(x), state.shift[i, 1])
             x = x + dx
