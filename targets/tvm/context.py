@@ -19,6 +19,7 @@ class Ctx:
         self.kernels: dict[tuple, object] = {}
         self.W: dict[str, object] = {}     # relative parameter name -> relax expr, for the current function
         self.quantized: list = []          # (x, (codes, scale)): activations already quantised in this function
+        self.tokens = None                 # the layer function's tokens (T,) int64, where it takes them (RWKV-7a)
 
     def emit(self, expr):
         return self.bb.emit(expr)

@@ -19,6 +19,7 @@ from .context import Ctx
 from .kinds import EMBED_LOWERINGS, LINEAR_LOWERINGS, embed, linear, rep_signature
 from .params import Params
 from .mixers import CHANNEL_MIX_LOWERINGS, TIME_MIX_LOWERINGS, att_vectors, uses_v_first
+from .deepembed import deep_params, deep_signature
 from .sparse_ffn import predictor_params, rows_params, selective_sparse
 from .v7 import last_row, layer_norm
 
@@ -58,6 +59,8 @@ def block_arrays(blk: ir.Block, ks: KernelShape) -> list[tuple[str, np.ndarray]]
             out += [(f"ffn.{m}.{s}", a) for s, a in LINEAR_LOWERINGS[lin.kind].params(lin, ks).items()]
     if blk.ffn.sparse is not None:
         out += [(f"ffn.sparse.{s}", a) for s, a in predictor_params(blk.ffn.sparse, ks)]
+    if blk.ffn.deep is not None:
+        out += deep_params(blk.ffn, ks)
     return out
 
 
@@ -68,7 +71,7 @@ def block_signature(blk: ir.Block) -> tuple:
     if sp is not None:
         sig += (("sparse", sp.fc1 is not None, float(sp.mlp_threshold), sp.q_codes is not None, sp.q_bits,
                  float(sp.q_scale), float(sp.q_zero), float(sp.q_quantile)),)
-    return sig
+    return sig + deep_signature(blk.ffn)
 
 
 def emit_block(ctx: Ctx, blk: ir.Block, arrays: list[tuple[str, np.ndarray]], first: bool, prefill: bool, name: str):
@@ -84,11 +87,12 @@ def emit_block(ctx: Ctx, blk: ir.Block, arrays: list[tuple[str, np.ndarray]], fi
     vfirst = uses_v_first(blk.att.version)
     vf = relax.Var("v_first", relax.TensorType([T, C], F32)) if vfirst and not first else None
     wvars = [relax.Var(rel.replace(".", "_"), relax.TensorType(list(a.shape), str(a.dtype))) for rel, a in arrays]
-    args = [x, prev, S] + ([vf] if vf is not None else []) + wvars
+    tok = relax.Var("tokens", relax.TensorType([T], "int64")) if blk.ffn.deep is not None else None   # RWKV-7a
+    args = [x, prev, S] + ([vf] if vf is not None else []) + ([tok] if tok is not None else []) + wvars
     bb, op = ctx.bb, relax.op
     with bb.function(name, args, private=True):
         ctx.W = {rel: v for (rel, _), v in zip(arrays, wvars)}
-        ctx.quantized = []
+        ctx.quantized, ctx.tokens = [], tok
         with bb.dataflow():
             p_att = ctx.emit(op.strided_slice(prev, axes=[0], begin=[0], end=[1]))
             p_ffn = ctx.emit(op.strided_slice(prev, axes=[0], begin=[1], end=[2]))
@@ -142,7 +146,8 @@ def emit_entry(ctx: Ctx, model: ir.Model, P: Params, prefill: bool):
                 prev = ctx.emit(op.reshape(op.strided_slice(shift, axes=[0], begin=[i], end=[i + 1]), [2, C]))
                 S = ctx.emit(op.reshape(op.strided_slice(wkv, axes=[0], begin=[i], end=[i + 1]), S_shape))
                 ws = [ctx.emit(relax.TupleGetItem(params, j)) for j in idx]
-                out = ctx.emit(relax.Call(gv, [x, prev, S] + ([] if v_first is None else [v_first]) + ws))
+                tok = [tokens] if model.blocks[i].ffn.deep is not None else []    # RWKV-7a's tables read by token
+                out = ctx.emit(relax.Call(gv, [x, prev, S] + ([] if v_first is None else [v_first]) + tok + ws))
                 x = ctx.emit(relax.TupleGetItem(out, 0))
                 shifts.append(ctx.emit(op.reshape(relax.TupleGetItem(out, 1), [1, 2, C])))
                 wkvs.append(ctx.emit(op.reshape(relax.TupleGetItem(out, 2), [1] + S_shape)))

@@ -350,4 +350,5 @@ def embed(ctx: Ctx, model: ir.Model, get, tokens):
 
 def weight_kinds() -> frozenset[str]:
     """Every representation kind the TVM lowering handles (the targets' capabilities)."""
-    return frozenset(LINEAR_LOWERINGS) | frozenset(EMBED_LOWERINGS)
+    from .deepembed import DEEP_LOWERINGS   # RWKV-7a's tables (deepembed.py imports this module)
+    return frozenset(LINEAR_LOWERINGS) | frozenset(EMBED_LOWERINGS) | frozenset(DEEP_LOWERINGS)
