@@ -12,7 +12,8 @@ predictors and clustered head. Sequences of several lengths, including ones that
 the chunk, start from a non-zero state carried over from a prefix. Bounds are relative to the largest
 reference value, for the logits and for each part of the final state: 1e-12 in fp64 (the two forms
 differ by ~1e-15), 1e-5 in fp32 (they differ by <= ~1e-6). A model whose decay moved by 1e-3 differs by
-~1e-4, beyond both bounds, so the comparison can fail.
+~1e-4, beyond both bounds, so the comparison can fail. The v4 and v5/v6 parallel forms also give the
+recurrent forms' gradients (fp64), so they can serve training.
 """
 import copy
 import functools
@@ -145,3 +146,33 @@ def test_wkv5_chunked_extreme_decays_fp32(per_token):
     y, s = v5.wkv5_chunked(r, k, vv, w, u, s0, chunk_len=16)
     assert torch.isfinite(y).all() and torch.isfinite(s).all()
     assert rel(y, y_ref) < TOL[torch.float32] and rel(s, s_ref) < TOL[torch.float32]
+
+
+def kernel_inputs(kind, seed):
+    """fp64 inputs of wkv4 / wkv5 (per-token decay), B=2 T=21 C=16 (H=2 N=8), with gradients."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    if kind == "v4":
+        w = -torch.exp(torch.linspace(-6, 2.3, 16, dtype=torch.float64))
+        state = torch.stack([rnd(2, 16), 0.5 + rnd(2, 16).abs(), rnd(2, 16)], 1)        # aa, bb > 0, pp
+        xs = [w, rnd(16), 2 * rnd(2, 21, 16), rnd(2, 21, 16), state]
+    else:
+        w = torch.exp(-torch.exp(2 * rnd(2, 21, 2, 8)))
+        xs = [rnd(2, 21, 2, 8), rnd(2, 21, 2, 8), rnd(2, 21, 2, 8), w, rnd(2, 8), rnd(2, 2, 8, 8)]
+    return [x.requires_grad_() for x in xs]
+
+
+@pytest.mark.parametrize("kind", ["v4", "v5"])
+def test_chunked_gradients_equal_recurrent(kind):
+    """The parallel forms are training forms: their gradients (every input, the incoming state included)
+    equal the recurrent form's, fp64, 1e-12 relative."""
+    xs = kernel_inputs(kind, seed=4)
+    recurrent, chunked = (v4.wkv4_recurrent, v4.wkv4_chunked) if kind == "v4" else (v5.wkv5_recurrent, v5.wkv5_chunked)
+    grads = []
+    for fn in (recurrent, functools.partial(chunked, chunk_len=8)):
+        y, s = fn(*xs)
+        gy = torch.sin(torch.arange(y.numel(), dtype=y.dtype)).view_as(y)              # a fixed, uneven cotangent
+        loss = (y * gy).sum() + (s[:, :2] if kind == "v4" else s).square().sum()         # v4: aa, bb (pp is a max)
+        grads.append(torch.autograd.grad(loss, xs))
+    for i, (ref, got) in enumerate(zip(*grads)):
+        assert rel(got, ref) < TOL[torch.float64], f"{kind}: gradient of input {i}: {rel(got, ref):.1e}"
