@@ -14,6 +14,7 @@ RUNTIMES: dict[str, str] = {
     "onnxruntime": "rwkvc.runtimes.onnxruntime:OrtRuntime",
     "tvm-host": "rwkvc.runtimes.tvm_host:TvmHostRuntime",
     "tvm-native": "rwkvc.runtimes.tvm_native:TvmNativeRuntime",
+    "onnxruntime-gpt": "rwkvc.runtimes.gpt:GptRuntime",   # the GPT baseline (targets/gpt_onnx.py)
 }
 
 

@@ -237,6 +237,48 @@ class Model:
         return "".join(self.stream(prompt, n, **kw))
 
 
+class GptModel(Model):
+    """A GPT artifact (rwkvc compile GPT.pth; targets/gpt_onnx.py): the same forward / stream / generate; its
+    state is the KV cache (rwkvc.runtimes.gpt.KVCache), which grows with the context."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, **runtime_options):
+        if runtime_options:
+            raise RwkvcError(f"rwkvc.load: option {sorted(runtime_options)[0]!r} is not one a GPT artifact takes "
+                             "(it takes: threads)")
+        from .integrity import check_on_load
+        from .options import RuntimeOptions
+        from .runtimes.gpt import GptRuntime
+        from .tokenizer import WorldTokenizer
+        self.options = RuntimeOptions.resolve(threads)
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        check_on_load(self.path, self.manifest)
+        self.runtime = GptRuntime(self.path, self.manifest, threads=self.options.threads)
+        self.config = self.runtime.shape
+        self.tokenizer = WorldTokenizer(self.path / self.manifest["tokenizer"]["file"])
+
+    def init_state(self):
+        return self.runtime.empty_cache()
+
+    def check_state(self, state):
+        return self.runtime.check_cache(state)
+
+    def use_state(self, state):
+        raise RwkvcError(f"{self.path}: a GPT artifact has no initial state to swap (its state is the KV cache)")
+
+    def save_state(self, state, path):
+        raise RwkvcError(f"{self.path}: saving a GPT's KV cache is not supported; keep the prompt instead")
+
+    load_state = save_state
+
+
+# manifest["model"]["kind"] -> the Model class that runs it (RWKV artifacts have no kind)
+MODEL_KINDS = {"rwkv": Model, "gpt": GptModel}
+
+
 def load(path: str | os.PathLike, threads: int | None = None, **runtime_options) -> Model:
     """Load a compiled artifact directory."""
-    return Model(path, threads=threads, **runtime_options)
+    kind = read_manifest(path)["model"].get("kind", "rwkv")
+    if kind not in MODEL_KINDS:
+        raise RwkvcError(f"{path}: an artifact of model kind {kind!r}, which this rwkvc cannot run; upgrade rwkvc")
+    return MODEL_KINDS[kind](path, threads=threads, **runtime_options)

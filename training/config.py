@@ -18,6 +18,7 @@ from rwkvc.training.files import ArgumentParser
 STRATEGIES = ("auto", "single", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 WKV_IMPLS = ("auto", "recurrent", "chunked", "fla")
+MODELS = ("rwkv7", "gpt")   # the trainer's builders: training/trainer.py MODELS
 
 
 # TrainArgs settings that only state tuning reads (plus train_type, which selects it)
@@ -40,6 +41,8 @@ class TrainArgs:
     val_file: str = _f("", "binidx prefix of held-out validation data (default: hold out the data's tail)")
     val_tokens: int = _f(-1, "tokens held out from the end of data_file when no val_file (-1 auto, 0 none)")
     # --- model
+    model: str = _f("rwkv7", "rwkv7 | gpt (a nanoGPT-style GPT-2 baseline: C / head_size_a heads, block_size "
+                             "ctx_len; see docs/COMPARISON.md)", choices=MODELS)
     load_model: str = _f("", "initial weights (.pth) for a fresh run; ignored when resuming")
     n_layer: int = _f(6, "layers")
     n_embd: int = _f(512, "channels C")
@@ -129,6 +132,8 @@ class TrainArgs:
         need(self.head_size_divisor == 8, "head_size_divisor", "RWKV-7 checkpoints assume 8")
         need(self.orpo_alpha >= 0, "orpo_alpha", "must be >= 0")
         need(self.rlhf_max_corpus_len >= 1, "rlhf_max_corpus_len", "must be >= 1")
+        need(self.model == "rwkv7" or not self.train_type, "model",
+             "state tuning (--train_type states) applies to RWKV-7 only")
         if not self.train_type:  # the state-tuning settings mean nothing to ordinary training: say so
             for name in STATE_TUNING_ONLY:
                 need(getattr(self, name) == TrainArgs.__dataclass_fields__[name].default, name,

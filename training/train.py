@@ -6,6 +6,7 @@
     deepspeed training/train.py ... --strategy deepspeed_stage_3
     python training/train.py --train_type states --load_model base.pth ... [--quant 1 --quant_type nf4|int4]
                                                         # state tuning (docs/STATE_TUNING.md), ORPO with --orpo 1
+    python training/train.py --model gpt ...            # the GPT-2 baseline, same data/flags (docs/COMPARISON.md)
     python training/train.py --svd "rank=0.25,targets=att+ffn" --load_model base.pth ...
                                                         # low-rank factorisation + fine-tuning (docs/COMPRESSION.md)
 
@@ -46,6 +47,8 @@ def main(argv=None) -> int:
             from rwkvc.training.state_tune import train_states
             train_states(args)
         elif svd is not None:
+            if args.model != "rwkv7":
+                raise RwkvcError(f"--svd applies to RWKV-7 checkpoints, not --model {args.model}")
             import types
             from rwkvc.training.svd_finetune import finetune_from_args
             finetune_from_args(types.SimpleNamespace(**args.to_dict(), svd=svd))

@@ -19,7 +19,9 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -30,10 +32,27 @@ from rwkvc.training import files
 from rwkvc.training.config import TrainArgs, as_train_args
 from rwkvc.training.data import TokenData
 from rwkvc.training.engine import DeepSpeedEngine, Dist, SingleEngine, cpu_bf16_native
+from rwkvc.training.gpt import GptLoss, build_gpt, enable_gpt_grad_checkpointing, init_gpt
 from rwkvc.training.model import LMLoss, enable_grad_checkpointing, init_rwkv_lm, lr_at, model_config, select_wkv
 
 ENGINES = {"auto": SingleEngine, "single": SingleEngine, "deepspeed_stage_1": DeepSpeedEngine,
            "deepspeed_stage_2": DeepSpeedEngine, "deepspeed_stage_3": DeepSpeedEngine}
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What --model chooses: the module from the args, its initialisation (model, seed), the loss wrapper
+    (model, wkv_fn) the engines train, and gradient checkpointing (--grad_cp 1)."""
+    label: str
+    build: Callable
+    init: Callable
+    wrap: Callable
+    grad_cp: Callable
+
+
+MODELS = {"rwkv7": ModelKind("RWKV-7", lambda a: RWKV7(model_config(a)), init_rwkv_lm, LMLoss,
+                             enable_grad_checkpointing),
+          "gpt": ModelKind("GPT", build_gpt, init_gpt, GptLoss, enable_gpt_grad_checkpointing)}
 
 
 class Plan:
@@ -122,7 +141,8 @@ def train(args, log=None) -> Path:
     wkv_name, wkv_fn = select_wkv(args.wkv, device, args.chunk_len, compute)
     files.check_output_dir(proj, "--proj_dir")
     resume = ckpt.check_resumable(proj, bool(args.restart))
-    model = RWKV7(model_config(args))
+    kind = MODELS[args.model]
+    model = kind.build(args)
     seed = args.random_seed if args.random_seed >= 0 else int.from_bytes(os.urandom(3), "little")
     if not resume and args.load_model:
         try:
@@ -132,9 +152,9 @@ def train(args, log=None) -> Path:
             raise RwkvcError(f"--load_model {args.load_model} does not fit the model (L{args.n_layer} "
                              f"D{args.n_embd} V{args.vocab_size}): {str(e).strip().splitlines()[0][:300]}") from None
     else:
-        init_rwkv_lm(model, seed)
+        kind.init(model, seed)
     if args.grad_cp:
-        enable_grad_checkpointing(model)
+        kind.grad_cp(model)
 
     # ---- everything checked: from here on files are written (an OSError stops with what was kept)
     with ckpt.stop_on_os_error(proj):
@@ -143,7 +163,7 @@ def train(args, log=None) -> Path:
             torch.cuda.set_device(device)
             torch.backends.cuda.matmul.allow_tf32 = args.precision != "fp32"
             torch.backends.cudnn.allow_tf32 = args.precision != "fp32"
-        engine = ENGINES[args.strategy](LMLoss(model, wkv_fn), args, device, dist_info)
+        engine = ENGINES[args.strategy](kind.wrap(model, wkv_fn), args, device, dist_info)
         if rank0:
             files.remove_dead_temps(proj)                  # what a killed run was writing
             if args.restart and ckpt.clear_states(proj):
@@ -168,7 +188,7 @@ def train(args, log=None) -> Path:
             torch.manual_seed(seed)
 
         n_params = sum(p.numel() for p in model.parameters())
-        say(f"RWKV-7 L{args.n_layer} D{args.n_embd} V{args.vocab_size} ({n_params / 1e6:.2f}M params), "
+        say(f"{kind.label} L{args.n_layer} D{args.n_embd} V{args.vocab_size} ({n_params / 1e6:.2f}M params), "
             f"ctx {args.ctx_len}, {args.precision} on {device.type} x{dist_info.world} ({engine.name} "
             f"{args.strategy}), wkv {wkv_name}, seed {seed}\n"
             f"data {data.data.prefix}: {data.plan.train_len} training tokens, magic_prime {data.magic_prime}, "

@@ -213,8 +213,21 @@ def config_from_state_dict(sd) -> GPTConfig:
 
 
 def gpt_from_state_dict(sd) -> GPT:
-    """A float32 GPT holding the checkpoint's weights (strict: every key must fit)."""
+    """A float32 GPT holding the checkpoint's weights. ValueError naming the first key that is missing, extra
+    or of the wrong shape."""
     cfg = config_from_state_dict(sd)
     model = GPT(cfg)
+    sd = dict(sd)
+    if cfg.tie_head:
+        sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    want = model.state_dict()
+    for k, v in want.items():
+        if k not in sd:
+            raise ValueError(f"{k} is missing")
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise ValueError(f"{k} has shape {tuple(sd[k].shape)}, the model needs {tuple(v.shape)}")
+    extra = sorted(set(sd) - set(want))
+    if extra:
+        raise ValueError(f"{extra[0]} is not a GPT weight")
     model.load_state_dict({k: (v.float() if k != "n_head" else v.long()) for k, v in sd.items()})
     return model
