@@ -321,6 +321,8 @@ def serve(artifact, host, port, max_batch, cache_mb, model_name, threads, log_le
     from .serve.server import serve as run_server
     if not 0 <= port < 65536:
         raise RwkvcError(f"--port must be 0..65535, got {port}")
+    if max_batch < 1 or cache_mb < 0:
+        raise RwkvcError(f"--max-batch must be >= 1 (got {max_batch}) and --cache-mb >= 0 (got {cache_mb:g})")
     run_server(artifact, host=host, port=port, max_batch=max_batch, cache_mb=cache_mb, threads=threads,
                model_name=model_name, log_level=log_level, echo=lambda m: click.echo(m, err=True))
 

@@ -174,7 +174,7 @@ class Engine:
         self.cv = threading.Condition()
         self._stop = False
         self.counts = {"requests": 0, "completed": 0, "failed": 0, "cancelled": 0, "generated_tokens": 0,
-                       "prompt_tokens": 0, "steps": 0, "step_sequences": 0}
+                       "prompt_tokens": 0, "steps": 0, "step_sequences": 0, "peak_running": 0}
         self.thread = threading.Thread(target=self._run, name="rwkvc-serve-engine", daemon=True)
         self.thread.start()
 
@@ -291,6 +291,7 @@ class Engine:
         logits = self.pool.step([h.pending for h in self.live])
         self.counts["steps"] += 1
         self.counts["step_sequences"] += len(self.live)
+        self.counts["peak_running"] = max(self.counts["peak_running"], len(self.live))
         ended = []
         for i, h in enumerate(self.live):
             tok = h.choose(logits[i])

@@ -1,0 +1,224 @@
+"""`rwkvc serve` with real clients on loopback: the official openai package (completions, chat, streaming,
+stop strings, seeds), greedy text equal to `rwkvc run`'s, the prefix-state cache against cold prefills, a
+bounded load test, and malformed requests answered with a 4xx and a message."""
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+import rwkvc
+from rwkvc.sampling import SamplingConfig
+from rwkvc.serve import Engine, Job
+from rwkvc.serve.chat import chat_prompt
+from rwkvc.testing import save_random_v7
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+CLI = [sys.executable, "-m", "rwkvc.cli"]
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve")
+    ckpt = save_random_v7(d / "m.pth", n_layer=2, n_embd=64, head_size=32, vocab_size=65536, seed=5)
+    return rwkvc.compile(ckpt, d / "art")
+
+
+@pytest.fixture(scope="module")
+def m(art):
+    return rwkvc.load(art)
+
+
+@pytest.fixture(scope="module")
+def server(art):
+    from rwkvc.serve.server import BackgroundServer
+    eng = Engine(rwkvc.load(art), max_batch=8, cache_bytes=2 << 20)
+    with BackgroundServer(eng, "tiny") as url:
+        yield url, eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0], api_key="none", max_retries=0, timeout=60)
+
+
+def post(url, body: bytes):
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_openai_client_completion_chat_stream_stop_seed(client, m):
+    r = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=12, temperature=0)
+    want = m.generate("The quick brown", 12, temperature=0, token_stop=(0,))
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens == len(m.encode("The quick brown"))
+    # streaming gives the same text, in pieces
+    pieces = [c.choices[0].text for c in client.completions.create(model="tiny", prompt="The quick brown",
+                                                                   max_tokens=12, temperature=0, stream=True)]
+    assert "".join(pieces) == want and len([p for p in pieces if p]) > 1
+    # a stop string cuts the text before it
+    stop = want[len(want) // 2:len(want) // 2 + 2]
+    r = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=12, temperature=0, stop=[stop])
+    assert r.choices[0].text == want[:want.find(stop)] and r.choices[0].finish_reason == "stop"
+    # chat: the World template, the same reply streamed or not; seeds reproducible
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello\n\nthere"}]
+    kw = dict(model="tiny", messages=msgs, max_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    a = client.chat.completions.create(**kw).choices[0].message.content
+    b = client.chat.completions.create(**kw).choices[0].message.content
+    s = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True))
+    assert a == b == s
+    assert a == m.generate(chat_prompt(msgs), 10, temperature=1.0, top_p=0.9, seed=7, token_stop=(0,),
+                           stop_strings=("\n\nUser:", "\n\n"))
+    assert chat_prompt(msgs) == "System: Be brief.\n\nUser: Hello\nthere\n\nAssistant:"
+    other = client.chat.completions.create(**{**kw, "seed": 8}).choices[0].message.content
+    assert other != a
+    models = client.models.list()
+    assert [x.id for x in models.data] == ["tiny"]
+
+
+def test_server_greedy_equals_rwkvc_run(art, client):
+    prompt = "In the beginning"
+    run = subprocess.run(CLI + ["run", str(art), "-p", prompt, "-n", "24", "--temperature", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0)
+    assert run.stdout == r.choices[0].text + "\n"
+
+
+def test_prefix_cache_hit_equals_cold(art, m):
+    """A request sharing a prefix resumes from the cached state: its logits and state are a cold prefill's
+    (to the float rounding of prefilling in two calls instead of one)."""
+    eng = Engine(m, max_batch=2, cache_bytes=64 << 20)
+    try:
+        enc = m.encode
+        sys_ = tuple(enc("System: You answer questions about the weather in one sentence.\n\n"))
+        q1, q2 = tuple(enc("User: Is it raining?\n\nAssistant:")), tuple(enc("User: Will it snow?\n\nAssistant:"))
+        cfg = SamplingConfig(temperature=0)
+        l1, s1, hit1 = eng.prefill(Job((sys_, q1), 4, cfg))
+        l2, s2, hit2 = eng.prefill(Job((sys_, q2), 4, cfg))
+        assert hit1 == 0 and hit2 == len(sys_)
+        cold_l, cold_s = m.forward(list(sys_ + q2))
+        tol = 1e-4 * max(1.0, float(np.abs(cold_l).max()))
+        np.testing.assert_allclose(l2, cold_l, atol=tol, rtol=0)
+        np.testing.assert_allclose(s2.wkv, cold_s.wkv, atol=1e-4, rtol=1e-4)
+        # the same prompt again: the whole prompt from the cache, the logits exactly those cached
+        l3, s3, hit3 = eng.prefill(Job((sys_, q2), 4, cfg))
+        assert hit3 == len(sys_ + q2)
+        np.testing.assert_array_equal(l3, l2)
+        np.testing.assert_array_equal(s3.wkv, s2.wkv)
+        st = eng.cache.stats()
+        assert st["hits"] == 2 and st["misses"] == 1 and 0 < st["bytes"] <= st["max_bytes"]
+    finally:
+        eng.close()
+
+
+def test_load_32_clients(server, m):
+    """32 concurrent clients (the openai package's async client), 256 short requests, half of them streamed:
+    every one completes with its own prompt's text (greedy, so the expected text is known), within a time
+    limit; sequences shared steps; the prefix cache stays within its bound."""
+    import asyncio
+    url, eng = server
+    prompts = [f"Client {i} asks about topic {i * 7 % 13}:" for i in range(32)]
+    want = {p: m.generate(p, 4, temperature=0, token_stop=(0,)) for p in prompts}
+    before = eng.stats()
+
+    async def client_loop(c, i):
+        out = []
+        for j in range(8):
+            if j % 2:
+                r = await c.completions.create(model="tiny", prompt=prompts[i], max_tokens=4, temperature=0, stream=True)
+                out.append("".join([ch.choices[0].text async for ch in r]))
+            else:
+                r = await c.completions.create(model="tiny", prompt=prompts[i], max_tokens=4, temperature=0)
+                out.append(r.choices[0].text)
+        return out
+
+    async def main():
+        c = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
+        return await asyncio.wait_for(asyncio.gather(*(client_loop(c, i) for i in range(32))), timeout=90)
+
+    got = asyncio.run(main())
+    for i, p in enumerate(prompts):
+        assert got[i] == [want[p]] * 8, f"client {i}"
+    st = eng.stats()
+    assert st["completed"] - before["completed"] == 256
+    assert st["running"] == 0 and st["waiting"] == 0 and st["failed"] == 0
+    assert st["peak_running"] == 8 and st["mean_batch"] > 1            # sequences shared steps, up to max_batch
+    pc = st["prefix_cache"]
+    assert pc["bytes"] <= pc["max_bytes"] == 2 << 20 and pc["evictions"] > 0 and pc["hits"] > 0
+
+
+@pytest.mark.parametrize("body, words", [
+    (b"{nope", ["not valid JSON"]),
+    (b'{"prompt": "x", "max_tokens": -1}', ["max_tokens"]),
+    (b'{"prompt": "x", "temperature": "hot"}', ["temperature"]),
+    (b'{"prompt": "x", "top_p": 0}', ["top_p"]),
+    (b'{"prompt": "x", "n": 3}', ["n=1"]),
+    (b'{"prompt": "x", "logprobs": 5}', ["logprobs"]),
+    (b'{"prompt": [70000]}', ["70000", "vocabulary"]),
+    (b'{"prompt": "x", "stop": [""]}', ["stop"]),
+    (b'{"prompt": ["a", "b"]}', ["one prompt"]),
+    (b'{"prompt": "x", "model": "gpt-9"}', ["gpt-9"]),
+    (b'{"prompt": "x", "stop_token_ids": [99999]}', ["99999"]),
+])
+def test_malformed_completions_get_400(server, body, words):
+    status, r = post(server[0] + "/completions", body)
+    assert status == 400 and all(w in r["error"]["message"] for w in words), r
+
+
+def test_malformed_chat_and_paths(server):
+    url = server[0]
+    for body, word in ((b'{"messages": []}', "messages"), (b'{"messages": [{"role": "robot", "content": "x"}]}', "role"),
+                       (b'{"messages": "hi"}', "messages"), (b'[1, 2]', "body")):
+        status, r = post(url + "/chat/completions", body)
+        assert status == 400 and word in r["error"]["message"], r
+    status, r = post(url + "/nowhere", b"{}")
+    assert status == 404 and r["error"]["message"]
+    status, r = post(url + "/completions", b'{"prompt": "still serving", "max_tokens": 2}')
+    assert status == 200 and r["usage"]["completion_tokens"] <= 2
+
+
+def test_cli_serve(art):
+    p = subprocess.Popen(CLI + ["serve", str(art), "--port", "0", "--max-batch", "2", "--cache-mb", "8",
+                                "--log-level", "warning"], stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stderr.readline()
+        port = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
+        assert port, line
+        base = f"http://127.0.0.1:{port.group(1)}"
+        for _ in range(200):
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                    assert json.loads(r.read()) == {"status": "ok"}
+                break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.05)
+        else:
+            pytest.fail("rwkvc serve did not answer /health")
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+
+
+def test_cli_serve_bad_options_are_one_line(art, capsys):
+    from rwkvc.cli import main
+    for args, words in ((["--max-batch", "0"], "--max-batch"), (["--port", "70000"], "--port"),
+                        (["--cache-mb", "-1"], "--cache-mb")):
+        with pytest.raises(SystemExit) as e:
+            main(["serve", str(art), *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and words in err and "Traceback" not in err
