@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -284,7 +285,25 @@ def _top_p_cutoff(probs: np.ndarray, top_p: float) -> float:
     return float(pos.min()) if pos.size else 0.0
 
 
+_ZERO_WEIGHT_CACHE: "weakref.WeakKeyDictionary[Any, list[int]]" = weakref.WeakKeyDictionary()
+
+
 def _zero_weight_ids(tokenizer: Any) -> list[int]:
+    """The ids whose text is in _ZERO_WEIGHT_TEXT, found once per tokenizer (a scan of the vocabulary costs
+    ~0.1 s, which a server making a sampler per request must not pay each time)."""
+    try:
+        return _ZERO_WEIGHT_CACHE[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    out = _scan_zero_weight_ids(tokenizer)
+    try:
+        _ZERO_WEIGHT_CACHE[tokenizer] = out
+    except TypeError:   # not weakly referenceable: no cache
+        pass
+    return out
+
+
+def _scan_zero_weight_ids(tokenizer: Any) -> list[int]:
     table = getattr(tokenizer, "_id_to_bytes", None)
     out = []
     if table is None:
