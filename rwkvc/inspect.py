@@ -46,6 +46,51 @@ def _compressions_text(comp: dict) -> list[str]:
     return lines
 
 
+def _deep_checkpoint(model) -> dict:
+    """RWKV-7a's DeepEmbed tables in a checkpoint: their count, shape and bytes as stored."""
+    des = [blk.ffn.deep for blk in model.blocks if blk.ffn.deep is not None]
+    if not des:
+        return {}
+    V, D2 = des[0].table.shape
+    n = sum(int(a.nbytes) for de in des for a in de.table.arrays().values())
+    return {"tables": len(des), "shape": [V, D2], "rank": des[0].rank, "bytes": n,
+            "params": sum(int(a.size) for de in des for a in de.table.arrays().values())}
+
+
+def _deep_artifact(p: Path, m: dict) -> dict:
+    """RWKV-7a's DeepEmbed tables in an artifact: per layer, the merged table's stored bytes (and scales), its
+    storage, whether the runtime holds it in memory, and the bytes a decoded token reads."""
+    import re
+    pat = re.compile(r"blocks\.(\d+)\.ffn\.s_emb\.(\w+)$")
+    found = []                                   # (layer, part, dtype, shape, bytes)
+    eps = m.get("entry_points", {})
+    if str(eps.get("step", "")).endswith(".onnx"):
+        import onnx
+        from onnx import helper
+        g = onnx.load(str(p / eps["step"]), load_external_data=False).graph
+        for t in g.initializer:
+            mm = pat.match(t.name)
+            ext = {e.key: e.value for e in t.external_data}
+            if mm and "length" in ext:
+                found.append((int(mm.group(1)), mm.group(2), str(helper.tensor_dtype_to_np_dtype(t.data_type)),
+                              list(t.dims), int(ext["length"])))
+    elif (p / "params.json").is_file():
+        import json
+        for e in json.loads((p / "params.json").read_text()).get("params", []):
+            mm = pat.match(str(e.get("name", "")))
+            if mm:
+                found.append((int(mm.group(1)), mm.group(2), e["dtype"], e["shape"], int(e["nbytes"])))
+    if not found:
+        return {}
+    from .abi import DEEP_EMBED_DENSE
+    resident = eps.get("step", "").endswith(".onnx") and any(pt == DEEP_EMBED_DENSE.rsplit(".", 1)[-1]
+                                                              for _, pt, *_ in found)
+    per_token = sum(b // shp[0] for _, _, _, shp, b in found)
+    tables = [(dt, shp) for _, pt, dt, shp, _ in found if pt != "q8scale"]
+    return {"tables": len({lay for lay, *_ in found}), "shape": tables[0][1], "bytes": sum(f[4] for f in found),
+            "storage": sorted({dt for dt, _ in tables}), "resident": bool(resident), "bytes_read_per_token": per_token}
+
+
 def inspect_path(path: str) -> dict:
     p = Path(path)
     if p.is_dir():
@@ -68,6 +113,9 @@ def inspect_checkpoint(p: Path) -> dict:
     info["compressions"] = comp
     if model.init_state is not None:
         info["init_state"] = "time_state"
+    deep = _deep_checkpoint(model)
+    if deep:
+        info["deep_embed"] = deep
     heads = f"heads {c.n_head} x {c.head_size}" if c.version != "4" else "no heads (RWKV-4)"
     text = [f"{p}: RWKV-v{c.version} checkpoint{' (RWKV-Lite)' if comp else ''} ({', '.join(dtypes)}, "
             f"{_fmt_bytes(info['file_bytes'])})",
@@ -76,6 +124,9 @@ def inspect_checkpoint(p: Path) -> dict:
     if model.init_state is not None:
         text.append("  initial state: tuned (time_state), used as the artifact's initial state")
     text += _compressions_text(comp)
+    if deep:
+        text.append(f"  DeepEmbed (RWKV-7a): {deep['tables']} tables {deep['shape'][0]}x{deep['shape'][1]} (rank "
+                    f"{deep['rank']}, s_emb + s_emb_x), {_fmt_bytes(deep['bytes'])} in the file")
     text += _components_text(comps)
     info["_text"] = "\n".join(text)
     return info
@@ -99,6 +150,13 @@ def inspect_artifact(p: Path) -> dict:
             + (f" (rwkvc kernels {m['custom_ops']['domain']} v{m['custom_ops']['version']})" if m.get("custom_ops") else ""),
             "  passes: " + (", ".join(x.get("name", "?") + (f" ({x['summary']})" if x.get("summary") else "")
                                       for x in info["passes"]) or "none")]
+    deep = _deep_artifact(p, m)
+    if deep:
+        info["deep_embed"] = deep
+        text.append(f"  DeepEmbed tables: {deep['tables']} x {deep['shape'][0]}x{deep['shape'][1]} in "
+                    f"{', '.join(deep['storage'])}, {_fmt_bytes(deep['bytes'])} "
+                    + ("(held in memory)" if deep["resident"] else "(memory-mapped)")
+                    + f"; {_fmt_bytes(deep['bytes_read_per_token'])} read per token")
     for rel, f in info["files"].items():
         text.append(f"    {rel:<40} {_fmt_bytes(f['bytes']):>10}")
     info["_text"] = "\n".join(text)
