@@ -29,7 +29,8 @@ def weight_traffic(path) -> dict:
 
     import onnx
     from .artifact import read_manifest
-    from .abi import FUSED_ROW_INPUTS, resident
+    from .abi import FUSED_ROW_INPUTS
+    from .abi import resident as held_by_runtime
     d = Path(path)
     man = read_manifest(d)
     if "step" not in man.get("entry_points", {}) or not str(man["entry_points"]["step"]).endswith(".onnx"):
@@ -61,7 +62,7 @@ def weight_traffic(path) -> dict:
             read += n
             parts[part] += n
             continue
-        if resident(name):                                # held in memory by the runtime; one row a token
+        if held_by_runtime(name):                         # held in memory by the runtime; one row a token
             resident += n
         else:
             gathered_total += n
