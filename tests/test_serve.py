@@ -222,3 +222,73 @@ def test_cli_serve_bad_options_are_one_line(art, capsys):
             main(["serve", str(art), *args])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error: ") and words in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------
+# lm-evaluation-harness
+
+
+MC_DOCS = [{"q": "The sky is", "choices": [" blue", " green", " loud"], "label": 0},
+           {"q": "Two plus two is", "choices": [" four", " five"], "label": 0},
+           {"q": "Fire is", "choices": [" cold", " hot", " wet"], "label": 1},
+           {"q": "In the beginning God created", "choices": [" the heaven", " a cat"], "label": 0},
+           {"q": "Water is", "choices": [" dry", " wet"], "label": 1}]
+
+
+def by_hand_logprob(m, ctx: str, cont: str) -> float:
+    """log p(cont | ctx) from a fresh forward over each prefix (the prefill graph, no state kept)."""
+    c, whole = m.encode(ctx), m.encode(ctx + cont)
+    total = 0.0
+    for i in range(len(c), len(whole)):
+        logits, _ = m.forward(whole[:i])
+        x = logits.astype(np.float64)
+        total += float(x[whole[i]] - x.max() - np.log(np.exp(x - x.max()).sum()))
+    return total
+
+
+def test_lm_eval_local_task_equals_accuracy_by_hand(art, m, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import rwkvc.serve.lm_eval  # noqa: F401 - registers --model rwkvc
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in MC_DOCS))
+    (tmp_path / "tiny_mc.yaml").write_text(
+        f"task: rwkvc_tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: label\nmetric_list:\n  - metric: acc\n    higher_is_better: true\n")
+    r = lm_eval.simple_evaluate(model="rwkvc", model_args=f"artifact={art}", tasks=["rwkvc_tiny_mc"],
+                                task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
+    acc = r["results"]["rwkvc_tiny_mc"]["acc,none"]
+    # lm-eval puts the choice after the context with a space (target_delimiter " "): " " + choice
+    preds = [int(np.argmax([by_hand_logprob(m, d["q"], " " + c) for c in d["choices"]])) for d in MC_DOCS]
+    assert acc == pytest.approx(np.mean([p == d["label"] for p, d in zip(preds, MC_DOCS)]))
+
+
+def test_lm_eval_adapter_methods(art, m):
+    pytest.importorskip("lm_eval")
+    from types import SimpleNamespace as Req
+
+    from rwkvc.serve.lm_eval import RwkvcLM
+    lm = RwkvcLM.create_from_arg_string(f"artifact={art}", {"batch_size": 1, "device": "cpu"})
+    (lp, greedy), = lm.loglikelihood([Req(args=("The sky is", " blue"))])
+    assert lp == pytest.approx(by_hand_logprob(m, "The sky is", " blue"), abs=1e-3)
+    text = "Hello there, general"
+    rolled, = lm.loglikelihood_rolling([Req(args=(text,))])
+    toks = m.encode(text)
+    want = sum(by_hand_logprob_tokens(m, [0] + toks[:i], toks[i]) for i in range(len(toks)))
+    assert rolled == pytest.approx(want, abs=1e-3)
+    gen = m.generate("Once upon", 12, temperature=0, token_stop=(0,))
+    until = gen[3:5]
+    out, = lm.generate_until([Req(args=("Once upon", {"until": [until], "max_gen_toks": 12}))])
+    assert out == gen[:gen.find(until)]
+    out, = lm.generate_until([Req(args=("Once upon", {"until": ["never appears"], "max_gen_toks": 12}))])
+    assert out == gen
+
+
+def by_hand_logprob_tokens(m, ctx: list, tok: int) -> float:
+    x = m.forward(ctx)[0].astype(np.float64)
+    return float(x[tok] - x.max() - np.log(np.exp(x - x.max()).sum()))
