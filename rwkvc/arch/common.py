@@ -24,9 +24,10 @@ def vec(sd, key) -> np.ndarray:
 
 
 def mix_from_time_mix(sd, key) -> np.ndarray:
-    """v4/v5 `time_mix_*` (x * m + prev * (1 - m)) -> the IR's mix (x + (prev - x) * mix)."""
+    """v4/v5 `time_mix_*` (x * m + prev * (1 - m)) -> the IR's mix (x + (prev - x) * mix), float32: 1 - m of
+    an fp16 m rounded back to fp16 would move it by up to 2^-11 (the official package takes 1 - m in float32)."""
     m = vec(sd, key)
-    return (1.0 - m.astype(np.float32)).astype(m.dtype)
+    return 1.0 - m.astype(np.float32)
 
 
 def dense(sd, key, transpose=False) -> ir.Linear:
