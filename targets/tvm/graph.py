@@ -21,7 +21,8 @@ from .params import Params
 from .mixers import CHANNEL_MIX_LOWERINGS, TIME_MIX_LOWERINGS, att_vectors, uses_v_first
 from .deepembed import deep_params, deep_signature
 from .sparse_ffn import predictor_params, rows_params, selective_sparse
-from .v7 import last_row, layer_norm
+from .hybrid import bias_arrays, norm
+from .v7 import last_row
 
 
 def collect_params(model: ir.Model, ks: KernelShape) -> Params:
@@ -61,7 +62,7 @@ def block_arrays(blk: ir.Block, ks: KernelShape) -> list[tuple[str, np.ndarray]]
         out += [(f"ffn.sparse.{s}", a) for s, a in predictor_params(blk.ffn.sparse, ks)]
     if blk.ffn.deep is not None:
         out += deep_params(blk.ffn, ks)
-    return out
+    return out + bias_arrays(blk.ffn)
 
 
 def block_signature(blk: ir.Block) -> tuple:
@@ -97,10 +98,10 @@ def emit_block(ctx: Ctx, blk: ir.Block, arrays: list[tuple[str, np.ndarray]], fi
             p_att = ctx.emit(op.strided_slice(prev, axes=[0], begin=[0], end=[1]))
             p_ffn = ctx.emit(op.strided_slice(prev, axes=[0], begin=[1], end=[2]))
             W = ctx.W
-            xa = layer_norm(ctx, x, W["ln1.weight"], W["ln1.bias"], blk.ln1.eps)
+            xa = norm(ctx, x, W["ln1.weight"], W["ln1.bias"], blk.ln1)
             dx, S2, vf2 = TIME_MIX_LOWERINGS[blk.att.version](ctx, blk.att, xa, p_att, S, vf, first, prefill)
             x2 = ctx.emit(op.add(x, dx))
-            xf = layer_norm(ctx, x2, W["ln2.weight"], W["ln2.bias"], blk.ln2.eps)
+            xf = norm(ctx, x2, W["ln2.weight"], W["ln2.bias"], blk.ln2)
             x3 = ctx.emit(op.add(x2, CHANNEL_MIX_LOWERINGS[blk.ffn.version](ctx, blk.ffn, xf, p_ffn, prefill)))
             prev2 = ctx.emit(op.concat([last_row(ctx, xa, prefill), last_row(ctx, xf, prefill)], axis=0))
             outs = [x3, prev2, S2] + ([vf2] if vfirst and first else [])
@@ -154,7 +155,7 @@ def emit_entry(ctx: Ctx, model: ir.Model, P: Params, prefill: bool):
                 if i == 0 and uses_v_first(model.blocks[0].att.version):
                     v_first = ctx.emit(relax.TupleGetItem(out, 3))
             xl = last_row(ctx, x, prefill)
-            xl = layer_norm(ctx, xl, get("ln_out.weight"), get("ln_out.bias"), model.ln_out.eps)
+            xl = norm(ctx, xl, get("ln_out.weight"), get("ln_out.bias"), model.ln_out)
             ctx.W = {n: get(n) for n in P.names if n.startswith("head.")}
             logits = ctx.emit(op.reshape(linear(ctx, "head", model.head, xl), [V]))
             shift_out = ctx.emit(op.concat(shifts, axis=0)) if L > 1 else shifts[0]
