@@ -276,26 +276,54 @@ def bench(artifact, as_json, n_decode, n_prefill, threads, repeat):
 @click.option("--passes", default="", help="compression recipe for the demo artifact")
 @click.option("--cache-dir", default=None, help="where the demo model and artifact are kept [~/.cache/rwkvc/demo]")
 @click.option("--seed", type=int, default=0, show_default=True)
-def demo(prompt, n_tokens, target, passes, cache_dir, seed):
-    """The built-in default: train (once, cached) a small RWKV-7 on the KJV bible, compile it, generate."""
-    from rwkvc.training.demo import demo as train_demo
+@click.option("--train", is_flag=True,
+              help="train the demo model here (training/demo.py: ~10 min on 2 idle cores, then cached) instead of "
+                   "using the one shipped with rwkvc")
+def demo(prompt, n_tokens, target, passes, cache_dir, seed, train):
+    """The built-in default: a small RWKV-7 trained on the KJV bible, compiled and generating.
 
+    The model shipped with rwkvc (rwkvc/data/demo-kjv.npz, made by training/demo.py) is used unless --train,
+    or a model trained here by --train is cached."""
     from .api import load
     from .cache import cache_root
     from .pipeline import compile_checkpoint
     root = Path(cache_dir) if cache_dir else cache_root() / "demo"
-    ckpt = train_demo(cache_dir=root, log=lambda *a: click.echo(" ".join(map(str, a)), err=True))
+    log = lambda *a: click.echo(" ".join(map(str, a)), err=True)   # noqa: E731
+    ckpt = _trained_demo(root)
+    if train or ckpt is not None:
+        from rwkvc.training.demo import demo as train_demo
+        ckpt, name = train_demo(cache_dir=root, log=log), "demo"
+    else:
+        from .demo_pack import PACK, unpack
+        ckpt, name = root / "shipped" / "rwkv-demo.pth", "shipped"
+        if not ckpt.is_file() or ckpt.stat().st_mtime < PACK.stat().st_mtime:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            unpack(ckpt)
+        log("demo: the model shipped with rwkvc (trained by training/demo.py); `rwkvc demo --train` trains it here")
     tag = "".join(ch if ch.isalnum() else "_" for ch in passes)[:60]
-    art = root / f"demo-{target}{'-' + tag if tag else ''}"
+    art = root / f"{name}-{target}{'-' + tag if tag else ''}"
     if not (art / "manifest.json").exists() or art.stat().st_mtime < Path(ckpt).stat().st_mtime:
         click.echo(f"compiling {ckpt} for {target} -> {art}", err=True)
         compile_checkpoint(ckpt, art, target=target, passes=passes, force=True, progress=True)
     m = load(art)
-    click.echo(f"artifact: {art}\nprompt: {prompt!r}\n", err=True)
+    click.echo(f"artifact: {art}  (serve it: rwkvc serve {art})\nprompt: {prompt!r}\n", err=True)
     _out(prompt)
     for piece in m.stream(prompt, n_tokens, temperature=1.0, top_p=0.7, seed=seed, token_stop=(0,)):
         _out(piece)
     _out("\n")
+
+
+def _trained_demo(root: Path):
+    """The demo model trained here (rwkvc demo --train) with today's recipe, if cached; else None."""
+    final, report = root / "model" / "rwkv-final.pth", root / "report.json"
+    if not (final.is_file() and report.is_file()):
+        return None
+    from rwkvc.training.demo import RECIPE, RECIPE_VERSION
+    try:
+        r = json.loads(report.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return final if r.get("recipe") == RECIPE and r.get("recipe_version", 1) == RECIPE_VERSION else None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -292,3 +292,29 @@ def test_lm_eval_adapter_methods(art, m):
 def by_hand_logprob_tokens(m, ctx: list, tok: int) -> float:
     x = m.forward(ctx)[0].astype(np.float64)
     return float(x[tok] - x.max() - np.log(np.exp(x - x.max()).sum()))
+
+
+def test_demo_pack_round_trip(tmp_path):
+    """The shipped demo model's packing: kept rows within int8 rounding, every other row their mean, the
+    rest float16; and the shipped pack unpacks to a 4-layer World-vocabulary RWKV-7."""
+    import torch
+
+    from rwkvc.demo_pack import PACK, pack, unpack
+    from rwkvc.testing import random_v7_state_dict
+    sd = random_v7_state_dict(n_layer=1, n_embd=64, head_size=32, vocab_size=300, seed=2)
+    keep = np.array([5, 9, 100, 299])
+    pack(sd, keep, tmp_path / "p.npz")
+    back = torch.load(unpack(tmp_path / "m.pth", tmp_path / "p.npz"), weights_only=True)
+    assert set(back) == set(sd)
+    for name in ("emb.weight", "head.weight"):
+        w, b = sd[name].numpy(), back[name].numpy()
+        kept = np.r_[0, keep]
+        assert np.abs(b[kept] - w[kept]).max() <= np.abs(w[kept]).max(axis=1).max() / 127 / 2 + 1e-6
+        rest = np.setdiff1d(np.arange(300), kept)
+        np.testing.assert_allclose(b[rest], np.broadcast_to(w[rest].mean(axis=0), b[rest].shape), rtol=1e-6, atol=1e-7)
+    w = sd["blocks.0.att.receptance.weight"].numpy()
+    np.testing.assert_allclose(back["blocks.0.att.receptance.weight"].numpy(), w, rtol=1e-3, atol=1e-4)
+    with np.load(PACK, allow_pickle=False) as z:
+        assert int(z["emb.weight.rows"]) == 65536 and z["emb.weight.q"].shape[1] == 128
+        assert sum(k.startswith("t/blocks.") and k.endswith("ln1.weight") for k in z.files) == 4
+    assert PACK.stat().st_size < 6e6
