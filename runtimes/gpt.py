@@ -78,7 +78,7 @@ class KVCache:
 class GptRuntime:
     """forward(tokens (T,) int64, cache) -> logits (V,) float32 of the last token, new cache."""
 
-    def __init__(self, path: Path, manifest: dict, threads: int | None = None):
+    def __init__(self, path: Path, manifest: dict, threads: int | None = None, prefill_chunk: int = 512):
         import onnxruntime as ort
         self.path, self.manifest = Path(path), manifest
         try:
@@ -90,7 +90,7 @@ class GptRuntime:
         so.intra_op_num_threads = threads or 0
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.so, self._sessions, self.restarts = so, {}, 0
+        self.so, self._sessions, self.restarts, self.prefill_chunk = so, {}, 0, prefill_chunk
         self.session("step")
 
     def session(self, entry: str):
@@ -130,13 +130,18 @@ class GptRuntime:
         return out[0], KVCache(out[1:2 * L + 1:2], out[2:2 * L + 1:2], np.concatenate([cache.tokens, tokens]))
 
     def forward(self, tokens: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        """A prompt goes through the prefill graph prefill_chunk tokens at a time (the attention scores of a
+        chunk are (H, chunk, P + chunk) floats, not (H, T, T)); one token through the step graph."""
         block = self.shape.block_size
         if cache.length + len(tokens) > block:   # past the learned positions: restart from the recent tokens
             self.restarts += 1
             everything = np.concatenate([cache.tokens, tokens])
-            keep = everything[-max(len(tokens), block // 2):]
-            if len(keep) > block:
+            tokens, cache = everything[-max(len(tokens), block // 2):], self.empty_cache()
+            if len(tokens) > block:
                 raise RwkvcError(f"{len(tokens)} tokens at once exceed this GPT's context of {block} tokens "
                                  "(its block_size); give a shorter prompt")
-            return self.run("prefill", keep, self.empty_cache())
-        return self.run("step" if len(tokens) == 1 else "prefill", tokens, cache)
+        logits = None
+        for s in range(0, len(tokens), self.prefill_chunk):
+            chunk = tokens[s:s + self.prefill_chunk]
+            logits, cache = self.run("step" if len(chunk) == 1 else "prefill", chunk, cache)
+        return logits, cache
