@@ -136,6 +136,14 @@ def inspect_artifact(p: Path) -> dict:
     from .artifact import read_manifest
     m = read_manifest(p)
     c = m["model"]
+    if c.get("kind") == "gpt":   # the transformer baseline (targets/gpt_onnx.py)
+        info = {"kind": "artifact", "path": str(p), "target": m["target"], "runtime": m.get("runtime"),
+                "model": "gpt", "config": c, "entry_points": m.get("entry_points", {}), "dtype": m.get("dtype"),
+                "artifact_bytes": sum(f["bytes"] for f in m.get("files", {}).values())}
+        info["_text"] = (f"{p}: rwkvc artifact of a GPT (runtime {m.get('runtime')}, {m.get('dtype')}), "
+                         f"{_fmt_bytes(info['artifact_bytes'])}\n  GPT: layers {c['n_layer']}, n_embd {c['n_embd']}, "
+                         f"heads {c['n_head']}, ffn {c['ffn_dim']}, vocab {c['vocab_size']}, context {c['block_size']}")
+        return info
     info = {"kind": "artifact", "path": str(p), "target": m["target"], "runtime": m.get("runtime"),
             "version": f"v{c['version']}", "config": c, "passes": m.get("passes", []),
             "entry_points": m.get("entry_points", {}), "dtype": m.get("dtype"),

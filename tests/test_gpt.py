@@ -148,6 +148,8 @@ def test_compile_exports_a_gpt_checkpoint_and_refuses_bad_ones(trained, tmp_path
     r = _cli(["compile", str(final), "-o", str(tmp_path / "a"), "-q"], capsys)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "a" / "step.onnx").is_file() and (tmp_path / "a" / "prefill.onnx").is_file()
+    r = _cli(["inspect", str(tmp_path / "a")], capsys)
+    assert r.returncode == 0 and "GPT: layers 2, n_embd 32, heads 2" in r.stdout, r.stdout + r.stderr
     sd = torch.load(final, weights_only=True)
     del sd["transformer.h.1.mlp.c_fc.weight"]
     torch.save(sd, tmp_path / "bad.pth")
