@@ -125,6 +125,39 @@ def tree(d) -> dict[str, bytes]:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
+_SHARED_ARTIFACTS: dict = {}
+
+
+def state_dict_digest(sd: dict) -> str:
+    """A digest of a state dict's names, dtypes, shapes and values (torch.save's bytes vary with the path)."""
+    import hashlib
+
+    import torch
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().contiguous().cpu()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def compile_shared(sd: dict, ckpt, out_dir, target: str, options: dict | None = None, dtype: str | None = None):
+    """rwkvc.compile(ckpt, out_dir, target=target, options=options, dtype=dtype) once per test session for each
+    (state dict, target, options, dtype): modules that check the same checkpoint's artifact (the parity matrix
+    against the reference, tests/test_tvm456.py against the official package) share one TVM compile (~10 s
+    each). sd is the checkpoint's state dict; a compile error is raised again on every use."""
+    import rwkvc
+    key = (state_dict_digest(sd), target, repr(sorted((options or {}).items())), dtype)
+    if key not in _SHARED_ARTIFACTS:
+        try:
+            _SHARED_ARTIFACTS[key] = rwkvc.compile(ckpt, out_dir, target=target, options=options or {}, dtype=dtype)
+        except Exception as e:  # noqa: BLE001  (re-raised on every use)
+            _SHARED_ARTIFACTS[key] = e
+    if isinstance(_SHARED_ARTIFACTS[key], Exception):
+        raise _SHARED_ARTIFACTS[key]
+    return _SHARED_ARTIFACTS[key]
+
+
 def official_rwkv(path_pth: str):
     """The official package's model for a .pth file ('cpu fp32'); it appends '.pth' itself."""
     import contextlib

@@ -59,12 +59,10 @@ TOLERANCES = {
 }
 DTYPE = "float32"
 
-_V7_ONLY_TVM = "the TVM lowering (tvm-host, rpi5) lowers RWKV-7 only: compile raises RwkvcError for {v}"
 GAPS = {
     # (lowering, version): why compiling it raises RwkvcError
     **{("onnx-fused", v): "rwkvc's fused kernels cover RWKV-7 only: compiling with LoweringPolicy(fused=True) "
                           f"refuses {v}" for v in ("v4", "v5.2", "v6")},
-    **{(low, v): _V7_ONLY_TVM.format(v=v) for low in ("tvm-host", "rpi5") for v in ("v4", "v5.2", "v6")},
 }
 SKIPS = {
     # (lowering, version, mode): why there is nothing to run
@@ -127,7 +125,7 @@ def centres(tmp_path_factory):
             with torch.no_grad():
                 logits, state = model(torch.tensor([tokens]))
             shift, wkv = state_arrays(state)
-            built[version] = dict(version=version, dir=d, ckpt=save_state_dict(sd, d / "model.pth"), model=model,
+            built[version] = dict(version=version, dir=d, ckpt=save_state_dict(sd, d / "model.pth"), model=model, sd=sd,
                                   tokens=tokens, logits=logits[0].numpy(), shift=shift, wkv=wkv, artifacts={})
         return built[version]
     return get
@@ -153,8 +151,12 @@ def toolchain_missing(lowering: str) -> str | None:
 
 
 def artifact(centre, lowering: str):
-    """The (version, lowering) artifact, compiled once per module; a compile error is raised on every use."""
+    """The (version, lowering) artifact, compiled once per module (the TVM ones once per session, shared with
+    tests/test_tvm456.py); a compile error is raised on every use."""
     cache = centre["artifacts"]
+    if lowering in ("tvm-host", "rpi5"):
+        from helpers import compile_shared
+        return compile_shared(centre["sd"], centre["ckpt"], centre["dir"] / lowering, lowering)
     if lowering not in cache:
         target, options = {"onnx-plain": ("cpu", cpu_options(False)), "onnx-fused": ("cpu", cpu_options(True)),
                            "tvm-host": ("tvm-host", {}), "rpi5": ("rpi5", {})}[lowering]

@@ -53,10 +53,11 @@ def block_arrays(blk: ir.Block, ks: KernelShape) -> list[tuple[str, np.ndarray]]
         out += [f32("att.ln_x.weight", blk.att.ln_x.weight), f32("att.ln_x.bias", blk.att.ln_x.bias)]
     out += [f32("ln2.weight", blk.ln2.weight), f32("ln2.bias", blk.ln2.bias)]
     out += [f32(f"ffn.{m}", v) for m, v in blk.ffn.mix.items()]
-    if selective_sparse(blk.ffn):
-        out += rows_params(blk.ffn, ks)
-    else:
-        for m, lin in blk.ffn.lin.items():
+    row_read = selective_sparse(blk.ffn)
+    if row_read:
+        out += rows_params(blk.ffn, ks)           # key and value.T one row per unit
+    for m, lin in blk.ffn.lin.items():
+        if not (row_read and m in ("key", "value")):
             out += [(f"ffn.{m}.{s}", a) for s, a in LINEAR_LOWERINGS[lin.kind].params(lin, ks).items()]
     if blk.ffn.sparse is not None:
         out += [(f"ffn.sparse.{s}", a) for s, a in predictor_params(blk.ffn.sparse, ks)]
