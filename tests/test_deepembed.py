@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import rwkvc
+from rwkvc.bench import weight_traffic
 from rwkvc.errors import RwkvcError
 from rwkvc.frontend import model_from_state_dict
 from rwkvc.inspect import inspect_path
@@ -207,6 +208,11 @@ def test_int8_tables_within_their_bound(case):
     assert (dense["storage"], dense["resident"], dense["bytes"]) == (["float32"], True, L * V * D * D * 4)
     assert (lazy["storage"], lazy["resident"], lazy["bytes"]) == (["int8"], False, L * V * (D * D + 4))
     assert lazy["bytes_read_per_token"] == L * (D * D + 4) and dense["bytes_read_per_token"] == L * D * D * 4
+    # the graphs read the tables by token (rwkvc.bench.weight_traffic): memory-mapped, one row a token and layer
+    wl, wd = weight_traffic(art), weight_traffic(artifact(case, "dense-fused", fused=True))
+    assert wl["weight_bytes_mapped"] == L * V * (D * D + 4) and wd["weight_bytes_mapped"] == 0
+    assert wd["weight_bytes_resident"] - wl["weight_bytes_resident"] == L * V * D * D * 4
+    assert wd["weight_bytes_read_per_token"] - wl["weight_bytes_read_per_token"] == L * (D * D * 4 - (D * D + 4))
 
 
 def test_inspect_shows_the_tables(case):
