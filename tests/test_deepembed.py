@@ -136,7 +136,8 @@ def test_cli_names_the_bad_key_in_one_line(case, tmp_path):
     sd = dict(case["sd"])
     sd["blocks.1.ffn.s1"] = torch.zeros(C, 8)
     bad = save_state_dict(sd, tmp_path / "bad.pth")
-    r = subprocess.run(rwkvc_cmd() + ["compile", bad, "-o", str(tmp_path / "out"), "-q"], capture_output=True, text=True)
+    r = subprocess.run(rwkvc_cmd() + ["compile", bad, "-o", str(tmp_path / "out"), "-q"], capture_output=True,
+                       text=True)
     one_error_line(r, "blocks.1.ffn.s1", "(64, 32)")
     assert not (tmp_path / "out").exists()
 

@@ -76,7 +76,8 @@ class DeepEmbedTable:
         return np.asarray(rows, np.float32)
 
     def describe(self) -> str:
-        return f"deepembed {self.shape[0]}x{self.shape[1]} (resident; s_emb_x {self.s_emb_x.shape[0]}x{self.s_emb_x.shape[1]})"
+        V, D2 = self.shape
+        return f"deepembed {V}x{D2} (resident; s_emb_x {self.s_emb_x.shape[0]}x{self.s_emb_x.shape[1]})"
 
 
 @dataclass(eq=False)
