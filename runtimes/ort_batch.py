@@ -58,6 +58,12 @@ class BatchPool:
         self.n += 1
         return self.n - 1
 
+    def set_state(self, slot: int, state: ir.State) -> None:
+        """Replace the state of the sequence in `slot` (a live one)."""
+        if not 0 <= slot < self.n:
+            raise RwkvcError(f"slot {slot} is not live (live: 0..{self.n - 1})")
+        self._write(slot, state)
+
     def _write(self, slot: int, state: ir.State) -> None:
         c = self.cur
         self.shift[c][slot] = state.shift

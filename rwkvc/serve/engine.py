@@ -288,7 +288,14 @@ class Engine:
         self.live.append(h)
 
     def _step(self) -> None:
-        logits = self.pool.step([h.pending for h in self.live])
+        if len(self.live) == 1 and self.batched:
+            # one sequence: the artifact's own step (its fused kernels; ~10 % faster than the batched graph
+            # at B = 1), the state moved out of the pool and back (two copies of a few MB)
+            logits, st = self.model.forward([self.live[0].pending], self.pool.state(0))
+            self.pool.set_state(0, st)
+            logits = logits[None]
+        else:
+            logits = self.pool.step([h.pending for h in self.live])
         self.counts["steps"] += 1
         self.counts["step_sequences"] += len(self.live)
         self.counts["peak_running"] = max(self.counts["peak_running"], len(self.live))

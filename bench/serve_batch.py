@@ -1,0 +1,136 @@
+"""Serving benchmarks: aggregate decode tokens/s against the batch size, and time to first token with and
+without a prefix-cache hit.
+
+    python bench/serve_batch.py ART [ART ...] [--batches 1,2,4,8,16] [--steps 16] [--reps 3] [--threads 2]
+    python bench/serve_batch.py ART --ttft --prefix 2000
+
+Decode: B sequences (each prefilled with its own short prompt) advance by --steps tokens with one
+batch_step call a step (rwkvc.runtimes.ort_batch.BatchPool); tokens/s = B * steps / seconds, best of
+--reps. "1 stream" is one sequence on the artifact's own step graph (Model.forward: the fused kernels
+where the artifact has them), which is what a single request gets from `rwkvc serve`. Every batch size
+of every artifact is measured in turn within each repetition, so they share the machine's moments.
+Greedy sampling (argmax) is included in the time, as the server does it.
+
+TTFT: the serving engine (rwkvc.serve.Engine) receives a chat request whose system message is a --prefix
+token text, then a second request with the same system message and another question: the first prefills
+everything (cold), the second resumes from the cached state after the system message (hit). Time from
+submit to the first generated token; best of --reps, each rep with a fresh cache.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+
+import numpy as np
+
+
+def decode_rates(arts, batches, steps, reps, threads):
+    import rwkvc
+    from rwkvc.runtimes.ort_batch import BatchPool
+    runs = []
+    for art in arts:
+        m = rwkvc.load(art, threads=threads)
+        pools = {b: BatchPool(m.runtime, b) for b in batches}
+        prompts = [m.encode(f"Sequence {i} begins here:") for i in range(max(batches))]
+        states = [m.forward(p)[1] for p in prompts]
+        for b, pool in pools.items():
+            for s in states[:b]:
+                pool.add(s)
+        runs.append((art, m, pools, states))
+    best: dict = {}
+    for _ in range(reps):
+        for art, m, pools, states in runs:
+            # one stream on the artifact's own step
+            st, tok = states[0], 11
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                logits, st = m.forward([tok], st)
+                tok = int(np.argmax(logits))
+            r = steps / (time.perf_counter() - t0)
+            best[(art, "step")] = max(best.get((art, "step"), 0), r)
+            for b, pool in pools.items():
+                toks = np.full(b, 11, np.int64)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    logits = pool.step(toks)
+                    toks = logits.argmax(axis=1)
+                r = b * steps / (time.perf_counter() - t0)
+                best[(art, b)] = max(best.get((art, b), 0), r)
+    out = []
+    for art, *_ in runs:
+        one = best[(art, "step")]
+        row = {"artifact": art, "one_stream_tokens_per_s": round(one, 1),
+               "batched": {b: {"tokens_per_s": round(best[(art, b)], 1), "x_one_stream": round(best[(art, b)] / one, 2)}
+                           for b in batches}}
+        out.append(row)
+    return out
+
+
+def ttft(art, prefix_tokens, reps, threads):
+    import rwkvc
+    from rwkvc.sampling import SamplingConfig
+    from rwkvc.serve import Engine, Job
+    from rwkvc.serve.chat import chat_segments
+    m = rwkvc.load(art, threads=threads)
+    words = ("and the light of the morning came upon the land where the people had gathered in the valley "
+             "to hear the words of the elders ").split()
+    text, i = "", 0
+    while len(m.encode(text)) < prefix_tokens:
+        text += words[i % len(words)] + " "
+        i += 1
+    cfg = SamplingConfig(temperature=0, token_stop=(0,))
+
+    def one(eng, question):
+        segs = tuple(tuple(m.encode(s)) for s in chat_segments([{"role": "system", "content": text},
+                                                                {"role": "user", "content": question}]))
+        done = threading.Event()
+        h = eng.submit(Job(segs, 1, cfg), lambda kind, d: done.set() if kind in ("done", "error") else None)
+        done.wait()
+        return h.t_first - h.t_submit, sum(map(len, segs)), h.cached_tokens
+
+    cold, hit = [], []
+    for _ in range(reps):
+        eng = Engine(m, max_batch=2, cache_bytes=512 << 20)
+        c = one(eng, "What came upon the land?")
+        h = one(eng, "Who had gathered in the valley?")
+        eng.close()
+        cold.append(c)
+        hit.append(h)
+    c, h = min(cold), min(hit)
+    return {"artifact": art, "prefix_tokens": len(m.encode(text)), "prompt_tokens": [c[1], h[1]],
+            "ttft_cold_s": round(c[0], 3), "ttft_hit_s": round(h[0], 3), "cached_tokens_on_hit": h[2],
+            "speedup": round(c[0] / h[0], 1)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("artifacts", nargs="+")
+    ap.add_argument("--batches", default="1,2,4,8,16")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--ttft", action="store_true", help="time to first token with and without a prefix-cache hit")
+    ap.add_argument("--prefix", type=int, default=2000, help="shared prefix length in tokens (--ttft)")
+    a = ap.parse_args(argv)
+    if a.ttft:
+        res = [ttft(art, a.prefix, a.reps, a.threads) for art in a.artifacts]
+        for r in res:
+            print(f"{r['artifact']}: {r['prefix_tokens']}-token shared prefix: TTFT cold {r['ttft_cold_s'] * 1e3:.0f} ms, "
+                  f"prefix-cache hit {r['ttft_hit_s'] * 1e3:.0f} ms ({r['speedup']}x; {r['cached_tokens_on_hit']} "
+                  f"tokens from the cache)", file=sys.stderr)
+    else:
+        res = decode_rates(a.artifacts, [int(b) for b in a.batches.split(",")], a.steps, a.reps, a.threads)
+        for r in res:
+            print(f"{r['artifact']}: 1 stream (own step) {r['one_stream_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+            for b, v in r["batched"].items():
+                print(f"  batch {b:3d}: {v['tokens_per_s']:8.1f} tokens/s  ({v['x_one_stream']:.2f}x one stream)",
+                      file=sys.stderr)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
