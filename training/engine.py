@@ -195,7 +195,7 @@ class DeepSpeedEngine(SingleEngine):
         bucket = int(args.ds_bucket_mb * 1e6)
         config = {
             "train_micro_batch_size_per_gpu": args.micro_bsz,
-            "gradient_accumulation_steps": 1,
+            "gradient_accumulation_steps": getattr(args, "accumulation", 1),   # GRPO: micro-batches per step
             "gradient_clipping": args.grad_clip,
             "zero_optimization": {"stage": self.stage, "allgather_bucket_size": bucket, "reduce_bucket_size": bucket},
             "steps_per_print": 1 << 62,
