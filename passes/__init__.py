@@ -39,6 +39,15 @@ class PassContext:
     dump_dir: str | None = None
     extra: dict = field(default_factory=dict)
     later: tuple = ()              # the names of the recipe's passes after the running one (run_passes)
+    spill_dir: str | None = None   # where keep() writes new weights (a compile's scratch directory), or None
+
+    def keep(self, rep):
+        """A weight representation a pass puts into the IR: with spill_dir, its big arrays go to scratch files
+        and are read back when used (rwkvc.mapped.spill_rep), so a pass over a big model holds one matrix."""
+        if self.spill_dir is None:
+            return rep
+        from rwkvc.mapped import spill_rep
+        return spill_rep(rep, self.spill_dir)
 
 
 PASSES: dict[str, Pass] = {}

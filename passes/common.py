@@ -105,7 +105,7 @@ def selected(model: ir.Model, targets: str, layers: str = "all") -> Iterator[tup
 
 def nbytes(rep) -> int:
     """Bytes a weight representation holds (as the IR stores it)."""
-    return int(sum(np.asarray(a).nbytes for a in rep.arrays().values()))
+    return int(sum(a.nbytes if hasattr(a, "nbytes") else np.asarray(a).nbytes for a in rep.arrays().values()))
 
 
 def n_params(rep) -> int:

@@ -95,6 +95,7 @@ class QuantPass:
                 continue
             before += nbytes(lin.weight)
             after += nbytes(new)
+            new = ctx.keep(new) if hasattr(ctx, "keep") else new   # a compile's scratch file, not memory
             changed.append(lin.name)
             if container is None:
                 model.head = ir.Linear(lin.name, new)

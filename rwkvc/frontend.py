@@ -8,20 +8,32 @@ Every problem a user can cause raises RwkvcError with one line naming the file/k
 """
 from __future__ import annotations
 
+import contextvars
 import os
 import zipfile
 from pathlib import Path
 
 import torch
 
-from . import ir
+from . import ir, mapped
 from .arch import ARCHS, Arch
 from .errors import RwkvcError
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def _mapped_file(path) -> bool:
+    """Whether load_state_dict(path, lazy=True) memory-maps the file (a zip .pth or a .safetensors)."""
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        return True
+    with open(p, "rb") as f:
+        return f.read(2) == b"PK"
+
+
+def load_state_dict(path: str | os.PathLike, lazy: bool = False) -> dict[str, torch.Tensor]:
+    """lazy: a .safetensors file is memory-mapped (rwkvc.mapped.safetensors_mapped), not read; a zip .pth
+    always is (torch.load(mmap=True))."""
     p = Path(path)
     if not p.exists():
         raise RwkvcError(f"{p}: no such file; give the path of an RWKV checkpoint (.pth or .safetensors)")
@@ -32,7 +44,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if p.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
-            sd = load_file(str(p))
+            sd = mapped.safetensors_mapped(str(p)) if lazy else load_file(str(p))
         except Exception as e:  # safetensors raises its own error types for bad headers / truncation
             raise RwkvcError(f"{p}: not a readable safetensors file ({_first_line(e)}); it may be truncated") from None
     else:
@@ -78,33 +90,43 @@ def detect_version(sd: dict) -> Arch:
     return hits[0]
 
 
-def check_finite(sd: dict) -> None:
-    """Every tensor is floating point (RWKV-LM writes fp32 / fp16 / bf16) and finite."""
+def check_finite(sd: dict, release: bool = False) -> None:
+    """Every tensor is floating point (RWKV-LM writes fp32 / fp16 / bf16) and finite. release: the tensors
+    are memory-mapped; hand each one's pages back after its check (rwkvc.mapped.release)."""
     for k, t in sd.items():
         if not t.is_floating_point():
             raise RwkvcError(f"tensor '{k}' holds {str(t.dtype).replace('torch.', '')} values, not floating point; "
                              "rwkvc compiles float checkpoints (fp32, fp16, bf16): export the trained weights, "
                              "not a quantised copy")
-        if t.dtype in FLOAT_DTYPES and not bool(torch.isfinite(t).all()):
+        if t.dtype in FLOAT_DTYPES and not mapped.all_finite(t):
             raise RwkvcError(f"tensor '{k}' holds NaN or Inf values; the checkpoint is damaged "
                              "(re-export it from a healthy training step)")
+        if release:
+            mapped.release(t)
 
 
-def load_model(path: str | os.PathLike, cluster_file: str | os.PathLike | None = None) -> ir.Model:
-    """cluster_file: RWKV-Lite's vocabulary clusters (`*-cls.npy`) for a checkpoint with a hierarchical head."""
+def load_model(path: str | os.PathLike, cluster_file: str | os.PathLike | None = None,
+               lazy: bool = False) -> ir.Model:
+    """cluster_file: RWKV-Lite's vocabulary clusters (`*-cls.npy`) for a checkpoint with a hierarchical head.
+    lazy: the big matrices stay in the memory-mapped file and are read when used (rwkvc.mapped.LazyArray),
+    so a compile holds one at a time; .pth files written by torch.save and .safetensors files."""
     from .arch import hybrid
     if hybrid.is_hybrid(path):   # a config.json names an RWKV-7 hybrid: the directory, or the file beside it
         model = hybrid.load_model(path)
         ir.verify(model)
         return model
-    sd = load_state_dict(path)
-    return model_from_state_dict(sd, cluster_file=cluster_file)
+    sd = load_state_dict(path, lazy=lazy)
+    return model_from_state_dict(sd, cluster_file=cluster_file, lazy=lazy and _mapped_file(path))
 
 
-def model_from_state_dict(sd: dict, cluster_file: str | os.PathLike | None = None) -> ir.Model:
+def model_from_state_dict(sd: dict, cluster_file: str | os.PathLike | None = None, lazy: bool = False) -> ir.Model:
     arch = detect_version(sd)
-    check_finite(sd)
-    model = arch.to_ir(sd)
+    check_finite(sd, release=lazy)
+    token = _LAZY.set(lazy)
+    try:
+        model = arch.to_ir(sd)
+    finally:
+        _LAZY.reset(token)
     if cluster_file is not None:
         from .arch import lite
         model.head = lite.clustered_head(sd, model, cluster_file)
@@ -115,8 +137,14 @@ def model_from_state_dict(sd: dict, cluster_file: str | os.PathLike | None = Non
     return model
 
 
+_LAZY: contextvars.ContextVar[bool] = contextvars.ContextVar("rwkvc_lazy_load", default=False)
+
+
 def to_numpy(t: torch.Tensor):
-    """float32 / float16 arrays (bf16 and fp64 become float32); shares memory where it can."""
+    """float32 / float16 arrays (bf16 and fp64 become float32); shares memory where it can. Under
+    load_model(lazy=True), tensors of at least rwkvc.mapped.MIN_ELEMENTS values become LazyArrays."""
+    if _LAZY.get() and t.numel() >= mapped.MIN_ELEMENTS:
+        return mapped.from_torch(t, mapped=True)
     if t.dtype in (torch.bfloat16, torch.float64):
-        t = t.float()
+        return mapped.to_float32(t)
     return t.detach().numpy()

@@ -123,25 +123,44 @@ def compile_checkpoint(model_path, out_dir, target: str = "cpu", passes=None, dt
         check_dump_dir(Path(dump_dir))
     bar = _Progress(enabled=progress, total=2 + len(recipe))
     bar.step("load checkpoint")
-    model = load_model(model_path, cluster_file=cluster_file)
+    model = load_model(model_path, cluster_file=cluster_file, lazy=True)   # matrices read as they are used
     if state_path is not None:  # a tuned state becomes the artifact's initial state (validated here)
         from .states import apply_state
         apply_state(model, state_path)
     why = unsupported(tgt, model, dtype or tgt.capabilities.dtypes[0]) if not recipe else None
     if why:
         raise RwkvcError(why)
-    if recipe:
-        from rwkvc.passes import PassContext
-        ctx = ctx or PassContext(progress=progress, dump_dir=dump_dir)
-        for item in recipe:
-            bar.step(f"pass {item[0]}")
-            model = run_passes(model, [item], ctx)
-    bar.step(f"lower for {tgt.name}")
-    path = compile_to_dir(model, tgt, out, dtype=dtype, source=str(model_path), force=force, options=options,
-                          progress=lambda entry: None)
+    scratch = None
+    try:
+        if recipe:
+            from rwkvc.passes import PassContext
+            ctx = ctx or PassContext(progress=progress, dump_dir=dump_dir)
+            if getattr(ctx, "spill_dir", None) is None:   # the passes' new weights wait on disk, not in memory
+                scratch = ctx.spill_dir = _scratch_dir(out)
+            for item in recipe:
+                bar.step(f"pass {item[0]}")
+                model = run_passes(model, [item], ctx)
+        bar.step(f"lower for {tgt.name}")
+        path = compile_to_dir(model, tgt, out, dtype=dtype, source=str(model_path), force=force, options=options,
+                              progress=lambda entry: None)
+    finally:
+        if scratch is not None:
+            import shutil
+            ctx.spill_dir = None
+            shutil.rmtree(scratch, ignore_errors=True)
     bar.step("done")
     bar.close()
     return path
+
+
+def _scratch_dir(out: Path) -> str:
+    """A scratch directory beside the artifact (the same disk, which has room for it), else the system's."""
+    import tempfile
+    parent = out.resolve().parent
+    try:
+        return tempfile.mkdtemp(prefix=f".{out.name}.spill-", dir=parent if parent.is_dir() else None)
+    except OSError:
+        return tempfile.mkdtemp(prefix="rwkvc-spill-")
 
 
 class _Progress:

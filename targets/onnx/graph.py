@@ -32,18 +32,28 @@ class WeightStore:
         the IR, which the step and prefill graphs share, is then computed once)."""
         if name in self.entries:
             return self.entries[name]
-        a = np.ascontiguousarray(arr() if callable(arr) else arr, dtype=np.dtype(dtype or self.dtype))
-        pad = (-self.f.tell()) % ALIGN if a.nbytes >= ALIGN else (-self.f.tell()) % 64
+        src = arr() if callable(arr) else arr
+        dt = np.dtype(dtype or self.dtype)
+        # a LazyArray (rwkvc.mapped: a checkpoint's or a compile's scratch matrix) is written a block of rows at a
+        # time, never held whole; anything else as one contiguous array, without a bytes copy
+        blocks = src.row_blocks() if hasattr(src, "row_blocks") else None
+        a = src if blocks is not None else np.ascontiguousarray(src, dtype=dt)
+        size = int(np.prod(a.shape, dtype=np.int64)) * dt.itemsize
+        pad = (-self.f.tell()) % ALIGN if size >= ALIGN else (-self.f.tell()) % 64
         self.f.write(b"\0" * pad)
         offset = self.f.tell()
-        self.f.write(a.tobytes())
-        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(a.dtype), dims=list(a.shape))
+        for part in (blocks if blocks is not None else [a]):
+            part = np.ascontiguousarray(part, dtype=dt)
+            self.f.write(memoryview(part.reshape(-1)).cast("B") if part.size else b"")
+        if self.f.tell() != offset + size:
+            raise RuntimeError(f"{name}: wrote {self.f.tell() - offset} bytes, expected {size}")
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(dt), dims=list(a.shape))
         t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", self.location), ("offset", str(offset)), ("length", str(a.nbytes))):
+        for k, v in (("location", self.location), ("offset", str(offset)), ("length", str(size))):
             e = t.external_data.add()
             e.key, e.value = k, v
         self.entries[name] = t
-        self.nbytes += a.nbytes
+        self.nbytes += size
         return t
 
     def close(self):

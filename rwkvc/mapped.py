@@ -1,0 +1,290 @@
+"""Arrays read on demand, so that a compile holds one matrix at a time rather than the model.
+
+    LazyArray(load, shape, dtype)   an array-like whose values come from load() each time they are used
+    from_torch(t)                   a LazyArray over a memory-mapped checkpoint tensor (torch.load(mmap=True))
+    spill(arr, dir)                 arr written to a scratch file; a LazyArray that reads it back with read()
+    release(t)                      drop the resident pages of a memory-mapped tensor (madvise MADV_DONTNEED)
+
+A LazyArray behaves as the numpy array it loads wherever numpy converts it (np.asarray, ufuncs, array
+functions, indexing, attributes such as .T or .astype): each use materialises a fresh copy, which is freed
+when the caller drops it. Nothing writes through one (a write would go to a temporary copy): the IR's weights
+are replaced, never modified in place. Its shape, dtype and nbytes need no load.
+
+Why pages are dropped by hand: the pages of a memory-mapped file that a process has read count in its
+resident set until it unmaps the file, so reading a 3 GB checkpoint through one mapping grows the compile's
+RSS by 3 GB even though the kernel could reclaim them. After a tensor is converted, release() hands its pages
+back (they are clean, private file pages: a later read faults them in again from the file).
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import operator
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+PAGE = mmap.PAGESIZE
+MADV_DONTNEED = 4
+MIN_ELEMENTS = 1 << 20          # smaller tensors are converted on load (vectors, low-rank factors)
+
+_libc = None
+
+
+def _madvise(addr: int, n: int) -> None:
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        except (OSError, AttributeError):
+            _libc = False
+    if not _libc or n <= 0:
+        return
+    lo = -(-addr // PAGE) * PAGE           # whole pages inside [addr, addr + n) only: a neighbour's bytes
+    hi = (addr + n) // PAGE * PAGE          # (which its owner may have written) are never dropped
+    if hi > lo:
+        _libc.madvise(lo, hi - lo, MADV_DONTNEED)
+
+
+def release(t) -> None:
+    """Give back the resident pages under a memory-mapped torch tensor's bytes. Only for tensors of a
+    read-only use of a private file mapping (torch.load(mmap=True)), whose pages equal the file's."""
+    _madvise(t.data_ptr(), t.numel() * t.element_size())
+
+
+def _unwrap(x):
+    if isinstance(x, LazyArray):
+        return x.load()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_unwrap(v) for v in x)
+    return x
+
+
+class LazyArray:
+    """An array-like loaded on each use (see the module docstring)."""
+    __slots__ = ("_load", "shape", "dtype", "source", "_rows", "_cols")
+
+    def __init__(self, load, shape, dtype, source: str = "", rows=None, cols=None):
+        """rows: optional fn(start, stop) -> the rows start:stop only (a slice x[a:b] then reads just those);
+        cols: optional fn(start, stop) -> the columns start:stop of a 2-D array (x.T's rows, see T)."""
+        self._load = load
+        self._rows = rows
+        self._cols = cols
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.source = source
+
+    def load(self) -> np.ndarray:
+        a = self._load()
+        if a.shape != self.shape or a.dtype != self.dtype:
+            raise RuntimeError(f"{self.source or 'lazy array'}: loaded {a.shape} {a.dtype}, "
+                               f"expected {self.shape} {self.dtype}")
+        return a
+
+    ndim = property(lambda self: len(self.shape))
+    size = property(lambda self: int(np.prod(self.shape, dtype=np.int64)))
+    nbytes = property(lambda self: self.size * self.dtype.itemsize)
+    itemsize = property(lambda self: self.dtype.itemsize)
+
+    def __len__(self):
+        return self.shape[0]
+
+    @property
+    def T(self) -> "LazyArray":
+        """The transpose, lazy too: a 2-D array read by columns (if its source can) is written block by block."""
+        if self.ndim != 2:
+            return self.load().T
+        rows, cols = self._rows, self._cols
+        return LazyArray(lambda: np.ascontiguousarray(self.load().T), self.shape[::-1], self.dtype,
+                         self.source + ".T" if self.source else "",
+                         rows=(lambda a, b: np.ascontiguousarray(cols(a, b).T)) if cols else None,
+                         cols=(lambda a, b: np.ascontiguousarray(rows(a, b).T)) if rows else None)
+
+    def row_blocks(self, max_bytes: int = 1 << 26):
+        """The array as consecutive blocks of rows of at most ~max_bytes each (the whole array at once when
+        it cannot be read by rows): a writer streams it without holding it."""
+        if self._rows is None or self.ndim == 0 or self.shape[0] == 0:
+            yield self.load()
+            return
+        row = max(1, self.nbytes // max(1, self.shape[0]))
+        step = max(1, max_bytes // row)
+        for a in range(0, self.shape[0], step):
+            yield self._rows(a, min(a + step, self.shape[0]))
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.load()
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kw):
+        if "out" in kw:
+            kw["out"] = _unwrap(kw["out"])
+        return getattr(ufunc, method)(*_unwrap(inputs), **kw)
+
+    def __array_function__(self, func, types, args, kwargs):
+        return func(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()})
+
+    def __getitem__(self, idx):
+        if self._rows is not None and isinstance(idx, slice) and idx.step in (None, 1):
+            start, stop, _ = idx.indices(self.shape[0])
+            return self._rows(start, max(start, stop))
+        return self.load()[idx]
+
+    def __iter__(self):
+        return iter(self.load())
+
+    def __getattr__(self, name):
+        if name.startswith("__"):      # never hand out a temporary's buffer interface
+            raise AttributeError(name)
+        return getattr(self.load(), name)
+
+    def __repr__(self):
+        return f"LazyArray({self.shape}, {self.dtype}{', ' + self.source if self.source else ''})"
+
+
+def _binary(op, reflected=False):
+    if reflected:
+        return lambda self, other: op(_unwrap(other), self.load())
+    return lambda self, other: op(self.load(), _unwrap(other))
+
+
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor",
+              "lt", "le", "gt", "ge", "eq", "ne"):
+    _op = getattr(operator, _name if _name not in ("and", "or") else _name + "_")
+    setattr(LazyArray, f"__{_name}__", _binary(_op))
+    if _name not in ("lt", "le", "gt", "ge", "eq", "ne"):
+        setattr(LazyArray, f"__r{_name}__", _binary(_op, reflected=True))
+LazyArray.__neg__ = lambda self: -self.load()
+LazyArray.__abs__ = lambda self: abs(self.load())
+LazyArray.__hash__ = None
+
+
+def to_float32(t) -> np.ndarray:
+    """A new float32 copy of a bf16 / fp16 / fp32 / fp64 torch tensor. bf16: its bits become the high half of
+    each float32 (exact, and ~3x faster than torch's conversion on CPU)."""
+    import torch
+    if t.dtype == torch.bfloat16 and sys.byteorder == "little":
+        out = np.zeros(tuple(t.shape) + (2,), np.uint16)
+        out[..., 1] = t.detach().contiguous().view(torch.int16).numpy()
+        return out.view(np.float32).reshape(tuple(t.shape))
+    return t.detach().to(torch.float32).numpy().copy() if t.dtype != torch.float32 else t.detach().numpy().copy()
+
+
+_INF_BITS = {"torch.bfloat16": 0x7F80, "torch.float16": 0x7C00}
+
+
+def all_finite(t) -> bool:
+    """No NaN / Inf in a float torch tensor (16-bit floats by their exponent bits, without a conversion)."""
+    import torch
+    bits = _INF_BITS.get(str(t.dtype))
+    if bits is None:
+        return bool(torch.isfinite(t).all())
+    u = t.detach().contiguous().view(torch.int16).numpy()
+    return not bool(np.any((u & bits) == bits))
+
+
+def from_torch(t, name: str = "", mapped: bool = False) -> LazyArray:
+    """A checkpoint tensor as a lazy float32 (bf16 / fp32 / fp64) or float16 array; mapped (the tensor lies
+    in a private file mapping of torch.load(mmap=True)): its pages are released after each conversion."""
+    import torch
+    half = t.dtype == torch.float16
+    dtype = np.float16 if half else np.float32
+
+    def rows(a, b):
+        part = t[a:b]
+        out = part.detach().numpy().copy() if half else to_float32(part)
+        if mapped:
+            release(part)
+        return out
+
+    def cols(a, b):
+        out = t[:, a:b].detach().numpy().copy() if half else to_float32(t[:, a:b])
+        if mapped:
+            release(t)
+        return out
+
+    return LazyArray(lambda: rows(0, t.shape[0]), tuple(t.shape), dtype, name, rows=rows,
+                     cols=cols if t.dim() == 2 else None)
+
+
+def scratch_dir(parent: str | None = None) -> str:
+    return tempfile.mkdtemp(prefix="rwkvc-spill-", dir=parent)
+
+
+def spill(arr, directory: str, name: str) -> LazyArray:
+    """Write `arr` to a file in `directory`; a LazyArray that reads it back with read() (no mapping, so the
+    process holds only what its caller keeps)."""
+    a = np.ascontiguousarray(np.asarray(arr))
+    path = os.path.join(directory, f"{len(os.listdir(directory)):06d}.bin")
+    with open(path, "wb") as f:
+        a.tofile(f)
+    shape, dtype = a.shape, a.dtype
+
+    row = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+
+    def rows(a, b):
+        return np.fromfile(path, dtype=dtype, count=(b - a) * row,
+                           offset=a * row * dtype.itemsize).reshape((b - a,) + tuple(shape[1:]))
+    return LazyArray(lambda: rows(0, shape[0]) if shape else np.fromfile(path, dtype=dtype).reshape(shape),
+                     shape, dtype, name, rows=rows if shape else None)
+
+
+def safetensors_mapped(path: str) -> dict:
+    """{key: tensor} of a .safetensors file, each a view into one private memory mapping of the file (the
+    header parsed by safetensors' own rules: 8-byte little-endian length, JSON, then the data)."""
+    import json
+    import struct
+
+    import torch
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            raise ValueError(f"header length {n} exceeds the file ({size} bytes)")
+        header = json.loads(f.read(n))
+    storage = torch.UntypedStorage.from_file(path, False, size)
+    base = 8 + n
+    out = {}
+    for k, info in header.items():
+        if k == "__metadata__":
+            continue
+        dt = dtypes.get(info["dtype"])
+        if dt is None:
+            raise ValueError(f"tensor {k}: dtype {info['dtype']} is not supported")
+        lo, hi = info["data_offsets"]
+        shape = tuple(info["shape"])
+        t = torch.empty(0, dtype=dt)
+        item = t.element_size()
+        numel = int(np.prod(shape, dtype=np.int64))
+        if hi - lo != numel * item or base + hi > size or (base + lo) % item:
+            raise ValueError(f"tensor {k}: its offsets do not fit its shape, the file or its alignment")
+        out[k] = t.set_(storage, (base + lo) // item, shape)
+    return out
+
+
+SPILL_BYTES = 1 << 20          # arrays at least this big are spilled
+
+
+def spill_rep(rep, directory: str):
+    """A weight representation (a dataclass of arrays, possibly nested) with its arrays of at least
+    SPILL_BYTES written to `directory` and read back lazily (spill)."""
+    import dataclasses
+    if not dataclasses.is_dataclass(rep) or isinstance(rep, type):
+        return rep
+    changes = {}
+    for f in dataclasses.fields(rep):
+        if not f.init:
+            continue
+        v = getattr(rep, f.name)
+        if isinstance(v, np.ndarray) and v.nbytes >= SPILL_BYTES:
+            changes[f.name] = spill(v, directory, f.name)
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+            new = spill_rep(v, directory)
+            if new is not v:
+                changes[f.name] = new
+    return dataclasses.replace(rep, **changes) if changes else rep
