@@ -25,7 +25,9 @@ class Dense:
 
     def quantized(self, q, name: str):
         """This matrix quantised by q(name, w float32) -> (representation, changed)."""
-        return q(name, np.asarray(self.w, np.float32)), True
+        w = self.w if getattr(self.w, "row_blocks", None) and self.w.dtype == np.float32 else \
+            np.asarray(self.w, np.float32)   # a LazyArray stays lazy: the quantisers read it by blocks of rows
+        return q(name, w), True
 
     def describe(self) -> str:
         return f"dense {self.w.shape[0]}x{self.w.shape[1]} {self.w.dtype}"

@@ -11,10 +11,24 @@ def folded_embedding(model, chunk: int = 8192) -> np.ndarray:
     if model.ln0 is None:
         return np.asarray(E, np.float32)
     out = np.empty(E.shape, np.float32)
-    n = model.ln0
     for s in range(0, E.shape[0], chunk):
-        e = np.asarray(E[s:s + chunk], np.float64)
-        mu = e.mean(-1, keepdims=True)
-        var = ((e - mu) ** 2).mean(-1, keepdims=True)
-        out[s:s + chunk] = (e - mu) / np.sqrt(var + n.eps) * n.weight + n.bias
+        out[s:s + chunk] = folded_rows(model, s, s + chunk)
     return out
+
+
+def folded_rows(model, start: int, stop: int) -> np.ndarray:
+    """Rows start:stop of folded_embedding(model) (only those rows of the table are read)."""
+    e = np.asarray(model.emb.weight.w[start:stop], np.float64)
+    n = model.ln0
+    if n is None:
+        return e.astype(np.float32)
+    mu = e.mean(-1, keepdims=True)
+    var = ((e - mu) ** 2).mean(-1, keepdims=True)
+    return ((e - mu) / np.sqrt(var + n.eps) * n.weight + n.bias).astype(np.float32)
+
+
+def folded_lazy(model):
+    """folded_embedding(model) as an rwkvc.mapped.LazyArray read by blocks of rows (a writer streams it)."""
+    from rwkvc.mapped import LazyArray
+    return LazyArray(lambda: folded_embedding(model), model.emb.weight.w.shape, np.float32, "emb (ln0 folded)",
+                     rows=lambda a, b: folded_rows(model, a, b))

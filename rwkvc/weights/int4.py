@@ -26,11 +26,39 @@ def effective_group(group: int, K: int) -> int:
     return min(group, g)
 
 
+BLOCK_ELEMENTS = 1 << 22   # a big matrix is quantised this many weights (whole rows) at a time
+
+
 def quantize_int4(w: np.ndarray, group: int, scales: np.ndarray | None = None,
                   zeros: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Asymmetric group-wise 4-bit (round to nearest). w (N, K) -> codes (N, Kp) uint8 in 0..15,
     scales (N, nb) float32, zeros (N, nb) uint8, with nb = ceil(K / group) and Kp = nb * group (the
-    padding columns hold the zero point, i.e. dequantise to 0). Given scales/zeros are used as they are."""
+    padding columns hold the zero point, i.e. dequantise to 0). Given scales/zeros are used as they are.
+    A big w (an array, or a lazily read one: rwkvc.mapped.LazyArray) is read and quantised by blocks of
+    rows, so the temporaries stay small; the result is the same."""
+    N, K = w.shape
+    step = max(1, BLOCK_ELEMENTS // max(1, K))
+    if N <= step:
+        return _quantize_int4(w, group, scales, zeros)
+    nb = -(-K // group)
+    if scales is None:   # the ranges block by block, then the scales as _quantize_int4 makes them
+        lo, hi = np.empty((N, nb), np.float32), np.empty((N, nb), np.float32)
+        for a in range(0, N, step):
+            wb = np.zeros((min(step, N - a), nb * group), np.float32)
+            wb[:, :K] = np.asarray(w[a:a + step], np.float32)
+            wb = wb.reshape(-1, nb, group)
+            lo[a:a + step], hi[a:a + step] = np.minimum(wb.min(-1), 0.0), np.maximum(wb.max(-1), 0.0)
+        scales = ((hi - lo) / 15.0).astype(np.float32)
+        scales[scales == 0] = 1.0
+        scales = half_exact(scales)
+        zeros = np.clip(np.rint(-lo / scales), 0, 15).astype(np.uint8)
+    codes = np.empty((N, nb * group), np.uint8)
+    for a in range(0, N, step):
+        codes[a:a + step] = _quantize_int4(w[a:a + step], group, scales[a:a + step], zeros[a:a + step])[0]
+    return codes, np.asarray(scales, np.float32), np.asarray(zeros, np.uint8)
+
+
+def _quantize_int4(w, group: int, scales=None, zeros=None):
     w = np.asarray(w, np.float32)
     N, K = w.shape
     nb = -(-K // group)

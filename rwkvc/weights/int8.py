@@ -19,8 +19,24 @@ INT8_BLOCK = 128  # MatMulNBits block for int8 matrices: ONNX Runtime's 8-bit ke
 U8_ZERO = 128   # also MatMulNBits' default zero point for 8-bit codes
 
 
+BLOCK_ELEMENTS = 1 << 22   # a big matrix is quantised this many weights (whole rows) at a time
+
+
 def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-output-channel int8: w (N, K) ~ q * scale[:, None], q in [-127, 127]."""
+    """Symmetric per-output-channel int8: w (N, K) ~ q * scale[:, None], q in [-127, 127]. A big w (an array
+    or a lazily read one: rwkvc.mapped.LazyArray) is read and quantised by blocks of rows (rows are
+    independent: the same result with small temporaries)."""
+    N, K = w.shape
+    step = max(1, BLOCK_ELEMENTS // max(1, K))
+    if N <= step:
+        return _quantize_int8(w)
+    q, scale = np.empty((N, K), np.int8), np.empty(N, np.float32)
+    for a in range(0, N, step):
+        q[a:a + step], scale[a:a + step] = _quantize_int8(w[a:a + step])
+    return q, scale
+
+
+def _quantize_int8(w) -> tuple[np.ndarray, np.ndarray]:
     w = np.asarray(w, np.float32)
     amax = np.abs(w).max(axis=1)
     scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)

@@ -14,7 +14,7 @@ from onnx import helper
 
 from rwkvc import ir
 from rwkvc.abi import DENSE_EMBEDDING
-from rwkvc.weights.embedding import folded_embedding
+from rwkvc.weights.embedding import folded_lazy   # read and written by blocks of rows
 from rwkvc.weights.int8 import quantize_int8
 
 from .graph import Graph
@@ -23,7 +23,7 @@ from .graph import Graph
 def embed_dense(g: Graph, model: ir.Model, tokens: str) -> str:
     """The embedding rows of `tokens`: a Gather from the folded table (ln0 applied), stored once."""
     if DENSE_EMBEDDING not in g.store.entries:
-        g.store.add(DENSE_EMBEDDING, folded_embedding(model))
+        g.store.add(DENSE_EMBEDDING, folded_lazy(model))
     g.inits[DENSE_EMBEDDING] = g.store.entries[DENSE_EMBEDDING]
     return g.op("Gather", DENSE_EMBEDDING, tokens, axis=0)
 
@@ -34,7 +34,7 @@ def embed_lazy(g: Graph, model: ir.Model, tokens: str) -> str:
     store = g.store
     if e.storage == "int8":
         if "emb.q8" not in store.entries:
-            q, s = quantize_int8(folded_embedding(model))
+            q, s = quantize_int8(folded_lazy(model))
             store.add("emb.q8", q, np.int8)
             store.add("emb.q8scale", s[:, None], np.float32)
         for n in ("emb.q8", "emb.q8scale"):
@@ -45,7 +45,7 @@ def embed_lazy(g: Graph, model: ir.Model, tokens: str) -> str:
     dt = np.dtype(e.storage)
     name = f"emb.{e.storage}"
     if name not in store.entries:
-        store.add(name, folded_embedding(model), dt)
+        store.add(name, folded_lazy(model), dt)
     g.inits[name] = store.entries[name]
     x = g.op("Gather", name, tokens, axis=0)
     return x if dt == g.dtype else g.op("Cast", x, to=helper.np_dtype_to_tensor_dtype(g.dtype))
