@@ -41,7 +41,7 @@ def m(art):
 @pytest.fixture(scope="module")
 def server(art):
     from rwkvc.serve.server import BackgroundServer
-    eng = Engine(rwkvc.load(art), max_batch=8, cache_bytes=2 << 20)
+    eng = Engine(rwkvc.load(art), max_batch=8, cache_bytes=4 << 20)
     with BackgroundServer(eng, "tiny") as url:
         yield url, eng
     eng.close()
@@ -124,6 +124,23 @@ def test_prefix_cache_hit_equals_cold(art, m):
         assert st["hits"] == 2 and st["misses"] == 1 and 0 < st["bytes"] <= st["max_bytes"]
     finally:
         eng.close()
+    # a long prompt prefilled 4 tokens between steps while another sequence decodes: both get the text of
+    # a separate greedy generation
+    eng = Engine(m, max_batch=2, cache_bytes=0, prefill_chunk=4)
+    try:
+        events = {0: threading.Event(), 1: threading.Event()}
+        texts = {}
+
+        def done(i):
+            return lambda kind, d: (texts.__setitem__(i, d.get("text")), events[i].set()) if kind == "done" else None
+        long_prompt = "Then the people gathered at the river and spoke of the harvest to come."
+        eng.submit(Job((tuple(m.encode("Short")),), 20, cfg), done(0))
+        eng.submit(Job((tuple(m.encode(long_prompt)),), 6, cfg), done(1))
+        assert events[0].wait(60) and events[1].wait(60)
+        assert texts[0] == m.generate("Short", 20, temperature=0, token_stop=(0,))
+        assert texts[1] == m.generate(long_prompt, 6, temperature=0, token_stop=(0,))
+    finally:
+        eng.close()
 
 
 def test_load_32_clients(server, m):
@@ -132,7 +149,9 @@ def test_load_32_clients(server, m):
     limit; sequences shared steps; the prefix cache stays within its bound."""
     import asyncio
     url, eng = server
-    prompts = [f"Client {i} asks about topic {i * 7 % 13}:" for i in range(32)]
+    # 16 prompts, each sent by two clients: more distinct prompts than the cache holds (evictions), and
+    # prompts another client sent a moment ago (hits)
+    prompts = [f"Client {i % 16} asks about topic {i % 16 * 7 % 13}:" for i in range(32)]
     want = {p: m.generate(p, 4, temperature=0, token_stop=(0,)) for p in prompts}
     before = eng.stats()
 
@@ -159,7 +178,7 @@ def test_load_32_clients(server, m):
     assert st["running"] == 0 and st["waiting"] == 0 and st["failed"] == 0
     assert st["peak_running"] == 8 and st["mean_batch"] > 1            # sequences shared steps, up to max_batch
     pc = st["prefix_cache"]
-    assert pc["bytes"] <= pc["max_bytes"] == 2 << 20 and pc["evictions"] > 0 and pc["hits"] > 0
+    assert pc["bytes"] <= pc["max_bytes"] == 4 << 20 and pc["evictions"] > 0 and pc["hits"] > 0
 
 
 @pytest.mark.parametrize("body, words", [

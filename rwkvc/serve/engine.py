@@ -155,9 +155,10 @@ class Handle:
 
 
 class Engine:
-    def __init__(self, model, max_batch: int = 8, cache_bytes: int = 256 << 20, batched: bool | None = None):
+    def __init__(self, model, max_batch: int = 8, cache_bytes: int = 256 << 20, batched: bool | None = None,
+                 prefill_chunk: int = 512):
         """model: an rwkvc.api.Model. batched: the artifact's batched step graph (None: where it has one and
-        max_batch > 1)."""
+        max_batch > 1). prefill_chunk: prompt tokens prefilled between two steps of the live sequences."""
         from rwkvc.runtimes.ort_batch import BatchPool, has_batch_step
         if not isinstance(max_batch, int) or max_batch < 1:
             raise RwkvcError(f"--max-batch must be >= 1, got {max_batch!r}")
@@ -171,6 +172,10 @@ class Engine:
         self._unused = tuple(i for i in model.tokenizer.unused_ids if i < vocab)
         self.pending: deque[Handle] = deque()
         self.live: list[Handle] = []
+        self.prefilling: list[tuple[Handle, object]] = []   # (handle, its _prefill_chunks generator)
+        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise RwkvcError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
+        self.prefill_chunk = prefill_chunk
         self.cv = threading.Condition()
         self._stop = False
         self.counts = {"requests": 0, "completed": 0, "failed": 0, "cancelled": 0, "generated_tokens": 0,
@@ -210,7 +215,8 @@ class Engine:
     def stats(self) -> dict:
         c = dict(self.counts)
         c["mean_batch"] = c["step_sequences"] / c["steps"] if c["steps"] else 0.0
-        return {**c, "running": len(self.live), "waiting": len(self.pending), "max_batch": self.max_batch,
+        return {**c, "running": len(self.live), "waiting": len(self.pending) + len(self.prefilling),
+                "max_batch": self.max_batch,
                 "batched_step": self.batched, "state_pool_bytes": int(self.pool.state_bytes),
                 "prefix_cache": self.cache.stats()}
 
@@ -218,32 +224,59 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self.cv:
-                while not self._stop and not self.pending and not self.live:
+                while not self._stop and not self.pending and not self.live and not self.prefilling:
                     self.cv.wait()
                 if self._stop:
                     break
-                joining = []
-                while self.pending and len(self.live) + len(joining) < self.max_batch:
-                    joining.append(self.pending.popleft())
+                while self.pending and len(self.live) + len(self.prefilling) < self.max_batch:
+                    h = self.pending.popleft()
+                    self.prefilling.append((h, self._prefill_chunks(h.job, self.prefill_chunk)))
             try:
-                for h in joining:
-                    self._join(h)
+                self._advance_prefills()
                 self._drop_cancelled()
                 if self.live:
                     self._step()
             except Exception as e:   # never leave a request waiting: fail the live ones, keep serving
                 log.exception("engine step failed")
+                failed = [h for h, _ in self.prefilling]
+                self.prefilling.clear()
                 while self.live:
-                    h = self.live[-1]
+                    failed.append(self.live[-1])
                     self._leave(len(self.live) - 1, finished=False)
+                for h in failed:
                     self.counts["failed"] += 1
                     h.on_event("error", f"internal error: {type(e).__name__}: {e}")
-        for h in list(self.pending) + self.live:   # shutting down
+        for h in list(self.pending) + [h for h, _ in self.prefilling] + self.live:   # shutting down
             h.on_event("error", "the server is shutting down")
 
-    def prefill(self, job: Job) -> tuple[np.ndarray, ir.State, int]:
-        """Logits and state after the job's prompt, from its longest cached prefix; the state after each
-        segment's end is cached. Returns (logits, state, tokens found in the cache)."""
+    def _advance_prefills(self) -> None:
+        """Prefill the joining requests, oldest first, about prefill_chunk tokens a turn, so a long prompt
+        holds up the live sequences' steps by one chunk at a time; a request whose prompt is done joins."""
+        budget = self.prefill_chunk
+        while self.prefilling and budget > 0:
+            h, gen = self.prefilling[0]
+            if h.cancelled:
+                self.prefilling.pop(0)
+                self.counts["cancelled"] += 1
+                continue
+            try:
+                budget -= next(gen)
+                continue
+            except StopIteration as done:
+                self.prefilling.pop(0)
+                logits, state, h.cached_tokens = done.value
+            except RwkvcError as e:
+                self.prefilling.pop(0)
+                self.counts["failed"] += 1
+                h.on_event("error", str(e))
+                continue
+            budget -= 1
+            self._join(h, logits, state)
+
+    def _prefill_chunks(self, job: Job, chunk: int | None):
+        """Prefill the job's prompt from its longest cached prefix, up to `chunk` tokens a forward call,
+        yielding the tokens each call took; caches the state after each segment's end; returns (logits,
+        state, tokens found in the cache)."""
         toks = job.tokens or [0]                   # an empty prompt starts a new document (as Model.stream)
         ends, n = [], 0
         for s in job.segments:
@@ -259,21 +292,25 @@ class Engine:
         for e in ends:
             if e <= done:
                 continue
-            logits, state = self.model.forward(toks[done:e], state)
+            while done < e:
+                stop = e if chunk is None else min(e, done + chunk)
+                logits, state = self.model.forward(toks[done:stop], state)
+                yield stop - done
+                done = stop
             self.cache.put(toks[:e], logits, state, hs[e - 1])
-            done = e
         return logits, state, cached
 
-    def _join(self, h: Handle) -> None:
-        if h.cancelled:
-            self.counts["cancelled"] += 1
-            return
-        try:
-            logits, state, h.cached_tokens = self.prefill(h.job)
-        except RwkvcError as e:
-            self.counts["failed"] += 1
-            h.on_event("error", str(e))
-            return
+    def prefill(self, job: Job) -> tuple[np.ndarray, ir.State, int]:
+        """Logits and state after the job's prompt, from its longest cached prefix (caching the state after
+        each segment's end). Returns (logits, state, tokens found in the cache)."""
+        gen = self._prefill_chunks(job, None)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as done:
+                return done.value
+
+    def _join(self, h: Handle, logits: np.ndarray, state: ir.State) -> None:
         h.prompt_tokens = max(1, len(h.job.tokens))
         self.counts["prompt_tokens"] += h.prompt_tokens
         if h.job.max_tokens == 0:
