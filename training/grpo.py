@@ -42,9 +42,10 @@ from rwkvc.training.engine import DeepSpeedEngine, Dist, SingleEngine
 from rwkvc.training.grpo_args import GrpoArgs, as_grpo_args, parse_grpo_args
 from rwkvc.training.grpo_objective import group_advantages, grpo_loss
 from rwkvc.training.grpo_policy import (Policy, completion_logprobs, load_module, make_policy, pad_completions,
-                                        sample_groups)
+                                        sample_groups, vocab_size)
 from rwkvc.training.model import lr_at, select_wkv
 from rwkvc.training.rewards import Reward, parse_reward
+from rwkvc.training.state_model import base_digest
 from rwkvc.training.tasks import sample_order
 from rwkvc.training.trainer import resolve_devices
 
@@ -194,11 +195,6 @@ def evaluate(policy: Policy, items: list[dict], tokenizer, reward: Reward, args:
 # ------------------------------------------------------------------------------------------------
 # the loop
 
-def _digest(path: str) -> str:
-    from rwkvc.integrity import file_sha256
-    return file_sha256(Path(path))
-
-
 def train_grpo(args, log=None, tokenizer=None) -> Path:
     """GRPO as `args` (GrpoArgs, dict or Namespace) say; returns rwkv-final.pth. `tokenizer` (encode, decode,
     eod_id) replaces the one --vocab names (tests use tiny ones)."""
@@ -225,8 +221,8 @@ def train_grpo(args, log=None, tokenizer=None) -> Path:
                   if args.eval_prompts else [])
     if not args.load_model:
         raise RwkvcError("--load_model is required: the starting policy (and the KL reference)")
-    family, model = load_module(args.load_model)
-    V = model.emb.weight.shape[0] if hasattr(model, "emb") else None
+    family, model, sidecars = load_module(args.load_model)
+    V = vocab_size(model)
     tok = tokenizer if tokenizer is not None else load_tokenizer(args.vocab)
     tokenize(train_items, "--prompts", tok, V)
     tokenize(eval_items, "--eval_prompts", tok, V)
@@ -236,10 +232,10 @@ def train_grpo(args, log=None, tokenizer=None) -> Path:
     device = torch.device(f"cuda:{dist_info.local_rank}" if args.accelerator == "gpu" else "cpu")
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
     wkv_name, wkv_fn = select_wkv(args.wkv, device, args.chunk_len, compute)
-    ref_digest = _digest(args.load_model)
+    ref_digest = base_digest(model)                 # the reference's weights, however they were stored
     ref_policy = None
     if args.kl_beta > 0:
-        _, ref_model = load_module(args.load_model)
+        _, ref_model, _ = load_module(args.load_model)
         ref_model.to(device).eval().requires_grad_(False)
         ref_policy = make_policy(ref_model, wkv_fn)
     seed = args.random_seed if args.random_seed >= 0 else int.from_bytes(os.urandom(3), "little")
@@ -258,6 +254,8 @@ def train_grpo(args, log=None, tokenizer=None) -> Path:
             ban = ban.to(device)
         if rank0:
             files.remove_dead_temps(proj)
+            for name, text in sidecars.items():           # a hybrid's config.json beside its checkpoints
+                files.atomic_write_text(proj / name, text)
             if args.restart and ckpt.clear_states(proj):
                 say(f"note: --restart 1: starting again from step 0; the training states in {proj} are deleted")
         engine.barrier()
@@ -269,8 +267,9 @@ def train_grpo(args, log=None, tokenizer=None) -> Path:
             if state.get("kind") != "grpo":
                 raise RwkvcError(f"{proj} holds checkpoints of another kind of run; give GRPO its own --proj_dir")
             if state.get("ref_sha256") != ref_digest:
-                raise RwkvcError(f"--load_model {args.load_model} is not the file this run started from (its "
-                                 "sha256 differs), and it is the KL reference; give the original, or --restart 1")
+                raise RwkvcError(f"--load_model {args.load_model} is not the model this run started from (its "
+                                 "weights' sha256 differs), and it is the KL reference; give the original, or "
+                                 "--restart 1")
             engine.load_state(str(proj), state, weights)
 
         found = ckpt.resume_latest(proj, resume, restore, say)

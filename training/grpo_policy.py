@@ -9,8 +9,10 @@ plus two operations on its state, so that one prompt's state can serve a whole g
     select_state(state, index (B',) int64) -> state    rows `index` of the batch (repeats allowed)
     cat_states([state, ...]) -> state                  batches joined
 
-RWKV-7 (rwkvc.reference.v7.RWKV7) is adapted here (STATE_OPS); another model family (a hybrid) gives
-its module `select_state` / `cat_states` methods, or an entry in STATE_OPS, and a loader in LOADERS.
+RWKV-7 (rwkvc.reference.v7.RWKV7) and the RWKV-7 hybrids (rwkvc.reference.hybrid.Hybrid: a transformer's
+embeddings, norms, MLPs and head around RWKV-7 time-mixes; the same State) are registered here; another
+family gives its module `select_state` / `cat_states` methods (or an entry in STATE_OPS), a loader in
+LOADERS and a policy maker in POLICIES.
 
 Sampling (`sample_groups`) is the RNN's advantage: each prompt is read once, its state copied G times,
 and all P*G completions step together, each keeping one fixed-size state (no cache that grows); rows
@@ -26,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from rwkvc.errors import RwkvcError
+from rwkvc.reference.hybrid import Hybrid
 from rwkvc.reference.v7 import RWKV7, State, config_from_state_dict
 
 
@@ -72,51 +75,82 @@ def _device(module: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def rwkv7_policy(model: RWKV7, wkv_fn=None) -> Policy:
+def recurrent_policy(model: nn.Module, wkv_fn=None) -> Policy:
+    """RWKV7 and Hybrid: forward(idx, state, wkv_fn=...) -> (logits, State)."""
     def forward(tokens, state):
         return model(tokens, state, wkv_fn=wkv_fn)
     return Policy(model, forward)
 
 
-def _is_rwkv7(sd: dict) -> bool:
-    return all(k in sd for k in ("emb.weight", "blocks.0.att.k_k", "blocks.0.att.a0", "blocks.0.att.r_k"))
+def _is_rwkv7(path: str) -> bool:
+    return True                                   # the fallback: checked by its keys when loaded
 
 
-def _load_rwkv7(sd: dict) -> nn.Module:
-    model = RWKV7(config_from_state_dict(sd))
-    model.load_state_dict({k: v.float() for k, v in sd.items()})
-    return model
-
-
-# name -> (recognises a state_dict, builds the module from it)
-LOADERS: dict[str, tuple[Callable[[dict], bool], Callable[[dict], nn.Module]]] = {"RWKV-7": (_is_rwkv7, _load_rwkv7)}
-POLICIES: dict[type, Callable] = {RWKV7: rwkv7_policy}
-
-
-def load_module(path: str) -> tuple[str, nn.Module]:
-    """A checkpoint -> (family name, module in fp32); one-line errors for a missing or foreign file."""
+def _load_rwkv7(path: str) -> tuple[nn.Module, dict]:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise RwkvcError(f"--load_model {path} not found") from None
     except Exception as e:
         raise RwkvcError(f"--load_model {path}: not a readable torch checkpoint ({type(e).__name__})") from None
-    if not isinstance(sd, dict):
-        raise RwkvcError(f"--load_model {path}: expected a state_dict, found {type(sd).__name__}")
-    for name, (match, build) in LOADERS.items():
-        if match(sd):
+    keys = ("emb.weight", "blocks.0.att.k_k", "blocks.0.att.a0", "blocks.0.att.r_k")
+    if not isinstance(sd, dict) or not all(k in sd for k in keys):
+        raise RwkvcError(f"--load_model {path}: not a checkpoint of a family GRPO trains ({', '.join(LOADERS)})")
+    model = RWKV7(config_from_state_dict(sd))
+    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    return model, {}
+
+
+def _is_hybrid(path: str) -> bool:
+    from rwkvc.arch.hybrid import config_path
+    return config_path(path) is not None
+
+
+def _load_hybrid(path: str) -> tuple[nn.Module, dict]:
+    """A hybrid directory (config.json + model.safetensors) or weights file with config.json beside it; the
+    checkpoints GRPO writes (rwkv-N.pth) get the config.json beside them, the layout rwkvc compile reads."""
+    import json
+
+    from rwkvc.reference.hybrid import load
+    model = load(path)
+    return model, {"config.json": json.dumps(model.cfg.to_json(), indent=1)}
+
+
+# name -> (recognises a checkpoint path, loads it -> (module in fp32, files to write beside its checkpoints)),
+# tried in order
+LOADERS: dict[str, tuple[Callable[[str], bool], Callable[[str], tuple[nn.Module, dict]]]] = {
+    "RWKV-7 hybrid": (_is_hybrid, _load_hybrid), "RWKV-7": (_is_rwkv7, _load_rwkv7)}
+POLICIES: dict[type, Callable] = {RWKV7: recurrent_policy, Hybrid: recurrent_policy}
+
+
+def load_module(path: str) -> tuple[str, nn.Module, dict]:
+    """A checkpoint -> (family name, module in fp32, {file name: text} to write beside its checkpoints);
+    one-line errors for a missing or foreign file."""
+    from pathlib import Path
+    if not Path(path).exists():
+        raise RwkvcError(f"--load_model {path} not found")
+    for name, (match, load) in LOADERS.items():
+        if match(path):
             try:
-                return name, build(sd)
+                module, sidecars = load(path)
+            except RwkvcError:
+                raise
             except Exception as e:
                 raise RwkvcError(f"--load_model {path}: a {name} checkpoint that does not load "
                                  f"({(str(e).splitlines() or [''])[0][:200]})") from None
+            return name, module, sidecars
     raise RwkvcError(f"--load_model {path}: not a checkpoint of a family GRPO trains ({', '.join(LOADERS)})")
+
+
+def vocab_size(module: nn.Module) -> int | None:
+    cfg = getattr(module, "cfg", None)
+    return getattr(cfg, "vocab_size", None)
 
 
 def make_policy(module: nn.Module, wkv_fn=None) -> Policy:
     make = POLICIES.get(type(module))
     if make is not None:
-        return make(module, wkv_fn) if make is rwkv7_policy else make(module)
+        return make(module, wkv_fn)
     return Policy(module, module.forward)   # any module with forward(tokens, state) -> (logits, state)
 
 
