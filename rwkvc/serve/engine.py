@@ -5,10 +5,12 @@
     # on_event("text", piece) ... then on_event("done", {"finish_reason": ..., "usage": {...}})
     #                              or on_event("error", message)
 
-Each turn of the worker: waiting requests join while there is room (their prompts prefilled from the
-longest cached prefix, rwkvc.serve.cache, and their first token sampled), then one batched step advances
-every live sequence by a token (rwkvc.runtimes.ort_batch.BatchPool: one graph call for all), then each
-samples its next token with its own sampler and seed; finished and cancelled sequences leave. So requests
+Each turn of the worker: waiting requests are taken in while there is room and their prompts prefilled,
+oldest first, about prefill_chunk tokens a turn (from the longest cached prefix, rwkvc.serve.cache); a
+request whose prompt is done samples its first token and joins; then one batched step advances every live
+sequence by a token (rwkvc.runtimes.ort_batch.BatchPool: one graph call for all; a lone sequence uses the
+artifact's own step), and each samples its next token with its own sampler and seed; finished and
+cancelled sequences leave. So requests
 join and leave between steps, and a sequence's tokens depend only on its own prompt, sampling options and
 seed (its logits are those of a separate decode, to float rounding).
 
