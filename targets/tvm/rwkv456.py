@@ -17,7 +17,7 @@ import numpy as np
 from rwkvc import ir
 from rwkvc.arch.v6 import MAA   # the order of the five data-dependent mixes
 
-from .base import F32, relax
+from .base import relax
 from .context import Ctx
 from .kinds import linear
 from .v7 import relu2_ffn, shifted
