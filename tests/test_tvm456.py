@@ -183,7 +183,7 @@ def test_runner_starts_from_the_tuned_state(cases):
 
 
 def test_targets_declare_every_rwkv_version():
-    """Capabilities are data: both TVM targets declare RWKV-4, 5.0-5.2, 6 and 7 (refused before: v4-v6)."""
+    """Capabilities are data: both TVM targets declare RWKV-4, 5.0-5.2, 6 and 7."""
     from rwkvc.targets import get_target
     for name in ("tvm-host", "rpi5"):
         assert get_target(name).capabilities.versions >= {"4", "5.0", "5.1", "5.2", "6", "7"}
