@@ -192,7 +192,8 @@ def test_load_32_clients(server, m):
     (b'{"prompt": "x", "stop": [""]}', ["stop"]),
     (b'{"prompt": ["a", "b"]}', ["one prompt"]),
     (b'{"prompt": "x", "model": "gpt-9"}', ["gpt-9"]),
-    (b'{"prompt": "x", "stop_token_ids": [99999]}', ["99999"]),
+    (b'{"prompt": "x", "stop_token_ids": [99999]}', ["stop_token_ids", "99999"]),
+    (b'{"prompt": "x", "ban_token_ids": [-1]}', ["ban_token_ids"]),
 ])
 def test_malformed_completions_get_400(server, body, words):
     status, r = post(server[0] + "/completions", body)

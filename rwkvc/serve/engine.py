@@ -189,7 +189,7 @@ class Engine:
     def submit(self, job: Job, on_event: Callable) -> Handle:
         cfg = job.sampling
         V = self.model.config.vocab_size
-        for name, ids in (("token_ban", cfg.token_ban), ("token_stop", cfg.token_stop)):
+        for name, ids in (("ban_token_ids", cfg.token_ban), ("stop_token_ids", cfg.token_stop)):
             bad = [i for i in ids if not 0 <= i < V]
             if bad:
                 raise RwkvcError(f"{name}: token id {bad[0]} is not in this model's vocabulary (0 to {V - 1})")

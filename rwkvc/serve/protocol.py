@@ -62,6 +62,10 @@ class _Sampling(BaseModel):
                 raise RwkvcError(f"{k}: not supported by this server")
 
     def sampling(self, extra_stops: tuple[str, ...] = ()) -> SamplingConfig:
+        for name in ("stop_token_ids", "ban_token_ids"):
+            bad = [t for t in getattr(self, name) or [] if t < 0]
+            if bad:
+                raise RwkvcError(f"{name}: token ids are >= 0, got {bad[0]}")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stops):
             raise RwkvcError("stop: stop strings must be non-empty")
