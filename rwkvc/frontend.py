@@ -98,7 +98,7 @@ def check_finite(sd: dict, release: bool = False) -> None:
             raise RwkvcError(f"tensor '{k}' holds {str(t.dtype).replace('torch.', '')} values, not floating point; "
                              "rwkvc compiles float checkpoints (fp32, fp16, bf16): export the trained weights, "
                              "not a quantised copy")
-        if t.dtype in FLOAT_DTYPES and not mapped.all_finite(t):
+        if t.dtype in FLOAT_DTYPES and not mapped.all_finite(t, drop_pages=release):
             raise RwkvcError(f"tensor '{k}' holds NaN or Inf values; the checkpoint is damaged "
                              "(re-export it from a healthy training step)")
         if release:

@@ -103,7 +103,7 @@ class LazyArray:
                          rows=(lambda a, b: np.ascontiguousarray(cols(a, b).T)) if cols else None,
                          cols=(lambda a, b: np.ascontiguousarray(rows(a, b).T)) if rows else None)
 
-    def row_blocks(self, max_bytes: int = 1 << 26):
+    def row_blocks(self, max_bytes: int = 1 << 24):
         """The array as consecutive blocks of rows of at most ~max_bytes each (the whole array at once when
         it cannot be read by rows): a writer streams it without holding it."""
         if self._rows is None or self.ndim == 0 or self.shape[0] == 0:
@@ -175,14 +175,24 @@ def to_float32(t) -> np.ndarray:
 _INF_BITS = {"torch.bfloat16": 0x7F80, "torch.float16": 0x7C00}
 
 
-def all_finite(t) -> bool:
-    """No NaN / Inf in a float torch tensor (16-bit floats by their exponent bits, without a conversion)."""
+def all_finite(t, drop_pages: bool = False, block: int = 1 << 22) -> bool:
+    """No NaN / Inf in a float torch tensor (16-bit floats by their exponent bits, without a conversion),
+    checked `block` values at a time. drop_pages: the tensor is memory-mapped (see release); each block's
+    pages are handed back once checked."""
     import torch
     bits = _INF_BITS.get(str(t.dtype))
-    if bits is None:
-        return bool(torch.isfinite(t).all())
-    u = t.detach().contiguous().view(torch.int16).numpy()
-    return not bool(np.any((u & bits) == bits))
+    flat = t.detach().contiguous().reshape(-1)
+    for a in range(0, flat.numel(), block):
+        part = flat[a:a + block]
+        if bits is None:
+            ok = bool(torch.isfinite(part).all())
+        else:
+            ok = not bool(np.any((part.view(torch.int16).numpy() & bits) == bits))
+        if drop_pages:
+            release(part)
+        if not ok:
+            return False
+    return True
 
 
 def from_torch(t, name: str = "", mapped: bool = False) -> LazyArray:
@@ -199,10 +209,14 @@ def from_torch(t, name: str = "", mapped: bool = False) -> LazyArray:
             release(part)
         return out
 
-    def cols(a, b):
-        out = t[:, a:b].detach().numpy().copy() if half else to_float32(t[:, a:b])
-        if mapped:
-            release(t)
+    def cols(a, b):   # by blocks of rows, each released after use: a column block touches every page of t
+        out = np.empty((t.shape[0], b - a), dtype)
+        step = max(1, (1 << 22) // max(1, t.shape[1] * t.element_size()))
+        for r in range(0, t.shape[0], step):
+            part = t[r:r + step]
+            out[r:r + step] = part[:, a:b].numpy() if half else to_float32(part[:, a:b])
+            if mapped:
+                release(part)
         return out
 
     return LazyArray(lambda: rows(0, t.shape[0]), tuple(t.shape), dtype, name, rows=rows,

@@ -17,14 +17,19 @@ def folded_embedding(model, chunk: int = 8192) -> np.ndarray:
 
 
 def folded_rows(model, start: int, stop: int) -> np.ndarray:
-    """Rows start:stop of folded_embedding(model) (only those rows of the table are read)."""
-    e = np.asarray(model.emb.weight.w[start:stop], np.float64)
-    n = model.ln0
-    if n is None:
-        return e.astype(np.float32)
-    mu = e.mean(-1, keepdims=True)
-    var = ((e - mu) ** 2).mean(-1, keepdims=True)
-    return ((e - mu) / np.sqrt(var + n.eps) * n.weight + n.bias).astype(np.float32)
+    """Rows start:stop of folded_embedding(model) (only those rows of the table are read, 1024 at a time)."""
+    E, n = model.emb.weight.w, model.ln0
+    stop = min(stop, E.shape[0])
+    out = np.empty((max(0, stop - start), E.shape[1]), np.float32)
+    for s in range(start, stop, 1024):
+        e = np.asarray(E[s:min(s + 1024, stop)], np.float64)
+        if n is None:
+            out[s - start:s - start + len(e)] = e
+            continue
+        mu = e.mean(-1, keepdims=True)
+        var = ((e - mu) ** 2).mean(-1, keepdims=True)
+        out[s - start:s - start + len(e)] = (e - mu) / np.sqrt(var + n.eps) * n.weight + n.bias
+    return out
 
 
 def folded_lazy(model):
