@@ -3,6 +3,7 @@ without a prefix-cache hit.
 
     python bench/serve_batch.py ART [ART ...] [--batches 1,2,4,8,16] [--steps 16] [--reps 3] [--threads 2]
     python bench/serve_batch.py ART --ttft --prefix 2000
+    python bench/serve_batch.py ART --http 1,8 [--requests 2] [--max-tokens 32]
 
 Decode: B sequences (each prefilled with its own short prompt) advance by --steps tokens with one
 batch_step call a step (rwkvc.runtimes.ort_batch.BatchPool); tokens/s = B * steps / seconds, best of
@@ -10,6 +11,10 @@ batch_step call a step (rwkvc.runtimes.ort_batch.BatchPool); tokens/s = B * step
 where the artifact has them), which is what a single request gets from `rwkvc serve`. Every batch size
 of every artifact is measured in turn within each repetition, so they share the machine's moments.
 Greedy sampling (argmax) is included in the time, as the server does it.
+
+HTTP: end to end through `rwkvc serve` (a server in this process, the openai package's async client), K
+concurrent clients each sending --requests greedy completions of --max-tokens tokens (token 0 banned so
+every request runs to its length); aggregate generated tokens/s and the engine's mean batch.
 
 TTFT: the serving engine (rwkvc.serve.Engine) receives a chat request whose system message is a --prefix
 token text, then a second request with the same system message and another question: the first prefills
@@ -105,6 +110,45 @@ def ttft(art, prefix_tokens, reps, threads):
             "speedup": round(c[0] / h[0], 1)}
 
 
+def http_rates(art, clients, requests, max_tokens, threads):
+    """Aggregate generated tokens/s through `rwkvc serve` (a server in this process, the openai package's
+    async client): for each count of concurrent clients, each sends `requests` greedy completions."""
+    import asyncio
+
+    import openai
+
+    from rwkvc.serve.server import BackgroundServer, load_engine
+    eng = load_engine(art, max_batch=max(clients), cache_mb=64, threads=threads)
+    out = {}
+    with BackgroundServer(eng, "bench") as url:
+        async def client(c, i):
+            n = 0
+            for j in range(requests):
+                r = await c.completions.create(model="bench", prompt=f"Client {i} request {j}:", temperature=0,
+                                               max_tokens=max_tokens, extra_body={"ban_token_ids": [0]})
+                n += r.usage.completion_tokens
+            return n
+
+        async def run(k):
+            c = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+            t0 = time.perf_counter()
+            n = sum(await asyncio.gather(*(client(c, i) for i in range(k))))
+            return n / (time.perf_counter() - t0)
+
+        for k in clients:
+            before = eng.stats()
+            rate = asyncio.run(run(k))
+            st = eng.stats()
+            steps = st["steps"] - before["steps"]
+            out[k] = {"tokens_per_s": round(rate, 1),
+                      "mean_batch": round((st["step_sequences"] - before["step_sequences"]) / max(1, steps), 2)}
+    eng.close()
+    one = out[clients[0]]["tokens_per_s"]
+    for v in out.values():
+        v["x_first"] = round(v["tokens_per_s"] / one, 2)
+    return {"artifact": art, "http": out}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("artifacts", nargs="+")
@@ -114,8 +158,19 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ttft", action="store_true", help="time to first token with and without a prefix-cache hit")
     ap.add_argument("--prefix", type=int, default=2000, help="shared prefix length in tokens (--ttft)")
+    ap.add_argument("--http", default=None, help="comma-separated concurrent client counts: end-to-end through the "
+                                                  "server (e.g. 1,8)")
+    ap.add_argument("--requests", type=int, default=2, help="requests per client (--http)")
+    ap.add_argument("--max-tokens", type=int, default=32, help="tokens per request (--http)")
     a = ap.parse_args(argv)
-    if a.ttft:
+    if a.http:
+        res = [http_rates(art, [int(k) for k in a.http.split(",")], a.requests, a.max_tokens, a.threads)
+               for art in a.artifacts]
+        for r in res:
+            for k, v in r["http"].items():
+                print(f"{r['artifact']}: {k:3d} clients: {v['tokens_per_s']:8.1f} tokens/s ({v['x_first']}x; mean "
+                      f"batch {v['mean_batch']})", file=sys.stderr)
+    elif a.ttft:
         res = [ttft(art, a.prefix, a.reps, a.threads) for art in a.artifacts]
         for r in res:
             print(f"{r['artifact']}: {r['prefix_tokens']}-token shared prefix: TTFT cold {r['ttft_cold_s'] * 1e3:.0f} ms, "
