@@ -12,6 +12,7 @@
     head.py        the clustered head (RWKV-Lite)
     embedding.py   the embedding table (dense, lazy)
     build.py       the two graphs and the artifact's files (emit)
+    batch.py       the batched step (B sequences a step, each with its own state) for serving
 """
 from __future__ import annotations
 
