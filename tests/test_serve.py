@@ -176,7 +176,7 @@ def test_load_32_clients(server, m):
     st = eng.stats()
     assert st["completed"] - before["completed"] == 256
     assert st["running"] == 0 and st["waiting"] == 0 and st["failed"] == 0
-    assert st["peak_running"] == 8 and st["mean_batch"] > 1            # sequences shared steps, up to max_batch
+    assert 4 <= st["peak_running"] <= 8 and st["mean_batch"] > 1      # sequences shared steps, at most max_batch
     pc = st["prefix_cache"]
     assert pc["bytes"] <= pc["max_bytes"] == 4 << 20 and pc["evictions"] > 0 and pc["hits"] > 0
 
