@@ -260,11 +260,15 @@ def bench(artifact, as_json, n_decode, n_prefill, threads, repeat):
         click.echo(f"artifact        {r['artifact']}  ({r['target']}, {r['artifact_bytes'] / 1e6:.1f} MB)")
         click.echo(f"decode          {r['decode_tokens_per_s']:.1f} tokens/s  ({r['decode_ms_per_token']:.2f} ms/token)")
         click.echo(f"prefill ({r['prefill_tokens']})   {r['prefill_tokens_per_s']:.1f} tokens/s")
-        click.echo(f"peak RSS        {r['peak_rss_bytes'] / 1e6:.1f} MB")
+        click.echo(f"peak RSS        {r['peak_rss_bytes'] / 1e6:.1f} MB  (load {r['load_seconds']:.2f} s; "
+                   f"{r['rss_start_bytes'] / 1e6:.0f} MB before it)")
         if "weight_bytes_resident" in r:
             click.echo(f"weights         {r['weight_bytes_resident'] / 1e6:.2f} MB resident, "
                        f"{r['weight_bytes_read_per_token'] / 1e6:.2f} MB read per decoded token "
                        f"({r['weight_bytes_mapped'] / 1e6:.2f} MB memory-mapped, read by rows)")
+            held = r["weight_bytes_resident"] + r["state_bytes"]
+            click.echo(f"peak / held     {(r['peak_rss_bytes'] - r['rss_start_bytes']) / max(held, 1):.2f}x the "
+                       f"resident weights and state ({held / 1e6:.1f} MB), not counting the interpreter")
         click.echo(f"threads         {r['threads']}")
 
 
@@ -336,10 +340,12 @@ def _trained_demo(root: Path):
 @click.option("--cache-mb", type=float, default=256, show_default=True,
               help="memory for the prefix-state cache (MiB; 0 = off)")
 @click.option("--model-name", default=None, help="the model id clients name [default: the artifact's folder name]")
+@click.option("--state", "tuned_state", default=None,
+              help="every request starts from this tuned state (.pth from train.py --train_type states)")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: RWKVC_THREADS, else one per core)")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(artifact, host, port, max_batch, cache_mb, model_name, threads, log_level):
+def serve(artifact, host, port, max_batch, cache_mb, model_name, tuned_state, threads, log_level):
     """Serve an artifact over the OpenAI API (/v1/completions, /v1/chat/completions; docs/SERVING.md)."""
     try:
         import fastapi  # noqa: F401
@@ -352,7 +358,7 @@ def serve(artifact, host, port, max_batch, cache_mb, model_name, threads, log_le
     if max_batch < 1 or cache_mb < 0:
         raise RwkvcError(f"--max-batch must be >= 1 (got {max_batch}) and --cache-mb >= 0 (got {cache_mb:g})")
     run_server(artifact, host=host, port=port, max_batch=max_batch, cache_mb=cache_mb, threads=threads,
-               model_name=model_name, log_level=log_level, echo=lambda m: click.echo(m, err=True))
+               model_name=model_name, log_level=log_level, echo=lambda m: click.echo(m, err=True), state=tuned_state)
 
 
 # ------------------------------------------------------------------------------------------------

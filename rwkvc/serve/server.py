@@ -13,13 +13,16 @@ from .engine import Engine
 
 
 def load_engine(artifact: str | os.PathLike, max_batch: int = 8, cache_mb: float = 256, threads: int | None = None,
-                batched: bool | None = None) -> Engine:
+                batched: bool | None = None, state: str | None = None) -> Engine:
+    """The engine over an artifact; state: a tuned state file every request starts from (rwkvc run --state)."""
     from rwkvc.api import load
     from rwkvc.errors import RwkvcError
     if cache_mb < 0:
         raise RwkvcError(f"--cache-mb must be >= 0, got {cache_mb}")
-    return Engine(load(artifact, threads=threads), max_batch=max_batch, cache_bytes=int(cache_mb * 2 ** 20),
-                  batched=batched)
+    m = load(artifact, threads=threads)
+    if state:
+        m.use_state(state)
+    return Engine(m, max_batch=max_batch, cache_bytes=int(cache_mb * 2 ** 20), batched=batched)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -64,12 +67,13 @@ class BackgroundServer:
 
 
 def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, cache_mb: float = 256,
-          threads: int | None = None, model_name: str | None = None, log_level: str = "info", echo=print) -> None:
+          threads: int | None = None, model_name: str | None = None, log_level: str = "info", echo=print,
+          state: str | None = None) -> None:
     """`rwkvc serve`: load, bind, then serve until interrupted."""
     import uvicorn
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    engine = load_engine(artifact, max_batch=max_batch, cache_mb=cache_mb, threads=threads)
+    engine = load_engine(artifact, max_batch=max_batch, cache_mb=cache_mb, threads=threads, state=state)
     name = model_name or Path(artifact).resolve().name
     sock = bind(host, port)
     echo(f"serving {artifact} as model {name!r} on http://{host}:{sock.getsockname()[1]}/v1 "
