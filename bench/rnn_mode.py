@@ -53,6 +53,15 @@ def rss_bytes() -> int:
     return 0
 
 
+def _built(out: Path, block_size: int | None = None) -> bool:
+    """An artifact from an earlier run is in `out` (for a GPT: with at least `block_size` positions)."""
+    try:
+        m = json.loads((out / "manifest.json").read_text())["model"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return block_size is None or m.get("block_size", 0) >= block_size
+
+
 def build_rwkv(shape: dict, out: Path) -> Path:
     import torch
 
@@ -60,6 +69,10 @@ def build_rwkv(shape: dict, out: Path) -> Path:
     from rwkvc.reference.v7 import RWKV7, V7Config
     cfg = V7Config(n_layer=shape["n_layer"], n_embd=shape["n_embd"], head_size=shape["head_size"],
                    vocab_size=shape["vocab_size"], **V7Config.default_dims(shape["n_embd"]))
+    with torch.device("meta"):
+        n = sum(p.numel() for p in RWKV7(cfg).parameters())
+    if _built(out):
+        return out, n
     m = RWKV7(cfg).init_weights(seed=0)
     ckpt = out.with_suffix(".pth")
     torch.save(m.state_dict(), ckpt)
@@ -73,8 +86,18 @@ def build_gpt(shape: dict, block_size: int, out: Path) -> Path:
     from rwkvc.targets.gpt_onnx import export_gpt
     cfg = GPTConfig(n_layer=shape["n_layer"], n_embd=shape["n_embd"], n_head=shape["n_embd"] // shape["head_size"],
                     vocab_size=shape["vocab_size"], block_size=block_size)
-    m = GPT(cfg).init_weights(seed=0)
-    return export_gpt(m, out, force=True), sum(p.numel() for p in m.parameters())
+    import torch
+    with torch.device("meta"):
+        n = sum(p.numel() for p in GPT(cfg).parameters())
+    if _built(out, block_size):
+        return out, n
+    return export_gpt(GPT(cfg).init_weights(seed=0), out, force=True), n
+
+
+def _build_both(shape: dict, block_size: int, work: Path) -> dict:
+    """{name: (artifact, parameters)}, built in this (child) process, or reused from `work`."""
+    return {"RWKV-7": build_rwkv(shape, work / f"rwkv7-{shape['n_layer']}x{shape['n_embd']}"),
+            "GPT": build_gpt(shape, block_size, work / f"gpt-{shape['n_layer']}x{shape['n_embd']}")}
 
 
 def params_of(path: Path) -> int:
@@ -119,7 +142,7 @@ def _child(conn, path: str, threads: int, steps: int, seed: int):
     conn.close()
 
 
-def run_pair(arts: dict, contexts: list[int], threads: int, steps: int, log=print) -> dict:
+def run_pair(arts: dict, contexts: list[int], threads: int, steps: int, log=print, on_row=None) -> dict:
     """Drive one child per model through `contexts`, alternating between them at each length."""
     ctx = mp.get_context("spawn")
     kids = {}
@@ -139,6 +162,8 @@ def run_pair(arts: dict, contexts: list[int], threads: int, steps: int, log=prin
             log("  " + "  ".join(f"{k}: ctx {r[-1]['ctx']} step {r[-1]['step_ms_min']:.2f} ms, rss "
                                  f"{r[-1]['rss'] / 2**20:.0f} MiB, state {r[-1]['state_bytes'] / 2**20:.2f} MiB"
                                  for k, r in rows.items()))
+            if on_row is not None:
+                on_row(rows)
     finally:
         for p, a in kids.values():
             try:
@@ -157,6 +182,7 @@ def run_pair(arts: dict, contexts: list[int], threads: int, steps: int, log=prin
 def markdown(shape: str, res: dict) -> str:
     names = list(res["rows"])
     head = ["context"] + [f"{n} {c}" for n in names for c in ("ms/token", "RSS MiB", "state/KV MiB", "whole s")]
+    head += [f"{names[-1]}/{names[0]} ms/token"] if len(names) == 2 else []
     sizes = ", ".join(f"{n}: {res['params'][n] / 1e6:.1f}M params" for n in names)
     lines = [f"**{shape}** ({sizes})", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -166,6 +192,8 @@ def markdown(shape: str, res: dict) -> str:
             r = res["rows"][n][i]
             cells += [f"{r['step_ms_min']:.2f}", f"{r['rss'] / 2**20:.0f}", f"{r['state_bytes'] / 2**20:.3f}",
                       f"{r['whole_s']:.2f}"]
+        if len(names) == 2:
+            cells.append(f"{res['rows'][names[1]][i]['step_ms_min'] / r0['step_ms_min']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -226,10 +254,16 @@ def main(argv=None) -> int:
     ap.add_argument("--gpt", default=None, help="a GPT artifact to use instead of a random one (one shape)")
     ap.add_argument("--work_dir", default=None, help="where the random models' artifacts go (default: a temp dir)")
     ap.add_argument("--out_dir", default="out/rnn_mode")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="no measuring: the tables and plot of these rnn_mode.json files' shapes together")
     a = ap.parse_args(argv)
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
+    if a.merge:
+        for f in a.merge:
+            results.update(json.loads(Path(f).read_text())["results"])
+        return _report(results, out)
     with tempfile.TemporaryDirectory(prefix="rnn-mode-") as tmp:
         work = Path(a.work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -241,24 +275,32 @@ def main(argv=None) -> int:
                 arts = {"RWKV-7": Path(a.rwkv), "GPT": Path(a.gpt)}
                 params = {k: params_of(p) for k, p in arts.items()}
             else:
-                s = SHAPES[shape]
-                print(f"{shape}: building the RWKV-7 and the GPT (block_size {max_ctx}) ...", file=sys.stderr)
+                block = max(max_ctx + a.steps, 16)
+                print(f"{shape}: building the RWKV-7 and the GPT (block_size {block}) ...", file=sys.stderr)
                 t0 = time.time()
-                built = {"RWKV-7": build_rwkv(s, work / f"rwkv7-{shape}"),
-                         "GPT": build_gpt(s, max(max_ctx + a.steps, 16), work / f"gpt-{shape}")}
+                from concurrent.futures import ProcessPoolExecutor
+                with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:   # the parent stays small
+                    built = pool.submit(_build_both, SHAPES[shape], block, work).result()
                 arts = {k: v[0] for k, v in built.items()}
                 params = {k: v[1] for k, v in built.items()}
                 print(f"  built in {time.time() - t0:.0f} s", file=sys.stderr)
-            res = run_pair(arts, contexts, a.threads, a.steps, log=lambda t: print(t, file=sys.stderr))
+            def partial(rows, shape=shape):   # what a run stopped part way keeps
+                _write(out / "rnn_mode.partial.json", json.dumps({shape: rows}, indent=1))
+            res = run_pair(arts, contexts, a.threads, a.steps, log=lambda t: print(t, file=sys.stderr),
+                           on_row=partial)
             res["params"] = params
             results[shape] = res
             _write(out / "rnn_mode.json", json.dumps({"results": results, "args": vars(a),
                                                       "date": time.strftime("%Y-%m-%d")}, indent=1))
+    return _report(results, out)
+
+
+def _report(results: dict, out: Path) -> int:
     md = "\n".join(markdown(s, r) for s, r in results.items())
     _write(out / "rnn_mode.md", md)
     plot(results, out / "rnn_mode.png")
     print(md)
-    print(f"wrote {out / 'rnn_mode.json'}, {out / 'rnn_mode.md'}, {out / 'rnn_mode.png'}", file=sys.stderr)
+    print(f"wrote {out / 'rnn_mode.md'}, {out / 'rnn_mode.png'}", file=sys.stderr)
     return 0
 
 

@@ -107,10 +107,13 @@ def plot(results: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    lo = math.inf
     for r, color in zip(results, ("tab:blue", "tab:orange")):
         steps, vals = r["curve"], r["val_curve"]
         k = max(1, len(steps) // 25)
-        ax.plot([s["tokens"] for s in steps], _smooth([s["loss"] for s in steps], k), color=color, lw=1.2,
+        smooth = _smooth([s["loss"] for s in steps], k)
+        lo = min([lo, *smooth, *(v["val_loss"] for v in vals)])
+        ax.plot([s["tokens"] for s in steps], smooth, color=color, lw=1.2,
                 label=f"{r['name']} train ({r['params'] / 1e6:.2f}M params)")
         ax.plot([v["tokens"] for v in vals], [v["val_loss"] for v in vals], "o--", color=color, ms=4,
                 label=f"{r['name']} validation")
@@ -119,8 +122,7 @@ def plot(results: list[dict], path: Path) -> Path:
     ax.set_title("RWKV-7 vs GPT, same parameters, same tokens")
     ax.grid(alpha=0.3)
     ax.legend()
-    lo = min(min(v["val_loss"] for v in r["val_curve"]) for r in results if r["val_curve"])
-    ax.set_ylim(lo - 0.3, lo + 4.0)
+    ax.set_ylim(lo - 0.2, lo + 4.0)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
