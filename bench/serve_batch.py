@@ -74,6 +74,40 @@ def decode_rates(arts, batches, steps, reps, threads):
     return out
 
 
+def plot(rows, path) -> None:
+    """Aggregate tokens/s against the batch size, one line per artifact, its one-stream rate dashed; written
+    atomically (PNG)."""
+    import io
+    import os
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in rows:
+        rates = {int(b): v["tokens_per_s"] for b, v in r["batched"].items()}   # keys are strings once in JSON
+        bs = sorted(rates)
+        line, = ax.plot(bs, [rates[b] for b in bs], marker="o",
+                        label=f"{os.path.basename(str(r['artifact']).rstrip('/'))}: batched step")
+        ax.axhline(r["one_stream_tokens_per_s"], ls="--", color=line.get_color(), alpha=0.6,
+                   label=f"{os.path.basename(str(r['artifact']).rstrip('/'))}: one stream (own step)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(bs, [str(b) for b in bs])
+    ax.set_xlabel("sequences decoded together (B)")
+    ax.set_ylabel("aggregate decode tokens/s")
+    ax.set_title("batched decode, 0.1B-shaped RWKV-7 (bench/serve_batch.py)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, path)
+
+
 def ttft(art, prefix_tokens, reps, threads):
     import rwkvc
     from rwkvc.sampling import SamplingConfig
@@ -160,6 +194,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prefix", type=int, default=2000, help="shared prefix length in tokens (--ttft)")
     ap.add_argument("--http", default=None, help="comma-separated concurrent client counts: end-to-end through the "
                                                   "server (e.g. 1,8)")
+    ap.add_argument("--plot", default=None, help="write the decode rates as a PNG plot here")
     ap.add_argument("--requests", type=int, default=2, help="requests per client (--http)")
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens per request (--http)")
     a = ap.parse_args(argv)
@@ -178,6 +213,8 @@ def main(argv=None) -> int:
                   f"tokens from the cache)", file=sys.stderr)
     else:
         res = decode_rates(a.artifacts, [int(b) for b in a.batches.split(",")], a.steps, a.reps, a.threads)
+        if a.plot:
+            plot(res, a.plot)
         for r in res:
             print(f"{r['artifact']}: 1 stream (own step) {r['one_stream_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
             for b, v in r["batched"].items():
