@@ -194,11 +194,10 @@ class Hybrid(nn.Module):
         w = self.model.embed_tokens.weight if self.cfg.tie_embeddings else self.lm_head.weight
         return x @ w.T
 
-    def forward(self, idx, state: State | None = None, last_only: bool = False, wkv_fn=None, return_hidden=False):
+    def forward(self, idx, state: State | None = None, last_only: bool = False, wkv_fn=None):
         """idx (B, T) int64 -> logits (B, T, V) (or (B, V) with last_only), new State.
 
-        wkv_fn: the WKV form (v7.wkv7_recurrent by default; v7.wkv7_chunked for training and prefill).
-        return_hidden: the final normalised hidden state (B, T, C) instead of the logits."""
+        wkv_fn: the WKV form (v7.wkv7_recurrent by default; v7.wkv7_chunked for training and prefill)."""
         B, T = idx.shape
         if state is None:
             state = State.zeros(self.cfg.v7(), B, dtype=self.model.embed_tokens.weight.dtype, device=idx.device)
@@ -214,7 +213,7 @@ class Hybrid(nn.Module):
         if last_only:
             x = x[:, -1]
         x = self.model.norm(x)
-        return (x if return_hidden else self.head(x)), State(torch.stack(shifts), torch.stack(wkvs))
+        return self.head(x), State(torch.stack(shifts), torch.stack(wkvs))
 
     # -- the published layout: config.json + model.safetensors -------------------------------------
     def save(self, out_dir: str | os.PathLike, dtype=torch.float32) -> Path:
