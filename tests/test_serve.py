@@ -338,3 +338,21 @@ def test_demo_pack_round_trip(tmp_path):
         assert int(z["emb.weight.rows"]) == 65536 and z["emb.weight.q"].shape[1] == 128
         assert sum(k.startswith("t/blocks.") and k.endswith("ln1.weight") for k in z.files) == 4
     assert PACK.stat().st_size < 6e6
+
+
+def test_client_gone_mid_stream_frees_its_slot(server, client):
+    """A streaming client that goes away stops its generation: the engine drops it at the next step."""
+    url, eng = server
+    before = eng.stats()["cancelled"]
+    stream = client.completions.create(model="tiny", prompt="Tell a long story:", max_tokens=5000, temperature=1.0,
+                                       seed=1, stream=True, extra_body={"ban_token_ids": [0]})
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    for _ in range(200):
+        st = eng.stats()
+        if st["cancelled"] > before and st["running"] == 0:
+            break
+        time.sleep(0.05)
+    assert st["cancelled"] == before + 1 and st["running"] == 0      # long before its 5,000 tokens
