@@ -76,7 +76,7 @@ def artifact_sample(m, prompts, G, n, rng):
                 lg, st = m.forward([t], st)
 
 
-def plot(rows, path: Path):
+def plot(rows, path: Path, model: str = ""):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -92,7 +92,7 @@ def plot(rows, path: Path):
            label="artifact: save + compile + load")
     ax.set_xticks(x, labels)
     ax.set_ylabel("seconds per GRPO step (median)")
-    ax.set_title(f"sampling {rows[0]['prompts']} prompts x G {rows[0]['group']} from the current weights")
+    ax.set_title(f"sampling {rows[0]['prompts']} prompts x G {rows[0]['group']} from the current weights{model}")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     from rwkvc.tokenizer import WorldTokenizer
     from rwkvc.training.grpo_policy import load_module, make_policy
     tok = WorldTokenizer()
-    _, model = load_module(a.load_model)
+    _, model, _ = load_module(a.load_model)
     model.eval()
     policy = make_policy(model)
     lines = Path(a.prompts).read_text().splitlines()[:a.prompts_per_step]
@@ -140,17 +140,20 @@ def main(argv=None) -> int:
                 artifact_sample(m, prompts, G, n, np.random.default_rng(r))
                 t["artifact_sample"].append(time.perf_counter() - s)
                 del m
-            row = {"max_new_tokens": n, "prompts": P, "group": G, **{f"{k}_s": statistics.median(v) for k, v in t.items()}}
+            row = {"max_new_tokens": n, "prompts": P, "group": G,
+                   **{f"{k}_s": statistics.median(v) for k, v in t.items()}}
             row["artifact_total_s"] = row["artifact_compile_s"] + row["artifact_sample_s"]
             rows.append(row)
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-    print("| new tokens | torch, groups batched | torch, one row at a time | artifact sampling | artifact save+compile+load | artifact total |")
+    print("| new tokens | torch, groups batched | torch, one row at a time | artifact sampling | "
+          "artifact save+compile+load | artifact total |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['max_new_tokens']} | {r['torch_batched_s']:.2f} s | {r['torch_rows_s']:.2f} s | "
               f"{r['artifact_sample_s']:.2f} s | {r['artifact_compile_s']:.2f} s | {r['artifact_total_s']:.2f} s |")
     if a.out:
-        plot(rows, Path(a.out))
+        n = sum(p.numel() for p in model.parameters())
+        plot(rows, Path(a.out), f" ({n / 1e6:.1f}M params, V {model.cfg.vocab_size})")
     return 0
 
 

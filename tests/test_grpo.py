@@ -22,7 +22,7 @@ from rwkvc.training import grpo
 from rwkvc.training.grpo import train_grpo
 from rwkvc.training.grpo_args import GrpoArgs
 from rwkvc.training.grpo_objective import group_advantages, grpo_loss
-from rwkvc.training.grpo_policy import make_policy, read_prompts, sample_groups
+from rwkvc.training.grpo_policy import make_policy, prompt_states, sample_groups
 from rwkvc.training.model import init_rwkv_lm
 from rwkvc.training.rewards import parse_reward
 
@@ -116,12 +116,13 @@ def test_group_shares_one_prompt_state(task):
     pol = make_policy(model)
     prompts = [[11, 1, 11], [12, 2, 11], [13, 3, 4, 11]]          # two lengths: read as two batches
     with torch.no_grad():
-        last, _ = read_prompts(pol, prompts, 3)
+        last, _ = prompt_states(pol, prompts, 3)
         for i, p in enumerate(prompts):
             alone, _ = model(torch.tensor([p]))
             for g in range(3):
                 assert torch.allclose(last[3 * i + g], alone[0, -1], atol=1e-5, rtol=1e-5)
-    comps = sample_groups(pol, prompts, 4, CharTok(), temperature=0.0, top_p=1.0, max_new_tokens=4, stops=("\n",), gen=None)
+    comps = sample_groups(pol, prompts, 4, CharTok(), temperature=0.0, top_p=1.0, max_new_tokens=4, stops=("\n",),
+                          gen=None)
     assert len(comps) == 12 and all(comps[4 * i].tokens == comps[4 * i + g].tokens for i in range(3) for g in range(4))
 
 

@@ -65,7 +65,8 @@ def read_prompts(path: str, flag: str, need_answer: bool = False) -> list[dict]:
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
-        raise RwkvcError(f"{flag} {path}: not UTF-8 text (a JSON-lines file of {{\"prompt\": ..., \"answer\": ...}})") from None
+        raise RwkvcError(f"{flag} {path}: not UTF-8 text (a JSON-lines file of "
+                         "{\"prompt\": ..., \"answer\": ...})") from None
     items = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -285,7 +286,8 @@ def train_grpo(args, log=None, tokenizer=None) -> Path:
             f"({engine.name} {args.strategy}), wkv {wkv_name}, seed {seed}\n"
             f"{len(train_items)} prompts ({len(eval_items)} held out); {args.steps} steps x {args.prompts_per_step} "
             f"prompts x G {args.group_size}, {args.grpo_iterations} update(s) per batch in {n_micro} "
-            f"micro-batch(es); reward {args.reward}{'; held out: ' + args.eval_reward if args.eval_reward else ''}; clip {args.clip_eps}, KL beta {args.kl_beta}, "
+            f"micro-batch(es); reward {args.reward}{'; held out: ' + args.eval_reward if args.eval_reward else ''}; "
+            f"clip {args.clip_eps}, KL beta {args.kl_beta}, "
             f"lr {args.lr_init:g} -> {args.lr_final:g}")
         if rank0:
             files.atomic_write_text(proj / "grpo-args.json", json.dumps({**args.to_dict(), "seed": seed}, indent=1))
@@ -355,7 +357,8 @@ def train_grpo(args, log=None, tokenizer=None) -> Path:
                     for mb in mbs:
                         mb["norm"] = norm
                         if ref_policy is not None:
-                            mb["ref"] = completion_logprobs(ref_policy, mb["prompts"], G, mb["tokens"], args.temperature)
+                            mb["ref"] = completion_logprobs(ref_policy, mb["prompts"], G, mb["tokens"],
+                                                            args.temperature)
                         if args.grpo_iterations > 1:
                             mb["old"] = completion_logprobs(policy, mb["prompts"], G, mb["tokens"], args.temperature)
                 kl_sum = clipped = 0.0

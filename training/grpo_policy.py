@@ -157,7 +157,7 @@ def make_policy(module: nn.Module, wkv_fn=None) -> Policy:
 # ------------------------------------------------------------------------------------------------
 # reading prompts: once each, then copied to the group
 
-def read_prompts(policy: Policy, prompts: list[list[int]], group: int):
+def prompt_states(policy: Policy, prompts: list[list[int]], group: int):
     """P prompts -> (last logits (P * G, V), state of P * G rows), prompt-major. Prompts of one length
     are read together (B = how many), each once; the copies to the group are row selections."""
     dev = _device(policy.module)
@@ -216,7 +216,7 @@ def sample_groups(policy: Policy, prompts: list[list[int]], group: int, tokenize
     step together, rows that stop leaving the batch. ban: token ids never sampled (ids the tokenizer
     cannot decode)."""
     dev = _device(policy.module)
-    lg, state = read_prompts(policy, prompts, group)                                      # R = P * G rows
+    lg, state = prompt_states(policy, prompts, group)                                      # R = P * G rows
     R = lg.shape[0]
     toks: list[list[int]] = [[] for _ in range(R)]
     stopped = [False] * R
@@ -271,7 +271,7 @@ def completion_logprobs(policy: Policy, prompts: list[list[int]], group: int, to
 
     prompts: P token lists; tokens: (P * G, T) completions (prompt-major, padded) -> (P * G, T) float32.
     Each prompt is read once; its state and last logits serve its G completions."""
-    last, state = read_prompts(policy, prompts, group)
+    last, state = prompt_states(policy, prompts, group)
     logits = last.unsqueeze(1)                                                            # (R, 1, V)
     if tokens.shape[1] > 1:
         rest, _ = policy.forward(tokens[:, :-1], state)                                   # (R, T-1, V)

@@ -4,18 +4,20 @@
     python training/grpo_tasks.py kjv --out data/kjv      # -> train.jsonl, heldout.jsonl
 
 sums: `a+b=` -> `a+b` for a, b in 0..19. sft.jsonl is a noisy corpus for train.py (documents of 16
-lines `a+b=c`, where c is the sum or, half of the time, the sum plus one), so a model trained on it answers
-right about half of the time; train.jsonl / heldout.jsonl are disjoint sets of the 400 problems (320 / 80)
+lines `a+b=c`, where c is the sum or, half of the time, the sum plus one), so a model trained on it samples
+the right sum about half of the time; train.jsonl / heldout.jsonl are disjoint sets of the 400 problems (320 / 80)
 for GRPO with `--reward exact --stop '\n'`, which must learn to prefer the right sum.
 
-kjv, the next verse number: each prompt is two consecutive verse lines in the demo's format (`N text`; the chapter heading before
-verse 1), ending in a newline; the answer is the next verse's number, N + 1, which the model must read
-off the previous line and increment. The held-out prompts come from the demo's held-out books (training/
-demo.py's HELD_OUT: Ruth, Ecclesiastes, Jonah, Philippians), which neither the demo model nor GRPO saw.
+kjv, the next verse number: each prompt is two consecutive verse lines in the demo's format (`N text`;
+the chapter heading before verse 1), ending in a newline; the answer is the next verse's number, N + 1,
+which the model must read off the previous line and increment. The held-out prompts come from the
+demo's held-out books (training/demo.py's HELD_OUT: Ruth, Ecclesiastes, Jonah, Philippians), which
+neither the demo model nor GRPO saw.
 `--reward number` checks it exactly (the completion's first number; with `--stop ' '` the completion is the
 number). The demo model rarely hits it (5% held out), so exact match alone gives a sparse signal; the
 shaped `verse_number` below (`--reward rwkvc.training.grpo_tasks:verse_number`) adds partial credit for a
-number near the answer, and `--eval_reward number` still reports exact match.
+number near the answer, and `--eval_reward number` still reports exact match (neither taught the demo
+model the task in a short run: docs/GRPO.md).
 """
 from __future__ import annotations
 
@@ -69,7 +71,8 @@ def make_kjv(out_dir: str, n_train: int = 4000, n_heldout: int = 200, seed: int 
     for name, n in (("train", n_train), ("heldout", n_heldout)):
         items = rng.sample(sets[name], min(n, len(sets[name])))
         path = d / f"{name}.jsonl"
-        atomic_write_text(path, "".join(json.dumps({"prompt": x["prompt"], "answer": x["answer"]}) + "\n" for x in items))
+        atomic_write_text(path, "".join(json.dumps({"prompt": x["prompt"], "answer": x["answer"]}) + "\n"
+                                        for x in items))
         paths.append(path)
     return paths
 

@@ -92,7 +92,8 @@ def _user_function(spec: str) -> Callable:
     except RwkvcError:
         raise
     except ModuleNotFoundError as e:
-        raise RwkvcError(f"--reward {spec}: module {e.name or where} not found (on sys.path, or give FILE.py:FUNC)") from None
+        raise RwkvcError(f"--reward {spec}: module {e.name or where} not found (on sys.path, or give "
+                         "FILE.py:FUNC)") from None
     except Exception as e:
         raise RwkvcError(f"--reward {spec}: importing {where} failed: {type(e).__name__}: "
                          f"{(str(e).splitlines() or [''])[0][:200]}") from None
