@@ -42,6 +42,8 @@ def test_batched_decode_equals_separate_decodes(model):
     g = onnx.load(str(m.path / m.manifest["entry_points"]["batch_step"]), load_external_data=False)
     assert not g.graph.initializer or all(t.data_location == onnx.TensorProto.EXTERNAL or t.name.startswith("c_")
                                           for t in g.graph.initializer)   # the weights are the prefill's, shared
+    if kind == "fp32":
+        onnx.checker.check_model(str(m.path / "batch_step.onnx"), full_check=True)
     prompts = ["The quick brown fox", "Hello", "Once upon a time there was", "1 2 3", "Z"]
     n = 6
     refs = [separate(m, p, 100 + 7 * i, n) for i, p in enumerate(prompts)]
