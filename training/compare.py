@@ -6,9 +6,10 @@
 
 Both models train through training/trainer.py with the same flags (data, ctx_len, batch, schedule, seed),
 one after the other, so they see the same windows in the same order. The RWKV-7 is --n_layer x --n_embd;
-the GPT's layers and width are chosen to match its parameter count (within 5 %, both counts printed):
-the same L and C first, as a GPT block (attention 4C^2 + MLP 8C^2) and an RWKV-7 block (time-mix 4C^2 +
-low-rank terms, channel-mix 8C^2) are nearly the same size, else the nearest width. Writes to --out_dir:
+the GPT has the same L and C, as a GPT block (attention 4C^2 + MLP 8C^2) and an RWKV-7 block (time-mix
+4C^2 + low-rank terms, channel-mix 8C^2) are nearly the same size; where that is not within 5 % of the
+RWKV-7's parameter count (small C, where the low-rank terms weigh more), its MLP width is set to match
+(both counts are printed). Writes to --out_dir:
 
     data/                     the corpus with its token ids renumbered (--vocab compact, the default)
     compare.md, compare.csv   train loss (mean of the last tenth of steps), validation loss, parameters,
@@ -70,20 +71,18 @@ def count_params(model: str, args: TrainArgs) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def match_gpt(args: TrainArgs, target: int) -> tuple[int, int, int]:
-    """(n_layer, n_embd, params) of the GPT nearest `target` parameters: the same L and C when within
-    TOLERANCE, else the best of L in 1..2L and C in steps of the head size."""
-    same = count_params("gpt", args)
+def match_gpt(args: TrainArgs, target: int) -> tuple[int, int, int, int]:
+    """(n_layer, n_embd, dim_ffn, params) of the GPT to train against `target` parameters: the RWKV-7's L and
+    C with the standard MLP (dim_ffn 0 = 4C) when that is within TOLERANCE (a GPT block, attention 4C^2 + MLP
+    8C^2, is about an RWKV-7 block's size), else the same L and C with the MLP width (a multiple of 16) that
+    comes nearest: the parameter count is linear in it, L (2C + 1) per unit."""
+    L, C = args.n_layer, args.n_embd
+    gpt = args.replace(model="gpt", dim_ffn=0)
+    same = count_params("gpt", gpt)
     if abs(same - target) <= TOLERANCE * target:
-        return args.n_layer, args.n_embd, same
-    best = None
-    N = args.head_size_a
-    for L in range(1, 2 * args.n_layer + 1):
-        for C in range(N, 4 * args.n_embd + 1, N):
-            p = count_params("gpt", args.replace(n_layer=L, n_embd=C))
-            if best is None or abs(p - target) < abs(best[2] - target):
-                best = (L, C, p)
-    return best
+        return L, C, 0, same
+    F = max(16, int(round((4 * C + (target - same) / (L * (2 * C + 1))) / 16)) * 16)
+    return L, C, F, count_params("gpt", gpt.replace(dim_ffn=F))
 
 
 def _metrics(proj: Path) -> tuple[list, list]:
@@ -156,7 +155,8 @@ def run_one(name: str, model: str, args: TrainArgs, log) -> dict:
     tail = steps[-max(1, len(steps) // 10):]
     sd = torch.load(final, map_location="cpu", weights_only=True)
     params = sum(v.numel() for k, v in sd.items() if k != "n_head")
-    return {"name": name, "model": model, "shape": f"L{args.n_layer} D{args.n_embd}", "params": params,
+    shape = f"L{args.n_layer} D{args.n_embd}" + (f" F{args.dim_ffn}" if args.dim_ffn else "")
+    return {"name": name, "model": model, "shape": shape, "params": params,
             "tokens": steps[-1]["tokens"] if steps else 0, "train_loss": float(np.mean([s["loss"] for s in tail])),
             "val_loss": vals[-1]["val_loss"] if vals else None,
             # the training time the run logged (a rerun that reused a finished run adds nothing)
@@ -184,12 +184,13 @@ def compare(data_file: str = "", val_file: str = "", out_dir: str = "out/compare
                   n_layer=n_layer, n_embd=n_embd)
     rwkv = TrainArgs(model="rwkv7", proj_dir=str(out / "rwkv7"), **common)
     target = count_params("rwkv7", rwkv)
-    gL, gC, gp = match_gpt(rwkv, target)
+    gL, gC, gF, gp = match_gpt(rwkv, target)
     if abs(gp - target) > TOLERANCE * target:
         raise RwkvcError(f"no GPT within {TOLERANCE:.0%} of the RWKV-7's {target} parameters (nearest: L{gL} "
-                         f"D{gC}, {gp}); choose another --n_embd / --n_layer")
-    gpt = TrainArgs(**{**common, "model": "gpt", "proj_dir": str(out / "gpt"), "n_layer": gL, "n_embd": gC})
-    log(f"RWKV-7 L{n_layer} D{n_embd}: {target:,} parameters; GPT L{gL} D{gC}: {gp:,} parameters "
+                         f"D{gC} F{gF}, {gp}); choose another --n_embd / --n_layer")
+    gpt = TrainArgs(**{**common, "model": "gpt", "proj_dir": str(out / "gpt"), "n_layer": gL, "n_embd": gC,
+                       "dim_ffn": gF})
+    log(f"RWKV-7 L{n_layer} D{n_embd}: {target:,} parameters; GPT L{gL} D{gC} F{gpt.ffn_dim}: {gp:,} parameters "
         f"({100 * (gp / target - 1):+.2f} %); each trains {epoch_steps * evals} steps x {real_bsz} x "
         f"{base['ctx_len']} = {epoch_steps * evals * real_bsz * base['ctx_len']:,} tokens")
     results = [run_one("RWKV-7", "rwkv7", rwkv, log), run_one("GPT", "gpt", gpt, log)]
