@@ -209,6 +209,15 @@ def test_bad_reward_spec(task, tmp_path, capsys, spec, words):
     assert all(w in err for w in words), err
 
 
+def test_settings_refused():
+    for kw, words in ((dict(group_size=1), "--group_size 1: must be >= 2"),
+                      (dict(strategy="deepspeed_stage_3"), "ZeRO-3 is not supported"),
+                      (dict(stop="\\x"), "bad backslash escape")):
+        with pytest.raises(RwkvcError, match=words):
+            GrpoArgs(**kw)
+    assert GrpoArgs(stop="\\n|END").stop_strings == ("\n", "END")
+
+
 def test_builtin_rewards(tmp_path):
     r = parse_reward("exact+0.5*format+number")
     assert r("q", " 12 ", "12") == 1 + 0.5 + 1

@@ -50,7 +50,7 @@ from rwkvc.training.tasks import sample_order
 from rwkvc.training.trainer import resolve_devices
 
 ENGINES = {"auto": SingleEngine, "single": SingleEngine, "deepspeed_stage_1": DeepSpeedEngine,
-           "deepspeed_stage_2": DeepSpeedEngine, "deepspeed_stage_3": DeepSpeedEngine}
+           "deepspeed_stage_2": DeepSpeedEngine}   # ZeRO-3 refused by GrpoArgs
 EVAL_BATCH = 64  # held-out prompts decoded together
 
 

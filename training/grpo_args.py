@@ -106,6 +106,10 @@ class GrpoArgs:
         need(self.adam_eps > 0, "adam_eps", "must be > 0")
         need(self.precision in PRECISIONS + ("",), "precision", f"must be one of {', '.join(PRECISIONS)}")
         need(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}")
+        # ZeRO-3 gathers parameters collectively in every forward; processes sampling completions of different
+        # lengths (and prompts of different lengths) run different numbers of forwards and would wait forever
+        need(self.strategy != "deepspeed_stage_3", "strategy", "ZeRO-3 is not supported by GRPO (its processes "
+             "run different numbers of forwards); use deepspeed_stage_1 or deepspeed_stage_2")
         need(self.wkv in WKV_IMPLS, "wkv", f"must be one of {', '.join(WKV_IMPLS)}")
         try:
             self.stop_strings
