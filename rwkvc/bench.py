@@ -99,7 +99,9 @@ def bench_artifact(path, n_decode=64, n_prefill=512, threads=None, repeat=3, see
     decode run (a benchmark interleaving a competitor's runs with ours, so both sample the same span)."""
     from .api import load
     rss0 = rss_bytes()
+    t_load = time.perf_counter()
     m = load(path, threads=threads)
+    t_load = time.perf_counter() - t_load
     rss_loaded = rss_bytes()
     V = m.config.vocab_size
     rng = np.random.default_rng(seed)
@@ -135,6 +137,9 @@ def bench_artifact(path, n_decode=64, n_prefill=512, threads=None, repeat=3, see
         "prefill_tokens": n_prefill,
         "prefill_tokens_per_s": n_prefill / p,
         "peak_rss_bytes": peak_rss_bytes(),
+        "load_seconds": t_load,
+        "state_bytes": 4 * sum(int(np.prod(s)) for s in m.config.state_shapes().values()),
+        "rss_start_bytes": rss0.get("VmRSS", 0),   # the interpreter and its imports before the load
         "artifact_bytes": sum(f["bytes"] for f in files.values()),
         **weight_traffic(path),
         "rss_load_anon_bytes": rss_loaded.get("RssAnon", 0) - rss0.get("RssAnon", 0),

@@ -49,6 +49,12 @@ def _madvise(addr: int, n: int) -> None:
         _libc.madvise(lo, hi - lo, MADV_DONTNEED)
 
 
+def release_array(a) -> None:
+    """Give back the resident pages under a read-only memory-mapped numpy array (np.memmap mode "r"); a later
+    read faults them in again from the page cache."""
+    _madvise(a.ctypes.data, a.nbytes)
+
+
 def release(t) -> None:
     """Give back the resident pages under a memory-mapped torch tensor's bytes. Only for tensors of a
     read-only use of a private file mapping (torch.load(mmap=True)), whose pages equal the file's."""
