@@ -7,8 +7,8 @@
 A KVCache holds every cached token's key and value per layer, (H, P, N) each, and the tokens themselves.
 forward never changes the cache it is given (the graphs write new arrays), so a cache can be branched
 like an RWKV state. The learned positions end at block_size: a forward that would pass it restarts the
-cache from the last block_size // 2 tokens (re-run through the prefill graph), as nanoGPT's sampler
-crops its context; `restarts` counts how often that happened.
+cache from the last block_size // 2 tokens, or from the last block_size tokens of a longer prompt (re-run
+through the prefill graph), as nanoGPT's sampler crops its context; `restarts` counts how often.
 """
 from __future__ import annotations
 
@@ -136,10 +136,7 @@ class GptRuntime:
         if cache.length + len(tokens) > block:   # past the learned positions: restart from the recent tokens
             self.restarts += 1
             everything = np.concatenate([cache.tokens, tokens])
-            tokens, cache = everything[-max(len(tokens), block // 2):], self.empty_cache()
-            if len(tokens) > block:
-                raise RwkvcError(f"{len(tokens)} tokens at once exceed this GPT's context of {block} tokens "
-                                 "(its block_size); give a shorter prompt")
+            tokens, cache = everything[-max(min(len(tokens), block), block // 2):], self.empty_cache()
         logits = None
         for s in range(0, len(tokens), self.prefill_chunk):
             chunk = tokens[s:s + self.prefill_chunk]

@@ -29,7 +29,6 @@ import warnings
 import zipfile
 from pathlib import Path
 
-import numpy as np
 
 from rwkvc import __version__
 from rwkvc.artifact import (FORMAT, FORMAT_VERSION, MANIFEST, VOCAB, _install, _snapshot, _umask,
@@ -105,7 +104,7 @@ class _Entry:
         return Entry(model)
 
 
-def _trace(model, T: int | None) -> "onnx.ModelProto":  # noqa: F821
+def _trace(model, T: int | None):
     """The prefill (T None: any number of tokens) or step (T = 1) graph, weights inline."""
     import onnx
     import torch
