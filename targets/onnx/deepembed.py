@@ -24,6 +24,7 @@ from onnx import helper
 
 from rwkvc import ir
 from rwkvc.abi import DEEP_EMBED_DENSE
+from rwkvc.errors import RwkvcError
 from rwkvc.weights.int8 import quantize_int8
 
 from .graph import Graph, shifted
@@ -70,6 +71,9 @@ def deep_multiplier(g: Graph, ffn: ir.ChannelMix, x: str, i: int, prefill: bool)
     """(x @ s1) @ table[token].view(D, D) @ s2 + s0 for each row of x (T, C), the channel-mix's input (ln2's
     output): the (T, F) factor of its hidden units."""
     de, p = ffn.deep, f"blocks.{i}.ffn."
+    if ffn.sparse is not None:   # the sparse FFN's lowering has no place for the multiplier: refuse, never drop it
+        raise RwkvcError(f"blocks.{i}: a sparse FFN on an RWKV-7a DeepEmbed channel-mix is not lowered; "
+                         "drop sparse-ffn from the recipe")
     D = de.rank
     rows = DEEP_TABLES[de.table.kind](g, de.table, i, row_tokens(g, x, prefill))   # (T, D*D)
     rows = g.op("Reshape", rows, g.const([-1, D, D]))                               # (T, D, D)

@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from rwkvc import ir
+from rwkvc.errors import RwkvcError
 from rwkvc.weights.int8 import quantize_int8
 
 from .base import F32, KernelShape, relax
@@ -83,6 +84,9 @@ def channel_mix_v7a(ctx: Ctx, ffn: ir.ChannelMix, x, prev, prefill: bool):
     from .v7 import shifted
     W, op, em = ctx.W, relax.op, ctx.emit
     de = ffn.deep
+    if ffn.sparse is not None:   # the sparse FFN's lowering has no place for the multiplier: refuse, never drop it
+        raise RwkvcError("a sparse FFN on an RWKV-7a DeepEmbed channel-mix is not lowered; drop sparse-ffn from "
+                         "the recipe")
     D, T = de.rank, ctx.rows_of(x)
     xk = em(op.add(x, op.multiply(op.subtract(shifted(ctx, x, prev, prefill), x), W["ffn.x_k"])))
     k = em(op.nn.relu(linear(ctx, "ffn.key", ffn.lin["key"], xk)))
