@@ -49,8 +49,9 @@ def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 def u8_codes(q: np.ndarray) -> np.ndarray:
-    """int8 codes as uint8 codes q + 128 (C-contiguous)."""
-    return np.ascontiguousarray(q.astype(np.int16) + U8_ZERO, np.uint8)
+    """int8 codes as uint8 codes q + 128 (C-contiguous): the sign bit flipped (two's complement), with no
+    16-bit temporaries (a big head's codes are hundreds of MB)."""
+    return np.bitwise_xor(np.ascontiguousarray(q, np.int8).view(np.uint8), np.uint8(0x80))
 
 
 def interleave16_int8(q: np.ndarray, scale: np.ndarray, group: int):
