@@ -163,6 +163,9 @@ class SparseFfnPass:
         layers = parse_layers(args["layers"], model.config.n_layer)
         for i in layers:
             ffn = model.blocks[i].ffn
+            if getattr(ffn, "deep", None) is not None:
+                raise RwkvcError(f"pass sparse-ffn: blocks.{i} is an RWKV-7a DeepEmbed channel-mix, whose per-token "
+                                 "factor the sparse FFN's lowerings do not apply; drop sparse-ffn for this model")
             if ffn.lin["key"].kind != "dense" or ffn.lin["value"].kind != "dense":
                 raise RwkvcError(f"pass sparse-ffn: blocks.{i} key/value are {ffn.lin['key'].kind}/"
                                  f"{ffn.lin['value'].kind}; run sparse-ffn before svd/quantisation of the FFN")

@@ -127,6 +127,7 @@ class IRRunner:
         self._fns: dict[str, object] = {}
         self.hooks = None
         self.counters: dict[str, list] = {}
+        self.tokens = None                # the chunk's tokens (RWKV-7a's DeepEmbed tables are read by token)
 
     # -- matrices ----------------------------------------------------------------------------
     def _hook(self, name, x):
@@ -231,6 +232,7 @@ class IRRunner:
         with torch.no_grad():
             for s in range(0, len(tokens), chunk):
                 tk = tokens[s:s + chunk]
+                self.tokens = tk                  # RWKV-7a's channel-mixes read their tables by token
                 x = self.embed(tk)
                 v_first = None
                 for i, blk in enumerate(m.blocks):
@@ -339,6 +341,11 @@ class IRRunner:
         if hooks is not None and hasattr(hooks, "ffn"):
             hooks.ffn(i, xk, pre)
         h = torch.relu(pre) ** 2
+        if ffn.deep is not None:   # RWKV-7a: the per-token DeepEmbed factor (rwkvc.weights.deepembed)
+            de = ffn.deep
+            rows = _t(de.table.merged_rows(self.tokens)).view(-1, de.rank, de.rank)     # (T, D, D), as stored
+            ss = ((x @ _t(de.s1)).unsqueeze(1) @ rows).squeeze(1)                       # (T, D)
+            h = h * (ss @ _t(de.s2) + _t(de.s0))
         if ffn.sparse is not None and self.simulate:
             mask = sparse_mask(ffn.sparse, xk)
             st = self.counters.setdefault(f"ffn.{i}", [0, 0])
@@ -351,7 +358,8 @@ class IRRunner:
         return out
 
 
-TIME_MIXES = {"7": IRRunner.time_mix, "6": IRRunner.time_mix_v6, "5.2": IRRunner.time_mix_v5,
+TIME_MIXES = {"7": IRRunner.time_mix, "7a": IRRunner.time_mix, "6": IRRunner.time_mix_v6,
+              "5.2": IRRunner.time_mix_v5,
               "5.1": IRRunner.time_mix_v5, "5.0": IRRunner.time_mix_v5, "4": IRRunner.time_mix_v4}
 
 

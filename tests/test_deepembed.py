@@ -164,6 +164,18 @@ def test_reference_matches_official(case):
     assert rel(plain[0].numpy(), case["steps"]) > 100 * 1e-4
 
 
+def test_calibration_runner_matches_official(case):
+    """rwkvc.calib's IR runner (what calibrating passes such as hhead and gptq run) applies the DeepEmbed
+    factor; sparse-ffn, whose lowerings have no place for it, refuses the model before calibrating."""
+    from rwkvc.calib import ir_logits
+    from rwkvc.passes import PassContext
+    from rwkvc.pipeline import parse_recipe, run_passes
+    model = model_from_state_dict(case["sd"])
+    assert_close(ir_logits(model, case["tokens"]), case["steps"], "IR runner")
+    with pytest.raises(RwkvcError, match="DeepEmbed channel-mix"):
+        run_passes(model, parse_recipe("sparse-ffn"), PassContext(calib_tokens=np.arange(64), progress=False))
+
+
 @pytest.mark.parametrize("name,passes,fused", [
     ("dense-fused", None, True), ("lazy-f32-plain", "lazy-emb(storage=float32)", False)])
 def test_cpu_artifact_matches_official(case, name, passes, fused):
