@@ -142,6 +142,26 @@ def _child(conn, path: str, threads: int, steps: int, seed: int):
     conn.close()
 
 
+def flat_check(path: Path, long: int, steps: int = 24, threads: int = 1) -> dict:
+    """One artifact, one process: decode steps alternate between the state after 16 tokens and the state after
+    `long` tokens, so both sample the same moments; the ratio of their median step times is the context's
+    effect alone (1.0 for an RNN)."""
+    import numpy as np
+
+    import rwkvc
+    m = rwkvc.load(path, threads=threads)
+    toks = np.random.default_rng(0).integers(1, min(m.config.vocab_size, 65530), long).tolist()
+    states = {16: m.forward(toks[:16])[1], long: m.forward(toks)[1]}
+    times = {n: [] for n in states}
+    for i in range(steps):
+        for n, st in states.items():
+            t0 = time.perf_counter()
+            m.forward([int(toks[i])], st)
+            times[n].append(time.perf_counter() - t0)
+    med = {n: 1000 * statistics.median(v) for n, v in times.items()}
+    return {"artifact": str(path), "steps": steps, "median_ms": med, "ratio": med[long] / med[16]}
+
+
 def run_pair(arts: dict, contexts: list[int], threads: int, steps: int, log=print, on_row=None) -> dict:
     """Drive one child per model through `contexts`, alternating between them at each length."""
     ctx = mp.get_context("spawn")
@@ -254,12 +274,19 @@ def main(argv=None) -> int:
     ap.add_argument("--gpt", default=None, help="a GPT artifact to use instead of a random one (one shape)")
     ap.add_argument("--work_dir", default=None, help="where the random models' artifacts go (default: a temp dir)")
     ap.add_argument("--out_dir", default="out/rnn_mode")
+    ap.add_argument("--flat_check", default=None, metavar="ART",
+                    help="no sweep: alternate decode steps of ART from a 16-token and a --max_ctx-token state "
+                         "in one process and print their median times and ratio")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="no measuring: the tables and plot of these rnn_mode.json files' shapes together")
     a = ap.parse_args(argv)
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
+    if a.flat_check:
+        r = flat_check(Path(a.flat_check), a.max_ctx, max(a.steps, 2), a.threads)
+        print(json.dumps(r, indent=1))
+        return 0
     if a.merge:
         for f in a.merge:
             results.update(json.loads(Path(f).read_text())["results"])
