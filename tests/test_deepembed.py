@@ -10,8 +10,6 @@ so it runs in a subprocess (rwkvc.testing.run_official_many).
 Shapes: the official package views a table row as 32 x 32, so the tables are (V, 1024); V = 300, C = 64, two
 layers keep them small.
 """
-import subprocess
-
 import numpy as np
 import pytest
 import torch
@@ -23,7 +21,7 @@ from rwkvc.frontend import model_from_state_dict
 from rwkvc.inspect import inspect_path
 from rwkvc.testing import random_v7_state_dict, run_official_many, save_state_dict
 
-from helpers import MISSING, one_error_line, rwkvc_cmd
+from helpers import MISSING
 
 L, C, N, V, D = 2, 64, 32, 300, 32
 T = 24
@@ -132,13 +130,18 @@ def test_malformed_checkpoint_is_one_clear_error(case, what):
     assert words in msg and "\n" not in msg, msg
 
 
-def test_cli_names_the_bad_key_in_one_line(case, tmp_path):
+def test_cli_names_the_bad_key_in_one_line(case, tmp_path, capsys):
+    """`rwkvc compile` (its main, in process): one `error:` line naming the key and the shape, status 2,
+    nothing written."""
+    from rwkvc.cli import main
     sd = dict(case["sd"])
     sd["blocks.1.ffn.s1"] = torch.zeros(C, 8)
     bad = save_state_dict(sd, tmp_path / "bad.pth")
-    r = subprocess.run(rwkvc_cmd() + ["compile", bad, "-o", str(tmp_path / "out"), "-q"], capture_output=True,
-                       text=True)
-    one_error_line(r, "blocks.1.ffn.s1", "(64, 32)")
+    with pytest.raises(SystemExit) as e:
+        main(["compile", bad, "-o", str(tmp_path / "out"), "-q"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert "blocks.1.ffn.s1" in err[0] and "(64, 32)" in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "out").exists()
 
 
