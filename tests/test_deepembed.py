@@ -4,7 +4,7 @@ TVM targets and `rwkvc inspect`, against the official `rwkv` package run with RW
 Bound: max |logit diff| <= 1e-4 * max(1, max |reference logit|) (the spine's), token by token and as
 prefill chunks. int8 tables (lazy-emb(storage=int8)) are lossy: the artifact equals the reference model whose
 merged table rows are the dequantised int8 rows within that bound, and the official logits within 3e-2
-relative (measured ~2e-3 on this model). The official package only reads RWKV_DE_VERSION when it is imported,
+relative (measured 3.1e-3 on this model). The official package only reads RWKV_DE_VERSION when it is imported,
 so it runs in a subprocess (rwkvc.testing.run_official_many).
 
 Shapes: the official package views a table row as 32 x 32, so the tables are (V, 1024); V = 300, C = 64, two
