@@ -266,10 +266,11 @@ class GptModel(Model):
     def use_state(self, state):
         raise RwkvcError(f"{self.path}: a GPT artifact has no initial state to swap (its state is the KV cache)")
 
-    def save_state(self, state, path):
-        raise RwkvcError(f"{self.path}: saving a GPT's KV cache is not supported; keep the prompt instead")
+    def save_state(self, *args):
+        raise RwkvcError(f"{self.path}: saving or loading a GPT's KV cache is not supported; keep the prompt "
+                         "instead")
 
-    load_state = save_state
+    load_state = check_state_path = save_state
 
 
 # manifest["model"]["kind"] -> the Model class that runs it (RWKV artifacts have no kind)

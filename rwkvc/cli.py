@@ -192,6 +192,8 @@ def run(artifact, prompt, n_tokens, tuned_state, state_in, state_out, chat, thre
         from .api import Model
         Model.check_state_path(state_out)
     m = load(artifact, threads=threads)
+    if state_out:
+        m.check_state_path(state_out)   # again, on the artifact: one that cannot save its state says so now
     if tuned_state:
         m.use_state(tuned_state)
     state = m.load_state(state_in) if state_in else None

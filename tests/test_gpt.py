@@ -125,6 +125,10 @@ def test_the_artifact_runs_through_the_cli(artifact, loaded, capsys):
     assert r.returncode == 0, r.stderr
     m = loaded
     assert m.generate("", n=8, temperature=0, token_stop=(63,)) == r.stdout[:-1]
+    r = _cli(["run", str(art), "-n", "2", "--state-out", str(art.parent / "kv.npz")], capsys)
+    assert r.stdout == ""   # refused before generating anything
+    one_error_line(r, "GPT's KV cache is not supported")
+    assert not (art.parent / "kv.npz").exists()
     assert m.manifest["model"]["kind"] == "gpt" and m.manifest["runtime"] == "onnxruntime-gpt"
 
 
