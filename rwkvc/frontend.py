@@ -77,6 +77,9 @@ def _first_line(e: Exception) -> str:
 def detect_version(sd: dict) -> Arch:
     """Pick the architecture from the keys present; refuse mixtures and foreign models."""
     if "emb.weight" not in sd or not any(k.startswith("blocks.0.") for k in sd):
+        if "model.layers.0.self_attn.time_mixer.r_k" in sd:   # an RWKV-7 hybrid's weights without their config
+            raise RwkvcError("these are an RWKV-7 hybrid's weights (RwkvHybridForCausalLM); give its directory, or "
+                             "put its config.json beside the file")
         sample = ", ".join(list(sd)[:3])
         raise RwkvcError(f"not an RWKV checkpoint: no 'emb.weight' / 'blocks.0.*' keys (found e.g. {sample}); "
                          "rwkvc compiles RWKV-LM checkpoints")

@@ -122,6 +122,9 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, saved):
     save_file(sd, str(tmp_path / "model.safetensors"))
     with pytest.raises(RwkvcError, match="missing 'model.layers.0.mlp.up_proj.weight'"):
         load_model(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(RwkvcError, match="hybrid's weights .* config.json beside"):
+        load_model(tmp_path / "model.safetensors")
 
 
 @pytest.mark.parametrize("kind,fused", [("qwen", False), ("qwen", True), ("gpt", True)],
@@ -147,6 +150,31 @@ def test_cpu_artifact_matches_reference(saved, kind, fused):
         assert np.abs(got - ref[t]).max() <= tol, f"step {t}"
     assert np.abs(st.wkv - st_ref.wkv[:, 0].numpy()).max() <= tol
     assert np.abs(st.shift - st_ref.shift[:, :, 0].numpy()).max() <= tol
+
+
+def _steps(m, idx) -> np.ndarray:
+    st, rows = m.init_state(), []
+    for t in range(idx.shape[1]):
+        got, st = m.forward([int(idx[0, t])], st)
+        rows.append(got)
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("recipe,min_corr", [("int4(group=32),lazy-emb(storage=int8)", 0.8),   # measured 0.86
+                                             ("svd(rank=0.75),int4(group=32)", 0.5)])             # measured 0.6
+def test_weight_passes_apply(saved, recipe, min_corr):
+    """The passes that need no calibration compile a hybrid, and its logits follow the dense reference's over
+    the sequence (correlation; random weights, whose large activations make 4 bits coarse; svd drops a quarter
+    of these random matrices' energy): bounds that catch a broken lowering; accuracy is measured on trained
+    models (docs/DISTILLATION.md, docs/COMPRESSION.md)."""
+    import rwkvc
+    s = saved["qwen"]
+    m = rwkvc.load(rwkvc.compile(str(s["dir"] / "ckpt"), s["dir"] / recipe.split("(")[0], target="cpu", passes=recipe))
+    assert [p["name"] for p in m.manifest["passes"]] == [r.split("(")[0] for r in recipe.split("),")]
+    got = _steps(m, s["idx"])
+    assert np.isfinite(got).all()
+    r = np.corrcoef(got.ravel(), s["logits"].ravel())[0, 1]
+    assert r > min_corr, r
 
 
 def test_int8_within_accuracy_bounds(saved):
