@@ -217,10 +217,14 @@ class OrtRuntime:
     """forward(tokens (T,) int64, state) -> logits (V,) float32, new state."""
 
     def __init__(self, path: Path, manifest: dict, threads: int | None = None, providers=None,
-                 prefill_chunk: int = 128, huge_pages: bool = True):
+                 prefill_chunk: int = 128, huge_pages: bool = True, prepack: bool = True):
         """prefill_chunk: a prompt goes through the prefill graph this many tokens a call. The activations (and
         ONNX Runtime's arena, which keeps the largest) grow with it: at 128 a 1.5B int4 model's 512-token
-        prefill peaks 370 MB lower than at 1024, at the same speed (docs/BENCHMARKS.md, scale)."""
+        prefill peaks 370 MB lower than at 1024, at the same speed (docs/BENCHMARKS.md, scale).
+        prepack False: ONNX Runtime's kernels read every weight in place in the shared mapping instead of each
+        session packing its own copy of the float matrices (MatMul): an fp32 artifact then needs about one copy
+        of its weights instead of three, for ~10-25 % of its decode and ~15 % of its prefill speed; quantised
+        artifacts, whose matrices rwkvc's kernels read in place, barely change (rwkvc.load(path, prepack=False))."""
         import onnxruntime as ort
         self.path, self.manifest, self.prefill_chunk = Path(path), manifest, prefill_chunk
         so = ort.SessionOptions()
@@ -230,6 +234,8 @@ class OrtRuntime:
         # ONNX Runtime rewrites DequantizeLinear -> MatMul (the sparse FFN's int8 MLP predictor in the plain
         # graphs) into an 8-bit MatMulNBits; level 0 keeps its activations in float32, as the IR has them
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        if not prepack:
+            so.add_session_config_entry("session.disable_prepacking", "1")
         self.so = so
         if manifest.get("custom_ops"):
             from . import ortops
