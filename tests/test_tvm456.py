@@ -27,7 +27,7 @@ import rwkvc
 from rwkvc.testing import (random_v4_state_dict, random_v5_state_dict, random_v6_state_dict, run_official_many,
                            save_state_dict)
 
-from helpers import MISSING, compile_shared
+from helpers import INT8_FLIPS, MISSING, assert_logits_match, compile_shared, compressed_ir
 
 T = 24
 CHUNKS = [1, 9, 14]
@@ -187,6 +187,30 @@ def test_targets_declare_every_rwkv_version():
     from rwkvc.targets import get_target
     for name in ("tvm-host", "rpi5"):
         assert get_target(name).capabilities.versions >= {"4", "5.0", "5.1", "5.2", "6", "7"}
+
+
+def test_compressed_v5_on_tvm_host_matches_cpu(cases):
+    """The passes' kinds on RWKV-5.2 (sparse FFN predictors with int8 rows, the clustered head with int8 rows,
+    svd's factors and the other matrices in int8, the int8 lazy embedding) on tvm-host against the cpu artifact
+    of the same IR, each token from the cpu artifact's state (int8 rounding flips: tests/helpers.py)."""
+    if missing(HOST):
+        pytest.skip(missing(HOST))
+    from rwkvc.artifact import compile_to_dir
+    from rwkvc.targets import get_target
+    c = cases["v5.2"]
+    model = compressed_ir(c["ckpt"], "sparse", "svd(rank=0.25),hhead(k=24,p=0.9,min_k=2,max_k=12),"
+                                               "int8(accuracy_level=0),lazy-emb(storage=int8)", 1000)
+    att = model.blocks[0].att.lin
+    assert att["key"].kind == "factored" and att["key"].weight.a.kind == "int8" and model.blocks[0].ffn.sparse
+    assert model.head.kind == "clustered" and model.head.weight.rows.kind == "int8"
+    cpu = rwkvc.load(compile_to_dir(model, get_target("cpu"), c["dir"] / "q-cpu"))
+    host = rwkvc.load(compile_to_dir(model, get_target(HOST), c["dir"] / "q-host"))
+    got, ref, st = [], [], None
+    for t in c["tokens"][:16]:
+        got.append(host.forward([t], st)[0])
+        lc, st = cpu.forward([t], st)
+        ref.append(lc)
+    assert_logits_match(np.stack(got), np.stack(ref), "v5.2 compressed", INT8_FLIPS)
 
 
 # ----------------------------------------------------------------------------------------------
