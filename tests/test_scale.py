@@ -94,3 +94,15 @@ def test_compile_memory_stays_well_below_the_model(tmp_path):
     print(f"interpreter {base / 1e6:.0f} MB, compile peak {peak / 1e6:.0f} MB: +{extra / 1e6:.0f} MB "
           f"for {fp32 / 1e6:.0f} MB of float32 weights")
     assert extra < fp32 / 2, f"compile used {extra / 1e6:.0f} MB above the interpreter for {fp32 / 1e6:.0f} MB of weights"
+
+
+def test_safetensors_read_lazily_match(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from rwkvc.frontend import load_state_dict
+    sd = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.randn(7), "c": torch.randn(2, 2).half()}
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    got = load_state_dict(tmp_path / "m.safetensors", lazy=True)
+    assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+    assert np.array_equal(mapped.to_float32(got["a"]), sd["a"].float().numpy())
