@@ -1,9 +1,12 @@
 """Arrays read on demand, so that a compile holds one matrix at a time rather than the model.
 
     LazyArray(load, shape, dtype)   an array-like whose values come from load() each time they are used
+                                    (x[a:b], x.T and x.row_blocks() read only what they need where they can)
     from_torch(t)                   a LazyArray over a memory-mapped checkpoint tensor (torch.load(mmap=True))
-    spill(arr, dir)                 arr written to a scratch file; a LazyArray that reads it back with read()
-    release(t)                      drop the resident pages of a memory-mapped tensor (madvise MADV_DONTNEED)
+    safetensors_mapped(path)        a .safetensors file's tensors over one private mapping of it
+    spill(arr, dir), spill_rep(rep, dir)   arrays written to scratch files, read back lazily with read()
+    release(t), release_array(a)    drop the resident pages of a memory-mapped tensor / array (MADV_DONTNEED)
+    to_float32(t), all_finite(t)    a torch tensor as float32, its finiteness (bf16 without torch's conversion)
 
 A LazyArray behaves as the numpy array it loads wherever numpy converts it (np.asarray, ufuncs, array
 functions, indexing, attributes such as .T or .astype): each use materialises a fresh copy, which is freed
@@ -22,7 +25,6 @@ import mmap
 import operator
 import os
 import sys
-import tempfile
 
 import numpy as np
 
@@ -227,10 +229,6 @@ def from_torch(t, name: str = "", mapped: bool = False) -> LazyArray:
 
     return LazyArray(lambda: rows(0, t.shape[0]), tuple(t.shape), dtype, name, rows=rows,
                      cols=cols if t.dim() == 2 else None)
-
-
-def scratch_dir(parent: str | None = None) -> str:
-    return tempfile.mkdtemp(prefix="rwkvc-spill-", dir=parent)
 
 
 def spill(arr, directory: str, name: str) -> LazyArray:
