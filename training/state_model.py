@@ -66,7 +66,7 @@ def load_base(path: str, storage: str = "fp32", group: int = 64) -> Base:
         make = lambda: RWKV5(cfg)  # noqa: E731
         L, C, H, N, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size, cfg.vocab_size
     else:
-        raise RwkvcError(f"{path}: RWKV-{ver} has no matrix-valued state to tune (state tuning needs v5, v6 or v7)")
+        raise RwkvcError(f"{path}: state tuning does not cover RWKV-{ver} checkpoints (it tunes plain RWKV-5, 6 and 7)")
     with torch.device("meta"):
         model = make()
     n_frozen = bytes_frozen = bytes_src = 0
