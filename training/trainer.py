@@ -190,7 +190,7 @@ def train(args, log=None) -> Path:
         n_params = sum(p.numel() for p in model.parameters())
         say(f"{kind.label} L{args.n_layer} D{args.n_embd} V{args.vocab_size} ({n_params / 1e6:.2f}M params), "
             f"ctx {args.ctx_len}, {args.precision} on {device.type} x{dist_info.world} ({engine.name} "
-            f"{args.strategy}), wkv {wkv_name}, seed {seed}\n"
+            f"{args.strategy}){', wkv ' + wkv_name if args.model == 'rwkv7' else ''}, seed {seed}\n"
             f"data {data.data.prefix}: {data.plan.train_len} training tokens, magic_prime {data.magic_prime}, "
             f"{data.num_val_targets} validation tokens"
             f"{' from ' + args.val_file if args.val_file else ' (held-out tail)'}\n"
