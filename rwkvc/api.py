@@ -36,7 +36,7 @@ class Model:
     def __init__(self, path: str | os.PathLike, threads: int | None = None, **runtime_options):
         from .options import RuntimeOptions
         from .runtimes import get_runtime
-        from .tokenizer import WorldTokenizer
+        from .hf_tokenizer import load_artifact_tokenizer
         self.options = RuntimeOptions.resolve(threads)
         from .integrity import check_on_load
         self.path = Path(path)
@@ -55,7 +55,7 @@ class Model:
             raise RwkvcError(f"rwkvc.load: option {unknown[0]!r} is not one the {self.manifest['runtime']} runtime "
                              f"of this artifact takes (it takes: {', '.join(sorted(known)) or 'none'})")
         self.runtime = runtime(self.path, self.manifest, threads=self.options.threads, **runtime_options)
-        self.tokenizer = WorldTokenizer(self.path / self.manifest["tokenizer"]["file"])
+        self.tokenizer = load_artifact_tokenizer(self.path, self.manifest, self.config.vocab_size)
         self._init_state = self._load_init_state()
 
     def _load_init_state(self) -> ir.State:
@@ -248,14 +248,14 @@ class GptModel(Model):
         from .integrity import check_on_load
         from .options import RuntimeOptions
         from .runtimes.gpt import GptRuntime
-        from .tokenizer import WorldTokenizer
+        from .hf_tokenizer import load_artifact_tokenizer
         self.options = RuntimeOptions.resolve(threads)
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         check_on_load(self.path, self.manifest)
         self.runtime = GptRuntime(self.path, self.manifest, threads=self.options.threads)
         self.config = self.runtime.shape
-        self.tokenizer = WorldTokenizer(self.path / self.manifest["tokenizer"]["file"])
+        self.tokenizer = load_artifact_tokenizer(self.path, self.manifest)
 
     def init_state(self):
         return self.runtime.empty_cache()

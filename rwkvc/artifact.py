@@ -122,8 +122,9 @@ def _install(tmp: Path, out: Path, before) -> None:
 
 def compile_to_dir(model: ir.Model, target, out: str | os.PathLike, *, dtype: str | None = None,
                    source: str | None = None, force: bool = False, options: dict | None = None,
-                   progress=None) -> Path:
-    """Lower `model` with `target` into the artifact directory `out` (atomically)."""
+                   progress=None, tokenizer: str | os.PathLike | None = None) -> Path:
+    """Lower `model` with `target` into the artifact directory `out` (atomically). `tokenizer`: a Hugging Face
+    tokenizer.json the artifact carries instead of the World vocabulary (rwkvc.hf_tokenizer)."""
     out = Path(out)
     check_output_dir(out, force)
     dtype = dtype or target.capabilities.dtypes[0]
@@ -138,7 +139,8 @@ def compile_to_dir(model: ir.Model, target, out: str | os.PathLike, *, dtype: st
         fields = target.compile(model, str(tmp), dict(options or {}, dtype=dtype), progress=progress)
         tok_dir = tmp / "tokenizer"
         tok_dir.mkdir()
-        shutil.copyfile(Path(__file__).parent / "data" / VOCAB, tok_dir / VOCAB)
+        tok_name, tok_kind = (VOCAB, "rwkv-world") if tokenizer is None else ("tokenizer.json", "hf-tokenizers")
+        shutil.copyfile(Path(__file__).parent / "data" / VOCAB if tokenizer is None else tokenizer, tok_dir / tok_name)
         if model.init_state is not None:
             import numpy as np
             np.savez(tmp / "init_state.npz", shift=model.init_state.shift, wkv=model.init_state.wkv)
@@ -154,7 +156,7 @@ def compile_to_dir(model: ir.Model, target, out: str | os.PathLike, *, dtype: st
             "passes": model.passes,
             "state": {**{k: list(v) for k, v in cfg.state_shapes().items()}, "dtype": "float32",
                       "init": "init_state.npz" if model.init_state is not None else None},
-            "tokenizer": {"kind": "rwkv-world", "file": f"tokenizer/{VOCAB}"},
+            "tokenizer": {"kind": tok_kind, "file": f"tokenizer/{tok_name}"},
             **fields,
         }
         manifest["files"] = {str(p.relative_to(tmp)): {"sha256": file_sha256(p), "bytes": p.stat().st_size}

@@ -93,6 +93,12 @@ def compile_cmd(model, target, out, passes, recipe_file, preset_name, calib, cal
         return
     text, recipe_calib = resolve(passes, recipe_file, preset_name)
     recipe = parse_recipe(text)                       # unknown passes, bad arguments, bad order: before any work
+    from .arch.hybrid import is_hybrid
+    from .hf_tokenizer import HFTokenizer, source_tokenizer
+    hf_tok = source_tokenizer(model)                  # a hybrid's teacher tokenizer.json (docs/DISTILLATION.md)
+    if hf_tok is None and is_hybrid(model):
+        click.echo("note: no tokenizer.json beside this hybrid checkpoint: the artifact uses the RWKV World tokenizer",
+                   err=True)
     calib = calib or recipe_calib
     if calib_tokens < 16:
         raise RwkvcError("--calib-tokens must be >= 16")
@@ -101,7 +107,7 @@ def compile_cmd(model, target, out, passes, recipe_file, preset_name, calib, cal
         from .calib import default_calib_tokens, load_tokens
         tokens = None
         if calib:
-            tokens = load_tokens(calib, limit=calib_tokens)
+            tokens = load_tokens(calib, limit=calib_tokens, tokenizer=HFTokenizer(hf_tok) if hf_tok else None)
         elif needs_calibration(recipe):
             tokens = default_calib_tokens(calib_tokens)
             click.echo(f"note: {', '.join(needs_calibration(recipe))} calibrate on the offline KJV text; "

@@ -12,7 +12,7 @@ position t the artifact's distribution over token t+1 is compared with the refer
     mean_kl         mean over positions of KL(ref || artifact), nats per token
 
 `ref` is a checkpoint (compiled dense for the cpu target into a temporary directory) or an artifact
-directory. The data is a text file (World tokenizer), a .npy of token ids or a binidx prefix.
+directory. The data is a text file (encoded with the artifact's tokenizer), a .npy of token ids or a binidx prefix.
 """
 from __future__ import annotations
 
@@ -59,10 +59,10 @@ def compile_reference(ref: str, workdir: str) -> str:
 def evaluate(artifact, data, ref=None, n_tokens: int = 2000, threads=None, progress=None) -> dict:
     """Metrics of `artifact` on `data` (see the module docstring); with `ref`, also against it."""
     from .calib import load_tokens
-    tokens = load_tokens(data, limit=n_tokens + 1)
+    art = _load(artifact, threads)
+    tokens = load_tokens(data, limit=n_tokens + 1, tokenizer=art.tokenizer)   # text: the artifact's own tokenizer
     if len(tokens) < 2:
         raise RwkvcError(f"{data}: too few tokens to evaluate")
-    art = _load(artifact, threads)
     V = art.config.vocab_size
     if int(tokens.max()) >= V:
         raise RwkvcError(f"{data}: token id {int(tokens.max())} is outside the model's vocabulary ({V})")

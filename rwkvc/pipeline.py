@@ -106,6 +106,10 @@ def check_dump_dir(d: Path) -> None:
         raise RwkvcError(f"{d}: cannot create the --dump-ir directory there (not writable); choose another")
 
 
+# targets whose native runner has only the World tokenizer built in (a Hugging Face tokenizer.json is refused)
+WORLD_TOKENIZER_ONLY = frozenset({"rpi5"})
+
+
 def compile_checkpoint(model_path, out_dir, target: str = "cpu", passes=None, dtype: str | None = None,
                        force: bool = False, progress: bool = False, dump_dir: str | None = None,
                        state_path: str | None = None, ctx=None, cluster_file: str | None = None,
@@ -121,9 +125,16 @@ def compile_checkpoint(model_path, out_dir, target: str = "cpu", passes=None, dt
     dump_dir = dump_dir or (ctx.dump_dir if ctx is not None else None)
     if dump_dir is not None:
         check_dump_dir(Path(dump_dir))
+    from .hf_tokenizer import check_source_tokenizer, source_tokenizer
+    hf_tok = source_tokenizer(model_path)   # a hybrid's teacher tokenizer.json, carried by the artifact
+    if hf_tok is not None and tgt.name in WORLD_TOKENIZER_ONLY:
+        raise RwkvcError(f"{model_path}: this hybrid has a Hugging Face tokenizer.json, but the {tgt.name} target's "
+                         "native runner has only the RWKV World tokenizer; compile it for --target cpu")
     bar = _Progress(enabled=progress, total=2 + len(recipe))
     bar.step("load checkpoint")
     model = load_model(model_path, cluster_file=cluster_file, lazy=True)   # matrices read as they are used
+    if hf_tok is not None:
+        check_source_tokenizer(hf_tok, model.config.vocab_size)
     if state_path is not None:  # a tuned state becomes the artifact's initial state (validated here)
         from .states import apply_state
         apply_state(model, state_path)
@@ -142,7 +153,7 @@ def compile_checkpoint(model_path, out_dir, target: str = "cpu", passes=None, dt
                 model = run_passes(model, [item], ctx)
         bar.step(f"lower for {tgt.name}")
         path = compile_to_dir(model, tgt, out, dtype=dtype, source=str(model_path), force=force, options=options,
-                              progress=lambda entry: None)
+                              progress=lambda entry: None, tokenizer=hf_tok)
     finally:
         if scratch is not None:
             import shutil

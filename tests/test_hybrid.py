@@ -208,3 +208,83 @@ def test_rpi5_artifact_matches_reference_under_qemu(saved):
     for t in range(4):
         got, st = m.forward([int(s["idx"][0, t])], st)
         assert np.abs(got - ref[t]).max() <= tol, f"step {t}"
+
+
+@pytest.fixture(scope="module")
+def hf_hybrid(saved, tmp_path_factory):
+    """The qwen hybrid with a tiny byte-level BPE tokenizer.json beside it (trained here: no download), as
+    training/distill.py saves the teacher's; its 60 tokens fit the model's vocabulary of V."""
+    import shutil
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["the cat sat on the mat", "a dog ran to the cat", "then the dog sat on a mat"] * 4
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=60, show_progress=False))
+    d = tmp_path_factory.mktemp("hf") / "ckpt"
+    shutil.copytree(saved["qwen"]["dir"] / "ckpt", d)
+    tok.save(str(d / "tokenizer.json"))
+    return d, tok
+
+
+def test_hf_tokenizer_travels_with_the_artifact(hf_hybrid, tmp_path):
+    """A hybrid with the teacher's tokenizer.json: the artifact carries it (hashed, named in the manifest) and
+    encodes, decodes and generates with it; damaged, it is a one-line error on load and on compile."""
+    import rwkvc
+    d, tok = hf_hybrid
+    m = rwkvc.load(rwkvc.compile(str(d), tmp_path / "art", target="cpu"))
+    assert m.manifest["tokenizer"] == {"kind": "hf-tokenizers", "file": "tokenizer/tokenizer.json"}
+    assert "tokenizer/tokenizer.json" in m.manifest["files"]
+    s = "the dog sat on the cat"
+    ids = m.encode(s)
+    assert ids == tok.encode(s).ids and len(ids) < len(s) and m.decode(ids) == s
+    n = tok.get_vocab_size()
+    assert m.tokenizer.unused_ids == tuple(range(n, V))      # ids past the vocabulary are never sampled
+    out = []
+    text = m.generate("the cat", n=12, temperature=1.0, top_p=1.0, seed=3, result=out)
+    g = out[0]
+    assert len(g.tokens) == 12 and all(0 <= t < n for t in g.tokens)
+    assert text == g.text == m.decode(g.tokens) == tok.decode(g.tokens)   # the stream decodes as the library
+    assert m.decode(m.encode(text)) == text
+    # damaged in the artifact: the integrity check names it, one line
+    art = tmp_path / "art"
+    f = art / "tokenizer" / "tokenizer.json"
+    f.chmod(0o644)
+    f.write_bytes(b"{" + f.read_bytes()[1:-1] + b"\x00")
+    with pytest.raises(RwkvcError, match="tokenizer.json") as e:
+        rwkvc.load(art)
+    assert "\n" not in str(e.value)
+    # damaged with a matching hash (the reader itself refuses it), and damaged beside the checkpoint
+    from rwkvc.artifact import file_sha256
+    man = json.loads((art / "manifest.json").read_text())
+    man["files"]["tokenizer/tokenizer.json"]["sha256"] = file_sha256(f)
+    (art / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(RwkvcError, match="not a readable Hugging Face tokenizer.json") as e:
+        rwkvc.load(art)
+    assert "\n" not in str(e.value)
+    bad = tmp_path / "bad"
+    import shutil
+    shutil.copytree(d, bad)
+    (bad / "tokenizer.json").write_text('{"model": {"type": "nope"}}')
+    with pytest.raises(RwkvcError, match="not a readable Hugging Face tokenizer.json") as e:
+        rwkvc.compile(str(bad), tmp_path / "art2", target="cpu")
+    assert "\n" not in str(e.value) and not (tmp_path / "art2").exists()
+
+
+def test_hf_tokenizer_targets_and_note(hf_hybrid, saved, tmp_path):
+    """rpi5 (whose native runner has only the World tokenizer) refuses a hybrid with a tokenizer.json before any
+    work; a hybrid without one compiles with a note that the artifact uses the World tokenizer."""
+    import rwkvc
+    from click.testing import CliRunner
+
+    from rwkvc.cli import cli
+    d, _ = hf_hybrid
+    with pytest.raises(RwkvcError, match="only the RWKV World tokenizer"):
+        rwkvc.compile(str(d), tmp_path / "rpi", target="rpi5")
+    assert not (tmp_path / "rpi").exists()
+    r = CliRunner().invoke(cli, ["compile", str(saved["gpt"]["dir"] / "ckpt"), "-o", str(tmp_path / "w"), "-q"])
+    assert r.exit_code == 0, r.output
+    notes = [ln for ln in r.output.splitlines() if ln.startswith("note:")]
+    assert len(notes) == 1 and "World tokenizer" in notes[0], r.output
+    assert rwkvc.load(tmp_path / "w").manifest["tokenizer"]["kind"] == "rwkv-world"

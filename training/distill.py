@@ -201,9 +201,43 @@ def distill(dargs: DistillArgs, args, log=None) -> Path:
         if rank0:
             from rwkvc.reference.hybrid import load
             load(final).save(proj / "hybrid")
+            if save_teacher_tokenizer(dargs, args, proj / "hybrid"):
+                say(f"tokenizer: the teacher's tokenizer.json saved in {proj / 'hybrid'} (the artifact carries it)")
     engine.close()
     say(f"done: {final} and {proj / 'hybrid'} (val_loss {epoch_val})")
     return final
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def save_teacher_tokenizer(dargs: DistillArgs, args, out: Path) -> bool:
+    """The teacher's Hugging Face tokenizer saved into the hybrid directory `out` (tokenizer.json and its
+    config; transformers' save_pretrained where the teacher has only a slow tokenizer's files), so
+    `rwkvc compile` gives an artifact that encodes text with the teacher's vocabulary. The source: --tokenizer
+    (a directory), else the teacher directory, else --load_model's directory. False where there is none (the
+    artifact then uses the World tokenizer)."""
+    if dargs.tokenizer == "world":
+        return False
+    lm = Path(args.load_model) if args.load_model else None
+    cands = [dargs.tokenizer, dargs.teacher, str(lm if lm.is_dir() else lm.parent) if lm else ""]
+    src = next((Path(c) for c in cands if c and Path(c).is_dir() and any((Path(c) / f).is_file()
+                                                                          for f in TOKENIZER_FILES)), None)
+    if src is None:
+        return False
+    try:
+        if (src / "tokenizer.json").is_file():   # a fast tokenizer: its files as they are
+            import shutil
+            for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                if (src / f).is_file():
+                    shutil.copyfile(src / f, out / f)
+        else:                                    # only the slow files: transformers writes the tokenizer.json
+            from transformers import AutoTokenizer
+            AutoTokenizer.from_pretrained(str(src), local_files_only=True).save_pretrained(str(out))
+    except Exception as e:
+        raise RwkvcError(f"{src}: cannot save its tokenizer beside the hybrid "
+                         f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:200]})") from None
+    return (out / "tokenizer.json").is_file()
 
 
 def _sft_val(engine, data, micro_bsz):
