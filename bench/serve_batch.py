@@ -4,6 +4,7 @@ without a prefix-cache hit.
     python bench/serve_batch.py ART [ART ...] [--batches 1,2,4,8,16] [--steps 16] [--reps 3] [--threads 2]
     python bench/serve_batch.py ART --ttft --prefix 2000
     python bench/serve_batch.py ART --http 1,8 [--requests 2] [--max-tokens 32]
+    python bench/serve_batch.py ART --prefill 4 [--chunk 128] [--reps 3]
 
 Decode: B sequences (each prefilled with its own short prompt) advance by --steps tokens with one
 batch_step call a step (rwkvc.runtimes.ort_batch.BatchPool); tokens/s = B * steps / seconds, best of
@@ -11,6 +12,11 @@ batch_step call a step (rwkvc.runtimes.ort_batch.BatchPool); tokens/s = B * step
 where the artifact has them), which is what a single request gets from `rwkvc serve`. Every batch size
 of every artifact is measured in turn within each repetition, so they share the machine's moments.
 Greedy sampling (argmax) is included in the time, as the server does it.
+
+Prefill: B sequences (each with its own incoming state) advance by --chunk tokens each, either as B
+separate calls of the artifact's own prefill graph (Model.forward, what the engine does one prompt at a
+time) or as one batch_prefill call (rwkvc.runtimes.ort_batch.prefill_batch); the two alternate within
+each repetition, best of --reps; the ratio is separate time / batched time.
 
 HTTP: end to end through `rwkvc serve` (a server in this process, the openai package's async client), K
 concurrent clients each sending --requests greedy completions of --max-tokens tokens (token 0 banned so
@@ -72,6 +78,30 @@ def decode_rates(arts, batches, steps, reps, threads):
                            for b in batches}}
         out.append(row)
     return out
+
+
+def prefill_rates(art, B, T, reps, threads):
+    """Prompt tokens/s of B separate prefills of T tokens against one batched prefill of (B, T)."""
+    import rwkvc
+    from rwkvc.runtimes.ort_batch import prefill_batch
+    m = rwkvc.load(art, threads=threads)
+    states = [m.forward(m.encode(f"Sequence {i} begins here:"))[1] for i in range(B)]
+    toks = np.random.default_rng(0).integers(1, m.config.vocab_size, size=(B, T))
+    prefill_batch(m.runtime, toks[:, :8], states)               # load both sessions before timing
+    m.forward(toks[0, :8], states[0])
+    sep, bat = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for b in range(B):
+            m.forward(toks[b], states[b])
+        sep.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        prefill_batch(m.runtime, toks, states)
+        bat.append(time.perf_counter() - t0)
+    s, b = min(sep), min(bat)
+    return {"artifact": art, "B": B, "T": T, "separate_s": round(s, 3), "batched_s": round(b, 3),
+            "separate_tokens_per_s": round(B * T / s, 1), "batched_tokens_per_s": round(B * T / b, 1),
+            "speedup": round(s / b, 2)}
 
 
 def plot(rows, path) -> None:
@@ -194,11 +224,19 @@ def main(argv=None) -> int:
     ap.add_argument("--prefix", type=int, default=2000, help="shared prefix length in tokens (--ttft)")
     ap.add_argument("--http", default=None, help="comma-separated concurrent client counts: end-to-end through the "
                                                   "server (e.g. 1,8)")
+    ap.add_argument("--prefill", type=int, default=None, help="B: B separate prefills against one batched prefill")
+    ap.add_argument("--chunk", type=int, default=128, help="tokens per sequence (--prefill)")
     ap.add_argument("--plot", default=None, help="write the decode rates as a PNG plot here")
     ap.add_argument("--requests", type=int, default=2, help="requests per client (--http)")
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens per request (--http)")
     a = ap.parse_args(argv)
-    if a.http:
+    if a.prefill:
+        res = [prefill_rates(art, a.prefill, a.chunk, a.reps, a.threads) for art in a.artifacts]
+        for r in res:
+            print(f"{r['artifact']}: B={r['B']} T={r['T']}: separate {r['separate_s'] * 1e3:.0f} ms "
+                  f"({r['separate_tokens_per_s']} tokens/s), batched {r['batched_s'] * 1e3:.0f} ms "
+                  f"({r['batched_tokens_per_s']} tokens/s): {r['speedup']}x", file=sys.stderr)
+    elif a.http:
         res = [http_rates(art, [int(k) for k in a.http.split(",")], a.requests, a.max_tokens, a.threads)
                for art in a.artifacts]
         for r in res:

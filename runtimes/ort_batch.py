@@ -10,6 +10,8 @@ sequence (one state copy), so the live slots stay a contiguous block, which is w
     slot = pool.add(state)               # a prefilled sequence joins
     logits = pool.step(tokens)           # tokens (B,) int64 -> logits (B, V), a view valid until the next step
     moved = pool.remove(slot)            # the slot now holds the sequence that was in slot `moved`
+
+    logits, states = prefill_batch(runtime, tokens, states)   # B sequences T tokens each, one graph call
 """
 from __future__ import annotations
 
@@ -21,10 +23,34 @@ from rwkvc.errors import RwkvcError
 from .onnxruntime import _run_bound
 
 BATCH_ENTRY = "batch_step"
+BATCH_PREFILL_ENTRY = "batch_prefill"
 
 
 def has_batch_step(manifest: dict) -> bool:
     return BATCH_ENTRY in manifest.get("entry_points", {}) and manifest.get("runtime") == "onnxruntime"
+
+
+def has_batch_prefill(manifest: dict) -> bool:
+    return BATCH_PREFILL_ENTRY in manifest.get("entry_points", {}) and manifest.get("runtime") == "onnxruntime"
+
+
+def prefill_batch(runtime, tokens, states: list[ir.State]) -> tuple[np.ndarray, list[ir.State]]:
+    """B sequences advance by T tokens each in one batch_prefill call: tokens (B, T) int (every one a real
+    token: equal-length chunks, no padding), states[b] the state of sequence b -> (logits (B, V) of each
+    sequence's last token, the B new states)."""
+    if not has_batch_prefill(runtime.manifest):
+        raise RwkvcError(f"{runtime.path}: this artifact has no batched prefill graph (RWKV-7 float32 artifacts "
+                         "compiled by this rwkvc have one); recompile it")
+    toks = np.ascontiguousarray(tokens, np.int64)
+    if toks.ndim != 2 or toks.shape[0] != len(states) or toks.shape[1] == 0:
+        raise RwkvcError(f"prefill_batch: tokens of shape {toks.shape} for {len(states)} states (want (B, T), T >= 1)")
+    feed = {"tokens": toks, "shift_in": np.stack([s.shift for s in states]).astype(np.float32, copy=False)}
+    L = states[0].wkv.shape[0]
+    for i in range(L):
+        feed[f"wkv_in.{i}"] = np.ascontiguousarray(np.stack([s.wkv[i] for s in states]), np.float32)
+    out = runtime.session(BATCH_PREFILL_ENTRY).run(None, feed)
+    logits, shift, wkv = out[0], out[1], out[2:]
+    return logits, [ir.State(shift[b], np.stack([w[b] for w in wkv])) for b in range(len(states))]
 
 
 class BatchPool:

@@ -88,3 +88,56 @@ def test_batch_pool_refuses_what_it_cannot_do(model):
     with pytest.raises(RwkvcError, match="not live"):
         pool.remove(3)
     np.testing.assert_array_equal(pool.state(0).wkv, m.init_state().wkv)
+
+
+def test_batched_prefill_equals_separate_prefills(model):
+    """B sequences with different incoming states advance by T tokens each in one batch_prefill call: the
+    logits and states of B separate prefills (the artifact's own prefill graph), to float rounding."""
+    from rwkvc.runtimes.ort_batch import has_batch_prefill, prefill_batch
+    kind, m = model
+    assert has_batch_prefill(m.manifest)
+    if kind == "fp32":
+        onnx.checker.check_model(str(m.path / "batch_prefill.onnx"), full_check=True)
+    states = [m.init_state()] + [m.forward(m.encode(p))[1] for p in ("Hello there", "Once upon a time", "1 2 3")]
+    rng = np.random.default_rng(3)
+    toks = rng.integers(0, m.config.vocab_size, size=(len(states), 37))
+    logits, new = prefill_batch(m.runtime, toks, states)
+    for b, st in enumerate(states):
+        ref_logits, ref = m.forward(toks[b], st)
+        assert_logits_match(logits[b][None], ref_logits[None], f"{kind} prefill sequence {b}", flips=0)
+        np.testing.assert_allclose(new[b].shift, ref.shift, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(new[b].wkv, ref.wkv, rtol=1e-3, atol=1e-4)
+
+
+def test_engine_prefills_joining_prompts_together(model):
+    """Concurrent prompts of different lengths in the serving engine: their equal-length chunks go through
+    the batched prefill (the ragged tails one by one), and each request's greedy tokens are those of the
+    engine prefilling them one by one."""
+    import threading
+
+    from rwkvc.sampling import SamplingConfig
+    from rwkvc.serve import Engine, Job
+    _, m = model
+    rng = np.random.default_rng(5)
+    prompts = [[int(t) for t in rng.integers(1, 1000, size=n)] for n in (70, 45, 100)]
+    cfg = SamplingConfig(temperature=0, token_stop=(0,))
+
+    def run(batch_prefill):
+        eng = Engine(m, max_batch=4, prefill_chunk=96, batch_prefill=batch_prefill, batch_prefill_min=32)
+        done, out = [threading.Event() for _ in prompts], {}
+        with eng.cv:   # the worker takes all three in one turn
+            for i, p in enumerate(prompts):
+                eng.submit(Job((tuple(p),), 4, cfg),
+                           lambda kind, d, i=i: (out.__setitem__(i, d), done[i].set()) if kind in ("done", "error")
+                           else None)
+        for d in done:
+            assert d.wait(60)
+        st = eng.stats()
+        eng.close()
+        return [out[i]["tokens"] for i in range(len(prompts))], st
+
+    got, st = run(True)
+    ref, st_ref = run(False)
+    assert st["batched_prefills"] >= 1 and st["batched_prefill_tokens"] >= 3 * 32
+    assert st_ref["batched_prefills"] == 0
+    assert got == ref

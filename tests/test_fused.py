@@ -49,7 +49,7 @@ def test_default_cpu_step_is_fused_and_plain_has_no_custom_ops(pair):
     assert ("ai.rwkvc", "Rwkv7WkvSeq") in step_ops(fused, "prefill")
     assert not any(dom == "ai.rwkvc" for dom, _ in step_ops(plain) | step_ops(plain, "prefill"))
     man = json.loads((fused / "manifest.json").read_text())
-    assert man["custom_ops"] == {"domain": "ai.rwkvc", "version": ortops.VERSION, "entry_points": ["batch_step", "prefill", "step"]}
+    assert man["custom_ops"] == {"domain": "ai.rwkvc", "version": ortops.VERSION, "entry_points": ["batch_prefill", "batch_step", "prefill", "step"]}
     assert "custom_ops" not in json.loads((plain / "manifest.json").read_text())
     onnx.checker.check_model(str(fused / "step.onnx"), full_check=True)
     from rwkvc.inspect import inspect_artifact

@@ -6,8 +6,11 @@
     #                              or on_event("error", message)
 
 Each turn of the worker: waiting requests are taken in while there is room and their prompts prefilled,
-oldest first, about prefill_chunk tokens a turn (from the longest cached prefix, rwkvc.serve.cache); a
-request whose prompt is done samples its first token and joins; then one batched step advances every live
+oldest first, about prefill_chunk tokens a turn (from the longest cached prefix, rwkvc.serve.cache); where
+two or more joining prompts each have at least MIN_BATCH_PREFILL tokens left before their next segment
+end, up to prefill_chunk // MIN_BATCH_PREFILL of them advance together by the same count of tokens in one batched prefill call
+(rwkvc.runtimes.ort_batch.prefill_batch; no padding, so each state is that of its own prefill), the
+shorter tails one by one; a request whose prompt is done samples its first token and joins; then one batched step advances every live
 sequence by a token (rwkvc.runtimes.ort_batch.BatchPool: one graph call for all; a lone sequence uses the
 artifact's own step), and each samples its next token with its own sampler and seed; finished and
 cancelled sequences leave. So requests
@@ -39,6 +42,8 @@ from rwkvc.tokenizer import StreamDecoder
 from .cache import PrefixCache, prefix_hashes
 
 log = logging.getLogger("rwkvc.serve")
+
+MIN_BATCH_PREFILL = 128  # tokens per sequence below which a batched prefill is not faster than separate ones
 
 
 @dataclass(frozen=True)
@@ -158,10 +163,14 @@ class Handle:
 
 class Engine:
     def __init__(self, model, max_batch: int = 8, cache_bytes: int = 256 << 20, batched: bool | None = None,
-                 prefill_chunk: int = 512):
+                 prefill_chunk: int = 512, batch_prefill: bool | None = None,
+                 batch_prefill_min: int = MIN_BATCH_PREFILL):
         """model: an rwkvc.api.Model. batched: the artifact's batched step graph (None: where it has one and
-        max_batch > 1). prefill_chunk: prompt tokens prefilled between two steps of the live sequences."""
-        from rwkvc.runtimes.ort_batch import BatchPool, has_batch_step
+        max_batch > 1). prefill_chunk: prompt tokens prefilled between two steps of the live sequences.
+        batch_prefill: joining prompts prefilled together through the artifact's batched prefill graph
+        (None: where it has one and max_batch > 1), at least batch_prefill_min tokens each (so at most
+        prefill_chunk // batch_prefill_min prompts a call)."""
+        from rwkvc.runtimes.ort_batch import BatchPool, has_batch_prefill, has_batch_step
         if not isinstance(max_batch, int) or max_batch < 1:
             raise RwkvcError(f"--max-batch must be >= 1, got {max_batch!r}")
         self.model, self.max_batch = model, max_batch
@@ -170,18 +179,24 @@ class Engine:
             batched = max_batch > 1 and has_batch_step(model.manifest)
         self.pool = BatchPool(model.runtime, max_batch) if batched else SequentialPool(model, max_batch)
         self.batched = batched
+        if batch_prefill is None:
+            batch_prefill = max_batch > 1 and has_batch_prefill(model.manifest)
+        if not isinstance(batch_prefill_min, int) or batch_prefill_min < 1:
+            raise RwkvcError(f"batch_prefill_min must be an int >= 1, got {batch_prefill_min!r}")
+        self.batch_prefill, self.batch_prefill_min = batch_prefill, batch_prefill_min
         vocab = model.config.vocab_size
         self._unused = tuple(i for i in model.tokenizer.unused_ids if i < vocab)
         self.pending: deque[Handle] = deque()
         self.live: list[Handle] = []
-        self.prefilling: list[tuple[Handle, object]] = []   # (handle, its _prefill_chunks generator)
+        self.prefilling: list[list] = []   # [handle, its _prefill_chunks generator, (span, state) it asks for]
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise RwkvcError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
         self.prefill_chunk = prefill_chunk
         self.cv = threading.Condition()
         self._stop = False
         self.counts = {"requests": 0, "completed": 0, "failed": 0, "cancelled": 0, "generated_tokens": 0,
-                       "prompt_tokens": 0, "steps": 0, "step_sequences": 0, "peak_running": 0}
+                       "prompt_tokens": 0, "steps": 0, "step_sequences": 0, "peak_running": 0,
+                       "batched_prefills": 0, "batched_prefill_tokens": 0}
         self.thread = threading.Thread(target=self._run, name="rwkvc-serve-engine", daemon=True)
         self.thread.start()
 
@@ -219,7 +234,7 @@ class Engine:
         c["mean_batch"] = c["step_sequences"] / c["steps"] if c["steps"] else 0.0
         return {**c, "running": len(self.live), "waiting": len(self.pending) + len(self.prefilling),
                 "max_batch": self.max_batch,
-                "batched_step": self.batched, "state_pool_bytes": int(self.pool.state_bytes),
+                "batched_step": self.batched, "batched_prefill": self.batch_prefill, "state_pool_bytes": int(self.pool.state_bytes),
                 "prefix_cache": self.cache.stats()}
 
     # -- the worker -----------------------------------------------------------------------------------
@@ -232,7 +247,7 @@ class Engine:
                     break
                 while self.pending and len(self.live) + len(self.prefilling) < self.max_batch:
                     h = self.pending.popleft()
-                    self.prefilling.append((h, self._prefill_chunks(h.job, self.prefill_chunk)))
+                    self.prefilling.append([h, self._prefill_chunks(h.job, self.prefill_chunk), None])
             try:
                 self._advance_prefills()
                 self._drop_cancelled()
@@ -240,7 +255,7 @@ class Engine:
                     self._step()
             except Exception as e:   # never leave a request waiting: fail the live ones, keep serving
                 log.exception("engine step failed")
-                failed = [h for h, _ in self.prefilling]
+                failed = [e[0] for e in self.prefilling]
                 self.prefilling.clear()
                 while self.live:
                     failed.append(self.live[-1])
@@ -248,37 +263,64 @@ class Engine:
                 for h in failed:
                     self.counts["failed"] += 1
                     h.on_event("error", f"internal error: {type(e).__name__}: {e}")
-        for h in list(self.pending) + [h for h, _ in self.prefilling] + self.live:   # shutting down
+        for h in list(self.pending) + [e[0] for e in self.prefilling] + self.live:   # shutting down
             h.on_event("error", "the server is shutting down")
 
     def _advance_prefills(self) -> None:
         """Prefill the joining requests, oldest first, about prefill_chunk tokens a turn, so a long prompt
-        holds up the live sequences' steps by one chunk at a time; a request whose prompt is done joins."""
+        holds up the live sequences' steps by one chunk at a time; a request whose prompt is done joins.
+        Prompts with at least batch_prefill_min tokens to go before their next segment end advance together,
+        as many as the turn's budget gives each that many (one batched prefill call, the same count of
+        tokens each)."""
         budget = self.prefill_chunk
         while self.prefilling and budget > 0:
-            h, gen = self.prefilling[0]
-            if h.cancelled:
-                self.prefilling.pop(0)
+            for e in [e for e in self.prefilling if e[0].cancelled]:
+                self.prefilling.remove(e)
                 self.counts["cancelled"] += 1
+            for e in [e for e in self.prefilling if e[2] is None]:   # newly taken in: what they ask for first
+                self._resume(e, None)
+            if not self.prefilling:
+                break
+            lo = self.batch_prefill_min
+            group = [e for e in self.prefilling if len(e[2][0]) >= lo][:budget // lo] if self.batch_prefill else []
+            T = min([len(e[2][0]) for e in group] + [budget // max(1, len(group))])
+            if len(group) >= 2 and T >= lo:
+                from rwkvc.runtimes.ort_batch import prefill_batch
+                logits, states = prefill_batch(self.model.runtime, [e[2][0][:T] for e in group],
+                                               [e[2][1] for e in group])
+                self.counts["batched_prefills"] += 1
+                self.counts["batched_prefill_tokens"] += T * len(group)
+                for b, e in enumerate(group):
+                    self._resume(e, (logits[b].copy(), states[b], T))
+                budget -= T * len(group)
                 continue
-            try:
-                budget -= next(gen)
-                continue
-            except StopIteration as done:
-                self.prefilling.pop(0)
-                logits, state, h.cached_tokens = done.value
-            except RwkvcError as e:
-                self.prefilling.pop(0)
-                self.counts["failed"] += 1
-                h.on_event("error", str(e))
-                continue
-            budget -= 1
-            self._join(h, logits, state)
+            e = self.prefilling[0]
+            span, state = e[2]
+            self._resume(e, (*self.model.forward(span, state), len(span)))
+            budget -= len(span)
+
+    def _resume(self, e: list, result) -> None:
+        """Hand a prefilling request's generator the result of its last span (None: start it); it asks for
+        its next span, or is done (it joins) or failed (it leaves with an error)."""
+        h, gen = e[0], e[1]
+        try:
+            e[2] = next(gen) if result is None else gen.send(result)
+            return
+        except StopIteration as done:
+            self.prefilling.remove(e)
+            logits, state, h.cached_tokens = done.value
+        except RwkvcError as err:
+            self.prefilling.remove(e)
+            self.counts["failed"] += 1
+            h.on_event("error", str(err))
+            return
+        self._join(h, logits, state)
 
     def _prefill_chunks(self, job: Job, chunk: int | None):
-        """Prefill the job's prompt from its longest cached prefix, up to `chunk` tokens a forward call,
-        yielding the tokens each call took; caches the state after each segment's end; returns (logits,
-        state, tokens found in the cache)."""
+        """Prefill the job's prompt from its longest cached prefix: yields (span, state), the next tokens to
+        prefill (up to `chunk`, within one segment) and the state they start from, and is sent (logits,
+        state, n): the result after the span's first n tokens. Caches the state after each segment's end;
+        returns (logits, state, tokens found in the cache)."""
         toks = job.tokens or [0]                   # an empty prompt starts a new document (as Model.stream)
         ends, n = [], 0
         for s in job.segments:
@@ -296,9 +338,8 @@ class Engine:
                 continue
             while done < e:
                 stop = e if chunk is None else min(e, done + chunk)
-                logits, state = self.model.forward(toks[done:stop], state)
-                yield stop - done
-                done = stop
+                logits, state, n = yield toks[done:stop], state
+                done += n
             self.cache.put(toks[:e], logits, state, hs[e - 1])
         return logits, state, cached
 
@@ -306,11 +347,12 @@ class Engine:
         """Logits and state after the job's prompt, from its longest cached prefix (caching the state after
         each segment's end). Returns (logits, state, tokens found in the cache)."""
         gen = self._prefill_chunks(job, None)
-        while True:
-            try:
-                next(gen)
-            except StopIteration as done:
-                return done.value
+        try:
+            span, state = next(gen)
+            while True:
+                span, state = gen.send((*self.model.forward(span, state), len(span)))
+        except StopIteration as done:
+            return done.value
 
     def _join(self, h: Handle, logits: np.ndarray, state: ir.State) -> None:
         h.prompt_tokens = max(1, len(h.job.tokens))

@@ -1,9 +1,13 @@
-"""The batched decode step: one token for each of B independent sequences, each with its own state.
+"""The batched decode step and prefill: B independent sequences, each with its own state, advance by one
+token (the step) or by T tokens each (the prefill) in one graph call.
 
     batch_step.onnx  tokens (B,) + shift (B, L, 2, C) + wkv.i (B, H, N, N) -> logits (B, V) + the new states
 
-B is a free dimension: the caller (a server's continuous batching) runs whichever sequences are live at
-each step. Every matrix product is the prefill's (`linear` with the graph's prefill flags: the same
+    batch_prefill.onnx  tokens (B, T) + the same states -> logits of each sequence's last token (B, V) + states
+
+B and T are free dimensions: the caller (a server's continuous batching) runs whichever sequences are live at
+each step, and prefills equal-length chunks of joining prompts together (no padding: every token of the
+(B, T) block is a real one of its sequence). Every matrix product is the prefill's (`linear` with the graph's prefill flags: the same
 initializers in weights.bin, no second copy, and where the prefill uses rwkvc's matrix kernels over many
 rows, so does this graph), so the B rows read each weight once per step. What is per sequence (token
 shift, the WKV recurrence, group norm, bonus) is batched over a leading B axis:
@@ -13,7 +17,10 @@ shift, the WKV recurrence, group norm, bonus) is batched over a leading B axis:
        group norm per head, bonus, gate, output ─(+)─► x ─ln2─► relu² FFN with prev = shift[:, l, 1] ─(+)─► x
 
 rwkvc's fused step kernels (Rwkv7Mix6, Rwkv7WkvStep, Rwkv7MatVecSet) take one sequence, so this graph uses
-plain ONNX operators for the element-wise work. Covered: RWKV-7 in float32 with a dense FFN and a dense or
+plain ONNX operators for the element-wise work. The prefill runs its products over all B*T rows at once
+(sequence-major), shifts each sequence's rows against its own state row, and runs the prefill's chunked
+WKV with the B sequences' heads side by side (wkv_chunked_batched); its logits are each sequence's last
+token's. Covered: RWKV-7 in float32 with a dense FFN and a dense or
 quantised head (no sparse FFN, no clustered head); `batch_supported` says.
 """
 from __future__ import annotations
@@ -27,10 +34,11 @@ from rwkvc import ir
 from .graph import F32, OPSET, Graph, WeightStore, f32, layer_norm, to_compute
 from .kinds import EMBEDDERS, linear
 from .policy import LoweringPolicy
-from .v7 import DECAY_SCALE, emit_channel_mix_v7, v7_projections
+from .v7 import CHUNK, DECAY_SCALE, emit_channel_mix_v7, v7_projections, wkv_chunks
 from .v7_fused import fused_supported
 
 BATCH_ENTRY = "batch_step"
+BATCH_PREFILL_ENTRY = "batch_prefill"
 
 
 def batch_supported(model: ir.Model, dtype) -> bool:
@@ -56,9 +64,35 @@ def wkv_step_batched(g: Graph, S: str, B_H_N: tuple[int, int], r, logw, k, v, a,
     return g.op("Reshape", y, g.const([-1, H * N])), S2
 
 
+def wkv_chunked_batched(g: Graph, S: str, B_H_N: tuple[int, int], r, logw, k, v, a, b):
+    """S (B,H,N,N); r, logw, k, v, a, b (B*T, C), sequence-major -> y (B*T, C), S'. The prefill's chunked
+    WKV (rwkvc.targets.onnx.v7.wkv_chunks, chunks of CHUNK tokens) with the B sequences' heads side by side
+    as B*H heads; a sequence's T is padded to whole chunks inside the recurrence only (padding tokens have
+    w = 1 and a = b = k = v = r = 0, so they leave each state alone)."""
+    H, N = B_H_N
+    C, Tc = H * N, CHUNK
+    T = g.op("Slice", g.op("Shape", "tokens"), g.const([1]), g.const([2]))             # (1,)
+    pad = g.op("Mod", g.op("Sub", g.const([Tc]), g.op("Mod", T, g.const([Tc]))), g.const([Tc]))
+    pads = g.op("Concat", g.const([0, 0, 0, 0]), pad, g.const([0]), axis=0)            # [0, 0, 0, 0, pad, 0]
+    bt_c = g.op("Concat", g.op("Shape", "tokens"), g.const([C]), axis=0)                # [B, T, C]
+
+    def chunked(x):  # (B*T, C) -> (nC, B*H, Tc, N)
+        x = g.op("Pad", g.op("Reshape", x, bt_c), pads)                                 # (B, nC*Tc, C)
+        x = g.op("Transpose", g.op("Reshape", x, g.const([0, -1, Tc, H, N])), perm=[1, 0, 3, 2, 4])
+        return g.op("Reshape", x, g.const([0, -1, Tc, N]))
+
+    Z = g.op("Transpose", g.op("Reshape", S, g.const([-1, N, N])), perm=[0, 2, 1])     # (B*H, N, N)
+    ys, Z2 = wkv_chunks(g, Z, Tc, "BH", N, *(chunked(x) for x in (r, logw, k, v, a, b)))
+    y = g.op("Transpose", g.op("Reshape", ys, g.const([0, -1, H, Tc, N])), perm=[1, 0, 3, 2, 4])  # (B, nC, Tc, H, N)
+    y = g.op("Slice", g.op("Reshape", y, g.const([0, -1, C])), g.const([0]), T, g.const([1]))    # (B, T, C)
+    S2 = g.op("Reshape", g.op("Transpose", Z2, perm=[0, 2, 1]), g.const([-1, H, N, N]))
+    return g.op("Reshape", y, g.const([-1, C])), S2
+
+
 def emit_time_mix_v7_batched(g: Graph, att: ir.TimeMix, x: str, prev: str, S: str, v_first: str | None,
-                             cfg: ir.ModelConfig, i: int):
-    """RWKV-7's time-mix for B sequences of one token each: x, prev (B, C); S (B, H, N, N)."""
+                             cfg: ir.ModelConfig, i: int, wkv=wkv_step_batched):
+    """RWKV-7's time-mix for B sequences of one token each (x, prev (B, C)), or with wkv=wkv_chunked_batched
+    of T tokens each (x, prev (B*T, C), sequence-major, prev the previous token's rows); S (B, H, N, N)."""
     H, N, C = cfg.n_head, cfg.head_size, cfg.n_embd
     p = f"blocks.{i}.att."
     vec = att.vec
@@ -79,7 +113,7 @@ def emit_time_mix_v7_batched(g: Graph, att: ir.TimeMix, x: str, prev: str, S: st
     else:
         vg = g.op("Sigmoid", g.op("Add", w32("v0", vec["v0"]), f32(g, pr["vg"])))
         v = g.op("Add", v, g.op("Mul", g.op("Sub", v_first, v), vg))
-    y, S2 = wkv_step_batched(g, S, (H, N), r=r, logw=logw, k=k, v=v, a=g.op("Neg", kk), b=g.op("Mul", kk, iclr))
+    y, S2 = wkv(g, S, (H, N), r=r, logw=logw, k=k, v=v, a=g.op("Neg", kk), b=g.op("Mul", kk, iclr))
     yh = g.op("LayerNormalization", g.op("Reshape", y, heads), g.const(np.ones(N), F32), g.const(np.zeros(N), F32),
               axis=-1, epsilon=float(att.ln_x.eps))                                     # group norm (B, H, N)
     y = g.op("Add", g.op("Mul", g.op("Reshape", yh, g.const([-1, C])), w32("ln_x.weight", att.ln_x.weight)),
@@ -92,39 +126,64 @@ def emit_time_mix_v7_batched(g: Graph, att: ir.TimeMix, x: str, prev: str, S: st
 
 def build_batch_step(model: ir.Model, store: WeightStore, policy: LoweringPolicy) -> onnx.ModelProto:
     """The batched step graph (module docstring) over `store`, whose weights the prefill graph wrote."""
+    return build_batched(model, store, policy, prefill=False)
+
+
+def build_batch_prefill(model: ir.Model, store: WeightStore, policy: LoweringPolicy) -> onnx.ModelProto:
+    """The batched prefill graph (module docstring) over `store`, whose weights the prefill graph wrote."""
+    return build_batched(model, store, policy, prefill=True)
+
+
+def build_batched(model: ir.Model, store: WeightStore, policy: LoweringPolicy, prefill: bool) -> onnx.ModelProto:
     cfg = model.config
     L, C, H, N, V = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size, cfg.vocab_size
     g = Graph(store, store.dtype, policy)
     # the prefill's choices for the products (so its initializers are shared, none is added)
     g.fused, g.step = policy.fused and fused_supported(model, store.dtype), False
-    x = EMBEDDERS[model.emb.weight.kind](g, model, "tokens")                         # (B, C)
+    toks = g.op("Reshape", "tokens", g.const([-1])) if prefill else "tokens"
+    x = EMBEDDERS[model.emb.weight.kind](g, model, toks)                              # (B*T, C) / (B, C)
     # shift (B, L, 2, C) -> 2L values (B, C): [att of layer 0, ffn of layer 0, att of layer 1, ...]
     rows = g.op("Split", g.op("Reshape", "shift_in", g.const([-1, 2 * L, C])), axis=1, num_outputs=2 * L,
                 n_out=2 * L)
-    prev = [g.op("Reshape", r, g.const([-1, C])) for r in rows]
+    if prefill:
+        bt_c = g.op("Concat", g.op("Shape", "tokens"), g.const([C]), axis=0)            # [B, T, C]
+        rows_bc = g.const([-1, C])
+        seq = lambda t: g.op("Reshape", t, bt_c)  # noqa: E731   (B*T, C) -> (B, T, C)
+        last = lambda t: g.op("Reshape", g.op("Slice", seq(t), g.const([-1]), g.const([2 ** 62]), g.const([1])),  # noqa: E731
+                              rows_bc)                                                  # (B, C): each one's last row
+
+        def prev_of(t, r):   # the previous token's row for each of B*T: concat(state row, t[:, :-1]) per sequence
+            head = g.op("Slice", seq(t), g.const([0]), g.const([-1]), g.const([1]))
+            return g.op("Reshape", g.op("Concat", r, head, axis=1), rows_bc)
+        wkv = wkv_chunked_batched
+    else:
+        last = lambda t: t  # noqa: E731
+        prev_of = lambda t, r: g.op("Reshape", r, g.const([-1, C]))  # noqa: E731
+        wkv = wkv_step_batched
     new_rows, v_first = [], None
     for i, blk in enumerate(model.blocks):
         xa = layer_norm(g, x, blk.ln1, f"blocks.{i}.ln1")
-        dx, S2, v_first = emit_time_mix_v7_batched(g, blk.att, xa, prev[2 * i], f"wkv_in.{i}", v_first, cfg, i)
+        dx, S2, v_first = emit_time_mix_v7_batched(g, blk.att, xa, prev_of(xa, rows[2 * i]), f"wkv_in.{i}", v_first,
+                                                   cfg, i, wkv=wkv)
         g.rename(S2, f"wkv_out.{i}")
         x = g.op("Add", x, dx)
         xf = layer_norm(g, x, blk.ln2, f"blocks.{i}.ln2")
-        x = g.op("Add", x, emit_channel_mix_v7(g, blk.ffn, xf, prev[2 * i + 1], i, prefill=False))
-        new_rows += [xa, xf]
-    logits = linear(g, model.head, layer_norm(g, x, model.ln_out, "ln_out"))          # (B, V)
+        x = g.op("Add", x, emit_channel_mix_v7(g, blk.ffn, xf, prev_of(xf, rows[2 * i + 1]), i, prefill=False))
+        new_rows += [last(xa), last(xf)]
+    logits = linear(g, model.head, layer_norm(g, last(x), model.ln_out, "ln_out"))    # (B, V)
     g.rename(logits, "logits")
     unsq = [g.op("Reshape", r, g.const([-1, 1, C])) for r in new_rows]
     g.nodes.append(helper.make_node("Reshape", [g.op("Concat", *unsq, axis=1), g.const([-1, L, 2, C])],
                                     ["shift_out"]))
     f = TensorProto.FLOAT
     layer = ["B", H, N, N]
-    inputs = [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["B"]),
+    inputs = [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["B", "T"] if prefill else ["B"]),
               helper.make_tensor_value_info("shift_in", f, ["B", L, 2, C])]
     inputs += [helper.make_tensor_value_info(f"wkv_in.{i}", f, layer) for i in range(L)]
     outputs = [helper.make_tensor_value_info("logits", f, ["B", V]),
                helper.make_tensor_value_info("shift_out", f, ["B", L, 2, C])]
     outputs += [helper.make_tensor_value_info(f"wkv_out.{i}", f, layer) for i in range(L)]
-    graph = g.make("rwkv_batch_step", inputs, outputs)
+    graph = g.make("rwkv_batch_prefill" if prefill else "rwkv_batch_step", inputs, outputs)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
     if g.fused:
         from rwkvc.abi import FUSED_DOMAIN
@@ -135,11 +194,15 @@ def build_batch_step(model: ir.Model, store: WeightStore, policy: LoweringPolicy
 
 
 def emit_batch(model: ir.Model, store: WeightStore, policy: LoweringPolicy, out_dir: str) -> dict[str, str]:
-    """Write batch_step.onnx beside the other graphs where batch_supported; {entry point: file name}."""
+    """Write batch_step.onnx and batch_prefill.onnx beside the other graphs where batch_supported; {entry
+    point: file name}."""
     import os
     if not batch_supported(model, store.dtype):
         return {}
-    fn = f"{BATCH_ENTRY}.onnx"
-    with open(os.path.join(out_dir, fn), "wb") as f:
-        f.write(build_batch_step(model, store, policy).SerializeToString())
-    return {BATCH_ENTRY: fn}
+    files = {}
+    for entry, build in ((BATCH_ENTRY, build_batch_step), (BATCH_PREFILL_ENTRY, build_batch_prefill)):
+        fn = f"{entry}.onnx"
+        with open(os.path.join(out_dir, fn), "wb") as f:
+            f.write(build(model, store, policy).SerializeToString())
+        files[entry] = fn
+    return files

@@ -71,7 +71,16 @@ def emit_wkv_chunked(g: Graph, S: str, H: int, N: int, Tc: int, r, logw, k, v, a
         x = g.op("Pad", x, pads)
         return g.op("Transpose", g.op("Reshape", x, g.const([-1, Tc, H, N])), perm=[0, 2, 1, 3])
 
-    r, logw, k, v, a, b = (chunked(x) for x in (r, logw, k, v, a, b))
+    ys, Z_final = wkv_chunks(g, g.op("Transpose", S, perm=[0, 2, 1]), Tc, H, N,
+                             *(chunked(x) for x in (r, logw, k, v, a, b)))
+    y = g.op("Reshape", g.op("Transpose", ys, perm=[0, 2, 1, 3]), g.const([-1, C]))      # (nC*Tc, C)
+    return g.op("Slice", y, g.const([0]), T, g.const([0])), g.op("Transpose", Z_final, perm=[0, 2, 1])
+
+
+def wkv_chunks(g: Graph, Z: str, Tc: int, H: int | str, N: int, r, logw, k, v, a, b):
+    """emit_wkv_chunked's work on inputs already in chunks: r, logw, k, v, a, b (nC, H, Tc, N), Z = Sᵀ
+    (H, N, N) -> ys (nC, H, Tc, N), Z'. H: the head count, or a name for it where it is not fixed (a
+    batched graph's B*H; only the Scan body's declared shapes use it)."""
     cum = g.op("CumSum", logw, g.const(2))
     cumx = g.op("Sub", cum, logw)                                                       # exclusive cumsum
     cum_end = g.op("Slice", cum, g.const([-1]), g.const([Tc]), g.const([2]))            # (nC, H, 1, N)
@@ -113,10 +122,8 @@ def emit_wkv_chunked(g: Graph, S: str, H: int, N: int, Tc: int, r, logw, k, v, a
     gp = body.make("wkv_chunk", [vi("Z_in", [H, N, N]), vi("qw_c", [H, 2 * Tc, N]), vi("y0w_c", [H, 2 * Tc, N]),
                                  vi("v_c", [H, Tc, N]), vi("bk_c", [H, 2 * Tc, N]), vi("e_c", [H, N, 1])],
                    [vi("Z_out", [H, N, N]), vi("y_c", [H, Tc, N])])
-    Z = g.op("Transpose", S, perm=[0, 2, 1])
     Z_final, ys = g.op("Scan", Z, QW, Y0W, v, BKe, decay_end, n_out=2, body=gp, num_scan_inputs=5)
-    y = g.op("Reshape", g.op("Transpose", ys, perm=[0, 2, 1, 3]), g.const([-1, C]))      # (nC*Tc, C)
-    return g.op("Slice", y, g.const([0]), T, g.const([0])), g.op("Transpose", Z_final, perm=[0, 2, 1])
+    return ys, Z_final
 
 
 def v7_projections(g: Graph, att: ir.TimeMix, xm: dict[str, str], i: int, fuse: bool = False) -> dict[str, str]:
