@@ -105,8 +105,8 @@ def test_batched_prefill_equals_separate_prefills(model):
     for b, st in enumerate(states):
         ref_logits, ref = m.forward(toks[b], st)
         assert_logits_match(logits[b][None], ref_logits[None], f"{kind} prefill sequence {b}", flips=0)
-        np.testing.assert_allclose(new[b].shift, ref.shift, rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(new[b].wkv, ref.wkv, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(new[b].shift, ref.shift, rtol=1e-4, atol=2e-5)
+        np.testing.assert_allclose(new[b].wkv, ref.wkv, rtol=1e-4, atol=2e-5)   # errors ~1e-6; |S| up to ~8
 
 
 def test_engine_prefills_joining_prompts_together(model):
