@@ -32,6 +32,15 @@ LITE = dict(factorised=(("att.receptance", 16, True), ("att.key", 16, True), ("a
                         ("ffn.key", 32, False), ("ffn.value", 32, False)), mlp_dim=16, head_clusters=8)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one torch thread avoids two threads' contention on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def with_time_state(sd, n_layer, H, N, seed):
     g = torch.Generator().manual_seed(seed)
     return {**sd, **{f"blocks.{i}.att.time_state": 0.3 * torch.randn(H, N, N, generator=g) for i in range(n_layer)}}
