@@ -64,11 +64,8 @@ GAPS = {
     **{("onnx-fused", v): "rwkvc's fused kernels cover RWKV-7 only: compiling with LoweringPolicy(fused=True) "
                           f"refuses {v}" for v in ("v4", "v5.2", "v6")},
 }
-SKIPS = {
+SKIPS: dict = {
     # (lowering, version, mode): why there is nothing to run
-    **{("reference", v, "prefill"): f"rwkvc.reference has only the recurrent WKV for {v} (the centre itself); "
-                                    "the chunked form exists for RWKV-7"
-       for v in ("v4", "v5.2", "v6")},
 }
 
 
@@ -182,13 +179,20 @@ def check_graph(art, lowering: str) -> None:
         assert bool(custom) == (lowering == "onnx-fused"), (entry, sorted(custom))
 
 
+def chunked_wkv(model):
+    """The parallel WKV form of the reference model's generation (RWKV-6 shares RWKV-5's)."""
+    from rwkvc.reference import v4, v5, v6, v7
+    forms = {v4.RWKV4: v4.wkv4_chunked, v5.RWKV5: v5.wkv5_chunked, v6.RWKV6: v5.wkv5_chunked,
+             v7.RWKV7: v7.wkv7_chunked}
+    return forms[type(model)]
+
+
 def run_reference(centre, mode: str):
-    """The reference by another route: token by token, or over CHUNKS with the chunked WKV (RWKV-7)."""
+    """The reference by another route: token by token, or over CHUNKS with its parallel (chunked) WKV."""
     model, tokens, outs, state = centre["model"], centre["tokens"], [], None
     kw = {}
     if mode == "prefill":
-        from rwkvc.reference.v7 import wkv7_chunked
-        kw = {"wkv_fn": functools.partial(wkv7_chunked, chunk_len=REF_CHUNK_LEN)}
+        kw = {"wkv_fn": functools.partial(chunked_wkv(model), chunk_len=REF_CHUNK_LEN)}
     sizes = [1] * T if mode == "step" else CHUNKS
     pos = 0
     with torch.no_grad():
