@@ -150,8 +150,10 @@ class TrainArgs:
         return dataclasses.asdict(self)
 
 
-def load_config_file(path: str | Path) -> dict:
-    """Read a JSON or TOML file of TrainArgs keys (a TOML [train] table is accepted too)."""
+def load_config_file(path: str | Path, schema=None, table: str = "train") -> dict:
+    """Read a JSON or TOML file of `schema`'s keys (TrainArgs by default; a TOML [`table`] table is accepted
+    too), each value checked against its field's type."""
+    schema = TrainArgs if schema is None else schema
     path = Path(path)
     if not path.is_file():
         raise RwkvcError(f"config file {path} not found")
@@ -171,11 +173,11 @@ def load_config_file(path: str | Path) -> dict:
             cfg = tomllib.loads(text)
     except (ValueError, json.JSONDecodeError) as e:
         raise RwkvcError(f"config file {path} does not parse: {e}") from None
-    if isinstance(cfg, dict) and isinstance(cfg.get("train"), dict) and len(cfg) == 1:
-        cfg = cfg["train"]
+    if isinstance(cfg, dict) and isinstance(cfg.get(table), dict) and len(cfg) == 1:
+        cfg = cfg[table]
     if not isinstance(cfg, dict):
         raise RwkvcError(f"config file {path} must hold a table/object of settings")
-    known = {f.name: f for f in fields(TrainArgs)}
+    known = {f.name: f for f in fields(schema)}
     out = {}
     for k, v in cfg.items():
         k = k.lstrip("-").replace("-", "_")

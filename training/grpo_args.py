@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 
 from rwkvc.errors import RwkvcError
-from rwkvc.training.config import PRECISIONS, STRATEGIES, WKV_IMPLS, TrainArgs
+from rwkvc.training.config import PRECISIONS, STRATEGIES, WKV_IMPLS, TrainArgs, load_config_file
 from rwkvc.training.files import ArgumentParser
 
 
@@ -145,40 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_config(path: str) -> dict:
     """A JSON / TOML file of GrpoArgs keys (a [grpo] table is accepted too)."""
-    from pathlib import Path
-    p = Path(path)
-    if not p.is_file():
-        raise RwkvcError(f"config file {p} not found")
-    text = p.read_text(encoding="utf-8")
-    try:
-        if p.suffix.lower() == ".json":
-            import json
-            cfg = json.loads(text)
-        else:
-            try:
-                import tomllib
-            except ImportError:
-                raise RwkvcError(f"{p}: reading TOML needs Python >= 3.11; use a .json config") from None
-            cfg = tomllib.loads(text)
-    except ValueError as e:
-        raise RwkvcError(f"config file {p} does not parse: {e}") from None
-    if isinstance(cfg, dict) and isinstance(cfg.get("grpo"), dict) and len(cfg) == 1:
-        cfg = cfg["grpo"]
-    if not isinstance(cfg, dict):
-        raise RwkvcError(f"config file {p} must hold a table/object of settings")
-    known = {f.name: f for f in fields(GrpoArgs)}
-    out = {}
-    for k, v in cfg.items():
-        k = k.lstrip("-").replace("-", "_")
-        if k not in known or k == "local_rank":
-            raise RwkvcError(f"config file {p}: unknown setting {k!r}")
-        want = type(known[k].default)
-        if want is float and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        if not isinstance(v, want) or isinstance(v, bool):
-            raise RwkvcError(f"config file {p}: {k} must be {want.__name__}, got {v!r}")
-        out[k] = v
-    return out
+    return load_config_file(path, GrpoArgs, table="grpo")
 
 
 def parse_grpo_args(argv=None) -> GrpoArgs:
