@@ -27,10 +27,9 @@ import onnx
 from onnx import TensorProto, helper
 
 from rwkvc import ir
-from rwkvc.abi import FUSED_DOMAIN, HEAD_MODE
 
 from .deepembed import emit_channel_mix_v7a
-from .graph import F32, OPSET, Graph, WeightStore, f32, layer_norm, to_compute
+from .graph import F32, Graph, WeightStore, f32, finish_model, layer_norm, to_compute
 from .hybrid import GRAPH_BUILDERS
 from .kinds import EMBEDDERS, linear, rows_coupled
 from .policy import RESCALE_EVERY, LoweringPolicy
@@ -141,18 +140,7 @@ def build_graph(model: ir.Model, store: WeightStore, prefill: bool, policy: Lowe
     outputs = [helper.make_tensor_value_info("logits", f, [V]),
                helper.make_tensor_value_info("shift_out", f, list(shp["shift"]))]
     outputs += [helper.make_tensor_value_info(f"wkv_out.{i}", f, layer_wkv) for i in range(L)]
-    if g.top is not None:   # a head that gives its top token: head_mode 0 logits and top, 1 top only (logits (0,))
-        g.rename(g.top, "top")
-        inputs.append(helper.make_tensor_value_info(HEAD_MODE, TensorProto.INT64, [1]))
-        outputs[0] = helper.make_tensor_value_info("logits", f, ["n_logits"])
-        outputs.append(helper.make_tensor_value_info("top", TensorProto.INT64, [1]))
-    graph = g.make("rwkv_prefill" if prefill else "rwkv_step", inputs, outputs)
-    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
-    if fused:
-        opsets.append(helper.make_opsetid(FUSED_DOMAIN, 1))
-    m = helper.make_model(graph, opset_imports=opsets, producer_name="rwkvc")
-    m.ir_version = 9
-    return m
+    return finish_model(g, "rwkv_prefill" if prefill else "rwkv_step", inputs, outputs, f, fused)
 
 
 FP16_VERSIONS = RESCALE_VERSIONS

@@ -9,7 +9,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from rwkvc import ir
-from rwkvc.abi import ALIGN
+from rwkvc.abi import ALIGN, FUSED_DOMAIN, HEAD_MODE
 
 from .policy import LoweringPolicy
 
@@ -149,3 +149,20 @@ def shifted(g: Graph, x: str, prev: str, prefill: bool) -> str:
         return prev
     head = g.op("Slice", x, g.const([0]), g.const([-1]), g.const([0]))
     return g.op("Concat", prev, head, axis=0)
+
+
+def finish_model(g: Graph, name: str, inputs: list, outputs: list, f, fused: bool) -> onnx.ModelProto:
+    """The step/prefill graph's model: with a head that gives its top token, head_mode in and top out
+    (head_mode 0 logits and top, 1 top only: logits (0,)); rwkvc's kernel domain when `fused`."""
+    if g.top is not None:
+        g.rename(g.top, "top")
+        inputs.append(helper.make_tensor_value_info(HEAD_MODE, TensorProto.INT64, [1]))
+        outputs[0] = helper.make_tensor_value_info("logits", f, ["n_logits"])
+        outputs.append(helper.make_tensor_value_info("top", TensorProto.INT64, [1]))
+    graph = g.make(name, inputs, outputs)
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
+    if fused:
+        opsets.append(helper.make_opsetid(FUSED_DOMAIN, 1))
+    m = helper.make_model(graph, opset_imports=opsets, producer_name="rwkvc")
+    m.ir_version = 9
+    return m

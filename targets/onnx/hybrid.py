@@ -25,7 +25,7 @@ from onnx import TensorProto, helper
 from rwkvc import ir
 from rwkvc.abi import FUSED_DOMAIN
 
-from .graph import F32, OPSET, Graph, WeightStore, f32, layer_norm
+from .graph import F32, Graph, WeightStore, f32, finish_model, layer_norm
 from .kinds import EMBEDDERS, linear, rows_coupled
 from .matvec import matvec_product
 from .policy import LoweringPolicy
@@ -138,19 +138,7 @@ def build_hybrid_graph(model: ir.Model, store: WeightStore, prefill: bool, polic
     outputs = [helper.make_tensor_value_info("logits", f, [V]),
                helper.make_tensor_value_info("shift_out", f, list(shp["shift"]))]
     outputs += [helper.make_tensor_value_info(f"wkv_out.{i}", f, layer_wkv) for i in range(L)]
-    if g.top is not None:   # a head that gives its top token (as build.build_graph)
-        from rwkvc.abi import HEAD_MODE
-        g.rename(g.top, "top")
-        inputs.append(helper.make_tensor_value_info(HEAD_MODE, TensorProto.INT64, [1]))
-        outputs[0] = helper.make_tensor_value_info("logits", f, ["n_logits"])
-        outputs.append(helper.make_tensor_value_info("top", TensorProto.INT64, [1]))
-    graph = g.make("hybrid_prefill" if prefill else "hybrid_step", inputs, outputs)
-    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
-    if fused:
-        opsets.append(helper.make_opsetid(FUSED_DOMAIN, 1))
-    m = helper.make_model(graph, opset_imports=opsets, producer_name="rwkvc")
-    m.ir_version = 9
-    return m
+    return finish_model(g, "hybrid_prefill" if prefill else "hybrid_step", inputs, outputs, f, fused)
 
 
 GRAPH_BUILDERS = {VERSION: build_hybrid_graph}
