@@ -34,25 +34,44 @@ from .common import selected
 # ----------------------------------------------------------------------------------------------
 # GPTQ
 
-
-def _hinv_chol(H: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
-    """Upper Cholesky factor of (H + damp * mean(diag) I)^-1, and the dead-column mask."""
-    H = np.array(H, np.float64)
-    dead = np.diag(H) == 0
-    H[dead, dead] = 1.0
-    H += damp * np.mean(np.diag(H)) * np.eye(H.shape[0])
-    Ht = torch.from_numpy(H)
-    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(Ht))
-    return torch.linalg.cholesky(Hinv, upper=True).numpy(), dead
+ROW_BLOCK = 1 << 24    # GPTQ treats rows independently: a big matrix goes through it this many weights at a time
 
 
-def _gptq(w: np.ndarray, H: np.ndarray, quant_col, start_group=None, group: int = 0, block: int = 128,
-          damp: float = 0.01) -> np.ndarray:
-    """The GPTQ loop. quant_col(j, col) -> dequantised column j; start_group(j, W) is called at the first
-    column of each group (to fix that group's scale from the error-corrected weights)."""
-    W = np.array(w, np.float64)
+def _hinv_chol_reversed(Hr: torch.Tensor, damp: float) -> tuple[np.ndarray, np.ndarray]:
+    """(U, dead) from Hr = J H J (H (K, K) with its columns and rows in reversed order; float32, consumed):
+    U upper triangular with U^T U = (H + damp * mean(diag) I)^-1, and H's dead-column mask.
+
+    Why reversed: if J H J = L L^T (lower Cholesky), then H = V V^T with V = J L J upper and
+    H^-1 = V^-T V^-1, so U = V^-1 = J L^-1 J: one Cholesky and one triangular inverse, with at most two
+    K x K buffers (Hr, factored in place, and the inverse), where inverting H and factoring the inverse
+    needs several. float32 as in the reference implementation (Frantar et al.); the damping keeps it
+    well conditioned."""
+    d = Hr.diagonal()
+    dead = (d == 0)
+    d[dead] = 1.0
+    d += damp * float(d.mean())
+    L, info = torch.linalg.cholesky_ex(Hr, out=(Hr, torch.empty((), dtype=torch.int32)))
+    if int(info):
+        raise RwkvcError("gptq: the calibration statistics are not positive definite; give more calibration "
+                         "tokens (--calib-tokens) or use method=rtn")
+    Linv = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype), upper=False)
+    del L, Hr, d
+    U = np.ascontiguousarray(Linv.numpy()[::-1, ::-1])
+    return U, dead.numpy()[::-1].copy()
+
+
+def _hinv_chol(H, damp: float) -> tuple[np.ndarray, np.ndarray]:
+    """_hinv_chol_reversed of a Hessian H (K, K) in natural order (left as it is)."""
+    return _hinv_chol_reversed(torch.as_tensor(np.asarray(H)).flip((0, 1)).to(torch.float32), damp)
+
+
+def _gptq(w: np.ndarray, U: np.ndarray, dead: np.ndarray, quant_col, start_group=None, group: int = 0,
+          block: int = 128) -> np.ndarray:
+    """The GPTQ loop over rows w (n, K) with U from _hinv_chol. quant_col(j, col) -> dequantised column j;
+    start_group(j, W) is called at the first column of each group (to fix that group's scale from the
+    error-corrected weights). -> the dequantised result (n, K) float32."""
+    W = np.array(w, np.float32)
     N, K = W.shape
-    U, dead = _hinv_chol(H, damp)
     W[:, dead] = 0
     block = max(block, group or 0)
     Q = np.zeros_like(W)
@@ -76,40 +95,63 @@ def _gptq(w: np.ndarray, H: np.ndarray, quant_col, start_group=None, group: int 
     return Q
 
 
-def gptq_int4(w: np.ndarray, H: np.ndarray, group: int, damp: float = 0.01):
-    """-> (codes (N, Kp), scales (N, nb), zeros (N, nb)) like quantize_int4, with GPTQ error feedback."""
-    w = np.asarray(w, np.float32)
+def _row_blocks(w, K: int):
+    """(start, rows float32) of w a block of whole rows at a time (a LazyArray reads only those rows)."""
+    step = max(1, ROW_BLOCK // max(1, K))
+    for a in range(0, w.shape[0], step):
+        yield a, np.asarray(w[a:a + step], np.float32)
+
+
+def _factor(H, damp: float, reversed_: bool):
+    if isinstance(H, tuple):          # (U, dead) already
+        return H
+    return _hinv_chol_reversed(H, damp) if reversed_ else _hinv_chol(H, damp)
+
+
+def gptq_int4(w: np.ndarray, H, group: int, damp: float = 0.01, reversed_: bool = False):
+    """-> (codes (N, Kp), scales (N, nb), zeros (N, nb)) like quantize_int4, with GPTQ error feedback.
+    H: the inputs' Hessian (K, K) (reversed_: a float32 torch tensor J H J, consumed; see _hinv_chol_reversed).
+    w may be a LazyArray: it is read a block of rows at a time."""
     N, K = w.shape
+    U, dead = _factor(H, damp, reversed_)
     nb = -(-K // group)
+    codes = np.empty((N, nb * group), np.uint8)
     scales = np.ones((N, nb), np.float32)
     zeros = np.zeros((N, nb), np.uint8)
+    for a, wb in _row_blocks(w, K):
+        sc, zr = scales[a:a + len(wb)], zeros[a:a + len(wb)]
 
-    def start_group(j, W):
-        b = j // group
-        _, s, z = quantize_int4(W[:, j:j + group].astype(np.float32), group)
-        scales[:, b], zeros[:, b] = s[:, 0], z[:, 0]
+        def start_group(j, W, sc=sc, zr=zr):
+            b = j // group
+            _, s, z = quantize_int4(W[:, j:j + group], group)
+            sc[:, b], zr[:, b] = s[:, 0], z[:, 0]
 
-    def quant_col(j, col):
-        b = j // group
-        s, z = scales[:, b].astype(np.float64), zeros[:, b].astype(np.float64)
-        c = np.clip(np.rint(col / s) + z, 0, 15)
-        return (c - z) * s
+        def quant_col(j, col, sc=sc, zr=zr):
+            b = j // group
+            s, z = sc[:, b], zr[:, b].astype(np.float32)
+            c = np.clip(np.rint(col / s) + z, 0, 15)
+            return (c - z) * s
 
-    Q = _gptq(w, H, quant_col, start_group, group, damp=damp)
-    codes, _, _ = quantize_int4(Q.astype(np.float32), group, scales, zeros)
+        Q = _gptq(wb, U, dead, quant_col, start_group, group)
+        codes[a:a + len(wb)] = quantize_int4(Q, group, sc, zr)[0]
     return codes, scales, zeros
 
 
-def gptq_int8(w: np.ndarray, H: np.ndarray, damp: float = 0.01):
-    w = np.asarray(w, np.float32)
-    _, scale = quantize_int8(w)
-    s = scale.astype(np.float64)
+def gptq_int8(w: np.ndarray, H, damp: float = 0.01, reversed_: bool = False):
+    """-> (q (N, K) int8, scale (N,)) like quantize_int8, with GPTQ error feedback (H as gptq_int4's)."""
+    N, K = w.shape
+    U, dead = _factor(H, damp, reversed_)
+    q = np.empty((N, K), np.int8)
+    scale = np.empty(N, np.float32)
+    for a, wb in _row_blocks(w, K):
+        _, sc = quantize_int8(wb)
 
-    def quant_col(j, col):
-        return np.clip(np.rint(col / s), -127, 127) * s
+        def quant_col(j, col, s=sc):
+            return np.clip(np.rint(col / s), -127, 127) * s
 
-    Q = _gptq(w, H, quant_col, damp=damp)
-    q = np.clip(np.rint(Q / s[:, None]), -127, 127).astype(np.int8)
+        Q = _gptq(wb, U, dead, quant_col)
+        q[a:a + len(wb)] = np.clip(np.rint(Q / sc[:, None]), -127, 127)
+        scale[a:a + len(wb)] = sc
     return q, scale
 
 
@@ -146,12 +188,52 @@ def awq_int4(w: np.ndarray, x: np.ndarray, group: int):
 # statistics collection and the quantiser the int passes use
 
 
+class Gram:
+    """The Gram matrix X^T X (K, K) of a matrix's calibration inputs X (n, K), in reversed order (J X^T X J,
+    what _hinv_chol_reversed factors), float32 (as the reference implementation; sums of at most a few
+    thousand products). While n < K it keeps the inputs themselves (n x K floats, fewer than K x K) and
+    forms the product when asked; from n = K on it accumulates the product."""
+
+    def __init__(self, K: int):
+        self.K, self.n = K, 0
+        self.rows: list[torch.Tensor] | None = []
+        self.H: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        xr = x.reshape(-1, self.K).to(torch.float32).flip(-1)       # (n, K) reversed: a copy
+        self.n += xr.shape[0]
+        if self.rows is not None and self.n < self.K:
+            self.rows.append(xr)
+            return
+        if self.H is None:
+            self.H = self.matrix()
+            self.rows = None
+        self.H.addmm_(xr.T, xr)
+
+    def matrix(self) -> torch.Tensor:
+        """A new (K, K) float32 tensor J X^T X J (its owner may factor it in place)."""
+        if self.H is not None:
+            return self.H.clone()
+        H = torch.zeros(self.K, self.K)
+        for r in self.rows:
+            H.addmm_(r.T, r)
+        return H
+
+    @property
+    def nbytes(self) -> int:
+        return (self.H.numel() * 4 if self.H is not None else 0) + sum(r.numel() * 4 for r in self.rows or ())
+
+
 class CalibStats:
+    """The statistics of the matrices being calibrated (one block's at a time: rwkvc.calib_layers)."""
+
     def __init__(self, method: str, n_tokens: int):
         self.method, self.n_tokens = method, n_tokens
-        self.hessians: dict[str, torch.Tensor] = {}
+        self.grams: dict[str, Gram] = {}
         self.samples: dict[str, list] = {}
         self.counts: dict[str, int] = {}
+        self.matrices = 0             # matrices calibrated so far (statistics dropped once used)
+        self.peak_bytes = 0           # the most statistics held at once
 
     def lookup(self, table: dict, name: str):
         while name:
@@ -162,12 +244,26 @@ class CalibStats:
             name = name.rsplit(".", 1)[0]
         return None
 
+    def held_bytes(self) -> int:
+        return sum(g.nbytes for g in self.grams.values()) + \
+            sum(int(sum(b.nbytes for b in v)) for v in self.samples.values())
+
+    def clear(self) -> None:
+        """Drop the statistics collected so far (a block's, once it is quantised)."""
+        self.peak_bytes = max(self.peak_bytes, self.held_bytes())
+        self.matrices += len(self.grams) or len(self.samples)
+        self.grams.clear()
+        self.samples.clear()
+
     def summary(self) -> dict:
         return {"method": self.method, "tokens": self.n_tokens,
-                "matrices": len(self.hessians) or len(self.samples)}
+                "matrices": self.matrices + (len(self.grams) or len(self.samples)),
+                "statistics_peak_bytes": max(self.peak_bytes, self.held_bytes())}
 
 
 class _Collector:
+    """IRRunner hooks: the inputs of the matrices named in `wanted` (and of their low-rank factors)."""
+
     def __init__(self, stats: CalibStats, wanted: set[str], keep_samples: int):
         self.stats, self.wanted, self.keep = stats, wanted, keep_samples
 
@@ -178,31 +274,56 @@ class _Collector:
         if not self._want(name):
             return
         st = self.stats
-        x = x.reshape(-1, x.shape[-1]).double()
+        x = x.reshape(-1, x.shape[-1])
         if self.keep:
             buf = st.samples.setdefault(name, [])
             have = sum(len(b) for b in buf)
             if have < self.keep:
-                buf.append(x[: self.keep - have].float().numpy())
+                buf.append(x[: self.keep - have].float().numpy().copy())
         else:
-            H = st.hessians.get(name)
-            st.hessians[name] = x.T @ x if H is None else H + x.T @ x
+            g = st.grams.get(name)
+            if g is None:
+                g = st.grams[name] = Gram(x.shape[-1])
+            g.add(x)
         st.counts[name] = st.counts.get(name, 0) + x.shape[0]
 
     def final(self, x):
         self.linear("head", x)
 
 
-def collect(model: ir.Model, args: dict, ctx) -> CalibStats:
-    from rwkvc.calib import IRRunner, calib_tokens
+def by_block(model: ir.Model, items) -> dict[int, list]:
+    """passes.common.selected's items grouped by block (n_layer: the head), in model order."""
+    index = {id(b.att.lin): i for i, b in enumerate(model.blocks)} | \
+        {id(b.ffn.lin): i for i, b in enumerate(model.blocks)}
+    out: dict[int, list] = {}
+    for it in items:
+        out.setdefault(model.config.n_layer if it[1] is None else index[id(it[1])], []).append(it)
+    return out
+
+
+def calibrate(model: ir.Model, names: dict[int, set[str]], args: dict, ctx, quantise_block) -> CalibStats:
+    """Run the model block by block over the calibration tokens (rwkvc.calib_layers): for each block i in
+    `names` (n_layer: the head), collect the statistics of the inputs of its matrices names[i], call
+    quantise_block(i, stats) to quantise them in the model, then drop the statistics. Each block's inputs
+    come from the blocks before it already quantised (GPTQ's sequential order)."""
+    from rwkvc.calib import calib_tokens
+    from rwkvc.calib_layers import LayerRunner
     method = args.get("method", "rtn")
     tokens = calib_tokens(ctx, 4096)
-    wanted = {lin.name for _, _, _, lin in selected(model, args["targets"], args["layers"])}
     stats = CalibStats(method, len(tokens))
-    col = _Collector(stats, wanted, keep_samples=512 if method == "awq" else 0)
-    run = IRRunner(model, simulate=True)
-    for _ in run.forward(tokens, hooks=col, want_logits=False):
-        pass
+    keep = 512 if method == "awq" else 0
+
+    class Visit:
+        def hooks(self, i):
+            return _Collector(stats, names[i], keep) if i in names else None
+
+        def done(self, i, hooks):
+            quantise_block(i, stats)
+            stats.clear()
+            return True
+
+    LayerRunner(model, tokens, simulate=True, progress=getattr(ctx, "progress", False),
+                desc=f"calibrating ({method})").run(Visit())
     return stats
 
 
@@ -210,15 +331,15 @@ def make_quantizer(bits: int, args: dict, stats: CalibStats):
     method = args["method"]
     if method == "gptq":
         def q(name, w):
-            H = stats.lookup(stats.hessians, name)
-            if H is None or H.shape[0] != w.shape[1]:
+            g = stats.lookup(stats.grams, name)
+            if g is None or g.K != w.shape[1]:
                 return Int8.from_dense(w) if bits == 8 else Int4.from_dense(w, args["group"], args["accuracy_level"])
-            H = H.numpy()
+            H = g.matrix()            # consumed by the factorisation
             if bits == 8:
-                return Int8(*gptq_int8(w, H))
-            g = effective_group(args["group"], w.shape[1])
-            codes, scales, zeros = gptq_int4(w, H, g)
-            return Int4.from_codes(codes, scales, zeros, w.shape[1], g, args["accuracy_level"])
+                return Int8(*gptq_int8(w, H, reversed_=True))
+            gs = effective_group(args["group"], w.shape[1])
+            codes, scales, zeros = gptq_int4(w, H, gs, reversed_=True)
+            return Int4.from_codes(codes, scales, zeros, w.shape[1], gs, args["accuracy_level"])
         return q
     if method == "awq":
         if bits == 8:
@@ -229,7 +350,7 @@ def make_quantizer(bits: int, args: dict, stats: CalibStats):
             g = effective_group(args["group"], w.shape[1])
             if xs is None or xs[0].shape[1] != w.shape[1]:
                 return Int4.from_dense(w, args["group"], args["accuracy_level"])
-            codes, scales, zeros, inv_s, _ = awq_int4(w, np.concatenate(xs, 0), g)
+            codes, scales, zeros, inv_s, _ = awq_int4(np.asarray(w, np.float32), np.concatenate(xs, 0), g)
             inner = Int4.from_codes(codes, scales, zeros, w.shape[1], g, args["accuracy_level"])
             return inner if inv_s is None else Scaled(inner, inv_s)
         return q

@@ -77,30 +77,43 @@ class QuantPass:
         return args.get("method", "rtn") != "rtn"
 
     def run(self, model: ir.Model, args: dict, ctx) -> tuple[ir.Model, dict]:
-        calib = None
-        if args.get("method", "rtn") != "rtn":
-            calib = calib_quant.collect(model, args, ctx)
-        q = quantizer(self.bits, args, calib)
-        # matrices read row by row (sparse FFNs, clustered heads' rows) are int8: ONNX Runtime has no fast
-        # kernel for gathered int4 rows (GatherBlockQuantized measured ~10x slower than MatMulNBits)
-        q_rows = q if self.bits == 8 else quantizer(8, {**args, "method": "gptq" if args["method"] == "gptq" else "rtn"}, calib)
         sparse = {id(blk.ffn.lin) for blk in model.blocks if blk.ffn.sparse is not None}
-        changed, before, after = [], 0, 0
-        for place, container, key, lin in list(selected(model, args["targets"], args["layers"])):
-            qq = q_rows if (container is not None and id(container) in sparse) else q
-            # a clustered head's rows are read row by row: the rows quantiser
-            new, did = (lin.weight.quantized(q, lin.name, rows=q_rows) if lin.kind == "clustered"
-                        else lin.weight.quantized(qq, lin.name))
-            if not did:
-                continue
-            before += nbytes(lin.weight)
-            after += nbytes(new)
-            new = ctx.keep(new) if hasattr(ctx, "keep") else new   # a compile's scratch file, not memory
-            changed.append(lin.name)
-            if container is None:
-                model.head = ir.Linear(lin.name, new)
-            else:
-                container[key] = ir.Linear(lin.name, new)
+        changed, total = [], [0, 0]
+
+        def quantise(items, q, q_rows):
+            for place, container, key, lin in items:
+                qq = q_rows if (container is not None and id(container) in sparse) else q
+                # a clustered head's rows are read row by row: the rows quantiser
+                new, did = (lin.weight.quantized(q, lin.name, rows=q_rows) if lin.kind == "clustered"
+                            else lin.weight.quantized(qq, lin.name))
+                if not did:
+                    continue
+                total[0] += nbytes(lin.weight)
+                total[1] += nbytes(new)
+                new = ctx.keep(new) if hasattr(ctx, "keep") else new   # a compile's scratch file, not memory
+                changed.append(lin.name)
+                if container is None:
+                    model.head = ir.Linear(lin.name, new)
+                else:
+                    container[key] = ir.Linear(lin.name, new)
+
+        def quantizers(stats=None):
+            q = quantizer(self.bits, args, stats)
+            # matrices read row by row (sparse FFNs, clustered heads' rows) are int8: ONNX Runtime has no fast
+            # kernel for gathered int4 rows (GatherBlockQuantized measured ~10x slower than MatMulNBits)
+            return q, q if self.bits == 8 else quantizer(8, {**args, "method": "gptq" if args["method"] == "gptq" else "rtn"}, stats)
+
+        items = list(selected(model, args["targets"], args["layers"]))
+        calib = None
+        if args.get("method", "rtn") == "rtn":
+            quantise(items, *quantizers())
+        else:
+            # block by block, each block quantised from statistics of its inputs with the blocks before it
+            # already quantised: one block's statistics and float weights exist at a time
+            by_block = calib_quant.by_block(model, items)
+            calib = calib_quant.calibrate(model, {i: {it[3].name for it in v} for i, v in by_block.items()},
+                                          args, ctx, lambda i, stats: quantise(by_block[i], *quantizers(stats)))
+        before, after = total
         if not changed:
             raise RwkvcError(f"pass {self.name}: no matrix to quantise (targets={args['targets']!r}, "
                              f"layers={args['layers']!r}); they may already be quantised")

@@ -219,37 +219,52 @@ class IRRunner:
         the final state is left in self.state."""
         m = self.model
         cfg = m.config
-        C = cfg.n_embd
         st = state.copy() if state is not None else ir.State.zeros(cfg)
         shift = torch.from_numpy(st.shift.copy())
         wkv = torch.from_numpy(st.wkv.copy())
-        tokens = np.asarray(tokens, np.int64)
-        if tokens.size and (int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0):
-            raise RwkvcError(f"calibration token id {int(tokens.max())} is outside the model's vocabulary "
-                             f"({cfg.vocab_size}); calibrate with text in the model's tokenizer")
+        tokens = self.check_tokens(tokens)
         self.hooks = hooks
-        ln = lambda x, n: torch.nn.functional.layer_norm(x, (C,), _t(n.weight), _t(n.bias), n.eps)  # noqa: E731
         with torch.no_grad():
             for s in range(0, len(tokens), chunk):
                 tk = tokens[s:s + chunk]
                 self.tokens = tk                  # RWKV-7a's channel-mixes read their tables by token
                 x = self.embed(tk)
                 v_first = None
-                for i, blk in enumerate(m.blocks):
-                    xa = ln(x, blk.ln1)
-                    dx, wkv[i], v_first = TIME_MIXES[cfg.version](self, blk.att, xa, shift[i, 0], wkv[i], v_first, i,
-                                                                  hooks)
-                    shift[i, 0] = xa[-1]
-                    x = x + dx
-                    xf = ln(x, blk.ln2)
-                    x = x + self.channel_mix(blk.ffn, xf, shift[i, 1], i, hooks)
-                    shift[i, 1] = xf[-1]
-                xo = ln(x, m.ln_out)
+                for i in range(len(m.blocks)):
+                    x, wkv[i], v_first = self.block(i, x, shift[i], wkv[i], v_first, hooks)
+                xo = self.ln(x, m.ln_out)
                 if hooks is not None and hasattr(hooks, "final"):
                     hooks.final(xo)
                 logits = self.lin(m.head, xo, hooks).numpy() if want_logits else None
                 yield logits
         self.state = ir.State(shift.numpy(), wkv.numpy())
+
+    def block(self, i: int, x, shift, S, v_first, hooks=None):
+        """Block i over one chunk x (T, C) of consecutive tokens (self.tokens: theirs) -> (x (T, C), S, v_first).
+        shift (2, C): the block's token-shift state, updated in place; S: its wkv state, returned new;
+        v_first: RWKV-7's value of block 0 for these tokens (None before block 0 and in other versions)."""
+        blk = self.model.blocks[i]
+        xa = self.ln(x, blk.ln1)
+        dx, S, v_first = TIME_MIXES[self.model.config.version](self, blk.att, xa, shift[0], S, v_first, i, hooks)
+        shift[0] = xa[-1]
+        x = x + dx
+        xf = self.ln(x, blk.ln2)
+        x = x + self.channel_mix(blk.ffn, xf, shift[1], i, hooks)
+        shift[1] = xf[-1]
+        return x, S, v_first
+
+    @staticmethod
+    def ln(x, n: ir.Norm):
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), _t(n.weight), _t(n.bias), n.eps)
+
+    def check_tokens(self, tokens) -> np.ndarray:
+        tokens = np.asarray(tokens, np.int64)
+        V = self.model.config.vocab_size
+        if tokens.size and (int(tokens.max()) >= V or int(tokens.min()) < 0):
+            bad = int(tokens.max()) if int(tokens.max()) >= V else int(tokens.min())
+            raise RwkvcError(f"calibration token id {bad} is outside the model's vocabulary "
+                             f"({V}); calibrate with text in the model's tokenizer")
+        return tokens
 
     @staticmethod
     def _mixes(mix: dict, x, prev):
