@@ -325,6 +325,81 @@ def test_compressed_seeded_text_identical(qarts):
     assert r.stdout.decode("utf-8") == text + "\n"
 
 
+# ----------------------------------------------------------------------------------------------
+# Streamed weights: the lowering writes weights.bin parameter by parameter, big ones a block of rows at a
+# time from the lazily read checkpoint and spilled quantised arrays; the bytes equal the in-memory path's.
+
+STREAM_CASES = {
+    # name: (IR changes before the passes, recipe, weight dtype)
+    "dense": (None, None, "float32"),
+    "fp16": (None, None, "float16"),
+    "int8": (None, "int8,lazy-emb(storage=int8)", "float32"),
+    "int4": (None, "int8(targets=head),int4(group=32),lazy-emb(storage=float16)", "float32"),
+    "lite": ("sparse", "svd(rank=0.25,targets=att.r+att.k+att.v+att.o),hhead(k=24,p=0.9,min_k=2,max_k=12,steps=2),"
+                       "int8,lazy-emb(storage=int8)", "float32"),
+}
+
+
+def test_panels_by_blocks_equal_whole_packing(monkeypatch):
+    from rwkvc.mapped import LazyArray
+    from rwkvc.targets.tvm import params
+    from rwkvc.weights.int8 import quantize_int8
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((70, 24)).astype(np.float32)          # 70 rows: the last panel of 16 is padded
+    lazy = LazyArray(lambda: w.copy(), w.shape, np.float32, rows=lambda a, b: w[a:b].copy())
+    monkeypatch.setattr(params, "BLOCK_BYTES", 1)                    # a panel (or a row) per block
+    for src in (w, lazy):
+        assert np.array_equal(params.panels(src, 16, np.float16, np.float32).load(), params.pack_panels(w, 16, np.float16))
+        q, s = params.int8_rows(src)
+        q0, s0 = quantize_int8(w)
+        assert np.array_equal(q.load(), q0) and np.array_equal(s.load(), s0[:, None])
+    codes = rng.integers(0, 256, (33, 5, 4)).astype(np.uint8)
+    assert np.array_equal(params.panels(codes, 16, np.uint8).load(), params.pack_panels_raw(codes.reshape(33, 20), 16))
+
+
+@pytest.mark.parametrize("case", list(STREAM_CASES))
+def test_streamed_weights_are_the_in_memory_bytes(tmp_path, monkeypatch, case):
+    """A lazily read bf16 checkpoint, every tensor lazy and every quantised array spilled, blocks of one panel:
+    weights.bin and params.json byte for byte those of the eagerly loaded IR packed whole in memory."""
+    import filecmp
+
+    from helpers import with_sparse_predictors
+    from rwkvc import mapped
+    from rwkvc.frontend import load_model
+    from rwkvc.passes import PassContext
+    from rwkvc.pipeline import parse_recipe, run_passes
+    from rwkvc.targets.rpi5 import TARGET
+    from rwkvc.targets.tvm import KernelShape, params
+    from rwkvc.targets.tvm.build import write_params
+    from rwkvc.targets.tvm.graph import collect_params
+    prep, recipe, dtype = STREAM_CASES[case]
+    ckpt = save_random_v7(tmp_path / "m.pth", n_layer=2, n_embd=128, head_size=64, vocab_size=V, seed=1,
+                          dtype="bf16", dims={"w": 32, "a": 32, "v": 32, "g": 64})
+    ks = KernelShape(**TARGET.capabilities.extras["kernel"], weights=dtype)
+    calib = np.random.default_rng(1).integers(0, V, 512)
+
+    def ir_of(lazy: bool, spill: str | None):
+        model = load_model(ckpt, lazy=lazy)
+        if prep == "sparse":
+            model = with_sparse_predictors(model)
+        ctx = PassContext(calib_tokens=calib, progress=False)
+        ctx.spill_dir = spill
+        return run_passes(model, parse_recipe(recipe), ctx) if recipe else model
+
+    (tmp_path / "eager").mkdir()
+    monkeypatch.setattr(params, "BLOCK_BYTES", 1 << 40)              # each parameter whole
+    collect_params(ir_of(False, None), ks).write(str(tmp_path / "eager"))
+    monkeypatch.setattr(mapped, "MIN_ELEMENTS", 1)                   # every tensor lazy, every quantised array spilled
+    monkeypatch.setattr(mapped, "SPILL_BYTES", 1)
+    monkeypatch.setattr(params, "BLOCK_BYTES", 1)                    # a panel (or a row) per block
+    (tmp_path / "spill").mkdir()
+    (tmp_path / "streamed").mkdir()
+    write_params(ir_of(True, str(tmp_path / "spill")), str(tmp_path / "streamed"), ks).write_index(str(tmp_path / "streamed"))
+    assert any((tmp_path / "spill").iterdir()) or not recipe         # the passes' arrays did go to scratch files
+    for n in ("weights.bin", "params.json"):
+        assert filecmp.cmp(tmp_path / "eager" / n, tmp_path / "streamed" / n, shallow=False), n
+
+
 def test_refuses_a_weight_kind_it_has_no_kernel_for(tmp_path):
     """Capabilities are data: an IR with an unknown representation is refused before any work."""
     from dataclasses import dataclass

@@ -9,7 +9,8 @@ two things that dominate the time (matrices, the WKV recurrence); everything els
 TVM legalises and fuses.
 
     base.py            the TVM modules (imported on first use), dtype names, KernelShape (register tiling)
-    params.py          Params (the VM's params order, weights.bin + params.json), the packed layouts
+    params.py          Params (the VM's params order; weights.bin written as they are made, + params.json),
+                       the packed layouts made a block of rows at a time (Streamed)
     kernels.py         TIR: packed-panel matrix products (float / int8 / n-bit codes), the activation
                        quantiser, the WKV recurrences (v7; v5/v6; v4)
     sparse_kernels.py  TIR that reads only the rows it needs: the sparse FFN's, the clustered head's

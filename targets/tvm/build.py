@@ -32,7 +32,7 @@ def check_lowerable(model: ir.Model) -> None:
 
 
 def build_module(model: ir.Model, ks: KernelShape, P: Params | None = None):
-    """The Relax IRModule (step + prefill) and its Params."""
+    """The Relax IRModule (step + prefill) and its Params (collected in memory where none is given)."""
     import_tvm()
     check_lowerable(model)
     P = P or collect_params(model, ks)
@@ -43,11 +43,27 @@ def build_module(model: ir.Model, ks: KernelShape, P: Params | None = None):
     return bb.get(), P
 
 
+def write_params(model: ir.Model, out_dir: str, ks: KernelShape, weights: str = "weights.bin") -> Params:
+    """weights.bin written parameter by parameter as they are made (big ones a block of rows at a time, from
+    the IR's lazily read arrays): a compile holds about one block, not the model. The Params keeps each
+    parameter's Spec for the Relax functions; write_index writes params.json."""
+    path = os.path.join(out_dir, weights)
+    with open(path, "wb") as f:
+        return collect_params(model, ks, Params(f))
+
+
 def compile_model(model: ir.Model, out_dir: str, target: dict, ks: KernelShape, lib_name: str = "model.so",
                   fcompile=None, progress=None) -> dict:
-    """Lower, build and export: writes lib_name, weights.bin, params.json into out_dir; returns manifest fields."""
+    """Lower, build and export: writes weights.bin (streamed), lib_name, params.json into out_dir; returns
+    manifest fields. The Relax module takes the weights as its `params` argument (no constants), and its
+    kernels are made once per shape (Ctx.kernel) and its layer functions once per signature (graph.py), so
+    TVM's build holds the code, not the weights."""
     tvm = import_tvm()
-    mod, P = build_module(model, ks)
+    check_lowerable(model)
+    P = write_params(model, out_dir, ks)
+    if progress:
+        progress("weights")
+    mod, P = build_module(model, ks, P)
     if progress:
         progress("relax")
     tgt = tvm.target.Target(target)
@@ -57,8 +73,7 @@ def compile_model(model: ir.Model, out_dir: str, target: dict, ks: KernelShape, 
         progress("build")
     kw = {"fcompile": fcompile} if fcompile is not None else {}
     ex.export_library(os.path.join(out_dir, lib_name), **kw)
-    fields = P.write(out_dir)
-    P.arrays.clear()   # the packed copies can be large (a 0.1B model: 0.8 GB)
+    fields = P.write_index(out_dir)
     return {"library": lib_name, **fields, "entry_points": {"step": "step", "prefill": "prefill"},
             "tvm_target": target, "kernel": {"panel": ks.panel, "rows": ks.rows, "lanes": ks.lanes},
             "tvm_version": tvm.__version__, "dtype": "float32", "weight_dtype": ks.weights}

@@ -25,9 +25,10 @@ from .hybrid import bias_arrays, norm
 from .v7 import last_row
 
 
-def collect_params(model: ir.Model, ks: KernelShape) -> Params:
-    """The model's parameters in the VM's order: embedding, blocks, ln_out, head."""
-    P = Params()
+def collect_params(model: ir.Model, ks: KernelShape, P: Params | None = None) -> Params:
+    """The model's parameters in the VM's order: embedding, blocks, ln_out, head (added to P: a Params over
+    the weights file writes each as it comes; a new one holds them)."""
+    P = Params() if P is None else P
     for name, arr in EMBED_LOWERINGS[model.emb.weight.kind].params(model, ks).items():
         P.add(name, arr, arr.dtype)
     for i, blk in enumerate(model.blocks):
@@ -121,7 +122,7 @@ def emit_entry(ctx: Ctx, model: ir.Model, P: Params, prefill: bool):
     tokens = relax.Var("tokens", relax.TensorType([T], "int64"))
     shift = relax.Var("shift", relax.TensorType([L, 2, C], F32))
     wkv = relax.Var("wkv", relax.TensorType([L] + S_shape, F32))
-    params = relax.Var("params", relax.TupleType([relax.TensorType(list(P.arrays[n].shape), str(P.arrays[n].dtype))
+    params = relax.Var("params", relax.TupleType([relax.TensorType(list(P.spec(n).shape), str(P.spec(n).dtype))
                                                    for n in P.names]))
 
     # one Relax function per distinct layer signature (weight shapes + first/other)

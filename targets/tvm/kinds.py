@@ -19,12 +19,11 @@ import numpy as np
 
 from rwkvc import ir
 from rwkvc.errors import RwkvcError
-from rwkvc.weights.embedding import folded_embedding
-from rwkvc.weights.int8 import quantize_int8
+from rwkvc.weights.embedding import folded_lazy
 
 from .base import F32, KernelShape, relax
 from .context import Ctx
-from .params import pack_panels, pack_panels_raw, pad_rows
+from .params import Streamed, int8_rows, pad_rows, panels
 from .sparse_kernels import combine_kernel, rows_kernel, select_clusters_kernel
 
 
@@ -51,7 +50,7 @@ class LinearLowering:
 
 
 def _dense_params(lin: ir.Linear, ks: KernelShape) -> dict:
-    return {"wp": pack_panels(lin.weight.w, ks.panel, ks.weights)}
+    return {"wp": panels(lin.weight.w, ks.panel, ks.weights, np.float32)}
 
 
 def _dense_emit(ctx: Ctx, rel: str, lin: ir.Linear, x):
@@ -60,7 +59,7 @@ def _dense_emit(ctx: Ctx, rel: str, lin: ir.Linear, x):
 
 def _lowrank_params(lin: ir.Linear, ks: KernelShape) -> dict:
     lr = lin.weight
-    d = {"ap": pack_panels(lr.a, ks.panel, ks.weights), "bp": pack_panels(lr.b, ks.panel, ks.weights)}
+    d = {"ap": panels(lr.a, ks.panel, ks.weights, np.float32), "bp": panels(lr.b, ks.panel, ks.weights, np.float32)}
     if lr.diag is not None:
         d["diag"] = np.asarray(lr.diag, np.float32)
     return d
@@ -86,7 +85,7 @@ def _lowrank_emit(ctx: Ctx, rel: str, lin: ir.Linear, x):
 def _int8_params(lin: ir.Linear, ks: KernelShape) -> dict:
     """int8 codes in panels (NB, K, P) as stored (1 byte per weight), the scales padded to NB*P."""
     w = lin.weight
-    return {"q8p": pack_panels_raw(np.asarray(w.q, np.int8), ks.panel),
+    return {"q8p": panels(w.q, ks.panel, np.int8),
             "q8scale": pad_rows(np.asarray(w.scale, np.float32), ks.panel)}
 
 
@@ -98,10 +97,9 @@ def _int4_params(lin: ir.Linear, ks: KernelShape) -> dict:
     """The MatMulNBits bytes re-laid as panels: codes (NB, Kp/2, P) uint8 (two codes per byte along K,
     low nibble first, as stored), scales (NB, nb, P) f32 and zero points (NB, nb, P) uint8 per group."""
     w = lin.weight
-    N, nb, half = w.packed.shape
-    return {"q4p": pack_panels_raw(np.asarray(w.packed, np.uint8).reshape(N, nb * half), ks.panel),
-            "q4scales": pack_panels_raw(np.asarray(w.scales, np.float32), ks.panel),
-            "q4zeros": pack_panels_raw(w.zero_points().astype(np.uint8), ks.panel)}
+    return {"q4p": panels(w.packed, ks.panel, np.uint8),          # (N, nb, half) read as (N, nb * half)
+            "q4scales": panels(w.scales, ks.panel, np.float32),
+            "q4zeros": panels(w.zero_points(), ks.panel, np.uint8)}
 
 
 def _int4_emit(ctx: Ctx, rel: str, lin: ir.Linear, x):
@@ -269,8 +267,7 @@ class RowLowering:
 
 
 def _dense_rows(w, transposed: bool, ks: KernelShape) -> tuple:
-    a = np.asarray(w.w, np.float32)
-    return (np.ascontiguousarray(a.T if transposed else a, ks.weights),)
+    return (Streamed.of(w.w.T if transposed else w.w, ks.weights),)
 
 
 def _dense_row_operands(ctx: Ctx, x, ws: list) -> tuple:
@@ -278,8 +275,7 @@ def _dense_row_operands(ctx: Ctx, x, ws: list) -> tuple:
 
 
 def _int8_rows(w, transposed: bool, ks: KernelShape) -> tuple:
-    q = np.asarray(w.q, np.int8)
-    return np.ascontiguousarray(q.T if transposed else q), np.asarray(w.scale, np.float32)
+    return Streamed.of(w.q.T if transposed else w.q, np.int8), np.asarray(w.scale, np.float32)
 
 
 def _int8_row_operands(ctx: Ctx, x, ws: list) -> tuple:
@@ -305,7 +301,7 @@ class EmbedLowering:
 
 
 def _dense_emb_params(model: ir.Model, ks: KernelShape) -> dict:
-    return {"emb.folded": np.ascontiguousarray(folded_embedding(model), ks.weights)}      # (V, C), ln0 folded in
+    return {"emb.folded": Streamed.of(folded_lazy(model), ks.weights)}      # (V, C), ln0 folded in
 
 
 def _gather_folded(ctx: Ctx, get, tokens):
@@ -324,9 +320,9 @@ def _lazy_emb_params(model: ir.Model, ks: KernelShape) -> dict:
     touches only its row's pages (int8: codes (V, C) and a scale per row (V, 1), as the cpu artifact)."""
     e = model.emb.weight
     if e.storage == "int8":
-        q, sc = quantize_int8(folded_embedding(model))
-        return {"emb.q8": q, "emb.q8scale": sc[:, None].astype(np.float32)}
-    return {"emb.folded": np.ascontiguousarray(folded_embedding(model), e.storage)}
+        q, sc = int8_rows(folded_lazy(model))
+        return {"emb.q8": q, "emb.q8scale": sc}
+    return {"emb.folded": Streamed.of(folded_lazy(model), e.storage)}
 
 
 def _lazy_emb_gather(ctx: Ctx, rep, get, tokens):
