@@ -1,0 +1,112 @@
+"""A big checkpoint through the rpi5 target: `rwkvc compile --target rpi5 --preset P` (seconds and peak RSS),
+then the artifact's native runner under qemu-aarch64 for a token or a few (seconds, peak RSS, the tokens it
+made). EMULATION: the runner's times say what the artifact does on an x86 host, not how fast a Pi is; its
+peak RSS is qemu's, which holds the emulated process (the memory-mapped weights.bin pages it touched
+included).
+
+    python bench/scale_rpi5.py CKPT.pth --work DIR [--presets int4,int8] [--run int4] [--tokens 1] [--logits]
+        [--threads 2] [--keep]
+
+Each compile and each run is a fresh process under /usr/bin/time (its own ru_maxrss). Results: DIR/rpi5.jsonl
+(one line per compile / run) and a markdown table on stdout. Artifacts are deleted after their step unless
+--keep.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+def timed(cmd: list[str], timeout: float | None = None) -> dict:
+    """wall seconds, peak RSS (bytes) and output of cmd under /usr/bin/time -v; exits with one error line."""
+    t = time.perf_counter()
+    r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t
+    if r.returncode != 0:
+        tail = r.stderr.strip().splitlines()[-30:]
+        raise SystemExit(f"error: {' '.join(cmd[:4])} ... failed ({r.returncode}):\n" + "\n".join(tail))
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)
+    return {"seconds": round(wall, 1), "peak_rss": int(m.group(1)) * 1024, "stdout": r.stdout}
+
+
+def compile_rpi5(ckpt: str, out: Path, preset: str) -> dict:
+    res = timed(["rwkvc", "compile", ckpt, "--target", "rpi5", "--preset", preset, "-o", str(out), "--force", "-q"])
+    res.pop("stdout")
+    res["weights_bytes"] = (out / "weights.bin").stat().st_size
+    res["library_bytes"] = (out / "model.so").stat().st_size
+    return res
+
+
+def run_runner(art: Path, prompt: str, tokens: int, threads: int, logits: bool) -> dict:
+    """The runner under qemu (rwkvc.runtimes.tvm_native.runner_command): the prompt, then `tokens` greedy tokens,
+    the ids it made; logits: a second run that dumps the prompt's logits (are they finite)."""
+    import numpy as np
+
+    from rwkvc.artifact import read_manifest
+    from rwkvc.runtimes.tvm_native import runner_command
+    ids, dump = art / "bench-ids.txt", art / "bench-logits.bin"
+    cmd = runner_command(art, read_manifest(art)) + ["--artifact", str(art), "--prompt", prompt, "-n", str(tokens),
+                                                     "--temperature", "0", "--threads", str(threads),
+                                                     "--ids-out", str(ids)]
+    res = timed(cmd)
+    res["ids"] = [int(x) for x in ids.read_text().strip().split(",") if x]
+    res.pop("stdout")
+    if not logits:
+        return res
+    prompt_ids = [int(x) for x in subprocess.run(runner_command(art, read_manifest(art)) + [
+        "--artifact", str(art), "--encode", prompt], capture_output=True, text=True).stdout.split(",") if x.strip()]
+    one = timed(runner_command(art, read_manifest(art)) + ["--artifact", str(art), "--tokens",
+                                                            ",".join(map(str, prompt_ids)), "--dump-logits",
+                                                            str(dump), "--threads", str(threads)])
+    lg = np.fromfile(dump, np.float32)
+    res["prefill_only"] = {"seconds": one["seconds"], "peak_rss": one["peak_rss"]}
+    res["logits_finite"] = bool(np.isfinite(lg).all()) and lg.size > 0
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("ckpt")
+    ap.add_argument("--work", required=True, help="directory for the artifacts and rpi5.jsonl")
+    ap.add_argument("--presets", default="int4,int8")
+    ap.add_argument("--run", default="int4", help="presets whose runner is run under qemu (comma-separated, or none)")
+    ap.add_argument("--tokens", type=int, default=1, help="tokens the runner generates after the prompt")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", default="The", help="the runner's prompt (default: one token)")
+    ap.add_argument("--logits", action="store_true", help="also dump the prompt's logits in a second run (finite?)")
+    ap.add_argument("--keep", action="store_true", help="keep the artifacts")
+    a = ap.parse_args(argv)
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    runs = set(a.run.split(",")) if a.run != "none" else set()
+    rows = []
+    with open(work / "rpi5.jsonl", "a") as log:
+        for p in a.presets.split(","):
+            out = work / f"rpi5-{p}"
+            c = compile_rpi5(a.ckpt, out, p)
+            rec = {"ckpt": a.ckpt, "preset": p, "compile": c}
+            print(json.dumps(rec), file=log, flush=True)
+            if p in runs:
+                rec["run"] = run_runner(out, a.prompt, a.tokens, a.threads, a.logits)
+                print(json.dumps({"ckpt": a.ckpt, "preset": p, "run": rec["run"]}), file=log, flush=True)
+            if not a.keep:
+                shutil.rmtree(out, ignore_errors=True)
+            rows.append(rec)
+    print("| preset | compile s | compile peak RSS | weights.bin | model.so | runner (qemu): prompt + n tokens s | "
+          "runner peak RSS | tokens |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        c, run = r["compile"], r.get("run")
+        tail = f"{run['seconds']} | {run['peak_rss'] / 1e9:.2f} GB | {run['ids']}" if run else "- | - | -"
+        print(f"| {r['preset']} | {c['seconds']} | {c['peak_rss'] / 1e9:.2f} GB | {c['weights_bytes'] / 1e9:.2f} GB | "
+              f"{c['library_bytes'] / 1e6:.1f} MB | {tail} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
