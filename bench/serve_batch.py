@@ -5,6 +5,7 @@ without a prefix-cache hit.
     python bench/serve_batch.py ART --ttft --prefix 2000
     python bench/serve_batch.py ART --http 1,8 [--requests 2] [--max-tokens 32]
     python bench/serve_batch.py ART --prefill 4 [--chunk 128] [--reps 3]
+    python bench/serve_batch.py ART [ART ...] --profile [--batches 1,8] [--steps 16]
 
 Decode: B sequences (each prefilled with its own short prompt) advance by --steps tokens with one
 batch_step call a step (rwkvc.runtimes.ort_batch.BatchPool); tokens/s = B * steps / seconds, best of
@@ -17,6 +18,11 @@ Prefill: B sequences (each with its own incoming state) advance by --chunk token
 separate calls of the artifact's own prefill graph (Model.forward, what the engine does one prompt at a
 time) or as one batch_prefill call (rwkvc.runtimes.ort_batch.prefill_batch); the two alternate within
 each repetition, best of --reps; the ratio is separate time / batched time.
+
+Profile: where a batched step's time goes, by operator type (ONNX Runtime's profiler), for each batch size:
+milliseconds a step (each node's fastest of the --steps runs, so that moments when other processes took
+the cores count less) and the share of the kernels' total, the artifacts and batch sizes interleaved step by
+step (so a moment of the shared machine falls on all of them).
 
 HTTP: end to end through `rwkvc serve` (a server in this process, the openai package's async client), K
 concurrent clients each sending --requests greedy completions of --max-tokens tokens (token 0 banned so
@@ -102,6 +108,58 @@ def prefill_rates(art, B, T, reps, threads):
     return {"artifact": art, "B": B, "T": T, "separate_s": round(s, 3), "batched_s": round(b, 3),
             "separate_tokens_per_s": round(B * T / s, 1), "batched_tokens_per_s": round(B * T / b, 1),
             "speedup": round(s / b, 2)}
+
+
+def profile_steps(arts, batches, steps, threads):
+    """{artifact: {B: {"step_ms": best step, "ops": {op type: ms a step}}}} of batch_step under ONNX Runtime's
+    profiler, every (artifact, B) session stepping in turn."""
+    import collections
+    import tempfile
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    import rwkvc
+    from rwkvc.runtimes.ort_batch import BATCH_ENTRY, BatchPool
+    runs = []
+    for art in arts:
+        m = rwkvc.load(art, threads=threads)
+        states = [m.forward(m.encode(f"Sequence {i} begins here:"))[1] for i in range(max(batches))]
+        so = m.runtime.so
+        so.enable_profiling = True
+        path = str(m.runtime.path / m.runtime.manifest["entry_points"][BATCH_ENTRY])
+        for b in batches:
+            so.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "prof")
+            pool = BatchPool(m.runtime, b)
+            pool.sess = ort.InferenceSession(path, so, providers=m.runtime.providers)
+            for s in states[:b]:
+                pool.add(s)
+            pool.step(np.full(b, 11, np.int64))   # (the first run allocates; it is left out below)
+            runs.append((art, b, pool, [], m))   # (m: its runtime owns the weights the session reads)
+        so.enable_profiling = False
+    toks = {(art, b): np.full(b, 11, np.int64) for art, b, *_ in runs}
+    for _ in range(steps):
+        for art, b, pool, times, _ in runs:
+            t0 = time.perf_counter()
+            logits = pool.step(toks[(art, b)])
+            toks[(art, b)] = logits.argmax(axis=1)
+            times.append(time.perf_counter() - t0)
+    out: dict = {}
+    for art, b, pool, times, _ in runs:
+        events = json.loads(Path(pool.sess.end_profiling()).read_text())
+        # each node's fastest run (a node that another process preempted is slow in that run only), summed by op type
+        fastest: dict = {}
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                key = (e["args"].get("op_name"), e["args"].get("node_index"))
+                fastest[key] = min(fastest.get(key, float("inf")), e["dur"])
+        agg: dict = collections.defaultdict(float)
+        for (op, _), us in fastest.items():
+            agg[op] += us
+        out.setdefault(art, {})[b] = {"step_ms": round(min(times) * 1e3, 2),
+                                      "median_ms": round(float(np.median(times)) * 1e3, 2),
+                                      "ops": {k: round(v / 1e3, 3) for k, v in sorted(agg.items(), key=lambda kv: -kv[1])}}
+    return out
 
 
 def plot(rows, path) -> None:
@@ -227,10 +285,20 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill", type=int, default=None, help="B: B separate prefills against one batched prefill")
     ap.add_argument("--chunk", type=int, default=128, help="tokens per sequence (--prefill)")
     ap.add_argument("--plot", default=None, help="write the decode rates as a PNG plot here")
+    ap.add_argument("--profile", action="store_true", help="batch_step's time by operator type at each of --batches")
     ap.add_argument("--requests", type=int, default=2, help="requests per client (--http)")
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens per request (--http)")
     a = ap.parse_args(argv)
-    if a.prefill:
+    if a.profile:
+        res = profile_steps(a.artifacts, [int(b) for b in a.batches.split(",")], a.steps, a.threads)
+        for art, per_b in res.items():
+            for b, r in per_b.items():
+                tot = sum(r["ops"].values())
+                print(f"{art}: B={b}: best step {r['step_ms']:.1f} ms (median {r['median_ms']:.1f}), kernels "
+                      f"{tot:.1f} ms", file=sys.stderr)
+                for op, ms in list(r["ops"].items())[:12]:
+                    print(f"    {op:<24} {ms:8.2f} ms  {100 * ms / tot:5.1f} %", file=sys.stderr)
+    elif a.prefill:
         res = [prefill_rates(art, a.prefill, a.chunk, a.reps, a.threads) for art in a.artifacts]
         for r in res:
             print(f"{r['artifact']}: B={r['B']} T={r['T']}: separate {r['separate_s'] * 1e3:.0f} ms "

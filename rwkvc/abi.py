@@ -5,13 +5,14 @@ from __future__ import annotations
 ALIGN = 4096                # weights.bin: tensors of at least this many bytes start on a page boundary
 
 FUSED_DOMAIN = "ai.rwkvc"   # rwkvc's own CPU kernels (rwkvc.runtimes.ortops builds and registers them)
-FUSED_VERSION = 7           # the op set's version: 1 the RWKV-7 step / prefill kernels, 2 adds the sparse FFN
+FUSED_VERSION = 8           # the op set's version: 1 the RWKV-7 step / prefill kernels, 2 adds the sparse FFN
                             # and clustered head kernels, 3 the quantised matrix-vector product (Rwkv7MatVecQ),
                             # 4 the clustered head's top token without its logits (Rwkv7ClusteredHeadTop),
                             # 5 tanh and sigmoid between a set's products (a LoRA in Rwkv7MatVecSet),
                             # 6 the sparse FFN with an int8 MLP predictor and 1-bit codes 16 rows together
                             # (Rwkv7SparseFfnQ), 7 the interleaved 4-bit and int8 layouts (Rwkv7MatVecQ16 / Q16x8,
-                            # Rwkv7MatVecSet's layouts); a library of version n runs artifacts of 1..n
+                            # Rwkv7MatVecSet's layouts), 8 the batched step's kernels (Rwkv7Mix1B / Mix6B,
+                            # Rwkv7WkvStepB, Rwkv7MatMulQ16 / Q16x8, Rwkv7MatMulSet); a library of version n runs artifacts of 1..n
 
 HEAD_MODE = "head_mode"     # the step's input with a top-token head (Rwkv7ClusteredHeadTop): 1 = the top token only
 
@@ -33,3 +34,16 @@ def resident(name: str) -> bool:
     """Whether the runtime reads this gathered table into memory: the dense embedding and dense DeepEmbed
     tables (a memory-mapped table costs a page fault per new row)."""
     return name == DENSE_EMBEDDING or name.endswith(DEEP_EMBED_DENSE)
+
+
+def row_read(graph) -> set[str]:
+    """Names of an ONNX graph's initializers that are read only by rows: the data of Gather / GatherElements
+    nodes, or inputs of rwkvc's fused kernels in FUSED_ROW_INPUTS (the lazy embedding table, a sparse FFN's
+    key / value rows, a clustered head's rows). A token reads a few of their rows, never all of them."""
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for j, name in enumerate(node.input):
+            users.setdefault(name, []).append((node.op_type, j))
+    return {t.name for t in graph.initializer
+            if users.get(t.name) and all((op in ("Gather", "GatherElements") and j == 0) or (op, j) in FUSED_ROW_INPUTS
+                                         for op, j in users[t.name])}

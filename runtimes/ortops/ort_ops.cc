@@ -1,4 +1,4 @@
-// rwkvc's fused CPU kernels for ONNX Runtime: custom-op domain "ai.rwkvc", op set 7.
+// rwkvc's fused CPU kernels for ONNX Runtime: custom-op domain "ai.rwkvc", op set 8.
 //
 // Without them the cpu target's step graph of an RWKV-7 model runs ~70 ONNX Runtime kernels a layer, most
 // of them element-wise work on one 768-wide row that costs less than the executor's ~2.5 us per kernel, plus
@@ -11,12 +11,14 @@
 //   sparse_ffn.h      Rwkv7SparseFfn, Rwkv7SparseFfnF32, Rwkv7SparseFfnQ, Rwkv7SparseFfnQF32
 //   clustered_head.h  Rwkv7ClusteredHead, Rwkv7ClusteredHeadF32, Rwkv7ClusteredHeadTop, Rwkv7ClusteredHeadTopF32
 //   matvec_ops.h      Rwkv7MatVecQ, Rwkv7MatVecQ16, Rwkv7MatVecQ16x8, Rwkv7MatVecSet
+//   batch.h           Rwkv7Mix1B, Rwkv7Mix6B, Rwkv7WkvStepB, Rwkv7MatMulQ16, Rwkv7MatMulQ16x8, Rwkv7MatMulSet
+//                     (the batched step's: B sequences of one token each)
 // with their helpers in common.h (ONNX Runtime plumbing, the thread split, SIMD reductions), act_dots.h
 // (activation-row dot products), matvec_q.h and matvec_q16.h (the matrix-vector products in MatMulNBits'
 // layout and in the interleaved one); ort_abi.h declares the parts of ONNX Runtime's C API used.
 //
 // The op set's version (rwkvc_ort_ops_version) is the newest one an artifact may name: this library runs
-// artifacts of versions 1 to 7, each op keeping the meaning it has in the version that adds it. The versions:
+// artifacts of versions 1 to 8, each op keeping the meaning it has in the version that adds it. The versions:
 //   1  Rwkv7Mix1, Rwkv7Mix6, Rwkv7WkvStep, ReluSquare, Rwkv7WkvSeq
 //   2  Rwkv7SparseFfn(F32), Rwkv7ClusteredHead(F32)
 //   3  Rwkv7MatVecQ, Rwkv7MatVecSet (chains with relu or relu squared between products)
@@ -24,6 +26,7 @@
 //   5  tanh and sigmoid between a set's products
 //   6  Rwkv7SparseFfnQ(F32)
 //   7  the interleaved layout: Rwkv7MatVecQ16, Rwkv7MatVecQ16x8, and Rwkv7MatVecSet's layouts and ns
+//   8  the batched step: Rwkv7Mix1B, Rwkv7Mix6B, Rwkv7WkvStepB, Rwkv7MatMulQ16, Rwkv7MatMulQ16x8, Rwkv7MatMulSet
 //
 // This file is the library's one translation unit: it includes every family (their helpers share one
 // anonymous namespace, so the compiler sees and inlines across all of them), defines the op table, and
@@ -39,6 +42,7 @@
 #include "matvec_q.h"
 #include "matvec_q16.h"
 #include "matvec_ops.h"
+#include "batch.h"
 
 namespace {
 
@@ -168,6 +172,12 @@ OpDef g_ops[] = {
     make("Rwkv7MatVecQ16", "fuhu", 1, matvec_q16_compute),
     make("Rwkv7MatVecQ16x8", "fufu", 1, matvec_q16_compute),
     make_variadic("Rwkv7MatVecSet", matvec_set_compute),
+    make("Rwkv7Mix1B", "ffffff", 3, mix_batch_compute),
+    make("Rwkv7Mix6B", "ffffff", 8, mix_batch_compute),
+    make("Rwkv7WkvStepB", "fffffffffffffffff", 2, wkv_batch_compute),
+    make("Rwkv7MatMulQ16", "fuhu", 1, matmul_q16_compute),
+    make("Rwkv7MatMulQ16x8", "fufu", 1, matmul_q16_compute),
+    make_variadic("Rwkv7MatMulSet", matmul_set_compute),
 };
 
 }  // namespace
@@ -185,7 +195,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
 }
 
 // the library's version of the op set, for rwkvc.runtimes.ortops to check what it loaded
-extern "C" __attribute__((visibility("default"))) int rwkvc_ort_ops_version() { return 7; }
+extern "C" __attribute__((visibility("default"))) int rwkvc_ort_ops_version() { return 8; }
 
 // threads for the kernels that split work (Rwkv7WkvSeq); the runtime passes its intra-op thread count
 extern "C" __attribute__((visibility("default"))) void rwkvc_ort_ops_set_threads(int n) { g_threads = n > 0 ? n : 1; }

@@ -16,8 +16,19 @@ shift, the WKV recurrence, group norm, bonus) is batched over a leading B axis:
        WKV: S (B,H,N,N) <- S*w + [S@a, v] @ [b; k],  y = S@r          (w,b,k rows (B,H,1,N); a,v,r columns)
        group norm per head, bonus, gate, output ─(+)─► x ─ln2─► relu² FFN with prev = shift[:, l, 1] ─(+)─► x
 
-rwkvc's fused step kernels (Rwkv7Mix6, Rwkv7WkvStep, Rwkv7MatVecSet) take one sequence, so this graph uses
-plain ONNX operators for the element-wise work. The prefill runs its products over all B*T rows at once
+Where the graph's policy uses rwkvc's fused kernels (fused_supported), the step does its element-wise work on
+their batched forms (op set 8, runtimes/ortops/batch.h), a layer as
+
+    Rwkv7Mix6B (residual add, ln1, the six mixes, each row shifted against its own sequence's row)
+      ─► the projections ─► Rwkv7WkvStepB (decay, WKV, group norm, bonus, gate for B states) ─► output
+      ─► Rwkv7Mix1B (residual add, ln2, the FFN's mix) ─► key ─► ReluSquare ─► value
+
+and its 4-bit and int8 products gathered as the one-sequence step gathers them (a layer's projections and
+LoRAs one node a level, the FFN's key and value one node) into Rwkv7MatMulSet, which computes each row as
+Rwkv7MatVecSet does while reading each group of codes once for up to 8 rows, and the other products over rows
+(the head) as Rwkv7MatMulQ16 / Q16x8 (the prefill's Rwkv7MatVecQ16 / Q16x8 over the same initializers,
+the same numbers). Without the fused kernels (--no-fused) the element-wise work is plain ONNX operators
+(emit_time_mix_v7_batched). The prefill runs its products over all B*T rows at once
 (sequence-major), shifts each sequence's rows against its own state row, and runs the prefill's chunked
 WKV with the B sequences' heads side by side (wkv_chunked_batched); its logits are each sequence's last
 token's. Covered: RWKV-7 in float32 with a dense FFN and a dense or
@@ -30,12 +41,17 @@ import onnx
 from onnx import TensorProto, helper
 
 from rwkvc import ir
+from rwkvc.abi import FUSED_DOMAIN
 
 from .graph import F32, OPSET, Graph, WeightStore, f32, layer_norm, to_compute
 from .kinds import EMBEDDERS, linear
+from .matvec import matvec_product
 from .policy import LoweringPolicy
 from .v7 import CHUNK, DECAY_SCALE, emit_channel_mix_v7, v7_projections, wkv_chunks
 from .v7_fused import fused_supported
+
+# the prefill's products over many rows -> the batched graphs' (the same inputs, attributes and numbers)
+ROWS_OPS = {"Rwkv7MatVecQ16": "Rwkv7MatMulQ16", "Rwkv7MatVecQ16x8": "Rwkv7MatMulQ16x8", "Rwkv7MatVecSet": "Rwkv7MatMulSet"}
 
 BATCH_ENTRY = "batch_step"
 BATCH_PREFILL_ENTRY = "batch_prefill"
@@ -124,6 +140,45 @@ def emit_time_mix_v7_batched(g: Graph, att: ir.TimeMix, x: str, prev: str, S: st
     return linear(g, att.lin["output"], g.op("Mul", y, pr["g"])), S2, v_first
 
 
+def emit_block_batched_fused(g: Graph, blk, x: str, dx: str, prev_att: str, prev_ffn: str, S: str,
+                             v_first: str | None, cfg: ir.ModelConfig, i: int):
+    """One RWKV-7 layer of the batched step on rwkvc's batched fused kernels (module docstring): x, dx (B, C)
+    the residual stream and its pending addition (added inside Rwkv7Mix6B), prev_* (B, C) the sequences'
+    shift rows, S (B, H, N, N). Returns x, dx (this layer's FFN output, still to be added), ln1(x) and
+    ln2(x) (the new shift rows), S', v_first."""
+    att, ffn = blk.att, blk.ffn
+    p, pf = f"blocks.{i}.att.", f"blocks.{i}.ffn."
+    vec = att.vec
+    w32 = lambda name, arr: g.weight(p + name, arr, F32)  # noqa: E731
+    names = list(att.mix)
+    outs = g.op("Rwkv7Mix6B", x, dx, g.weight(f"blocks.{i}.ln1.weight", blk.ln1.weight),
+                g.weight(f"blocks.{i}.ln1.bias", blk.ln1.bias), prev_att,
+                g.weight(p + "x_mix6", np.stack([att.mix[m] for m in names])),
+                domain=FUSED_DOMAIN, n_out=2 + len(names), eps=float(blk.ln1.eps))
+    x, xa, xm = outs[0], outs[1], dict(zip(names, outs[2:]))
+    # the quantised products gathered as the one-sequence step gathers them (Rwkv7MatVecSet, one node a level
+    # of the layer's projections and LoRAs, one for the FFN), which ROWS_OPS turns into Rwkv7MatMulSet
+    g.step = True
+    pr = v7_projections(g, att, xm, i, fuse=True)
+    if i == 0:   # layer 0 has no value residual: placeholders, as the one-sequence step (attribute first=1)
+        v_first, vg, v0 = pr["v"], pr["v"], w32("w0", vec["w0"])
+    else:
+        vg, v0 = pr["vg"], w32("v0", vec["v0"])
+    y, S2 = g.op("Rwkv7WkvStepB", pr["r"], pr["w"], pr["k"], pr["v"], pr["a"], vg, v_first, pr["g"], S,
+                 w32("w0", vec["w0"]), w32("a0", vec["a0"]), v0, w32("k_k", vec["k_k"]), w32("k_a", vec["k_a"]),
+                 w32("r_k", vec["r_k"]), w32("ln_x.weight", att.ln_x.weight), w32("ln_x.bias", att.ln_x.bias),
+                 domain=FUSED_DOMAIN, n_out=2, eps=float(att.ln_x.eps), first=int(i == 0))
+    dx = matvec_product(g, att.lin["output"], y) or linear(g, att.lin["output"], y)
+    x, xf, xk = g.op("Rwkv7Mix1B", x, dx, g.weight(f"blocks.{i}.ln2.weight", blk.ln2.weight),
+                     g.weight(f"blocks.{i}.ln2.bias", blk.ln2.bias), prev_ffn, g.weight(pf + "x_k", ffn.mix["x_k"]),
+                     domain=FUSED_DOMAIN, n_out=3, eps=float(blk.ln2.eps))
+    dx = matvec_product(g, (ffn.lin["key"], ffn.lin["value"]), xk, "relu2")
+    if dx is None:
+        dx = linear(g, ffn.lin["value"], g.op("ReluSquare", linear(g, ffn.lin["key"], xk), domain=FUSED_DOMAIN))
+    g.step = False
+    return x, dx, xa, xf, S2, v_first
+
+
 def build_batch_step(model: ir.Model, store: WeightStore, policy: LoweringPolicy) -> onnx.ModelProto:
     """The batched step graph (module docstring) over `store`, whose weights the prefill graph wrote."""
     return build_batched(model, store, policy, prefill=False)
@@ -161,7 +216,16 @@ def build_batched(model: ir.Model, store: WeightStore, policy: LoweringPolicy, p
         prev_of = lambda t, r: g.op("Reshape", r, g.const([-1, C]))  # noqa: E731
         wkv = wkv_step_batched
     new_rows, v_first = [], None
-    for i, blk in enumerate(model.blocks):
+    if g.fused and not prefill:   # the step on the batched fused kernels
+        res = g.const(np.zeros((1, C)), F32)                                          # the pending residual
+        for i, blk in enumerate(model.blocks):
+            x, res, xa, xf, S2, v_first = emit_block_batched_fused(g, blk, x, res, prev_of(None, rows[2 * i]),
+                                                                   prev_of(None, rows[2 * i + 1]), f"wkv_in.{i}",
+                                                                   v_first, cfg, i)
+            g.rename(S2, f"wkv_out.{i}")
+            new_rows += [xa, xf]
+        x = g.op("Add", x, res)
+    for i, blk in enumerate(model.blocks if not new_rows else ()):
         xa = layer_norm(g, x, blk.ln1, f"blocks.{i}.ln1")
         dx, S2, v_first = emit_time_mix_v7_batched(g, blk.att, xa, prev_of(xa, rows[2 * i]), f"wkv_in.{i}", v_first,
                                                    cfg, i, wkv=wkv)
@@ -183,10 +247,12 @@ def build_batched(model: ir.Model, store: WeightStore, policy: LoweringPolicy, p
     outputs = [helper.make_tensor_value_info("logits", f, ["B", V]),
                helper.make_tensor_value_info("shift_out", f, ["B", L, 2, C])]
     outputs += [helper.make_tensor_value_info(f"wkv_out.{i}", f, layer) for i in range(L)]
+    for node in g.nodes:   # the products over rows: the batched kernels (ROWS_OPS)
+        if node.domain == FUSED_DOMAIN and node.op_type in ROWS_OPS:
+            node.op_type = ROWS_OPS[node.op_type]
     graph = g.make("rwkv_batch_prefill" if prefill else "rwkv_batch_step", inputs, outputs)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
     if g.fused:
-        from rwkvc.abi import FUSED_DOMAIN
         opsets.append(helper.make_opsetid(FUSED_DOMAIN, 1))
     m = helper.make_model(graph, opset_imports=opsets, producer_name="rwkvc")
     m.ir_version = 9
