@@ -37,32 +37,35 @@ from .common import selected
 ROW_BLOCK = 1 << 24    # GPTQ treats rows independently: a big matrix goes through it this many weights at a time
 
 
-def _hinv_chol_reversed(Hr: torch.Tensor, damp: float) -> tuple[np.ndarray, np.ndarray]:
-    """(U, dead) from Hr = J H J (H (K, K) with its columns and rows in reversed order; float32, consumed):
-    U upper triangular with U^T U = (H + damp * mean(diag) I)^-1, and H's dead-column mask.
+def _hinv_chol_reversed(box: list, damp: float) -> tuple[np.ndarray, np.ndarray]:
+    """(U, dead) from box = [Hr], Hr = J H J (H (K, K) with its columns and rows in reversed order; float32
+    torch, taken out of the box and factored in place): U upper triangular with U^T U =
+    (H + damp * mean(diag) I)^-1 (a view with negative strides), and H's dead-column mask.
 
     Why reversed: if J H J = L L^T (lower Cholesky), then H = V V^T with V = J L J upper and
     H^-1 = V^-T V^-1, so U = V^-1 = J L^-1 J: one Cholesky and one triangular inverse, with at most two
     K x K buffers (Hr, factored in place, and the inverse), where inverting H and factoring the inverse
     needs several. float32 as in the reference implementation (Frantar et al.); the damping keeps it
-    well conditioned."""
+    well conditioned. (A box, not an argument: the caller then holds no reference to free.)"""
+    Hr = box.pop()
     d = Hr.diagonal()
     dead = (d == 0)
     d[dead] = 1.0
     d += damp * float(d.mean())
-    L, info = torch.linalg.cholesky_ex(Hr, out=(Hr, torch.empty((), dtype=torch.int32)))
+    del d
+    _, info = torch.linalg.cholesky_ex(Hr, out=(Hr, torch.empty((), dtype=torch.int32)))
     if int(info):
         raise RwkvcError("gptq: the calibration statistics are not positive definite; give more calibration "
                          "tokens (--calib-tokens) or use method=rtn")
-    Linv = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype), upper=False)
-    del L, Hr, d
-    U = np.ascontiguousarray(Linv.numpy()[::-1, ::-1])
-    return U, dead.numpy()[::-1].copy()
+    eye = torch.eye(Hr.shape[0], dtype=Hr.dtype)
+    Linv = torch.linalg.solve_triangular(Hr, eye, upper=False, out=eye)
+    del Hr
+    return Linv.numpy()[::-1, ::-1], dead.numpy()[::-1].copy()
 
 
 def _hinv_chol(H, damp: float) -> tuple[np.ndarray, np.ndarray]:
     """_hinv_chol_reversed of a Hessian H (K, K) in natural order (left as it is)."""
-    return _hinv_chol_reversed(torch.as_tensor(np.asarray(H)).flip((0, 1)).to(torch.float32), damp)
+    return _hinv_chol_reversed([torch.as_tensor(np.asarray(H)).flip((0, 1)).to(torch.float32)], damp)
 
 
 def _gptq(w: np.ndarray, U: np.ndarray, dead: np.ndarray, quant_col, start_group=None, group: int = 0,
@@ -77,9 +80,10 @@ def _gptq(w: np.ndarray, U: np.ndarray, dead: np.ndarray, quant_col, start_group
     Q = np.zeros_like(W)
     for i1 in range(0, K, block):
         i2 = min(i1 + block, K)
+        Ub = np.ascontiguousarray(U[i1:i2, i1:])      # (block, K - i1): U's rows for these columns
         W1 = W[:, i1:i2].copy()
         E1 = np.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
+        U1 = Ub[:, :i2 - i1]
         for i in range(i2 - i1):
             j = i1 + i
             if start_group is not None and group and j % group == 0:
@@ -91,7 +95,7 @@ def _gptq(w: np.ndarray, U: np.ndarray, dead: np.ndarray, quant_col, start_group
             err = (col - q) / U1[i, i]
             W1[:, i:] -= np.outer(err, U1[i, i:])
             E1[:, i] = err
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+        W[:, i2:] -= E1 @ Ub[:, i2 - i1:]
     return Q
 
 
@@ -102,18 +106,16 @@ def _row_blocks(w, K: int):
         yield a, np.asarray(w[a:a + step], np.float32)
 
 
-def _factor(H, damp: float, reversed_: bool):
-    if isinstance(H, tuple):          # (U, dead) already
-        return H
-    return _hinv_chol_reversed(H, damp) if reversed_ else _hinv_chol(H, damp)
+def _factor(H, damp: float):
+    """(U, dead) of H: a Hessian (K, K) in natural order, or a Gram (factored from a fresh reversed copy)."""
+    return _hinv_chol_reversed([H.matrix()], damp) if isinstance(H, Gram) else _hinv_chol(H, damp)
 
 
-def gptq_int4(w: np.ndarray, H, group: int, damp: float = 0.01, reversed_: bool = False):
+def gptq_int4(w: np.ndarray, H, group: int, damp: float = 0.01):
     """-> (codes (N, Kp), scales (N, nb), zeros (N, nb)) like quantize_int4, with GPTQ error feedback.
-    H: the inputs' Hessian (K, K) (reversed_: a float32 torch tensor J H J, consumed; see _hinv_chol_reversed).
-    w may be a LazyArray: it is read a block of rows at a time."""
+    H: the inputs' Hessian (K, K), or their Gram. w may be a LazyArray: it is read a block of rows at a time."""
     N, K = w.shape
-    U, dead = _factor(H, damp, reversed_)
+    U, dead = _factor(H, damp)
     nb = -(-K // group)
     codes = np.empty((N, nb * group), np.uint8)
     scales = np.ones((N, nb), np.float32)
@@ -137,10 +139,10 @@ def gptq_int4(w: np.ndarray, H, group: int, damp: float = 0.01, reversed_: bool 
     return codes, scales, zeros
 
 
-def gptq_int8(w: np.ndarray, H, damp: float = 0.01, reversed_: bool = False):
+def gptq_int8(w: np.ndarray, H, damp: float = 0.01):
     """-> (q (N, K) int8, scale (N,)) like quantize_int8, with GPTQ error feedback (H as gptq_int4's)."""
     N, K = w.shape
-    U, dead = _factor(H, damp, reversed_)
+    U, dead = _factor(H, damp)
     q = np.empty((N, K), np.int8)
     scale = np.empty(N, np.float32)
     for a, wb in _row_blocks(w, K):
@@ -334,11 +336,10 @@ def make_quantizer(bits: int, args: dict, stats: CalibStats):
             g = stats.lookup(stats.grams, name)
             if g is None or g.K != w.shape[1]:
                 return Int8.from_dense(w) if bits == 8 else Int4.from_dense(w, args["group"], args["accuracy_level"])
-            H = g.matrix()            # consumed by the factorisation
             if bits == 8:
-                return Int8(*gptq_int8(w, H, reversed_=True))
+                return Int8(*gptq_int8(w, g))
             gs = effective_group(args["group"], w.shape[1])
-            codes, scales, zeros = gptq_int4(w, H, gs, reversed_=True)
+            codes, scales, zeros = gptq_int4(w, g, gs)
             return Int4.from_codes(codes, scales, zeros, w.shape[1], gs, args["accuracy_level"])
         return q
     if method == "awq":
