@@ -25,7 +25,7 @@ def model(request, ckpt):
 
 
 def separate(m, prompt, first, n):
-    """Logits of n greedy steps of one sequence with the artifact's own step, and the tokens fed."""
+    """Logits of n greedy steps of one sequence with the artifact's own step, the tokens fed, the last state."""
     _, st = m.forward(m.encode(prompt))
     out, toks, tok = [], [], first
     for _ in range(n):
@@ -33,7 +33,27 @@ def separate(m, prompt, first, n):
         lg, st = m.forward([tok], st)
         out.append(lg.copy())
         tok = int(np.argmax(lg))
-    return np.stack(out), toks
+    return np.stack(out), toks, st
+
+
+def assert_states_match(got, ref, what):
+    np.testing.assert_allclose(got.shift, ref.shift, rtol=1e-4, atol=2e-5, err_msg=f"{what}: shift")
+    np.testing.assert_allclose(got.wkv, ref.wkv, rtol=1e-4, atol=2e-5, err_msg=f"{what}: wkv")   # errors ~1e-6
+
+
+def test_batch_step_runs_on_the_batched_kernels(model):
+    """The fused artifacts' batched step does its element-wise work in the batched kernels (op set 8) and
+    its 4-bit products in Rwkv7MatMulSet, no per-sequence plain-operator WKV left."""
+    kind, m = model
+    g = onnx.load(str(m.path / m.manifest["entry_points"]["batch_step"]), load_external_data=False)
+    ops = {n.op_type for n in g.graph.node}
+    L = m.config.n_layer
+    assert {"Rwkv7Mix6B", "Rwkv7Mix1B", "Rwkv7WkvStepB"} <= ops
+    assert sum(n.op_type == "Rwkv7WkvStepB" for n in g.graph.node) == L
+    assert not ops & {"Sub", "ReduceL2", "ReduceSum", "Exp"}                       # the plain operators' WKV, gone
+    assert sum(n.op_type == "LayerNormalization" for n in g.graph.node) == 1       # ln_out's only
+    if kind == "int4":
+        assert "Rwkv7MatMulSet" in ops and not ops & {"Rwkv7MatVecQ16", "Rwkv7MatVecSet"}
 
 
 def test_batched_decode_equals_separate_decodes(model):
@@ -68,12 +88,28 @@ def test_batched_decode_equals_separate_decodes(model):
             live[slot][1] += 1
         for slot in reversed(range(len(live))):
             if live[slot][1] == n:
+                assert_states_match(pool.state(slot), refs[live[slot][0]][2], f"{kind} sequence {live[slot][0]}")
                 moved = pool.remove(slot)
                 live[slot] = live[moved]
                 live.pop()
     for i in range(len(prompts)):
         assert_logits_match(np.stack(got[i]), refs[i][0], f"{kind} sequence {i}", flips=1 if kind == "int4" else 0)
     assert pool.n == 0
+
+
+def test_batched_step_of_nine_sequences_at_different_positions(model):
+    """Nine sequences (the batched kernels' 8-row pass and a 1-row rest), each after a prompt of another
+    length, two steps together: each one's logits and state are its separate decode's."""
+    kind, m = model
+    prompts = [" ".join(["word"] * (i + 1)) + f" {i}" for i in range(9)]
+    refs = [separate(m, p, 200 + i, 2) for i, p in enumerate(prompts)]
+    pool = BatchPool(m.runtime, max_batch=9)
+    for p in prompts:
+        pool.add(m.forward(m.encode(p))[1])
+    got = [pool.step([r[1][k] for r in refs]).copy() for k in range(2)]
+    for i, r in enumerate(refs):
+        assert_logits_match(np.stack([got[0][i], got[1][i]]), r[0], f"{kind} sequence {i}", flips=1 if kind == "int4" else 0)
+        assert_states_match(pool.state(i), r[2], f"{kind} sequence {i}")
 
 
 def test_batch_pool_refuses_what_it_cannot_do(model):

@@ -155,16 +155,17 @@ bool rows16_rows_simd(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1)
 #define RWKVC_ROWS16_ROWS 1
 #endif
 
-// rows g0 16 .. g1 16 (clipped to N) for the T rows of x a[0 .. T), up to 8 of them a pass over the codes
+// rows g0 16 .. g1 16 (clipped to N) for the T rows of x a[0 .. T): 8 rows a pass over the codes, what is
+// left as 4 on rows16_avx2 (faster than rows16_avx2_rows at 4, slower at 8) and the last 1 to 3 together
 void rows16_batch(const MatVecQ& m, const Acts16* a, int64_t T, int64_t g0, int64_t g1) {
 #ifdef RWKVC_ROWS16_ROWS
   using Fn = bool (*)(const MatVecQ&, const Acts16*, int64_t, int64_t);
-  static constexpr Fn by_rows[9] = {nullptr, rows16_rows_simd<1>, rows16_rows_simd<2>, rows16_rows_simd<3>,
-                                    rows16_rows_simd<4>, rows16_rows_simd<5>, rows16_rows_simd<6>,
-                                    rows16_rows_simd<7>, rows16_rows_simd<8>};
+  static constexpr Fn by_rows[4] = {nullptr, rows16_rows_simd<1>, rows16_rows_simd<2>, rows16_rows_simd<3>};
   bool ok = true;
   int64_t t = 0;
-  for (; ok && t < T; t += 8) ok = by_rows[std::min<int64_t>(8, T - t)](m, a + t, g0, g1);
+  for (; ok && t + 8 <= T; t += 8) ok = rows16_rows_simd<8>(m, a + t, g0, g1);
+  if (ok && t + 4 <= T) ok = rows16_simd<4>(m, a + t, g0, g1), t += 4;
+  if (ok && t < T) ok = by_rows[T - t](m, a + t, g0, g1);
   if (ok) return;
 #elif defined(RWKVC_ROWS16_SIMD)   // AVX-512 VNNI: 8 rows a pass fit its 32 registers
   int64_t t = 0;
