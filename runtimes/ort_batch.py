@@ -2,7 +2,10 @@
 0..B-1 of state pools, one graph call a step for all of them.
 
 The pools are double-buffered: a step reads slots 0..B-1 of one pool and writes the same slots of the
-other (ONNX Runtime's outputs bound straight into it), then the two swap, so a step copies no state. A
+other (ONNX Runtime's outputs bound straight into it), then the two swap, so a step copies no state. Where
+every layer's new matrix state comes from rwkvc's Rwkv7WkvStepB (which writes each state row after its last
+read of it), the matrix states have one pool, updated in place: half the memory, and a step's writes land
+on the lines it has just read instead of a second pool's. A
 sequence joins by having its state written into slot B; one that leaves is replaced by the last slot's
 sequence (one state copy), so the live slots stay a contiguous block, which is what the graph takes.
 
@@ -53,6 +56,23 @@ def prefill_batch(runtime, tokens, states: list[ir.State]) -> tuple[np.ndarray, 
     return logits, [ir.State(shift[b], np.stack([w[b] for w in wkv])) for b in range(len(states))]
 
 
+def wkv_in_place(graph_path, n_layer: int) -> bool:
+    """Whether every wkv_out.i of the batched step graph is written by Rwkv7WkvStepB (it reads each state row
+    before writing it, and nothing else reads wkv_in.i), so the step may update the states in place."""
+    import onnx
+
+    from rwkvc.abi import FUSED_DOMAIN
+    g = onnx.load(str(graph_path), load_external_data=False).graph
+    writers = {o: n for n in g.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    return all((n := writers.get(f"wkv_out.{i}")) is not None and n.domain == FUSED_DOMAIN
+               and n.op_type == "Rwkv7WkvStepB" and f"wkv_in.{i}" in n.input and readers.get(f"wkv_in.{i}") == 1
+               for i in range(n_layer))
+
+
 class BatchPool:
     def __init__(self, runtime, max_batch: int):
         if max_batch < 1:
@@ -67,14 +87,17 @@ class BatchPool:
         self.max_batch, self.n = max_batch, 0
         L = self.wkv_shape[0]
         self.shift = [np.zeros((max_batch, *self.shift_shape), np.float32) for _ in range(2)]
-        self.wkv = [[np.zeros((max_batch, *self.wkv_shape[1:]), np.float32) for _ in range(L)] for _ in range(2)]
+        self.in_place = wkv_in_place(runtime.path / runtime.manifest["entry_points"][BATCH_ENTRY], L)
+        wkv = [np.zeros((max_batch, *self.wkv_shape[1:]), np.float32) for _ in range(L)]
+        self.wkv = [wkv, wkv if self.in_place else [np.zeros_like(w) for w in wkv]]
         self.logits = np.zeros((max_batch, self.vocab), np.float32)
         self.cur = 0
 
     @property
     def state_bytes(self) -> int:
-        """Bytes of the two pools (what max_batch costs in memory)."""
-        return 2 * (self.shift[0].nbytes + sum(w.nbytes for w in self.wkv[0])) + self.logits.nbytes
+        """Bytes of the pools (what max_batch costs in memory)."""
+        wkv = sum(w.nbytes for w in self.wkv[0])
+        return 2 * self.shift[0].nbytes + (1 if self.in_place else 2) * wkv + self.logits.nbytes
 
     def add(self, state: ir.State) -> int:
         """A sequence joins with `state`; returns its slot."""
