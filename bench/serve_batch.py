@@ -1,7 +1,7 @@
 """Serving benchmarks: aggregate decode tokens/s against the batch size, and time to first token with and
 without a prefix-cache hit.
 
-    python bench/serve_batch.py ART [ART ...] [--batches 1,2,4,8,16] [--steps 16] [--reps 3] [--threads 2]
+    python bench/serve_batch.py ART [ART ...] [--batches 1,2,4,8,16] [--steps 16] [--reps 3] [--threads 2] [--cpu-time]
     python bench/serve_batch.py ART --ttft --prefix 2000
     python bench/serve_batch.py ART --http 1,8 [--requests 2] [--max-tokens 32]
     python bench/serve_batch.py ART --prefill 4 [--chunk 128] [--reps 3]
@@ -9,8 +9,9 @@ without a prefix-cache hit.
 
 Decode: B sequences (each prefilled with its own short prompt) advance by --steps tokens with one
 batch_step call a step (rwkvc.runtimes.ort_batch.BatchPool); tokens/s = B * steps / seconds, best of
---reps. "1 stream" is one sequence on the artifact's own step graph (Model.forward: the fused kernels
-where the artifact has them), which is what a single request gets from `rwkvc serve`. Every batch size
+--reps (--cpu-time: per CPU second of the process instead). "1 stream" is one sequence on the artifact's
+own step graph (Model.forward: the fused kernels where the artifact has them), which is what a single
+request gets from `rwkvc serve`. Every batch size
 of every artifact is measured in turn within each repetition, so they share the machine's moments.
 Greedy sampling (argmax) is included in the time, as the server does it.
 
@@ -44,7 +45,7 @@ import time
 import numpy as np
 
 
-def decode_rates(arts, batches, steps, reps, threads):
+def decode_rates(arts, batches, steps, reps, threads, clock=time.perf_counter):
     import rwkvc
     from rwkvc.runtimes.ort_batch import BatchPool
     runs = []
@@ -62,19 +63,19 @@ def decode_rates(arts, batches, steps, reps, threads):
         for art, m, pools, states in runs:
             # one stream on the artifact's own step
             st, tok = states[0], 11
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(steps):
                 logits, st = m.forward([tok], st)
                 tok = int(np.argmax(logits))
-            r = steps / (time.perf_counter() - t0)
+            r = steps / (clock() - t0)
             best[(art, "step")] = max(best.get((art, "step"), 0), r)
             for b, pool in pools.items():
                 toks = np.full(b, 11, np.int64)
-                t0 = time.perf_counter()
+                t0 = clock()
                 for _ in range(steps):
                     logits = pool.step(toks)
                     toks = logits.argmax(axis=1)
-                r = b * steps / (time.perf_counter() - t0)
+                r = b * steps / (clock() - t0)
                 best[(art, b)] = max(best.get((art, b), 0), r)
     out = []
     for art, *_ in runs:
@@ -252,10 +253,10 @@ def http_rates(art, clients, requests, max_tokens, threads):
             return n
 
         async def run(k):
-            c = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
-            t0 = time.perf_counter()
-            n = sum(await asyncio.gather(*(client(c, i) for i in range(k))))
-            return n / (time.perf_counter() - t0)
+            async with openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600) as c:
+                t0 = time.perf_counter()
+                n = sum(await asyncio.gather(*(client(c, i) for i in range(k))))
+                return n / (time.perf_counter() - t0)
 
         for k in clients:
             before = eng.stats()
@@ -285,6 +286,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill", type=int, default=None, help="B: B separate prefills against one batched prefill")
     ap.add_argument("--chunk", type=int, default=128, help="tokens per sequence (--prefill)")
     ap.add_argument("--plot", default=None, help="write the decode rates as a PNG plot here")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="decode: tokens per CPU second of this process (time.process_time) instead of per wall "
+                         "second; with --threads 1, what one core would give were it not shared")
     ap.add_argument("--profile", action="store_true", help="batch_step's time by operator type at each of --batches")
     ap.add_argument("--requests", type=int, default=2, help="requests per client (--http)")
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens per request (--http)")
@@ -318,7 +322,8 @@ def main(argv=None) -> int:
                   f"prefix-cache hit {r['ttft_hit_s'] * 1e3:.0f} ms ({r['speedup']}x; {r['cached_tokens_on_hit']} "
                   f"tokens from the cache)", file=sys.stderr)
     else:
-        res = decode_rates(a.artifacts, [int(b) for b in a.batches.split(",")], a.steps, a.reps, a.threads)
+        res = decode_rates(a.artifacts, [int(b) for b in a.batches.split(",")], a.steps, a.reps, a.threads,
+                           time.process_time if a.cpu_time else time.perf_counter)
         if a.plot:
             plot(res, a.plot)
         for r in res:
