@@ -28,7 +28,6 @@ from rwkvc.weights import Int4, Int8, Scaled
 from rwkvc.weights.int4 import effective_group, quantize_int4
 from rwkvc.weights.int8 import quantize_int8
 
-from .common import selected
 
 
 # ----------------------------------------------------------------------------------------------

@@ -150,12 +150,11 @@ def selected_fraction(ch: ir.ClusteredHead, X: np.ndarray) -> tuple[float, float
     return float(rows.mean()) / ch.rows.shape[0], float(n.float().mean())
 
 
-class _Final:
-    def __init__(self):
-        self.x = []
+class _NoHooks:
+    """A rwkvc.calib_layers visit that collects nothing (the run's result is the head's input)."""
 
-    def final(self, x):
-        self.x.append(x.clone())
+    def hooks(self, i):
+        return None
 
 
 class HheadPass:
@@ -176,7 +175,8 @@ class HheadPass:
     }
 
     def run(self, model: ir.Model, args: dict, ctx) -> tuple[ir.Model, dict]:
-        from rwkvc.calib import IRRunner, calib_tokens
+        from rwkvc.calib import calib_tokens
+        from rwkvc.calib_layers import LayerRunner
         if model.head.kind != "dense":
             raise RwkvcError(f"pass hhead: the head is already {model.head.kind}; hhead clusters a dense head")
         K = args["k"]
@@ -187,11 +187,9 @@ class HheadPass:
         if K > V:
             raise RwkvcError(f"pass hhead: k={K} clusters for a vocabulary of {V}")
         tokens = calib_tokens(ctx, args["tokens"])
-        col = _Final()
-        run = IRRunner(model, simulate=False)
-        for _ in run.forward(tokens, hooks=col, want_logits=False):
-            pass
-        X = torch.cat(col.x).numpy()
+        # block by block (rwkvc.calib_layers): one block's float weights at a time
+        X = LayerRunner(model, tokens, simulate=False, progress=getattr(ctx, "progress", False),
+                        desc="hhead").run(_NoHooks()).numpy()
         labels = cluster_vocab(W, K, iters=args["iters"], X=X)
         Wc, kl = distill_cluster_head(W, labels, X, K, steps=args["steps"])
         exact = args["p"] >= 1.0

@@ -159,7 +159,7 @@ class SparseFfnPass:
     }
 
     def run(self, model: ir.Model, args: dict, ctx) -> tuple[ir.Model, dict]:
-        from rwkvc.calib import IRRunner, calib_tokens
+        from rwkvc.calib import calib_tokens
         layers = parse_layers(args["layers"], model.config.n_layer)
         for i in layers:
             ffn = model.blocks[i].ffn
@@ -171,16 +171,10 @@ class SparseFfnPass:
                                  f"{ffn.lin['value'].kind}; run sparse-ffn before svd/quantisation of the FFN")
         thr_fixed = args["threshold"]
         report_layers = {}
-        if thr_fixed >= 0:
-            col = None
-        else:
-            tokens = calib_tokens(ctx, args["tokens"])
-            col = _FfnCollector(layers, len(tokens))
-            run = IRRunner(model, simulate=False)
-            for _ in run.forward(tokens, hooks=col, want_logits=False):
-                pass
         before = after_read = pred_bytes = 0
-        for i in sorted(layers):
+
+        def fit(i):
+            nonlocal before, after_read, pred_bytes
             ffn = model.blocks[i].ffn
             K = np.asarray(ffn.lin["key"].weight.w, np.float32)
             Vt = np.asarray(ffn.lin["value"].weight.w, np.float32)
@@ -193,8 +187,8 @@ class SparseFfnPass:
                 frac = 1.0 if thr_fixed < 0.5 else 0.0
                 stats = {"fraction": frac, "recall": frac}
             else:
-                xk = torch.cat(col.xk[i], 0)
-                pre = torch.cat(col.pre[i], 0).float()
+                xk = torch.cat(col.xk.pop(i), 0)
+                pre = torch.cat(col.pre.pop(i), 0).float()
                 fires = (pre > 0)
                 contrib = torch.relu(pre) ** 2 * torch.as_tensor(np.linalg.norm(Vt, axis=0))[None, :]
                 fc1, fc2 = train_mlp_predictor(xk.numpy(), fires.numpy(), args["hidden"], steps=args["steps"], seed=i)
@@ -229,12 +223,33 @@ class SparseFfnPass:
                 # the gathered rows plus the predictors would cost more than the dense (quantised) FFN
                 report_layers[i] = {"dense": True, "fraction": round(stats["fraction"], 4)}
                 after_read += kv_bytes
-                continue
+                return
             ffn.sparse = sp
             pb = sp.stored_bytes()   # what the cpu target's fused step reads of the predictors
             pred_bytes += pb
             after_read += kv_bytes * stats["fraction"] + pb
             report_layers[i] = {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()}
+
+        if thr_fixed >= 0:
+            col = None
+            for i in sorted(layers):
+                fit(i)
+        else:
+            # block by block (rwkvc.calib_layers): one block's float weights and one layer's activations at a
+            # time. The run stays dense (simulate=False), so a layer made sparse changes no later input.
+            from rwkvc.calib_layers import LayerRunner
+            tokens = calib_tokens(ctx, args["tokens"])
+            col = _FfnCollector(layers, len(tokens))
+
+            class Visit:
+                def hooks(self, i):
+                    return col if i in layers else None
+
+                def done(self, i, hooks):
+                    fit(i)
+                    return False
+            LayerRunner(model, tokens, simulate=False, progress=getattr(ctx, "progress", False),
+                        desc="sparse-ffn").run(Visit())
         kept = [i for i, v in report_layers.items() if v.get("dense")]
         fr = [1.0 if v.get("dense") else v["fraction"] for v in report_layers.values()]
         summary = (f"{len(report_layers) - len(kept)} channel-mixes sparse"

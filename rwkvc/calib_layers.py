@@ -39,10 +39,12 @@ class LayerRunner:
         T = len(self.tokens)
         return [(s, min(s + self.chunk, T)) for s in range(0, T, self.chunk)]
 
+    @torch.no_grad()
     def embed(self) -> torch.Tensor:
         """The embedded tokens x (T, C) (ln0 applied), chunk by chunk as IRRunner.forward embeds them."""
         return torch.cat([self.runner.embed(self.tokens[a:b]) for a, b in self._spans()], 0)
 
+    @torch.no_grad()
     def block(self, i: int, x: torch.Tensor, v_first: torch.Tensor | None, hooks=None):
         """Block i over all tokens from a zero state: x (T, C) -> (y (T, C), v_first (T, C) or None)."""
         r = self.runner
@@ -65,24 +67,24 @@ class LayerRunner:
         from tqdm import tqdm
         m, r = self.model, self.runner
         L = len(m.blocks)
+        x = self.embed()
+        v_first = None
+        for i in tqdm(range(L), desc=self.desc, unit="block", disable=not self.progress, leave=False):
+            hooks = visit.hooks(i)
+            y, vf = self.block(i, x, v_first, hooks)
+            if hooks is not None and visit.done(i, hooks):     # (the visit runs outside no_grad: it may train)
+                r._fns.clear()                 # the block's weights changed: read them again
+                y, vf = self.block(i, x, v_first)
+            r._fns.clear()                     # drop block i's float copies
+            x, v_first = y, vf
+        del v_first
         with torch.no_grad():
-            x = self.embed()
-            v_first = None
-            for i in tqdm(range(L), desc=self.desc, unit="block", disable=not self.progress, leave=False):
-                hooks = visit.hooks(i)
-                y, vf = self.block(i, x, v_first, hooks)
-                if hooks is not None and visit.done(i, hooks):
-                    r._fns.clear()                 # the block's weights changed: read them again
-                    y, vf = self.block(i, x, v_first)
-                r._fns.clear()                     # drop block i's float copies
-                x, v_first = y, vf
-            del v_first
             xo = torch.cat([r.ln(x[a:b], m.ln_out) for a, b in self._spans()], 0)
-            hooks = visit.hooks(L)
-            if hooks is not None:
-                if hasattr(hooks, "final"):
-                    for a, b in self._spans():
-                        hooks.final(xo[a:b])
-                visit.done(L, hooks)
+        hooks = visit.hooks(L)
+        if hooks is not None:
+            if hasattr(hooks, "final"):
+                for a, b in self._spans():
+                    hooks.final(xo[a:b])
+            visit.done(L, hooks)
         return xo
 
