@@ -2,8 +2,8 @@
 artifact bytes, load time, peak RSS while decoding, decode and prefill tokens/s (the docs/BENCHMARKS.md
 scale table).
 
-    python bench/scale_bench.py CKPT.pth --work DIR [--recipes fp32,int8,int4] [--eager] [--no-run]
-        [--threads 2] [--tokens 32] [--prefill 512] [--keep]
+    python bench/scale_bench.py CKPT.pth --work DIR [--recipes fp32,int8,int4,gptq] [--eager] [--no-run]
+        [--threads 2] [--tokens 32] [--prefill 512] [--keep] [--calib README.md] [--calib-tokens 512]
 
 Each compile is `rwkvc compile` under /usr/bin/time (its own peak RSS, ru_maxrss); --eager adds the same
 compile with the whole checkpoint loaded and quantised weights kept in memory (the non-streaming compile)
@@ -21,7 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-RECIPES = {"fp32": None, "int8": "int8", "int4": "int4"}   # presets (calibrated ones need --calib text)
+RECIPES = {"fp32": None, "int8": "int8", "int4": "int4"}   # presets
+# calibrated recipes: passes, calibrated on --calib text (--calib-tokens of it) layer by layer
+CALIBRATED = {"gptq": "int4(group=128,method=gptq),lazy-emb(storage=int8)"}
 
 EAGER = """
 import sys
@@ -66,6 +68,8 @@ def main(argv=None):
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--calib", default="README.md", help="calibration text of the calibrated recipes (gptq)")
+    ap.add_argument("--calib-tokens", type=int, default=512)
     a = ap.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -74,12 +78,14 @@ def main(argv=None):
     for name in a.recipes.split(","):
         out = work / f"{Path(a.ckpt).stem}-{name}"
         row = {"ckpt": a.ckpt, "ckpt_bytes": os.path.getsize(a.ckpt), "recipe": name}
-        if a.eager:
+        if a.eager and name not in CALIBRATED:   # (the eager script runs presets)
             secs, peak, _ = timed([sys.executable, "-c", EAGER, a.ckpt, str(out), name])
             row.update(eager_compile_s=secs, eager_compile_peak_rss=peak)
             shutil.rmtree(out, ignore_errors=True)
         cmd = ["rwkvc", "compile", a.ckpt, "-o", str(out), "--target", "cpu", "--force", "-q"]
-        if RECIPES[name]:
+        if name in CALIBRATED:
+            cmd += ["--passes", CALIBRATED[name], "--calib", a.calib, "--calib-tokens", str(a.calib_tokens)]
+        elif RECIPES[name]:
             cmd += ["--preset", RECIPES[name]]
         secs, peak, _ = timed(cmd)
         row.update(compile_s=secs, compile_peak_rss=peak, artifact_bytes=dir_bytes(out))
