@@ -17,10 +17,10 @@ def ckpt(tmp_path_factory):
     return save_random_v7(d / "m.pth", n_layer=2, n_embd=64, head_size=32, vocab_size=65536, seed=11), d
 
 
-@pytest.fixture(scope="module", params=["fp32", "int4"])
+@pytest.fixture(scope="module", params=["fp32", "int4", "int8"])
 def model(request, ckpt):
     path, d = ckpt
-    passes = "" if request.param == "fp32" else "int4(group=32)"
+    passes = {"fp32": "", "int4": "int4(group=32)", "int8": "int8"}[request.param]
     return request.param, rwkvc.load(rwkvc.compile(path, d / request.param, passes=passes))
 
 
@@ -43,7 +43,7 @@ def assert_states_match(got, ref, what):
 
 def test_batch_step_runs_on_the_batched_kernels(model):
     """The fused artifacts' batched step does its element-wise work in the batched kernels (op set 8) and
-    its 4-bit products in Rwkv7MatMulSet, no per-sequence plain-operator WKV left."""
+    its 4-bit and int8 products in Rwkv7MatMulSet, no per-sequence plain-operator WKV left."""
     kind, m = model
     g = onnx.load(str(m.path / m.manifest["entry_points"]["batch_step"]), load_external_data=False)
     ops = {n.op_type for n in g.graph.node}
@@ -52,7 +52,7 @@ def test_batch_step_runs_on_the_batched_kernels(model):
     assert sum(n.op_type == "Rwkv7WkvStepB" for n in g.graph.node) == L
     assert not ops & {"Sub", "ReduceL2", "ReduceSum", "Exp"}                       # the plain operators' WKV, gone
     assert sum(n.op_type == "LayerNormalization" for n in g.graph.node) == 1       # ln_out's only
-    if kind == "int4":
+    if kind != "fp32":   # the quantised products: Rwkv7MatMulSet over the interleaved layouts
         assert "Rwkv7MatMulSet" in ops and not ops & {"Rwkv7MatVecQ16", "Rwkv7MatVecSet"}
 
 
@@ -93,7 +93,7 @@ def test_batched_decode_equals_separate_decodes(model):
                 live[slot] = live[moved]
                 live.pop()
     for i in range(len(prompts)):
-        assert_logits_match(np.stack(got[i]), refs[i][0], f"{kind} sequence {i}", flips=1 if kind == "int4" else 0)
+        assert_logits_match(np.stack(got[i]), refs[i][0], f"{kind} sequence {i}", flips=int(kind != "fp32"))
     assert pool.n == 0
 
 
@@ -108,7 +108,7 @@ def test_batched_step_of_nine_sequences_at_different_positions(model):
         pool.add(m.forward(m.encode(p))[1])
     got = [pool.step([r[1][k] for r in refs]).copy() for k in range(2)]
     for i, r in enumerate(refs):
-        assert_logits_match(np.stack([got[0][i], got[1][i]]), r[0], f"{kind} sequence {i}", flips=1 if kind == "int4" else 0)
+        assert_logits_match(np.stack([got[0][i], got[1][i]]), r[0], f"{kind} sequence {i}", flips=int(kind != "fp32"))
         assert_states_match(pool.state(i), r[2], f"{kind} sequence {i}")
 
 
