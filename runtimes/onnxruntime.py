@@ -34,21 +34,31 @@ def _dense_embedding(graph_path: Path) -> dict[str, np.ndarray]:
     return held
 
 
-def _shared_weights(path: Path, manifest: dict, skip) -> dict[str, np.ndarray]:
+def _shared_weights(path: Path, manifest: dict, skip) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     """{name: array} over ONE read-only mapping of the weight file, for every external initializer of the
-    artifact's graphs (except `skip`). Given to both sessions (SessionOptions.add_initializer), they read the
-    same pages: each session mapping the file by itself would count every page it touches twice in the
-    process's resident set (the step's and the prefill's copies of one page-cache page)."""
+    artifact's graphs (except `skip`), and the arrays among them that every graph reads only by rows (the lazy
+    embedding table, a sparse FFN's or a clustered head's rows). Given to both sessions
+    (SessionOptions.add_initializer), they read the same pages: each session mapping the file by itself would
+    count every page it touches twice in the process's resident set (the step's and the prefill's copies of one
+    page-cache page)."""
     import onnx
     from onnx import helper
 
+    from rwkvc.abi import row_read
     from rwkvc.artifact import inside
+    from rwkvc.mapped import advise_random, drop_cached
     maps: dict[str, np.memmap] = {}
     out: dict[str, np.ndarray] = {}
+    by_rows: set[str] = set()
+    where: dict[str, tuple] = {}
+    whole: set[str] = set()   # read whole by some graph (a sparse FFN's rows are one dense product in the prefill)
     for fn in manifest["entry_points"].values():
         if not str(fn).endswith(".onnx"):
             continue
         m = onnx.load(str(path / fn), load_external_data=False)
+        rows = row_read(m.graph)
+        by_rows |= rows
+        whole |= {t.name for t in m.graph.initializer} - rows
         for t in m.graph.initializer:
             if t.name in out or t.name in skip or t.data_location != onnx.TensorProto.EXTERNAL:
                 continue
@@ -63,7 +73,12 @@ def _shared_weights(path: Path, manifest: dict, skip) -> dict[str, np.ndarray]:
             if off + count * dtype.itemsize > mm.size or (n and n != count * dtype.itemsize) or off % dtype.alignment:
                 raise RwkvcError(f"{loc}: the weight {t.name} does not fit the file (truncated?); recompile the artifact")
             out[t.name] = mm[off:off + count * dtype.itemsize].view(dtype).reshape(tuple(t.dims))
-    return out
+            where[t.name] = (loc, off, count * dtype.itemsize)
+    tables = sorted((by_rows - whole) & set(out))
+    for name in tables:   # a row read maps that row's page only: no read-ahead, no large folios
+        advise_random(out[name])
+        drop_cached(*where[name])
+    return out, [out[name] for name in tables]
 
 
 def _run_bound(sess, inputs: list, outputs: list) -> None:
@@ -260,7 +275,8 @@ class OrtRuntime:
             self._held_values.append(ort.OrtValue.ortvalue_from_numpy(arr))
             so.add_initializer(name, self._held_values[-1])
         # every other weight: one read-only mapping of the file that both sessions read (_shared_weights)
-        self.mapped = _shared_weights(self.path, manifest, self.held) if cpu else {}
+        self.mapped, self._tables = _shared_weights(self.path, manifest, self.held) if cpu else ({}, [])
+        self._table_rows = 0      # tokens since the tables' pages were last handed back (_touch_tables)
         for name, arr in self.mapped.items():
             self._held_values.append(ort.OrtValue.ortvalue_from_numpy(arr))
             so.add_initializer(name, self._held_values[-1])
@@ -289,10 +305,25 @@ class OrtRuntime:
                     release_array(mm)
         return self._sessions[entry]
 
+    TABLE_RELEASE_TOKENS = 256
+
+    def _touch_tables(self, n: int) -> None:
+        """Every TABLE_RELEASE_TOKENS tokens, hand back the pages of the tables read by rows: each row read maps
+        the page-cache pages around it too (the kernel's fault-around, 64 KB), so without this the lazy
+        embedding would become resident a few rows at a time. A row read again is a minor fault."""
+        if self._tables:
+            self._table_rows += n
+            if self._table_rows >= self.TABLE_RELEASE_TOKENS:
+                from rwkvc.mapped import release_array
+                self._table_rows = 0
+                for a in self._tables:
+                    release_array(a)
+
     def run(self, entry: str, tokens: np.ndarray, state: ir.State) -> tuple[np.ndarray, ir.State]:
         """One call of an entry point. The graphs take and give each layer's matrix state as its own tensor
         (`wkv_in.i` / `wkv_out.i`): inputs are bound to views of `state.wkv` and outputs to slices of a new
         state array, so no state is split, concatenated or copied around the call."""
+        self._touch_tables(len(tokens))
         sess, legacy, vocab, names, has_top = self._io(entry)
         if legacy:  # format 1 artifacts: one wkv tensor for all layers
             logits, shift, wkv = sess.run(None, {"tokens": tokens, "shift_in": state.shift, "wkv_in": state.wkv})
@@ -317,6 +348,7 @@ class OrtRuntime:
         graph has a top-token head (Rwkv7ClusteredHeadTop) and `state` is one a step returned; else None."""
         if not self._io("step")[4] or "step" not in self._slots:
             return None
+        self._touch_tables(1)
         out = self._slots["step"].run(token, state, top_only=True)
         return out if out is not None and out[0] >= 0 else None   # -1: a NaN logit (forward's path reports it)
 

@@ -161,6 +161,9 @@ def compile_to_dir(model: ir.Model, target, out: str | os.PathLike, *, dtype: st
         }
         manifest["files"] = {str(p.relative_to(tmp)): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
                              for p in sorted(tmp.rglob("*")) if p.is_file()}
+        for p in sorted(tmp.rglob("*")):   # every file on disk before the manifest names it (and its pages clean,
+            if p.is_file():                # so a runtime can drop a table's cached pages: rwkvc.mapped.drop_cached)
+                _fsync(p)
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=2)
             f.flush()
@@ -175,6 +178,14 @@ def compile_to_dir(model: ir.Model, target, out: str | os.PathLike, *, dtype: st
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _fsync(p: Path) -> None:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # field -> the type it must have (the fields every artifact has; a target adds its own, checked by its runtime)

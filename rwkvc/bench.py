@@ -29,7 +29,7 @@ def weight_traffic(path) -> dict:
 
     import onnx
     from .artifact import read_manifest
-    from .abi import FUSED_ROW_INPUTS
+    from .abi import row_read
     from .abi import resident as held_by_runtime
     d = Path(path)
     man = read_manifest(d)
@@ -47,6 +47,7 @@ def weight_traffic(path) -> dict:
         for j, name in enumerate(node.input):
             if name in sizes:
                 users.setdefault(name, []).append((node.op_type, j, list(node.input)))
+    by_rows = row_read(g)
     reports = {p.get("name"): p for p in man.get("passes", [])}
     ffn_frac = {int(k): v.get("fraction", 1.0) for k, v in reports.get("sparse-ffn", {}).get("layers", {}).items()}
     head_frac = reports.get("hhead", {}).get("rows_fraction_read", 1.0)
@@ -54,8 +55,7 @@ def weight_traffic(path) -> dict:
     parts = {"embedding": 0, "head": 0, "blocks": 0}
     for name, (n, dims) in sizes.items():
         us = users.get(name, [])
-        gathered = bool(us) and all((op in ("Gather", "GatherElements") and j == 0) or (op, j) in FUSED_ROW_INPUTS
-                                    for op, j, _ in us)
+        gathered = name in by_rows
         part = "embedding" if name.startswith("emb.") else "head" if name.startswith("head") else "blocks"
         if not gathered:
             resident += n

@@ -29,13 +29,13 @@ import sys
 import numpy as np
 
 PAGE = mmap.PAGESIZE
-MADV_DONTNEED = 4
+MADV_RANDOM, MADV_DONTNEED = 1, 4
 MIN_ELEMENTS = 1 << 20          # smaller tensors are converted on load (vectors, low-rank factors)
 
 _libc = None
 
 
-def _madvise(addr: int, n: int) -> None:
+def _madvise(addr: int, n: int, advice: int = MADV_DONTNEED) -> None:
     global _libc
     if _libc is None:
         try:
@@ -48,13 +48,36 @@ def _madvise(addr: int, n: int) -> None:
     lo = -(-addr // PAGE) * PAGE           # whole pages inside [addr, addr + n) only: a neighbour's bytes
     hi = (addr + n) // PAGE * PAGE          # (which its owner may have written) are never dropped
     if hi > lo:
-        _libc.madvise(lo, hi - lo, MADV_DONTNEED)
+        _libc.madvise(lo, hi - lo, advice)
 
 
 def release_array(a) -> None:
     """Give back the resident pages under a read-only memory-mapped numpy array (np.memmap mode "r"); a later
     read faults them in again from the page cache."""
     _madvise(a.ctypes.data, a.nbytes)
+
+
+def advise_random(a) -> None:
+    """Tell the kernel a memory-mapped array is read at random rows: a page fault then reads that page, not the
+    pages around it (the file's read-ahead, up to several MB a fault, would make a table read by rows resident)."""
+    _madvise(a.ctypes.data, a.nbytes, MADV_RANDOM)
+
+
+def drop_cached(path, offset: int, length: int) -> None:
+    """Drop a file range's clean pages from the page cache (posix_fadvise DONTNEED). The kernel caches a file it
+    wrote or read ahead in large folios, and a page fault maps a whole folio: a table read by rows would then
+    become resident hundreds of KB a row even with advise_random. Pages read again after this are single
+    pages. Where the call is missing or refused nothing happens."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass
+    finally:
+        os.close(fd)
 
 
 def release(t) -> None:
