@@ -47,15 +47,3 @@ def row_read(graph) -> set[str]:
     return {t.name for t in graph.initializer
             if users.get(t.name) and all((op in ("Gather", "GatherElements") and j == 0) or (op, j) in FUSED_ROW_INPUTS
                                          for op, j in users[t.name])}
-
-def row_read(graph) -> set[str]:
-    """Names of an ONNX graph's initializers that are read only by rows: the data of Gather / GatherElements
-    nodes, or inputs of rwkvc's fused kernels in FUSED_ROW_INPUTS (the lazy embedding table, a sparse FFN's
-    key / value rows, a clustered head's rows). A token reads a few of their rows, never all of them."""
-    users: dict[str, list] = {}
-    for node in graph.node:
-        for j, name in enumerate(node.input):
-            users.setdefault(name, []).append((node.op_type, j))
-    return {t.name for t in graph.initializer
-            if users.get(t.name) and all((op in ("Gather", "GatherElements") and j == 0) or (op, j) in FUSED_ROW_INPUTS
-                                         for op, j in users[t.name])}
