@@ -159,7 +159,8 @@ def profile_steps(arts, batches, steps, threads):
             agg[op] += us
         out.setdefault(art, {})[b] = {"step_ms": round(min(times) * 1e3, 2),
                                       "median_ms": round(float(np.median(times)) * 1e3, 2),
-                                      "ops": {k: round(v / 1e3, 3) for k, v in sorted(agg.items(), key=lambda kv: -kv[1])}}
+                                      "ops": {k: round(v / 1e3, 3)
+                                              for k, v in sorted(agg.items(), key=lambda kv: -kv[1])}}
     return out
 
 

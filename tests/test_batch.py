@@ -17,11 +17,13 @@ def ckpt(tmp_path_factory):
     return save_random_v7(d / "m.pth", n_layer=2, n_embd=64, head_size=32, vocab_size=65536, seed=11), d
 
 
-@pytest.fixture(scope="module", params=["fp32", "int4", "int8"])
+@pytest.fixture(scope="module", params=["fp32", "int4", "int8", "fp32-plain"])
 def model(request, ckpt):
+    """fp32-plain: compiled --no-fused, whose batched graphs do the element-wise work in plain operators."""
     path, d = ckpt
-    passes = {"fp32": "", "int4": "int4(group=32)", "int8": "int8"}[request.param]
-    return request.param, rwkvc.load(rwkvc.compile(path, d / request.param, passes=passes))
+    passes = {"fp32": "", "int4": "int4(group=32)", "int8": "int8", "fp32-plain": ""}[request.param]
+    options = {"fused": False} if request.param == "fp32-plain" else None
+    return request.param, rwkvc.load(rwkvc.compile(path, d / request.param, passes=passes, options=options))
 
 
 def separate(m, prompt, first, n):
@@ -48,6 +50,9 @@ def test_batch_step_runs_on_the_batched_kernels(model):
     g = onnx.load(str(m.path / m.manifest["entry_points"]["batch_step"]), load_external_data=False)
     ops = {n.op_type for n in g.graph.node}
     L = m.config.n_layer
+    if kind == "fp32-plain":
+        assert not any(n.domain == "ai.rwkvc" for n in g.graph.node) and not BatchPool(m.runtime, 2).in_place
+        return
     assert {"Rwkv7Mix6B", "Rwkv7Mix1B", "Rwkv7WkvStepB"} <= ops
     assert sum(n.op_type == "Rwkv7WkvStepB" for n in g.graph.node) == L
     assert not ops & {"Sub", "ReduceL2", "ReduceSum", "Exp"}                       # the plain operators' WKV, gone
@@ -62,7 +67,7 @@ def test_batched_decode_equals_separate_decodes(model):
     g = onnx.load(str(m.path / m.manifest["entry_points"]["batch_step"]), load_external_data=False)
     assert not g.graph.initializer or all(t.data_location == onnx.TensorProto.EXTERNAL or t.name.startswith("c_")
                                           for t in g.graph.initializer)   # the weights are the prefill's, shared
-    if kind == "fp32":
+    if kind == "fp32-plain":
         onnx.checker.check_model(str(m.path / "batch_step.onnx"), full_check=True)
     prompts = ["The quick brown fox", "Hello", "Once upon a time there was", "1 2 3", "Z"]
     n = 6
@@ -132,7 +137,7 @@ def test_batched_prefill_equals_separate_prefills(model):
     from rwkvc.runtimes.ort_batch import has_batch_prefill, prefill_batch
     kind, m = model
     assert has_batch_prefill(m.manifest)
-    if kind == "fp32":
+    if kind == "fp32-plain":
         onnx.checker.check_model(str(m.path / "batch_prefill.onnx"), full_check=True)
     states = [m.init_state()] + [m.forward(m.encode(p))[1] for p in ("Hello there", "Once upon a time", "1 2 3")]
     rng = np.random.default_rng(3)

@@ -51,7 +51,8 @@ from .v7 import CHUNK, DECAY_SCALE, emit_channel_mix_v7, v7_projections, wkv_chu
 from .v7_fused import fused_supported
 
 # the prefill's products over many rows -> the batched graphs' (the same inputs, attributes and numbers)
-ROWS_OPS = {"Rwkv7MatVecQ16": "Rwkv7MatMulQ16", "Rwkv7MatVecQ16x8": "Rwkv7MatMulQ16x8", "Rwkv7MatVecSet": "Rwkv7MatMulSet"}
+ROWS_OPS = {"Rwkv7MatVecQ16": "Rwkv7MatMulQ16", "Rwkv7MatVecQ16x8": "Rwkv7MatMulQ16x8",
+            "Rwkv7MatVecSet": "Rwkv7MatMulSet"}
 
 BATCH_ENTRY = "batch_step"
 BATCH_PREFILL_ENTRY = "batch_prefill"
