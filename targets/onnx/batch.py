@@ -7,10 +7,10 @@ token (the step) or by T tokens each (the prefill) in one graph call.
 
 B and T are free dimensions: the caller (a server's continuous batching) runs whichever sequences are live at
 each step, and prefills equal-length chunks of joining prompts together (no padding: every token of the
-(B, T) block is a real one of its sequence). Every matrix product is the prefill's (`linear` with the graph's prefill flags: the same
-initializers in weights.bin, no second copy, and where the prefill uses rwkvc's matrix kernels over many
-rows, so does this graph), so the B rows read each weight once per step. What is per sequence (token
-shift, the WKV recurrence, group norm, bonus) is batched over a leading B axis:
+(B, T) block is a real one of its sequence). Every matrix is the prefill's (the same initializers in
+weights.bin, no second copy), and each product takes all B (B*T) rows at once, so the B rows read each
+weight once per step. What is per sequence (token shift, the WKV recurrence, group norm, bonus) is batched
+over a leading B axis:
 
     x (B, C) ─ln1─► mixes with prev = shift[:, l, 0] ─► r k v w a g (B, C) each, one product per Linear
        WKV: S (B,H,N,N) <- S*w + [S@a, v] @ [b; k],  y = S@r          (w,b,k rows (B,H,1,N); a,v,r columns)
