@@ -267,7 +267,7 @@ class RowLowering:
 
 
 def _dense_rows(w, transposed: bool, ks: KernelShape) -> tuple:
-    return (Streamed.of(w.w.T if transposed else w.w, ks.weights),)
+    return (Streamed.of(w.w.T if transposed else w.w, ks.weights, np.float32),)
 
 
 def _dense_row_operands(ctx: Ctx, x, ws: list) -> tuple:

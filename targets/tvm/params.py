@@ -45,14 +45,15 @@ class Streamed:
         return np.concatenate(parts).reshape(self.shape) if parts else np.zeros(self.shape, self.dtype)
 
     @staticmethod
-    def of(src, dtype) -> "Streamed":
-        """src (an array, or a LazyArray read by blocks of rows) converted to dtype, a block of rows at a time."""
+    def of(src, dtype, via=None) -> "Streamed":
+        """src (an array, or a LazyArray read by blocks of rows) converted to dtype (through `via` first, as
+        np.asarray(src, via).astype(dtype) would), a block of rows at a time."""
         dtype = np.dtype(dtype)
         shape = tuple(src.shape)
 
         def blocks():
             for part in row_chunks(src, _rows_per_block(src)):
-                yield np.ascontiguousarray(part, dtype)
+                yield np.ascontiguousarray(part if via is None else np.asarray(part, via), dtype)
         return Streamed(shape, dtype, blocks)
 
 
