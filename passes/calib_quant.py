@@ -33,7 +33,7 @@ from rwkvc.weights.int8 import quantize_int8
 # ----------------------------------------------------------------------------------------------
 # GPTQ
 
-ROW_BLOCK = 1 << 24    # GPTQ treats rows independently: a big matrix goes through it this many weights at a time
+ROW_BLOCK = 1 << 22    # GPTQ treats rows independently: a big matrix goes through it this many weights at a time
 
 
 def _hinv_chol_reversed(box: list, damp: float) -> tuple[np.ndarray, np.ndarray]:
