@@ -5,11 +5,11 @@ peak RSS is qemu's, which holds the emulated process (the memory-mapped weights.
 included).
 
     python bench/scale_rpi5.py CKPT.pth --work DIR [--presets int4,int8] [--run int4] [--tokens 1] [--logits]
-        [--threads 2] [--keep]
+        [--threads 2] [--lowering-peak] [--keep]
 
 Each compile and each run is a fresh process under /usr/bin/time (its own ru_maxrss). Results: DIR/rpi5.jsonl
-(one line per compile / run) and a markdown table on stdout. Artifacts are deleted after their step unless
---keep.
+(one line per compile / run / lowering peak) and a markdown table on stdout (the lowering peaks only in the
+jsonl). Artifacts are deleted after their step unless --keep.
 """
 from __future__ import annotations
 
@@ -40,6 +40,51 @@ def compile_rpi5(ckpt: str, out: Path, preset: str) -> dict:
     res["weights_bytes"] = (out / "weights.bin").stat().st_size
     res["library_bytes"] = (out / "model.so").stat().st_size
     return res
+
+
+LOWERING_PEAK = """
+import ctypes, gc, json, sys, time
+from pathlib import Path
+from rwkvc.artifact import compile_to_dir
+from rwkvc.frontend import load_model
+from rwkvc.passes import PassContext
+from rwkvc.passes.presets import preset
+from rwkvc.pipeline import parse_recipe, run_passes
+from rwkvc.targets import get_target
+import shutil, tempfile
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+ckpt, out, name = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+model = load_model(ckpt, lazy=True)
+ctx = PassContext(progress=False)
+ctx.spill_dir = tempfile.mkdtemp(prefix=out.name + '.spill-', dir=out.parent)   # the passes' scratch files
+t = time.perf_counter()
+model = run_passes(model, parse_recipe(preset(name)), ctx)
+passes_s, passes_peak = time.perf_counter() - t, status("VmHWM")
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)    # the passes' freed heap back to the system
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")                             # VmHWM restarts here
+base = status("VmRSS")
+t = time.perf_counter()
+compile_to_dir(model, get_target("rpi5"), out, force=True)
+print(json.dumps({"passes_seconds": round(passes_s, 1), "passes_peak": passes_peak, "lowering_seconds":
+                  round(time.perf_counter() - t, 1), "lowering_start": base, "lowering_peak": status("VmHWM")}))
+shutil.rmtree(ctx.spill_dir, ignore_errors=True)
+"""
+
+
+def lowering_peak(ckpt: str, out: Path, preset: str) -> dict:
+    """The rpi5 lowering's own peak: the passes, then (same process, heap trimmed, VmHWM reset) the lowering:
+    weights.bin, the Relax module, TVM's compile and export, the manifest."""
+    r = subprocess.run([sys.executable, "-c", LOWERING_PEAK, ckpt, str(out), preset], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"error: the lowering-peak run failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def run_runner(art: Path, prompt: str, tokens: int, threads: int, logits: bool) -> dict:
@@ -80,6 +125,8 @@ def main(argv=None):
     ap.add_argument("--prompt", default="The", help="the runner's prompt (default: one token)")
     ap.add_argument("--logits", action="store_true", help="also dump the prompt's logits in a second run (finite?)")
     ap.add_argument("--keep", action="store_true", help="keep the artifacts")
+    ap.add_argument("--lowering-peak", action="store_true",
+                    help="also the lowering's own peak: passes, then a VmHWM reset, then the rpi5 lowering (one process)")
     a = ap.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -91,6 +138,10 @@ def main(argv=None):
             c = compile_rpi5(a.ckpt, out, p)
             rec = {"ckpt": a.ckpt, "preset": p, "compile": c}
             print(json.dumps(rec), file=log, flush=True)
+            if a.lowering_peak:
+                rec["lowering"] = lowering_peak(a.ckpt, work / f"rpi5-{p}-lowering", p)
+                shutil.rmtree(work / f"rpi5-{p}-lowering", ignore_errors=True)
+                print(json.dumps({"ckpt": a.ckpt, "preset": p, "lowering": rec["lowering"]}), file=log, flush=True)
             if p in runs:
                 rec["run"] = run_runner(out, a.prompt, a.tokens, a.threads, a.logits)
                 print(json.dumps({"ckpt": a.ckpt, "preset": p, "run": rec["run"]}), file=log, flush=True)
