@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A newcomer's time from a clone to the first generated text: clone, `bash scripts/setup.sh` into a new
 # virtual environment (no system site packages, pip's cache off, so every Python package is downloaded and
-# installed), then `rwkvc demo` with an empty cache. Prints the seconds of each phase.
+# installed), then `rwkvc demo`, with rwkvc's caches (fused kernels, aarch64 TVM runtime, demo) new and empty.
+# Prints the seconds of each phase.
 #
 #   bash bench/first_text.sh [REPO (default: this checkout)] [WORK (default: a new temporary directory)]
 #
@@ -11,6 +12,7 @@ set -euo pipefail
 REPO=${1:-$(cd "$(dirname "$0")/.." && pwd)}
 WORK=${2:-$(mktemp -d /tmp/rwkvc-first-text.XXXXXX)}
 mkdir -p "$WORK"
+export RWKV_CACHE="$WORK/cache" RWKVC_AARCH64_DIR="$WORK/aarch64"
 stamp() { date +%s.%N; }
 t0=$(stamp)
 git clone -q "$REPO" "$WORK/rwkvc"
@@ -19,7 +21,7 @@ python3 -m venv "$WORK/venv"
 (cd "$WORK/rwkvc" && PATH="$WORK/venv/bin:$PATH" PIP_NO_CACHE_DIR=1 PYTHON="$WORK/venv/bin/python" \
   bash scripts/setup.sh) > "$WORK/setup.log" 2>&1
 t2=$(stamp)
-(cd "$WORK" && HOME="$WORK/home" PATH="$WORK/venv/bin:$PATH" \
+(cd "$WORK" && PATH="$WORK/venv/bin:$PATH" \
   rwkvc demo --cache-dir "$WORK/demo-cache" -n 40) > "$WORK/demo.out" 2> "$WORK/demo.err"
 t3=$(stamp)
 python3 - "$t0" "$t1" "$t2" "$t3" <<'EOF'

@@ -18,8 +18,15 @@ if [ -n "$missing" ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >&2
 fi
 
+# --no-compile: no byte-compiling of the ~21,000 installed modules now (Python does it for those it imports)
+PIP="$PY -m pip install -q --no-compile"
 # torch first and pinned: an unpinned torch pulls several GB of CUDA packages
-$PY -c "import torch" 2>/dev/null || $PY -m pip install -q "torch==2.13.0" >&2
-$PY -m pip install -q -e ".[test,train,tvm,serve,distill,plot]" >&2
+$PY -c "import torch" 2>/dev/null || $PIP "torch==2.13.0" >&2
+# the package itself, then its fused CPU kernels built (g++, ~20 s) while pip installs the dependencies
+$PIP --no-deps -e . >&2
+$PY -c "from rwkvc.runtimes import ortops; ortops.build()" >&2 &
+kernels=$!
+$PIP -e ".[test,train,tvm,serve,distill,plot]" >&2
+wait "$kernels" || { echo "setup: building rwkvc's fused kernels failed (see above)" >&2; exit 1; }
 bash scripts/setup_tvm.sh >&2   # aarch64 TVM runtime wheels, cross compiler, qemu (rpi5 target)
 echo "setup: done" >&2
