@@ -292,6 +292,10 @@ class OrtRuntime:
             import onnxruntime as ort
             fn = self.path / self.manifest["entry_points"][entry]
             before = hugepages.anonymous_regions() if self.huge_pages else set()
+            # ONNX Runtime plans one block for all of a run's activations per input shape and keeps it beside
+            # the arena's first-run chunks: worth it for the step's fixed shapes, not for a prefill, whose
+            # chunks vary in length (62 MB more at 1.5B int4 for the same speed; docs/BENCHMARKS.md, scale)
+            self.so.enable_mem_pattern = not entry.endswith("prefill")
             try:
                 self._sessions[entry] = ort.InferenceSession(str(fn), self.so, providers=self.providers)
             except Exception as e:  # ORT raises its own Fail/InvalidGraph types

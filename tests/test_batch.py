@@ -132,8 +132,13 @@ def test_batch_pool_refuses_what_it_cannot_do(model):
 
 
 def test_batched_prefill_equals_separate_prefills(model):
-    """B sequences with different incoming states advance by T tokens each in one batch_prefill call: the
-    logits and states of B separate prefills (the artifact's own prefill graph), to float rounding."""
+    """B sequences with different incoming states advance by T tokens each in one batch_prefill call: each
+    sequence's logits and state are those of the same call on that sequence alone (nothing mixes between
+    sequences), and those of the artifact's own prefill graph to float rounding. In the quantised artifacts the
+    prefill graph's fused kernels and the batched graph's plain operators round the float work before an
+    8-bit activation quantisation differently by an ulp now and then, which can move a code by one: there a
+    sequence may differ by such a flip (logits within FLIP_BOUND, the state within 3e-2, as the decode tests
+    allow), a wrong state, position or sequence by far more."""
     from rwkvc.runtimes.ort_batch import has_batch_prefill, prefill_batch
     kind, m = model
     assert has_batch_prefill(m.manifest)
@@ -143,11 +148,16 @@ def test_batched_prefill_equals_separate_prefills(model):
     rng = np.random.default_rng(3)
     toks = rng.integers(0, m.config.vocab_size, size=(len(states), 37))
     logits, new = prefill_batch(m.runtime, toks, states)
+    quantised = kind in ("int4", "int8")
     for b, st in enumerate(states):
+        alone_logits, alone = prefill_batch(m.runtime, toks[b:b + 1], [st])
+        assert_logits_match(logits[b][None], alone_logits, f"{kind} prefill sequence {b} batched / alone")
+        np.testing.assert_allclose(new[b].wkv, alone[0].wkv, rtol=1e-5, atol=1e-6)
         ref_logits, ref = m.forward(toks[b], st)
-        assert_logits_match(logits[b][None], ref_logits[None], f"{kind} prefill sequence {b}", flips=0)
-        np.testing.assert_allclose(new[b].shift, ref.shift, rtol=1e-4, atol=2e-5)
-        np.testing.assert_allclose(new[b].wkv, ref.wkv, rtol=1e-4, atol=2e-5)   # errors ~1e-6; |S| up to ~8
+        assert_logits_match(logits[b][None], ref_logits[None], f"{kind} prefill sequence {b}", flips=int(quantised))
+        atol = 3e-2 if quantised else 2e-5   # float errors ~1e-6; |S| up to ~8
+        np.testing.assert_allclose(new[b].shift, ref.shift, rtol=1e-4, atol=atol)
+        np.testing.assert_allclose(new[b].wkv, ref.wkv, rtol=1e-4, atol=atol)
 
 
 def test_engine_prefills_joining_prompts_together(model):
