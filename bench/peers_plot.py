@@ -26,6 +26,7 @@ CLASS_OF = {
     "Q5_1": "5-bit",
     "Q4_0": "4-bit g32", "int4 g32": "4-bit g32",
     "Q4_K_M": "4-bit g128 / k-quant", "int4 g128": "4-bit g128 / k-quant",
+    "--preset int4": "4-bit g128 / k-quant",   # int4 g128 with the embedding on disk in int8 (lazy-emb)
 }
 CLASS_ORDER = ["fp32", "fp16", "8-bit", "5-bit", "4-bit g32", "4-bit g128 / k-quant", "other"]
 ENGINE_ORDER = ["rwkvc", "rwkv.cpp", "llama.cpp"]
