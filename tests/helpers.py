@@ -1,10 +1,11 @@
 """Helpers that more than one test module uses: the rpi5 toolchain check, IR builders for the lowering
 tests, the logits comparison with its allowance for int8 rounding flips, the official package's model,
-the CLI command, and the one-line error check of the fault tests."""
+the CLI command, the one-line error check of the fault tests, and a child process's memory peak."""
 from __future__ import annotations
 
 import platform
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -169,3 +170,30 @@ def official_rwkv(path_pth: str):
 
 def rwkvc_cmd():
     return [sys.executable, "-m", "rwkvc.cli"]
+
+
+_PEAK = """
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+try:                                    # restart the peak (VmHWM) here: what `setup` did is not measured
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = status("VmRSS")
+except OSError:
+    base = status("VmHWM")
+"""
+
+
+def child_peak(setup: str, work: str, *args, timeout=600) -> tuple[int, int]:
+    """Run `setup` then `work` (Python source, sys.argv[1:] = args) in a new interpreter and return its resident
+    bytes before `work` and its peak during it: the child's own VmHWM, reset after `setup` (ru_maxrss would
+    include the forked test process's pages). A failing child fails the test with its stderr."""
+    code = f"import sys\n{setup}\n{_PEAK}\n{work}\nprint(base, status('VmHWM'))\n"
+    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stderr[-2000:]
+    base, peak = map(int, out.stdout.split()[-2:])
+    return base, peak

@@ -9,8 +9,6 @@
 """
 import copy
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -26,6 +24,8 @@ from rwkvc.testing import (random_v4_state_dict, random_v5_state_dict, random_v6
                            random_v7_state_dict, save_random_v7, save_state_dict)
 from rwkvc.weights import Int4
 from rwkvc.weights.int4 import effective_group
+
+from helpers import child_peak
 
 V = 300
 MAKERS = {
@@ -142,28 +142,16 @@ def test_sequential_gptq_equals_a_whole_model_reference(tmp_path):
     assert n_diff <= 1e-3 * n_all, f"{n_diff} of {n_all} codes differ from the reference"
 
 
-CHILD = """
-import sys
+GPTQ_SETUP = """
 import numpy as np
 import torch, onnx
 import rwkvc.pipeline, rwkvc.frontend, rwkvc.artifact, rwkvc.passes, rwkvc.targets.cpu, rwkvc.targets.onnx.build
 import rwkvc.calib, rwkvc.calib_layers
 from rwkvc.passes import PassContext
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-
-try:                                    # restart the peak (VmHWM) from here: the imports are not the compile
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = status("VmRSS")
-except OSError:
-    base = status("VmHWM")
+"""
+GPTQ_COMPILE = """
 ctx = PassContext(calib_tokens=np.random.default_rng(0).integers(0, int(sys.argv[3]), int(sys.argv[4])), progress=False)
 rwkvc.pipeline.compile_checkpoint(sys.argv[1], sys.argv[2], passes="int4(group=128,method=gptq)", ctx=ctx)
-print(base, status("VmHWM"))
 """
 
 
@@ -177,10 +165,7 @@ def test_gptq_compile_memory_stays_far_below_whole_model_statistics(tmp_path):
     whole = sum(lin.weight.shape[1] ** 2 * 8 + lin.weight.shape[0] * lin.weight.shape[1] * 4
                 for *_, lin in selected(model, "all"))
     del model
-    out = subprocess.run([sys.executable, "-c", CHILD, ckpt, str(tmp_path / "out"), str(vocab), "128"],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    base, peak = map(int, out.stdout.split()[-2:])
+    base, peak = child_peak(GPTQ_SETUP, GPTQ_COMPILE, ckpt, tmp_path / "out", vocab, 128)
     assert (tmp_path / "out" / "weights.bin").is_file()
     extra = peak - base
     print(f"gptq compile: +{extra / 1e6:.0f} MB above the interpreter; all statistics at once: {whole / 1e6:.0f} MB")

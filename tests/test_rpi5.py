@@ -17,7 +17,7 @@ from rwkvc import ir
 from rwkvc.errors import RwkvcError
 from rwkvc.testing import save_random_v7
 
-from helpers import INT8_FLIPS, MISSING, assert_logits_match, compressed_ir, fp16_rounded_ir
+from helpers import INT8_FLIPS, MISSING, assert_logits_match, child_peak, compressed_ir, fp16_rounded_ir
 
 needs_toolchain = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
@@ -400,26 +400,14 @@ def test_streamed_weights_are_the_in_memory_bytes(tmp_path, monkeypatch, case):
         assert filecmp.cmp(tmp_path / "eager" / n, tmp_path / "streamed" / n, shallow=False), n
 
 
-MEMORY_CHILD = """
-import sys
+WRITE_SETUP = """
 import torch, numpy
 import rwkvc.frontend, rwkvc.targets.tvm.build
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-
-model = rwkvc.frontend.load_model(sys.argv[1], lazy=True)
-try:                                    # restart the peak (VmHWM) from here: the imports and the load are not the lowering
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = status("VmRSS")
-except OSError:
-    base = status("VmHWM")
+model = rwkvc.frontend.load_model(sys.argv[1], lazy=True)   # the imports and the load are not the lowering
+"""
+WRITE_PARAMS = """
 ks = rwkvc.targets.tvm.KernelShape(panel=16, rows=4, lanes=4)
 rwkvc.targets.tvm.build.write_params(model, sys.argv[2], ks).write_index(sys.argv[2])
-print(base, status("VmHWM"))
 """
 
 
@@ -431,10 +419,7 @@ def test_weights_written_in_bounded_memory(tmp_path):
                           dtype="bf16")
     fp32 = 2 * Path(ckpt).stat().st_size
     (tmp_path / "out").mkdir()
-    r = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(ckpt), str(tmp_path / "out")], capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    base, peak = map(int, r.stdout.split()[-2:])
+    base, peak = child_peak(WRITE_SETUP, WRITE_PARAMS, ckpt, tmp_path / "out")
     assert (tmp_path / "out" / "weights.bin").stat().st_size > 0.95 * fp32
     extra = peak - base
     assert extra < fp32 / 2, f"writing the weights took {extra / 1e6:.0f} MB for {fp32 / 1e6:.0f} MB of float32 weights"

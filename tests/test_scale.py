@@ -9,8 +9,6 @@ written block by block, so a compile holds about one matrix, not the model.
 """
 import filecmp
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,6 +17,8 @@ from rwkvc import mapped
 from rwkvc.mapped import LazyArray
 from rwkvc.pipeline import compile_checkpoint
 from rwkvc.testing import save_random_v7
+
+from helpers import child_peak
 
 
 def test_lazy_array_behaves_as_its_array():
@@ -57,25 +57,8 @@ def test_streamed_compile_writes_the_same_bytes(tmp_path, monkeypatch, recipe):
     assert not [p for p in tmp_path.iterdir() if ".spill-" in p.name]   # the scratch directory is gone
 
 
-CHILD = """
-import sys
-import torch, onnx, numpy
-import rwkvc.pipeline, rwkvc.frontend, rwkvc.artifact, rwkvc.passes, rwkvc.targets.cpu, rwkvc.targets.onnx.build
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-
-try:                                    # restart the peak (VmHWM) from here: the imports are not the compile
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = status("VmRSS")
-except OSError:
-    base = status("VmHWM")
-rwkvc.pipeline.compile_checkpoint(sys.argv[1], sys.argv[2], progress=False)
-print(base, status("VmHWM"))
-"""
+COMPILE_IMPORTS = "import torch, onnx, numpy\nimport rwkvc.pipeline, rwkvc.frontend, rwkvc.artifact, rwkvc.passes, " \
+    "rwkvc.targets.cpu, rwkvc.targets.onnx.build"
 
 
 def test_compile_memory_stays_well_below_the_model(tmp_path):
@@ -85,10 +68,8 @@ def test_compile_memory_stays_well_below_the_model(tmp_path):
     ckpt = save_random_v7(tmp_path / "big.pth", n_layer=2, n_embd=1024, head_size=64, vocab_size=32768,
                           seed=0, dtype="bf16")
     fp32 = 2 * os.path.getsize(ckpt)
-    out = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(tmp_path / "out")], capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    base, peak = map(int, out.stdout.split()[-2:])
+    base, peak = child_peak(COMPILE_IMPORTS, "rwkvc.pipeline.compile_checkpoint(sys.argv[1], sys.argv[2], progress=False)",
+                            ckpt, tmp_path / "out")
     assert (tmp_path / "out" / "weights.bin").stat().st_size > 0.95 * fp32
     extra = peak - base
     print(f"interpreter {base / 1e6:.0f} MB, compile peak {peak / 1e6:.0f} MB: +{extra / 1e6:.0f} MB "
