@@ -4,7 +4,7 @@ bandwidth moves by 2x within a minute, so a limit measured apart from the decode
 
     python bench/decode_bandwidth.py ARTIFACT [--pairs 5] [--threads 2] [--tokens 128]
 
-Each pair: bench/bandwidth.c (built here with cc -O3 -march=native -fopenmp, OMP_NUM_THREADS=--threads),
+Each pair: bench/bandwidth.c (bench_spine.bandwidth_gbps, OMP_NUM_THREADS=--threads),
 `rwkvc bench ARTIFACT --json` in its own process (decode tokens/s; its weight_bytes_resident is what a step
 reads), bandwidth.c again. Prints one line a pair: the bandwidth either side, the decode rate, the bytes it
 reads a second, and that over the mean of the two bandwidths (the share of the limit).
@@ -13,24 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-
-
-def build_bandwidth(out: Path) -> Path:
-    exe = out / "bandwidth"
-    subprocess.run(["cc", "-O3", "-march=native", "-fopenmp", str(HERE / "bandwidth.c"), "-o", str(exe)], check=True)
-    return exe
-
-
-def bandwidth(exe: Path, threads: int) -> float:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    return float(subprocess.run([str(exe)], env=env, check=True, capture_output=True, text=True).stdout.split()[-1])
+from bench_spine import bandwidth_gbps   # bench/bandwidth.c, built once
 
 
 def decode(art: str, threads: int, tokens: int) -> dict:
@@ -47,22 +33,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=128)
     a = ap.parse_args()
-    with tempfile.TemporaryDirectory() as d:
-        exe = build_bandwidth(Path(d))
-        shares = []
-        for i in range(a.pairs):
-            before = bandwidth(exe, a.threads)
-            j = decode(a.artifact, a.threads, a.tokens)
-            after = bandwidth(exe, a.threads)
-            gbs = j["decode_tokens_per_s"] * j["weight_bytes_resident"] / 1e9
-            share = gbs / ((before + after) / 2)
-            shares.append(share)
-            print(f"pair {i + 1}: bandwidth {before:.1f} / {after:.1f} GB/s, decode {j['decode_tokens_per_s']:.1f} "
-                  f"tok/s x {j['weight_bytes_resident'] / 1e9:.3f} GB = {gbs:.1f} GB/s, {share:.0%} of the limit",
-                  flush=True)
-        shares.sort()
-        print(f"share of the limit: median {shares[len(shares) // 2]:.0%}, range {shares[0]:.0%}-{shares[-1]:.0%}")
-
+    shares = []
+    for i in range(a.pairs):
+        before = bandwidth_gbps(a.threads)
+        j = decode(a.artifact, a.threads, a.tokens)
+        after = bandwidth_gbps(a.threads)
+        gbs = j["decode_tokens_per_s"] * j["weight_bytes_resident"] / 1e9
+        share = gbs / ((before + after) / 2)
+        shares.append(share)
+        print(f"pair {i + 1}: bandwidth {before:.1f} / {after:.1f} GB/s, decode {j['decode_tokens_per_s']:.1f} "
+              f"tok/s x {j['weight_bytes_resident'] / 1e9:.3f} GB = {gbs:.1f} GB/s, {share:.0%} of the limit",
+              flush=True)
+    shares.sort()
+    print(f"share of the limit: median {shares[len(shares) // 2]:.0%}, range {shares[0]:.0%}-{shares[-1]:.0%}")
 
 if __name__ == "__main__":
     main()
