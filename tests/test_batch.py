@@ -152,6 +152,7 @@ def test_batched_prefill_equals_separate_prefills(model):
     for b, st in enumerate(states):
         alone_logits, alone = prefill_batch(m.runtime, toks[b:b + 1], [st])
         assert_logits_match(logits[b][None], alone_logits, f"{kind} prefill sequence {b} batched / alone")
+        np.testing.assert_allclose(new[b].shift, alone[0].shift, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(new[b].wkv, alone[0].wkv, rtol=1e-5, atol=1e-6)
         ref_logits, ref = m.forward(toks[b], st)
         assert_logits_match(logits[b][None], ref_logits[None], f"{kind} prefill sequence {b}", flips=int(quantised))
