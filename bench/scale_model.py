@@ -73,7 +73,7 @@ def write(name: str, out: str, vocab: int = 65536, seed: int = 0, reuse: bool = 
                 tail = {k: sd[k] for k in ("ln_out.weight", "ln_out.bias", "head.weight")}
         for k, t in tail.items():
             put(k, t)
-    raw = np.memmap(scratch, dtype=np.int16, mode="r")
+    raw = np.memmap(scratch, dtype=np.int16, mode="c")   # copy-on-write: writable for torch, nothing copied
     sd = {}
     for key, shape, off in entries:
         n = int(np.prod(shape))

@@ -36,16 +36,32 @@ from rwkvc.weights.int8 import quantize_int8
 ROW_BLOCK = 1 << 22    # GPTQ treats rows independently: a big matrix goes through it this many weights at a time
 
 
+def _invert_lower_(L: torch.Tensor, nb: int = 256) -> None:
+    """L (K, K) lower triangular with zeros above -> L^-1, in place, nb columns at a time from the last (LAPACK
+    trtri's order for a lower matrix): with L = [[A, 0], [B, C]] and C^-1 already in place,
+    L^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]], so scratch of K x nb floats, not a second K x K buffer.
+    torch has no in-place triangular inverse (solve_triangular needs the identity as a second K x K)."""
+    K = L.shape[0]
+    for j in range((K - 1) // nb * nb, -1, -nb):
+        e = min(j + nb, K)
+        A = L[j:e, j:e]
+        Ainv = torch.linalg.solve_triangular(A, torch.eye(e - j, dtype=L.dtype), upper=False)
+        if e < K:
+            T = L[e:, e:] @ L[e:, j:e]                    # C^-1 B (C^-1 lower: its zeros cost flops, not memory)
+            L[e:, j:e] = -(T @ Ainv)
+        A.copy_(Ainv)
+
+
 def _hinv_chol_reversed(box: list, damp: float) -> tuple[np.ndarray, np.ndarray]:
     """(U, dead) from box = [Hr], Hr = J H J (H (K, K) with its columns and rows in reversed order; float32
     torch, taken out of the box and factored in place): U upper triangular with U^T U =
     (H + damp * mean(diag) I)^-1 (a view with negative strides), and H's dead-column mask.
 
     Why reversed: if J H J = L L^T (lower Cholesky), then H = V V^T with V = J L J upper and
-    H^-1 = V^-T V^-1, so U = V^-1 = J L^-1 J: one Cholesky and one triangular inverse, with at most two
-    K x K buffers (Hr, factored in place, and the inverse), where inverting H and factoring the inverse
-    needs several. float32 as in the reference implementation (Frantar et al.); the damping keeps it
-    well conditioned. (A box, not an argument: the caller then holds no reference to free.)"""
+    H^-1 = V^-T V^-1, so U = V^-1 = J L^-1 J: one Cholesky and one triangular inverse, both in place in the
+    one K x K buffer (_invert_lower_), where inverting H and factoring the inverse needs several. float32 as
+    in the reference implementation (Frantar et al.); the damping keeps it well conditioned. (A box, not an
+    argument: the caller then holds no reference to free.)"""
     Hr = box.pop()
     d = Hr.diagonal()
     dead = (d == 0)
@@ -56,10 +72,8 @@ def _hinv_chol_reversed(box: list, damp: float) -> tuple[np.ndarray, np.ndarray]
     if int(info):
         raise RwkvcError("gptq: the calibration statistics are not positive definite; give more calibration "
                          "tokens (--calib-tokens) or use method=rtn")
-    eye = torch.eye(Hr.shape[0], dtype=Hr.dtype)
-    Linv = torch.linalg.solve_triangular(Hr, eye, upper=False, out=eye)
-    del Hr
-    return Linv.numpy()[::-1, ::-1], dead.numpy()[::-1].copy()
+    _invert_lower_(Hr)
+    return Hr.numpy()[::-1, ::-1], dead.numpy()[::-1].copy()
 
 
 def _hinv_chol(H, damp: float) -> tuple[np.ndarray, np.ndarray]:
@@ -106,8 +120,8 @@ def _row_blocks(w, K: int):
 
 
 def _factor(H, damp: float):
-    """(U, dead) of H: a Hessian (K, K) in natural order, or a Gram (factored from a fresh reversed copy)."""
-    return _hinv_chol_reversed([H.matrix()], damp) if isinstance(H, Gram) else _hinv_chol(H, damp)
+    """(U, dead) of H: a Hessian (K, K) in natural order (left as it is), or a Gram (its matrix taken)."""
+    return _hinv_chol_reversed([H.take()], damp) if isinstance(H, Gram) else _hinv_chol(H, damp)
 
 
 def gptq_int4(w: np.ndarray, H, group: int, damp: float = 0.01):
@@ -218,6 +232,16 @@ class Gram:
         H = torch.zeros(self.K, self.K)
         for r in self.rows:
             H.addmm_(r.T, r)
+        return H
+
+    def take(self) -> torch.Tensor:
+        """matrix(), after which this Gram holds nothing (neither the product, handed over without a copy, nor
+        the inputs): a matrix's statistics are used once, and its factor then needs the memory."""
+        if self.H is None and self.rows is None:
+            raise RwkvcError("internal error: a matrix's calibration statistics were used twice; report this "
+                             "with the recipe")
+        H = self.matrix() if self.H is None else self.H
+        self.H, self.rows = None, None
         return H
 
     @property
