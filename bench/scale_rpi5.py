@@ -6,6 +6,12 @@ included).
 
     python bench/scale_rpi5.py CKPT.pth --work DIR [--presets int4,int8] [--run int4] [--tokens 1] [--logits]
         [--threads 2] [--lowering-peak] [--keep]
+    python bench/scale_rpi5.py CKPT.pth --work DIR --parity int8,int4 [--parity-tokens 4]
+
+--parity: each named recipe (PARITY: the tests/test_rpi5.py recipes whose activations both targets treat
+alike) compiled for cpu and for rpi5, the same tokens through each step by step (rwkvc.load; the runner's
+--step --dump-logits under qemu), each step's logits compared: max |difference| relative to max(1, max |cpu
+logit|), against tests/helpers.py's bounds (1e-4; int8's rounding flips within 2e-2), and the top-1 tokens.
 
 Each compile and each run is a fresh process under /usr/bin/time (its own ru_maxrss). Results: DIR/rpi5.jsonl
 (one line per compile / run / lowering peak) and a markdown table on stdout (the lowering peaks only in the
@@ -114,6 +120,46 @@ def run_runner(art: Path, prompt: str, tokens: int, threads: int, logits: bool) 
     return res
 
 
+# recipe name -> passes: activations treated alike on both targets (tests/test_rpi5.py's compressed recipes)
+PARITY = {"int8": "int8(accuracy_level=0),lazy-emb(storage=int8)",
+          "int4": "int4(group=32,accuracy_level=1),lazy-emb(storage=float16)"}
+
+
+def parity(ckpt: str, work: Path, name: str, n_tokens: int, threads: int) -> dict:
+    """The PARITY recipe `name` for cpu and rpi5, n_tokens random tokens step by step through each, compared."""
+    import numpy as np
+
+    import rwkvc
+    from rwkvc.artifact import read_manifest
+    from rwkvc.runtimes.tvm_native import runner_command
+    arts = {}
+    for target in ("cpu", "rpi5"):
+        arts[target] = work / f"parity-{name}-{target}"
+        c = timed(["rwkvc", "compile", ckpt, "--target", target, "--passes", PARITY[name], "-o", str(arts[target]),
+                   "--force", "-q"])
+        print(f"{name} {target}: compiled in {c['seconds']} s, peak {c['peak_rss'] / 1e9:.2f} GB", file=sys.stderr)
+    m = rwkvc.load(arts["cpu"], threads=threads)
+    V = int(read_manifest(arts["cpu"])["model"]["vocab_size"])
+    tokens = np.random.default_rng(3).integers(1, V, n_tokens).tolist()
+    ref, st = [], None
+    for t in tokens:
+        lg, st = m.forward([t], st)
+        ref.append(lg)
+    del m
+    ref = np.stack(ref)
+    dump = arts["rpi5"] / "parity-logits.bin"
+    art = arts["rpi5"]
+    run = timed(runner_command(art, read_manifest(art)) + ["--artifact", str(art), "--tokens", ",".join(map(str, tokens)),
+                                                           "--step", "--dump-logits", str(dump), "--threads", str(threads)])
+    got = np.fromfile(dump, np.float32).reshape(len(tokens), V)
+    rel = [float(np.abs(g - r).max()) / max(1.0, float(np.abs(r).max())) for g, r in zip(got, ref)]
+    for a in arts.values():
+        shutil.rmtree(a, ignore_errors=True)
+    return {"recipe": PARITY[name], "tokens": tokens, "relative_max_diff": rel,
+            "top1_agree": int(sum(int(np.argmax(g) == np.argmax(r)) for g, r in zip(got, ref))),
+            "runner_seconds": run["seconds"], "runner_peak_rss": run["peak_rss"]}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("ckpt")
@@ -127,9 +173,23 @@ def main(argv=None):
     ap.add_argument("--keep", action="store_true", help="keep the artifacts")
     ap.add_argument("--lowering-peak", action="store_true",
                     help="also the lowering's own peak: passes, then a VmHWM reset, then the rpi5 lowering (one process)")
+    ap.add_argument("--parity", default="", help=f"compare cpu and rpi5 logits for these recipes ({', '.join(PARITY)})")
+    ap.add_argument("--parity-tokens", type=int, default=4)
     a = ap.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    if a.parity:
+        print("| recipe | tokens | max relative difference a step | top-1 agreement | runner (qemu) s | runner peak RSS |")
+        print("|---|---|---|---|---|---|")
+        for name in a.parity.split(","):
+            if name not in PARITY:
+                raise SystemExit(f"error: --parity {name}: not one of {', '.join(PARITY)}")
+            r = parity(a.ckpt, work, name, a.parity_tokens, a.threads)
+            with open(work / "rpi5.jsonl", "a") as log:
+                print(json.dumps({"ckpt": a.ckpt, "parity": name, **r}), file=log, flush=True)
+            print(f"| `{r['recipe']}` | {len(r['tokens'])} | {', '.join(f'{x:.1e}' for x in r['relative_max_diff'])} | "
+                  f"{r['top1_agree']}/{len(r['tokens'])} | {r['runner_seconds']} | {r['runner_peak_rss'] / 1e9:.2f} GB |")
+        return 0
     runs = set(a.run.split(",")) if a.run != "none" else set()
     rows = []
     with open(work / "rpi5.jsonl", "a") as log:
