@@ -36,6 +36,26 @@ from rwkvc.weights.int8 import quantize_int8
 ROW_BLOCK = 1 << 22    # GPTQ treats rows independently: a big matrix goes through it this many weights at a time
 
 
+def _cholesky_lower_(A: torch.Tensor, nb: int = 256) -> bool:
+    """A (K, K) symmetric -> its lower Cholesky factor L (zeros above), in place, nb columns at a time
+    (right-looking: factor the diagonal block, solve the panel below it, take the panel's product off the
+    trailing matrix); False where A is not positive definite. Scratch of K x nb floats: torch's
+    cholesky(out=A) factors a copy of A, a second K x K buffer."""
+    K = A.shape[0]
+    for j in range(0, K, nb):
+        e = min(j + nb, K)
+        L11, info = torch.linalg.cholesky_ex(A[j:e, j:e])
+        if int(info):
+            return False
+        A[j:e, j:e] = L11
+        A[j:e, e:] = 0.0
+        if e < K:
+            P = torch.linalg.solve_triangular(L11.T, A[e:, j:e], upper=True, left=False)   # P L11^T = A21
+            A[e:, j:e] = P
+            A[e:, e:].addmm_(P, P.T, alpha=-1.0)
+    return True
+
+
 def _invert_lower_(L: torch.Tensor, nb: int = 256) -> None:
     """L (K, K) lower triangular with zeros above -> L^-1, in place, nb columns at a time from the last (LAPACK
     trtri's order for a lower matrix): with L = [[A, 0], [B, C]] and C^-1 already in place,
@@ -68,8 +88,7 @@ def _hinv_chol_reversed(box: list, damp: float) -> tuple[np.ndarray, np.ndarray]
     d[dead] = 1.0
     d += damp * float(d.mean())
     del d
-    _, info = torch.linalg.cholesky_ex(Hr, out=(Hr, torch.empty((), dtype=torch.int32)))
-    if int(info):
+    if not _cholesky_lower_(Hr):
         raise RwkvcError("gptq: the calibration statistics are not positive definite; give more calibration "
                          "tokens (--calib-tokens) or use method=rtn")
     _invert_lower_(Hr)

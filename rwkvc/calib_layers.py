@@ -15,8 +15,8 @@ that learns from activations holds one block's float weights and statistics, not
 
 For each block, the tokens go through it in chunks carrying that block's own state (token shift and wkv),
 the same chunks and arithmetic as rwkvc.calib.IRRunner.forward (whose per-block code this reuses), so
-block 0 sees exactly the inputs a whole-model forward gives it. After a block, its float copies (the
-runner's matrix cache) are dropped; a lazily read checkpoint's pages were handed back when each matrix was
+block 0 sees exactly the inputs a whole-model forward gives it. Once a block has run, its float copies (the
+runner's matrix cache) are dropped, before the visit uses its statistics; a lazily read checkpoint's pages were handed back when each matrix was
 read (rwkvc.mapped.from_torch). Held across blocks: x, the next x and v_first, (T, C) float32 each.
 """
 from __future__ import annotations
@@ -72,10 +72,10 @@ class LayerRunner:
         for i in tqdm(range(L), desc=self.desc, unit="block", disable=not self.progress, leave=False):
             hooks = visit.hooks(i)
             y, vf = self.block(i, x, v_first, hooks)
+            r._fns.clear()                     # drop block i's float copies: the visit reads the model's own
             if hooks is not None and visit.done(i, hooks):     # (the visit runs outside no_grad: it may train)
-                r._fns.clear()                 # the block's weights changed: read them again
-                y, vf = self.block(i, x, v_first)
-            r._fns.clear()                     # drop block i's float copies
+                y, vf = self.block(i, x, v_first)    # the block's weights changed: run it again on them
+                r._fns.clear()
             x, v_first = y, vf
         del v_first
         with torch.no_grad():
