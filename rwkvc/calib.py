@@ -27,6 +27,7 @@ import torch
 
 from . import ir
 from .errors import RwkvcError
+from .mapped import LazyArray
 
 DECAY_SCALE = math.exp(-0.5)
 
@@ -206,7 +207,8 @@ class IRRunner:
     # -- the model -----------------------------------------------------------------------------
     def embed(self, tokens: np.ndarray) -> torch.Tensor:
         E = self.model.emb.weight
-        rows = E.rows(tokens) if hasattr(E, "rows") else np.asarray(E.w)[tokens]
+        rows = E.rows(tokens) if hasattr(E, "rows") else \
+            E.w.take_rows(tokens) if isinstance(E.w, LazyArray) else np.asarray(E.w)[tokens]
         x = _t(rows)
         n = self.model.ln0
         if n is not None:

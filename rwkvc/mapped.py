@@ -145,6 +145,17 @@ class LazyArray:
         for a in range(0, self.shape[0], step):
             yield self._rows(a, min(a + step, self.shape[0]))
 
+    def take_rows(self, idx) -> np.ndarray:
+        """self[idx] for integer row indices, reading only those rows where the source can (an embedding's
+        rows for a few tokens, not the whole table)."""
+        idx = np.asarray(idx, np.int64)
+        if self._rows is None or self.ndim == 0:
+            return self.load()[idx]
+        uniq, inv = np.unique(idx, return_inverse=True)
+        rows = np.concatenate([self._rows(int(i), int(i) + 1) for i in uniq]) if len(uniq) else \
+            np.empty((0,) + self.shape[1:], self.dtype)
+        return rows[inv.reshape(idx.shape)]
+
     def __array__(self, dtype=None, copy=None):
         a = self.load()
         return a if dtype is None else a.astype(dtype, copy=False)
