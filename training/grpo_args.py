@@ -75,7 +75,9 @@ class GrpoArgs:
     restart: int = _like("restart")
     # --- engine
     accelerator: str = _like("accelerator")
-    strategy: str = _like("strategy")
+    strategy: str = field(default="auto", metadata={"help": "auto (one process) | deepspeed_stage_1 | deepspeed_stage_2 "
+                                                           "(ZeRO-3 is refused: GRPO's processes run different "
+                                                           "numbers of forwards)"})
     ds_bucket_mb: int = _like("ds_bucket_mb")
     wkv: str = _like("wkv")
     chunk_len: int = _like("chunk_len")
