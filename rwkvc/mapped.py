@@ -30,7 +30,7 @@ import numpy as np
 
 PAGE = mmap.PAGESIZE
 MADV_RANDOM, MADV_DONTNEED = 1, 4
-MIN_ELEMENTS = 1 << 20          # smaller tensors are converted on load (vectors, low-rank factors)
+MIN_ELEMENTS = 1 << 16          # smaller tensors are converted on load (vectors, small factors)
 
 _libc = None
 
@@ -263,6 +263,11 @@ def from_torch(t, name: str = "", mapped: bool = False) -> LazyArray:
 
     return LazyArray(lambda: rows(0, t.shape[0]), tuple(t.shape), dtype, name, rows=rows,
                      cols=cols if t.dim() == 2 else None)
+
+
+def transposed(w):
+    """w.T, contiguous: lazy for a LazyArray (read by columns when used), a copy for an array."""
+    return w.T if isinstance(w, LazyArray) else np.ascontiguousarray(w.T)
 
 
 def spill(arr, directory: str, name: str) -> LazyArray:

@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import ir
 from ..errors import RwkvcError
+from ..mapped import transposed
 
 
 def to_np(t) -> np.ndarray:
@@ -33,7 +34,7 @@ def mix_from_time_mix(sd, key) -> np.ndarray:
 def dense(sd, key, transpose=False) -> ir.Linear:
     w = to_np(sd[key])
     if transpose:
-        w = np.ascontiguousarray(w.T)
+        w = transposed(w)
     return ir.Linear(key.removesuffix(".weight"), ir.Dense(w))
 
 

@@ -25,6 +25,7 @@ import torch
 
 from .. import ir
 from ..errors import RwkvcError
+from ..mapped import transposed
 from .v7 import LORA, MIX, SQUARE, VEC
 
 VERSION = "7-hybrid"
@@ -182,7 +183,7 @@ def to_ir(config: dict, sd: dict) -> ir.Model:
 
     def lin(k, transpose=False):
         w = to_numpy(sd[k])
-        return ir.Linear(k.removesuffix(".weight"), ir.Dense(np.ascontiguousarray(w.T) if transpose else w))
+        return ir.Linear(k.removesuffix(".weight"), ir.Dense(transposed(w) if transpose else w))
 
     def norm(p, eps=cfg.norm_eps):
         bias = vec(p + ".bias") if p + ".bias" in sd else np.zeros(C, np.float32)

@@ -5,6 +5,7 @@ import numpy as np
 
 from .. import ir
 from ..errors import RwkvcError
+from ..mapped import transposed
 
 MIX = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")
 VEC = ("w0", "a0", "v0", "k_k", "k_a")
@@ -92,7 +93,7 @@ class V7:
 
         def lin(k, transpose=False):
             w = to_numpy(sd[k])
-            return ir.Linear(k.removesuffix(".weight"), ir.Dense(np.ascontiguousarray(w.T) if transpose else w))
+            return ir.Linear(k.removesuffix(".weight"), ir.Dense(transposed(w) if transpose else w))
 
         def norm(p, eps=1e-5):
             return ir.Norm(vec(p + ".weight"), vec(p + ".bias"), eps)
