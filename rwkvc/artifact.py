@@ -120,6 +120,14 @@ def _install(tmp: Path, out: Path, before) -> None:
         os.close(fd)
 
 
+def resolve_dtype(dtype: str | None, options: dict | None) -> str | None:
+    """The weight dtype asked for, as the `dtype` argument or as options["dtype"] (not two different ones)."""
+    given = (options or {}).get("dtype")
+    if dtype is not None and given is not None and given != dtype:
+        raise RwkvcError(f"dtype is given twice, as {dtype!r} and as options['dtype'] = {given!r}; give it once")
+    return dtype or given
+
+
 def compile_to_dir(model: ir.Model, target, out: str | os.PathLike, *, dtype: str | None = None,
                    source: str | None = None, force: bool = False, options: dict | None = None,
                    progress=None, tokenizer: str | os.PathLike | None = None) -> Path:
@@ -127,7 +135,7 @@ def compile_to_dir(model: ir.Model, target, out: str | os.PathLike, *, dtype: st
     tokenizer.json the artifact carries instead of the World vocabulary (rwkvc.hf_tokenizer)."""
     out = Path(out)
     check_output_dir(out, force)
-    dtype = dtype or target.capabilities.dtypes[0]
+    dtype = resolve_dtype(dtype, options) or target.capabilities.dtypes[0]
     why = target.capabilities.why_not(target.name, model, dtype)
     if why:
         raise RwkvcError(why)

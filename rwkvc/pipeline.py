@@ -116,9 +116,10 @@ def compile_checkpoint(model_path, out_dir, target: str = "cpu", passes=None, dt
                        options: dict | None = None):
     """Checkpoint file -> artifact directory. Every user error is raised before anything is written."""
     from rwkvc.targets import get_target, unsupported
-    from .artifact import check_output_dir, compile_to_dir
+    from .artifact import check_output_dir, compile_to_dir, resolve_dtype
     from .frontend import load_model
     tgt = get_target(target)
+    dtype = resolve_dtype(dtype, options)
     recipe = parse_recipe(passes) if isinstance(passes, str) or passes is None else passes
     out = Path(out_dir)
     check_output_dir(out, force)

@@ -70,3 +70,13 @@ def test_api_misuse_raises_rwkvc_errors_of_the_matching_kind(artifact):
         m.forward([])
     with pytest.raises(RwkvcError, match="vocabulary"):
         m.generate("a", n=2, token_ban=(10 ** 8,))
+
+
+def test_compile_takes_the_dtype_as_an_argument_or_an_option_not_two(tmp_path):
+    import json
+    ckpt = save_random_v7(tmp_path / "m.pth", n_layer=1, n_embd=64, vocab_size=300)
+    art = rwkvc.compile(ckpt, tmp_path / "a", options={"dtype": "float16"})
+    assert json.loads((art / "manifest.json").read_text())["dtype"] == "float16"
+    with pytest.raises(RwkvcError, match="dtype is given twice"):
+        rwkvc.compile(ckpt, tmp_path / "b", dtype="float32", options={"dtype": "float16"})
+    assert not (tmp_path / "b").exists()
