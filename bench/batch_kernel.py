@@ -12,7 +12,7 @@ compiler flags, measured interleaved with the default build (each in its own ses
 
 What it says: whether the kernel at B rows is bound by its arithmetic (GMAC/s flat in B, near what the
 vector unit can do: AVX-512 VNNI's vpdpbusd does 64 multiply-adds an instruction) or by something else, and
-so what B streams can cost at best against one (docs/BENCHMARKS.md, serving).
+so what B streams can cost at best against one (docs/benchmarks/serving.md).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Compile and run one checkpoint at several recipes, one process at a time: compile time and peak RSS,
-artifact bytes, load time, peak RSS while decoding, decode and prefill tokens/s (the docs/BENCHMARKS.md
-scale table).
+artifact bytes, load time, peak RSS while decoding, decode and prefill tokens/s (the docs/benchmarks/big-models.md
+table).
 
     python bench/scale_bench.py CKPT.pth --work DIR [--recipes fp32,int8,int4,gptq] [--eager] [--no-run]
         [--threads 2] [--tokens 32] [--prefill 512] [--keep] [--calib README.md] [--calib-tokens 512]

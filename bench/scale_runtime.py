@@ -1,5 +1,5 @@
 """Run memory of a cpu artifact: load it, prefill a prompt, decode, and print the peak RSS with its anonymous
-and file-backed parts (the docs/BENCHMARKS.md scale section's runtime comparisons).
+and file-backed parts (docs/benchmarks/big-models.md's runtime comparisons).
 
     python bench/scale_runtime.py ARTIFACT [--prefill 512] [--chunk 128] [--no-prepack] [--threads 2]
 

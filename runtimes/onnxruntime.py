@@ -235,7 +235,7 @@ class OrtRuntime:
                  prefill_chunk: int = 128, huge_pages: bool = True, prepack: bool = True):
         """prefill_chunk: a prompt goes through the prefill graph this many tokens a call. The activations (and
         ONNX Runtime's arena, which keeps the largest) grow with it: at 128 a 1.5B int4 model's 512-token
-        prefill peaks 370 MB lower than at 1024, at the same speed (docs/BENCHMARKS.md, scale).
+        prefill peaks 370 MB lower than at 1024, at the same speed (docs/benchmarks/big-models.md).
         prepack False: ONNX Runtime's kernels read every weight in place in the shared mapping instead of each
         session packing its own copy of the float matrices (MatMul): an fp32 artifact then needs about one copy
         of its weights instead of three, for ~10-25 % of its decode and ~15 % of its prefill speed; quantised
@@ -294,7 +294,7 @@ class OrtRuntime:
             before = hugepages.anonymous_regions() if self.huge_pages else set()
             # ONNX Runtime plans one block for all of a run's activations per input shape and keeps it beside
             # the arena's first-run chunks: worth it for the step's fixed shapes, not for a prefill, whose
-            # chunks vary in length (62 MB more at 1.5B int4 for the same speed; docs/BENCHMARKS.md, scale)
+            # chunks vary in length (62 MB more at 1.5B int4 for the same speed; docs/benchmarks/big-models.md)
             self.so.enable_mem_pattern = not entry.endswith("prefill")
             try:
                 self._sessions[entry] = ort.InferenceSession(str(fn), self.so, providers=self.providers)
