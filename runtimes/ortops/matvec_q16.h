@@ -64,6 +64,13 @@ void matvec_prepare16(MatVecQ& m, const float* x) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#ifndef RWKVC_PREFETCH_AHEAD
+#define RWKVC_PREFETCH_AHEAD 2048
+#endif
+// bytes of codes ahead that the kernels for 4+ rows prefetch (at 8 rows a 64-byte vector takes ~16 vpdpbusd,
+// so 2 KB is ~500 cycles ahead: a memory latency and more)
+constexpr int64_t kPrefetchAhead = RWKVC_PREFETCH_AHEAD;
+
 // groups g0 .. g1 of 16 rows for TT tokens at once (each vector's nibbles split once, then TT vpdpbusd
 // pairs); a group past row N - 1 stores only its rows
 template <int64_t G, int TT>
@@ -95,6 +102,8 @@ void rows16_vnni(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
       // run-time j & 1 kept them on the stack)
       for (int64_t j = 0; j < vpb; j += 2) {
         for (int u = 0; u < 2; ++u) {
+          // several rows: bound by the arithmetic, the codes PF bytes ahead are fetched meanwhile
+          if (TT >= 4 && kPrefetchAhead > 0) _mm_prefetch(reinterpret_cast<const char*>(wc + (b * vpb + j + u) * 64 + kPrefetchAhead), _MM_HINT_T0);
           const __m512i w = _mm512_loadu_si512(wc + (b * vpb + j + u) * 64);
           const __m512i lo = _mm512_and_si512(w, nib), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nib);
           for (int t = 0; t < TT; ++t) {
@@ -135,6 +144,7 @@ void rows16_vnni8(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
       }
       for (int64_t j = 0; j < vpb; j += 2)   // two vectors a step (as rows16_vnni)
         for (int u = 0; u < 2; ++u) {
+          if (TT >= 4 && kPrefetchAhead > 0) _mm_prefetch(reinterpret_cast<const char*>(wc + (b * vpb + j + u) * 64 + kPrefetchAhead), _MM_HINT_T0);
           const __m512i w = _mm512_loadu_si512(wc + (b * vpb + j + u) * 64);
           for (int t = 0; t < TT; ++t) {
             int32_t x0;
