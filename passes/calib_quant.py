@@ -39,8 +39,8 @@ ROW_BLOCK = 1 << 22    # GPTQ treats rows independently: a big matrix goes throu
 def _cholesky_lower_(A: torch.Tensor, nb: int = 256) -> bool:
     """A (K, K) symmetric -> its lower Cholesky factor L (zeros above), in place, nb columns at a time
     (right-looking: factor the diagonal block, solve the panel below it, take the panel's product off the
-    trailing matrix); False where A is not positive definite. Scratch of K x nb floats: torch's
-    cholesky(out=A) factors a copy of A, a second K x K buffer."""
+    lower half of the trailing matrix, block column by block column); False where A is not positive
+    definite. Scratch of K x nb floats: torch's cholesky(out=A) factors a copy of A, a second K x K buffer."""
     K = A.shape[0]
     for j in range(0, K, nb):
         e = min(j + nb, K)
@@ -52,7 +52,9 @@ def _cholesky_lower_(A: torch.Tensor, nb: int = 256) -> bool:
         if e < K:
             P = torch.linalg.solve_triangular(L11.T, A[e:, j:e], upper=True, left=False)   # P L11^T = A21
             A[e:, j:e] = P
-            A[e:, e:].addmm_(P, P.T, alpha=-1.0)
+            for c in range(e, K, nb):            # A22 -= P P^T on and below the diagonal blocks
+                d = min(c + nb, K)
+                A[c:, c:d].addmm_(P[c - e:], P[c - e:d - e].T, alpha=-1.0)
     return True
 
 
@@ -67,7 +69,11 @@ def _invert_lower_(L: torch.Tensor, nb: int = 256) -> None:
         A = L[j:e, j:e]
         Ainv = torch.linalg.solve_triangular(A, torch.eye(e - j, dtype=L.dtype), upper=False)
         if e < K:
-            T = L[e:, e:] @ L[e:, j:e]                    # C^-1 B (C^-1 lower: its zeros cost flops, not memory)
+            B = L[e:, j:e].clone()
+            T = torch.empty_like(B)
+            for r in range(e, K, nb):            # C^-1 B a block of rows at a time, C^-1's nonzero columns only
+                q = min(r + nb, K)
+                torch.mm(L[r:q, e:q], B[:q - e], out=T[r - e:q - e])
             L[e:, j:e] = -(T @ Ainv)
         A.copy_(Ainv)
 

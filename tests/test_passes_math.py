@@ -253,3 +253,23 @@ def test_weight_kinds_are_one_closed_table_the_onnx_lowering_covers():
     assert set(kinds.EMBEDDERS) == {"dense", "lazy"} and set(kinds.DEEP_TABLES) == {"deepembed", "deepembed-lazy"}
     assert kinds.LOWERED == set(WEIGHT_KINDS)
     assert get_target("cpu").capabilities.weight_kinds == get_target("cuda").capabilities.weight_kinds == kinds.LOWERED
+
+
+@pytest.mark.parametrize("K, nb", [(1, 4), (37, 8), (300, 64), (513, 128)])
+def test_in_place_cholesky_and_inverse_match_torch(K, nb):
+    """GPTQ's factor without a second K x K buffer: the blocked in-place Cholesky and triangular inverse
+    against torch's (float64), and an indefinite matrix reported, not factored."""
+    g = torch.Generator().manual_seed(K)
+    X = torch.randn(2 * K + 3, K, generator=g)
+    H = X.T @ X + 0.1 * torch.eye(K)
+    A = H.clone()
+    assert calib_quant._cholesky_lower_(A, nb)
+    L = torch.linalg.cholesky(H.double())
+    assert torch.equal(torch.triu(A, 1), torch.zeros_like(A))
+    assert float((A.double() - L).abs().max()) <= 1e-5 * float(L.abs().max())
+    calib_quant._invert_lower_(A, nb)
+    Linv = torch.linalg.inv(L)
+    assert torch.equal(torch.triu(A, 1), torch.zeros_like(A))
+    assert float((A.double() - Linv).abs().max()) <= 1e-4 * float(Linv.abs().max())
+    H[K // 2, K // 2] = -1.0
+    assert not calib_quant._cholesky_lower_(H.clone(), nb)
