@@ -25,6 +25,7 @@ import torch
 
 from . import ir
 from .calib import IRRunner
+from .mapped import trim_heap
 
 
 class LayerRunner:
@@ -76,6 +77,7 @@ class LayerRunner:
             if hooks is not None and visit.done(i, hooks):     # (the visit runs outside no_grad: it may train)
                 y, vf = self.block(i, x, v_first)    # the block's weights changed: run it again on them
                 r._fns.clear()
+            trim_heap()                        # the block's freed buffers back to the system
             x, v_first = y, vf
         del v_first
         with torch.no_grad():

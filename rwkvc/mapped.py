@@ -35,7 +35,8 @@ MIN_ELEMENTS = 1 << 16          # smaller tensors are converted on load (vectors
 _libc = None
 
 
-def _madvise(addr: int, n: int, advice: int = MADV_DONTNEED) -> None:
+def _c():
+    """The C library (madvise, malloc_trim), or False where it has none."""
     global _libc
     if _libc is None:
         try:
@@ -43,6 +44,20 @@ def _madvise(addr: int, n: int, advice: int = MADV_DONTNEED) -> None:
             _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
         except (OSError, AttributeError):
             _libc = False
+    return _libc
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim). Arrays of a few MB come from
+    the heap once glibc's mapping threshold has risen, and their freed pages stay in the process: a
+    calibrating compile that frees a block's buffers grows its RSS by tens of MB a block without this."""
+    c = _c()
+    if c and hasattr(c, "malloc_trim"):
+        c.malloc_trim(0)
+
+
+def _madvise(addr: int, n: int, advice: int = MADV_DONTNEED) -> None:
+    _libc = _c()
     if not _libc or n <= 0:
         return
     lo = -(-addr // PAGE) * PAGE           # whole pages inside [addr, addr + n) only: a neighbour's bytes
