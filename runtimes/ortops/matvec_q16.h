@@ -67,6 +67,9 @@ void matvec_prepare16(MatVecQ& m, const float* x) {
 #ifndef RWKVC_PREFETCH_AHEAD
 #define RWKVC_PREFETCH_AHEAD 2048
 #endif
+#ifndef RWKVC_PREFETCH_HINT
+#define RWKVC_PREFETCH_HINT _MM_HINT_T0
+#endif
 // bytes of codes ahead that the kernels for 4+ rows prefetch (at 8 rows a 64-byte vector takes ~16 vpdpbusd,
 // so 2 KB is ~500 cycles ahead: a memory latency and more)
 constexpr int64_t kPrefetchAhead = RWKVC_PREFETCH_AHEAD;
@@ -103,7 +106,7 @@ void rows16_vnni(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
       for (int64_t j = 0; j < vpb; j += 2) {
         for (int u = 0; u < 2; ++u) {
           // several rows: bound by the arithmetic, the codes PF bytes ahead are fetched meanwhile
-          if (TT >= 4 && kPrefetchAhead > 0) _mm_prefetch(reinterpret_cast<const char*>(wc + (b * vpb + j + u) * 64 + kPrefetchAhead), _MM_HINT_T0);
+          if (TT >= 4 && kPrefetchAhead > 0) _mm_prefetch(reinterpret_cast<const char*>(wc + (b * vpb + j + u) * 64 + kPrefetchAhead), RWKVC_PREFETCH_HINT);
           const __m512i w = _mm512_loadu_si512(wc + (b * vpb + j + u) * 64);
           const __m512i lo = _mm512_and_si512(w, nib), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nib);
           for (int t = 0; t < TT; ++t) {
@@ -144,7 +147,7 @@ void rows16_vnni8(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
       }
       for (int64_t j = 0; j < vpb; j += 2)   // two vectors a step (as rows16_vnni)
         for (int u = 0; u < 2; ++u) {
-          if (TT >= 4 && kPrefetchAhead > 0) _mm_prefetch(reinterpret_cast<const char*>(wc + (b * vpb + j + u) * 64 + kPrefetchAhead), _MM_HINT_T0);
+          if (TT >= 4 && kPrefetchAhead > 0) _mm_prefetch(reinterpret_cast<const char*>(wc + (b * vpb + j + u) * 64 + kPrefetchAhead), RWKVC_PREFETCH_HINT);
           const __m512i w = _mm512_loadu_si512(wc + (b * vpb + j + u) * 64);
           for (int t = 0; t < TT; ++t) {
             int32_t x0;
