@@ -64,14 +64,19 @@ void matvec_prepare16(MatVecQ& m, const float* x) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// The kernels for 4+ rows are bound by their arithmetic, not by reading the codes: they prefetch the codes
+// kPrefetchAhead bytes ahead (at 8 rows a 64-byte vector takes ~16 vpdpbusd, so 2 KB is ~500 cycles: a
+// memory latency and more), non-temporal, so that a batched step's stream of codes, read once, does not
+// push the B sequences' states out of the last-level cache (the WKV reads and writes B x 2.4 MB of them at
+// the 0.1B). On the Zen 4 the 0.1B int4's 8-stream decode is 1.05-1.44x as fast as without prefetching
+// (T0 prefetches: 0.94-1.06x), its prefill unchanged (docs/benchmarks/serving.md; -DRWKVC_PREFETCH_AHEAD=0
+// builds without).
 #ifndef RWKVC_PREFETCH_AHEAD
 #define RWKVC_PREFETCH_AHEAD 2048
 #endif
 #ifndef RWKVC_PREFETCH_HINT
-#define RWKVC_PREFETCH_HINT _MM_HINT_T0
+#define RWKVC_PREFETCH_HINT _MM_HINT_NTA
 #endif
-// bytes of codes ahead that the kernels for 4+ rows prefetch (at 8 rows a 64-byte vector takes ~16 vpdpbusd,
-// so 2 KB is ~500 cycles ahead: a memory latency and more)
 constexpr int64_t kPrefetchAhead = RWKVC_PREFETCH_AHEAD;
 
 // groups g0 .. g1 of 16 rows for TT tokens at once (each vector's nibbles split once, then TT vpdpbusd
@@ -105,7 +110,6 @@ void rows16_vnni(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
       // run-time j & 1 kept them on the stack)
       for (int64_t j = 0; j < vpb; j += 2) {
         for (int u = 0; u < 2; ++u) {
-          // several rows: bound by the arithmetic, the codes PF bytes ahead are fetched meanwhile
           if (TT >= 4 && kPrefetchAhead > 0) _mm_prefetch(reinterpret_cast<const char*>(wc + (b * vpb + j + u) * 64 + kPrefetchAhead), RWKVC_PREFETCH_HINT);
           const __m512i w = _mm512_loadu_si512(wc + (b * vpb + j + u) * 64);
           const __m512i lo = _mm512_and_si512(w, nib), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nib);
