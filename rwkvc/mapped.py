@@ -339,7 +339,7 @@ def safetensors_mapped(path: str) -> dict:
     return out
 
 
-SPILL_BYTES = 1 << 20          # arrays at least this big are spilled
+SPILL_BYTES = 1 << 16          # arrays at least this big are spilled (a big model's scales and small factors add up)
 
 
 def spill_rep(rep, directory: str):
