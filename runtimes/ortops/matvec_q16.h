@@ -66,11 +66,10 @@ void matvec_prepare16(MatVecQ& m, const float* x) {
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // The kernels for 4+ rows are bound by their arithmetic, not by reading the codes: they prefetch the codes
 // kPrefetchAhead bytes ahead (at 8 rows a 64-byte vector takes ~16 vpdpbusd, so 2 KB is ~500 cycles: a
-// memory latency and more), non-temporal, so that a batched step's stream of codes, read once, does not
-// push the B sequences' states out of the last-level cache (the WKV reads and writes B x 2.4 MB of them at
-// the 0.1B). On the Zen 4 the 0.1B int4's 8-stream decode is 1.05-1.44x as fast as without prefetching
-// (T0 prefetches: 0.94-1.06x), its prefill unchanged (docs/benchmarks/serving.md; -DRWKVC_PREFETCH_AHEAD=0
-// builds without).
+// memory latency and more), non-temporal: a batched step reads its codes once, and its B states should
+// stay in the last-level cache. On the Zen 4 a batched step of 8 streams ran 0.99-1.44x as fast as without
+// prefetching in six interleaved runs (T0 prefetches 0.94-1.16x), the prefill unchanged
+// (docs/benchmarks/serving.md; -DRWKVC_PREFETCH_AHEAD=0 builds without).
 #ifndef RWKVC_PREFETCH_AHEAD
 #define RWKVC_PREFETCH_AHEAD 2048
 #endif
