@@ -63,7 +63,8 @@ def main(argv=None):
             best_rate(one, a.steps, best, (name, "one"))
             best_rate(batched, a.steps * a.batch, best, (name, "batch"))
             best_rate(lambda: m.forward(prompt), len(prompt), best, (name, "prefill"))
-            best_rate(lambda: prefill_batch(m.runtime, chunks, states[:1] * 8), chunks.size, best, (name, "bprefill"))
+            best_rate(lambda: prefill_batch(m.runtime, chunks, [states[i % len(states)] for i in range(len(chunks))]),
+                      chunks.size, best, (name, "bprefill"))
     print(f"| build | one stream tok/s | {a.batch} streams tok/s | x one stream | prefill 512 tok/s | batched prefill 8 x 64 tok/s |")
     print("|---|---|---|---|---|---|")
     for name in runs:
