@@ -145,8 +145,8 @@ def _row_blocks(w, K: int):
 
 
 def _factor(H, damp: float):
-    """(U, dead) of H: a Hessian (K, K) in natural order (left as it is), or a Gram (its matrix taken)."""
-    return _hinv_chol_reversed([H.take()], damp) if isinstance(H, Gram) else _hinv_chol(H, damp)
+    """(U, dead) of H: a Hessian (K, K) in natural order (left as it is), or a Gram (Gram.factor)."""
+    return H.factor(damp) if isinstance(H, Gram) else _hinv_chol(H, damp)
 
 
 def gptq_int4(w: np.ndarray, H, group: int, damp: float = 0.01):
@@ -238,6 +238,7 @@ class Gram:
         self.K, self.n = K, 0
         self.rows: list[torch.Tensor] | None = []
         self.H: torch.Tensor | None = None
+        self._factor: tuple | None = None          # (U, dead, damp) once the accumulated product is factored
 
     def add(self, x: torch.Tensor) -> None:
         xr = x.reshape(-1, self.K).to(torch.float32).flip(-1)       # (n, K) reversed: a copy
@@ -259,19 +260,24 @@ class Gram:
             H.addmm_(r.T, r)
         return H
 
-    def take(self) -> torch.Tensor:
-        """matrix(), after which this Gram holds nothing (neither the product, handed over without a copy, nor
-        the inputs): a matrix's statistics are used once, and its factor then needs the memory."""
-        if self.H is None and self.rows is None:
-            raise RwkvcError("internal error: a matrix's calibration statistics were used twice; report this "
-                             "with the recipe")
-        H = self.matrix() if self.H is None else self.H
-        self.H, self.rows = None, None
-        return H
+    def factor(self, damp: float) -> tuple[np.ndarray, np.ndarray]:
+        """_hinv_chol_reversed of this Gram. While it keeps its inputs, the product is formed anew for each use
+        (one K x K at a time); once accumulated, the product is factored in place, without a copy, and the
+        factor kept for a later use (one statistic can serve two matrices: a clustered head's rows and its
+        cluster matrix both read the head's input)."""
+        if self.H is None and self.rows is not None:
+            return _hinv_chol_reversed([self.matrix()], damp)
+        if self._factor is None or self._factor[2] != damp:
+            H, self.H = self.H, None
+            if H is None:               # factored before with another damping: from the factor, not possible
+                raise RwkvcError("internal error: a Gram matrix factored twice with different damping")
+            self._factor = (*_hinv_chol_reversed([H], damp), damp)
+        return self._factor[0], self._factor[1]
 
     @property
     def nbytes(self) -> int:
-        return (self.H.numel() * 4 if self.H is not None else 0) + sum(r.numel() * 4 for r in self.rows or ())
+        return (self.H.numel() * 4 if self.H is not None else 0) + sum(r.numel() * 4 for r in self.rows or ()) + \
+            (self._factor[0].nbytes if self._factor is not None else 0)
 
 
 class CalibStats:
