@@ -252,9 +252,7 @@ class Gram:
         self.H.addmm_(xr.T, xr)
 
     def matrix(self) -> torch.Tensor:
-        """A new (K, K) float32 tensor J X^T X J (its owner may factor it in place)."""
-        if self.H is not None:
-            return self.H.clone()
+        """A new (K, K) float32 tensor J X^T X J from the kept inputs (its owner may factor it in place)."""
         H = torch.zeros(self.K, self.K)
         for r in self.rows:
             H.addmm_(r.T, r)
