@@ -137,8 +137,13 @@ def test_sequential_gptq_equals_a_whole_model_reference(tmp_path):
         assert a.kind == b.kind == "int4", lin.name
         n_diff += int((a.codes() != b.codes()).sum())
         n_all += a.codes().size
-        # the float32 Gram against float64 sums may move a weight by one code, rarely
-        assert np.abs(a.to_dense() - b.to_dense()).max() <= 1.01 * float(np.max(b.scales)), lin.name
+        # the float32 Gram against float64 sums may move a weight by one code, rarely, and a moved code
+        # feeds back into the weights a later group's scale is taken from: one step of the larger scale
+        # plus the scale's change over the 15 codes of the range
+        K = a.in_features
+        sa, sb = (np.repeat(w.scales, w.group, axis=1)[:, :K] for w in (a, b))
+        bound = 1.01 * np.maximum(sa, sb) + 15 * np.abs(sa - sb)
+        assert (np.abs(a.to_dense() - b.to_dense()) <= bound).all(), lin.name
     assert n_diff <= 1e-3 * n_all, f"{n_diff} of {n_all} codes differ from the reference"
 
 
