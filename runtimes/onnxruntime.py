@@ -16,14 +16,12 @@ from . import hugepages
 def _dense_embedding(graph_path: Path) -> dict[str, np.ndarray]:
     """{name: array} of the tables the runtime holds in memory (rwkvc.abi.resident: the dense embedding, RWKV-7a's
     dense DeepEmbed tables) of a graph whose weights are external, read into memory."""
-    import onnx
-    from onnx import helper
-    m = onnx.load(str(graph_path), load_external_data=False)
+    from rwkvc.onnx_index import EXTERNAL, read_graph
     held = {}
-    for t in m.graph.initializer:
-        if resident(t.name) and t.data_location == onnx.TensorProto.EXTERNAL:
-            ext = {e.key: e.value for e in t.external_data}
-            dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+    for t in read_graph(graph_path).initializer:
+        if resident(t.name) and t.data_location == EXTERNAL:
+            ext = t.external()
+            dtype = t.dtype
             count = int(np.prod(t.dims))
             arr = np.fromfile(graph_path.parent / ext["location"], dtype=dtype, count=count,
                               offset=int(ext.get("offset", 0)))
@@ -41,12 +39,10 @@ def _shared_weights(path: Path, manifest: dict, skip) -> tuple[dict[str, np.ndar
     (SessionOptions.add_initializer), they read the same pages: each session mapping the file by itself would
     count every page it touches twice in the process's resident set (the step's and the prefill's copies of one
     page-cache page)."""
-    import onnx
-    from onnx import helper
-
     from rwkvc.abi import row_read
     from rwkvc.artifact import inside
     from rwkvc.mapped import advise_random, drop_cached
+    from rwkvc.onnx_index import EXTERNAL, read_graph
     maps: dict[str, np.memmap] = {}
     out: dict[str, np.ndarray] = {}
     by_rows: set[str] = set()
@@ -55,20 +51,20 @@ def _shared_weights(path: Path, manifest: dict, skip) -> tuple[dict[str, np.ndar
     for fn in manifest["entry_points"].values():
         if not str(fn).endswith(".onnx"):
             continue
-        m = onnx.load(str(path / fn), load_external_data=False)
-        rows = row_read(m.graph)
+        g = read_graph(path / fn)
+        rows = row_read(g)
         by_rows |= rows
-        whole |= {t.name for t in m.graph.initializer} - rows
-        for t in m.graph.initializer:
-            if t.name in out or t.name in skip or t.data_location != onnx.TensorProto.EXTERNAL:
+        whole |= {t.name for t in g.initializer} - rows
+        for t in g.initializer:
+            if t.name in out or t.name in skip or t.data_location != EXTERNAL:
                 continue
-            ext = {e.key: e.value for e in t.external_data}
+            ext = t.external()
             loc = str(inside(path, ext["location"], "a weight file"))
             if loc not in maps:
                 maps[loc] = np.memmap(loc, dtype=np.uint8, mode="r")
             mm = maps[loc]
             off, n = int(ext.get("offset", 0)), int(ext.get("length", 0))
-            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+            dtype = t.dtype
             count = int(np.prod(t.dims, dtype=np.int64))
             if off + count * dtype.itemsize > mm.size or (n and n != count * dtype.itemsize) or off % dtype.alignment:
                 raise RwkvcError(f"{loc}: the weight {t.name} does not fit the file (truncated?); recompile the artifact")
@@ -79,6 +75,23 @@ def _shared_weights(path: Path, manifest: dict, skip) -> tuple[dict[str, np.ndar
         advise_random(out[name])
         drop_cached(*where[name])
     return out, [out[name] for name in tables]
+
+
+def wkv_in_place(graph_path, n_layer: int, op_type: str) -> bool:
+    """Whether every wkv_out.i of a graph is written by rwkvc's `op_type` from wkv_in.i, which nothing else reads:
+    then the graph may update the states in place (input and output bound to one buffer). Rwkv7WkvStepB reads each
+    state row before writing it; Rwkv7WkvSeq reads a head's state whole before it writes the head."""
+    from rwkvc.abi import FUSED_DOMAIN
+    from rwkvc.onnx_index import read_graph
+    g = read_graph(graph_path)
+    writers = {o: n for n in g.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    return n_layer > 0 and all(
+        (n := writers.get(f"wkv_out.{i}")) is not None and n.domain == FUSED_DOMAIN and n.op_type == op_type
+        and f"wkv_in.{i}" in n.input and readers.get(f"wkv_in.{i}") == 1 for i in range(n_layer))
 
 
 def _run_bound(sess, inputs: list, outputs: list) -> None:
@@ -232,20 +245,28 @@ class OrtRuntime:
     """forward(tokens (T,) int64, state) -> logits (V,) float32, new state."""
 
     def __init__(self, path: Path, manifest: dict, threads: int | None = None, providers=None,
-                 prefill_chunk: int = 128, huge_pages: bool = True, prepack: bool = True):
+                 prefill_chunk: int | None = None, huge_pages: bool = True, prepack: bool = True):
         """prefill_chunk: a prompt goes through the prefill graph this many tokens a call. The activations (and
-        ONNX Runtime's arena, which keeps the largest) grow with it: at 128 a 1.5B int4 model's 512-token
-        prefill peaks 370 MB lower than at 1024, at the same speed (docs/benchmarks/big-models.md).
+        ONNX Runtime's arena, which keeps the largest) grow with it, each call reads every weight once, and each
+        call costs a graph run: the default is 128 below a width of 2048 (a 0.1B int4 prefills ~12 % slower at
+        64) and 64 from there (a 1.5B int4 peaks ~10 MB lower than at 128 at the same prefill speed, 370 MB
+        lower than at 1024; docs/benchmarks/big-models.md).
         prepack False: ONNX Runtime's kernels read every weight in place in the shared mapping instead of each
         session packing its own copy of the float matrices (MatMul): an fp32 artifact then needs about one copy
         of its weights instead of three, for ~10-25 % of its decode and ~15 % of its prefill speed; quantised
         artifacts, whose matrices rwkvc's kernels read in place, barely change (rwkvc.load(path, prepack=False))."""
         import onnxruntime as ort
+        if prefill_chunk is None:
+            prefill_chunk = 128 if int(manifest.get("model", {}).get("n_embd", 0)) < 2048 else 64
         self.path, self.manifest, self.prefill_chunk = Path(path), manifest, prefill_chunk
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads or 0   # 0: ORT's default (one per physical core)
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ONNX Runtime's default order runs each layer's shift-state Slice (the last row of a (T, C) tensor) at
+        # the end of the graph, keeping 2 T x C tensors a layer alive through the whole prefill (48 MB at 1.5B
+        # with 128-token calls); the priority-based order runs them as soon as their input is ready
+        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         # ONNX Runtime rewrites DequantizeLinear -> MatMul (the sparse FFN's int8 MLP predictor in the plain
         # graphs) into an 8-bit MatMulNBits; level 0 keeps its activations in float32, as the IR has them
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
@@ -285,6 +306,7 @@ class OrtRuntime:
         self._sessions: dict[str, object] = {}
         self._io_cache: dict[str, tuple] = {}
         self._slots: dict[str, _StepSlots] = {}
+        self._in_place: bool | None = None   # the prefill may update a state in place (_prefill_in_place)
         self.session("step")
 
     def session(self, entry: str):
@@ -332,10 +354,12 @@ class OrtRuntime:
         if legacy:  # format 1 artifacts: one wkv tensor for all layers
             logits, shift, wkv = sess.run(None, {"tokens": tokens, "shift_in": state.shift, "wkv_in": state.wkv})
             return logits, ir.State(shift, wkv)
-        slots = self._slots.get(entry) if len(tokens) == 1 else None
-        if slots is not None:   # a step: into a reused buffer, bound once (_StepSlots)
-            out = slots.run(int(tokens[0]), state)
-            if out is None:
+        if entry != "step":
+            self._io("step")    # (makes the step's slots, where a prefill's state goes too)
+        slots = self._slots.get("step")
+        if slots is not None:   # into a reused buffer (_StepSlots); a step's binding made once
+            out = slots.run(int(tokens[0]), state) if entry == "step" else None
+            if out is None:     # (a prefill's state in a slot: the steps after it start from there)
                 out = slots.first(state, lambda lg, sh, wkv: self._run_into(sess, names, tokens, state, lg, sh, wkv,
                                                                             has_top))
             if out is not None:
@@ -400,5 +424,24 @@ class OrtRuntime:
         logits = None
         for s in range(0, len(tokens), self.prefill_chunk):
             chunk = tokens[s:s + self.prefill_chunk]
-            logits, state = self.run("step" if len(chunk) == 1 else "prefill", chunk, state)
+            if s and len(chunk) > 1 and self._prefill_in_place():
+                # the state the last chunk made is this call's own: update its matrix states in place
+                logits, state = self._run_in_place("prefill", chunk, state)
+            else:
+                logits, state = self.run("step" if len(chunk) == 1 else "prefill", chunk, state)
         return logits, state
+
+    def _prefill_in_place(self) -> bool:
+        if self._in_place is None:
+            L = self._io("prefill")[3]
+            self._in_place = not self._io("prefill")[1] and \
+                wkv_in_place(self.path / self.manifest["entry_points"]["prefill"], len(L), "Rwkv7WkvSeq")
+        return self._in_place
+
+    def _run_in_place(self, entry: str, tokens: np.ndarray, state: ir.State) -> tuple[np.ndarray, ir.State]:
+        """run(entry, tokens, state) with the new matrix states written over `state.wkv` (wkv_in_place)."""
+        self._touch_tables(len(tokens))
+        sess, _, vocab, names, has_top = self._io(entry)
+        logits, shift = np.empty(vocab, np.float32), np.empty(state.shift.shape, np.float32)
+        self._run_into(sess, names, tokens, state, logits, shift, state.wkv, has_top)
+        return logits, ir.State(shift, state.wkv)

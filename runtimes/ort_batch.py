@@ -23,7 +23,7 @@ import numpy as np
 from rwkvc import ir
 from rwkvc.errors import RwkvcError
 
-from .onnxruntime import _run_bound
+from .onnxruntime import _run_bound, wkv_in_place
 
 BATCH_ENTRY = "batch_step"
 BATCH_PREFILL_ENTRY = "batch_prefill"
@@ -56,23 +56,6 @@ def prefill_batch(runtime, tokens, states: list[ir.State]) -> tuple[np.ndarray, 
     return logits, [ir.State(shift[b], np.stack([w[b] for w in wkv])) for b in range(len(states))]
 
 
-def wkv_in_place(graph_path, n_layer: int) -> bool:
-    """Whether every wkv_out.i of the batched step graph is written by Rwkv7WkvStepB (it reads each state row
-    before writing it, and nothing else reads wkv_in.i), so the step may update the states in place."""
-    import onnx
-
-    from rwkvc.abi import FUSED_DOMAIN
-    g = onnx.load(str(graph_path), load_external_data=False).graph
-    writers = {o: n for n in g.node for o in n.output}
-    readers: dict[str, int] = {}
-    for n in g.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
-    return all((n := writers.get(f"wkv_out.{i}")) is not None and n.domain == FUSED_DOMAIN
-               and n.op_type == "Rwkv7WkvStepB" and f"wkv_in.{i}" in n.input and readers.get(f"wkv_in.{i}") == 1
-               for i in range(n_layer))
-
-
 class BatchPool:
     def __init__(self, runtime, max_batch: int):
         if max_batch < 1:
@@ -87,7 +70,7 @@ class BatchPool:
         self.max_batch, self.n = max_batch, 0
         L = self.wkv_shape[0]
         self.shift = [np.zeros((max_batch, *self.shift_shape), np.float32) for _ in range(2)]
-        self.in_place = wkv_in_place(runtime.path / runtime.manifest["entry_points"][BATCH_ENTRY], L)
+        self.in_place = wkv_in_place(runtime.path / runtime.manifest["entry_points"][BATCH_ENTRY], L, "Rwkv7WkvStepB")
         wkv = [np.zeros((max_batch, *self.wkv_shape[1:]), np.float32) for _ in range(L)]
         self.wkv = [wkv, wkv if self.in_place else [np.zeros_like(w) for w in wkv]]
         self.logits = np.zeros((max_batch, self.vocab), np.float32)

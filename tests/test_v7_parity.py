@@ -78,6 +78,25 @@ def test_prefill_chunks_match_official_and_steps(case, chunks):
     np.testing.assert_allclose(state.shift, step_state.shift, rtol=0, atol=1e-5)
 
 
+def test_chunked_prefill_updates_only_its_own_state(case):
+    """A prompt longer than the prefill chunk: the chunks after the first update the call's own state in place
+    (Rwkv7WkvSeq reads a head's state before writing it); the caller's state is untouched and the result is the
+    one-call prefill's."""
+    toks = case["tokens"]
+    small, whole = rwkvc.load(case["art"], prefill_chunk=8), rwkvc.load(case["art"], prefill_chunk=1024)
+    assert small.runtime._prefill_in_place()
+    _, s0 = small.forward(toks[:5])
+    kept = s0.copy()
+    logits, s1 = small.forward(toks[5:], s0)
+    np.testing.assert_array_equal(s0.wkv, kept.wkv)
+    np.testing.assert_array_equal(s0.shift, kept.shift)
+    assert not np.shares_memory(s1.wkv, s0.wkv)
+    ref_logits, ref = whole.forward(toks[5:], kept)
+    scale = max(1.0, float(np.abs(ref.wkv).max()))
+    np.testing.assert_allclose(s1.wkv, ref.wkv, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=1e-4 * max(1.0, float(np.abs(ref_logits).max())))
+
+
 def test_reference_model_matches_artifact(case):
     """The PyTorch reference (the training model) and the emitted ONNX agree in float32."""
     from rwkvc.reference.v7 import RWKV7, config_from_state_dict
