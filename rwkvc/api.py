@@ -58,17 +58,19 @@ class Model:
         self.tokenizer = load_artifact_tokenizer(self.path, self.manifest, self.config.vocab_size)
         self._init_state = self._load_init_state()
 
-    def _load_init_state(self) -> ir.State:
+    def _load_init_state(self) -> ir.State | None:
+        """The compiled-in initial state, or None for zeros (made anew on each use: numpy's zeros are pages the
+        system maps on first write, so a zero state read by a forward costs no memory; a 1.5B's is 12.4 MB)."""
         init = self.manifest.get("state", {}).get("init")
         if not init:
-            return ir.State.zeros(self.config)
+            return None
         with np.load(self.path / init) as z:
             return ir.State(z["shift"].astype(np.float32), z["wkv"].astype(np.float32))
 
     # -- state --------------------------------------------------------------------------------------
     def init_state(self) -> ir.State:
         """The model's initial state (zeros, or a tuned state compiled in)."""
-        return self._init_state.copy()
+        return ir.State.zeros(self.config) if self._init_state is None else self._init_state.copy()
 
     def use_state(self, state: str | os.PathLike | ir.State | None) -> ir.State:
         """Swap the initial state every forward/stream without an explicit state starts from: a tuned

@@ -111,12 +111,14 @@ def bench_artifact(path, n_decode=64, n_prefill=512, threads=None, repeat=3, see
     m.forward(prompt[:1])
     t_pre = []
     for _ in range(repeat):
+        logits = state = None   # one prompt's state at a time, as a process serving one stream holds
         t0 = time.perf_counter()
         logits, state = m.forward(prompt)
         t_pre.append(time.perf_counter() - t0)
+    st, tok = state, int(np.argmax(logits))
+    logits = state = None       # the decode goes on from the prompt, each timed run from where the last ended
     t_dec = []
     for _ in range(repeat):
-        st, tok = state, int(np.argmax(logits))
         t0 = time.perf_counter()
         for _ in range(n_decode):   # greedy: np.argmax of the logits (Model.greedy_step)
             tok, st = m.greedy_step(tok, st)
