@@ -94,7 +94,7 @@ def wkv_in_place(graph_path, n_layer: int, op_type: str) -> bool:
         and f"wkv_in.{i}" in n.input and readers.get(f"wkv_in.{i}") == 1 for i in range(n_layer))
 
 
-def _run_bound(sess, inputs: list, outputs: list) -> None:
+def _run_bound(sess, inputs: list, outputs: list, run_options=None) -> None:
     """Run `sess` on numpy inputs [(name, array)] into buffers [(name, shape, address[, dtype: float32])], through
     onnxruntime's C-level IOBinding when it has one: its Python wrapper costs ~3 us a bound output (builds a
     device object, checks graph capture), ~30 us of a small model's ~250 us step."""
@@ -106,14 +106,14 @@ def _run_bound(sess, inputs: list, outputs: list) -> None:
             b.bind_input(name, arr)
         for name, shape, addr, *dt in outputs:
             b.bind_output(name, dev, dt[0] if dt else np.float32, shape, addr)
-        c_sess.run_with_iobinding(b, None)
+        c_sess.run_with_iobinding(b, run_options)
         return
     b = sess.io_binding()
     for name, arr in inputs:
         b.bind_cpu_input(name, arr)
     for name, shape, addr, *dt in outputs:
         b.bind_output(name, "cpu", 0, dt[0] if dt else np.float32, shape, addr)
-    sess.run_with_iobinding(b)
+    sess.run_with_iobinding(b, run_options)
 
 
 def _c_binding():
@@ -307,6 +307,10 @@ class OrtRuntime:
         self._io_cache: dict[str, tuple] = {}
         self._slots: dict[str, _StepSlots] = {}
         self._in_place: bool | None = None   # the prefill may update a state in place (_prefill_in_place)
+        self._release = None                 # run options of a prompt's last prefill call (forward)
+        if cpu:
+            self._release = ort.RunOptions()
+            self._release.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self.session("step")
 
     def session(self, entry: str):
@@ -345,7 +349,7 @@ class OrtRuntime:
                 for a in self._tables:
                     release_array(a)
 
-    def run(self, entry: str, tokens: np.ndarray, state: ir.State) -> tuple[np.ndarray, ir.State]:
+    def run(self, entry: str, tokens: np.ndarray, state: ir.State, run_options=None) -> tuple[np.ndarray, ir.State]:
         """One call of an entry point. The graphs take and give each layer's matrix state as its own tensor
         (`wkv_in.i` / `wkv_out.i`): inputs are bound to views of `state.wkv` and outputs to slices of a new
         state array, so no state is split, concatenated or copied around the call."""
@@ -361,14 +365,14 @@ class OrtRuntime:
             out = slots.run(int(tokens[0]), state) if entry == "step" else None
             if out is None:     # (a prefill's state in a slot: the steps after it start from there)
                 out = slots.first(state, lambda lg, sh, wkv: self._run_into(sess, names, tokens, state, lg, sh, wkv,
-                                                                            has_top))
+                                                                            has_top, run_options))
             if out is not None:
                 return out
         # new buffers: the logits (a caller may keep them), and the state (the shift, then each layer's wkv)
         logits = np.empty(vocab, np.float32)
         st = np.empty(state.shift.size + state.wkv.size, np.float32)
         shift, wkv = st[:state.shift.size].reshape(state.shift.shape), st[state.shift.size:].reshape(state.wkv.shape)
-        self._run_into(sess, names, tokens, state, logits, shift, wkv, has_top)
+        self._run_into(sess, names, tokens, state, logits, shift, wkv, has_top, run_options)
         return logits, ir.State(shift, wkv)
 
     def step_top(self, token: int, state: ir.State) -> tuple[int, ir.State] | None:
@@ -381,7 +385,8 @@ class OrtRuntime:
         return out if out is not None and out[0] >= 0 else None   # -1: a NaN logit (forward's path reports it)
 
     @staticmethod
-    def _run_into(sess, names, tokens, state: ir.State, logits, shift, wkv, has_top: bool = False) -> None:
+    def _run_into(sess, names, tokens, state: ir.State, logits, shift, wkv, has_top: bool = False,
+                  run_options=None) -> None:
         """One call with the outputs written into the given float32 arrays (contiguous). has_top: the graph
         has the head's top-token output (head_mode 0: logits and top; the top is not kept here)."""
         shift_in = np.ascontiguousarray(state.shift, dtype=np.float32)
@@ -396,7 +401,7 @@ class OrtRuntime:
         for i, (n_in, n_out) in enumerate(names):
             ins.append((n_in, wkv_in[i]))
             outs.append((n_out, layer, wkv[i].ctypes.data))
-        _run_bound(sess, ins, outs)
+        _run_bound(sess, ins, outs, run_options)
 
     def _io(self, entry: str):
         """(session, format-1 graph?, vocabulary size, [(wkv_in.i, wkv_out.i)], has the "top" output?) of an
@@ -424,11 +429,17 @@ class OrtRuntime:
         logits = None
         for s in range(0, len(tokens), self.prefill_chunk):
             chunk = tokens[s:s + self.prefill_chunk]
+            # the prompt's last prefill call hands the arena's free blocks back (its activations, ~20 MB at
+            # 1.5B int4, would stay through the decode), and the C heap returns them to the system
+            last = self._release if s + self.prefill_chunk >= len(tokens) else None
             if s and len(chunk) > 1 and self._prefill_in_place():
                 # the state the last chunk made is this call's own: update its matrix states in place
-                logits, state = self._run_in_place("prefill", chunk, state)
+                logits, state = self._run_in_place("prefill", chunk, state, last)
             else:
-                logits, state = self.run("step" if len(chunk) == 1 else "prefill", chunk, state)
+                logits, state = self.run("step" if len(chunk) == 1 else "prefill", chunk, state, last)
+        if self._release is not None:
+            from rwkvc.mapped import trim_heap
+            trim_heap()
         return logits, state
 
     def _prefill_in_place(self) -> bool:
@@ -438,10 +449,11 @@ class OrtRuntime:
                 wkv_in_place(self.path / self.manifest["entry_points"]["prefill"], len(L), "Rwkv7WkvSeq")
         return self._in_place
 
-    def _run_in_place(self, entry: str, tokens: np.ndarray, state: ir.State) -> tuple[np.ndarray, ir.State]:
+    def _run_in_place(self, entry: str, tokens: np.ndarray, state: ir.State,
+                      run_options=None) -> tuple[np.ndarray, ir.State]:
         """run(entry, tokens, state) with the new matrix states written over `state.wkv` (wkv_in_place)."""
         self._touch_tables(len(tokens))
         sess, _, vocab, names, has_top = self._io(entry)
         logits, shift = np.empty(vocab, np.float32), np.empty(state.shift.shape, np.float32)
-        self._run_into(sess, names, tokens, state, logits, shift, state.wkv, has_top)
+        self._run_into(sess, names, tokens, state, logits, shift, state.wkv, has_top, run_options)
         return logits, ir.State(shift, state.wkv)
