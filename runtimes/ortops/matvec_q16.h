@@ -317,6 +317,7 @@ void rows16_tokens(const MatVecQ& m, const Acts16* a, int64_t T, int64_t g0, int
   int64_t t = 0;
   bool ok = true;
   for (; ok && t + 4 <= T; t += 4) ok = rows16_simd<4>(m, a + t, g0, g1);
+  if (ok && t + 2 <= T) ok = rows16_simd<2>(m, a + t, g0, g1), t += 2;   // two tokens: the codes read once
   for (; ok && t < T; ++t) ok = rows16_simd<1>(m, a + t, g0, g1);
   if (ok) return;
 #endif
