@@ -16,6 +16,7 @@ from . import hugepages
 def _dense_embedding(graph_path: Path) -> dict[str, np.ndarray]:
     """{name: array} of the tables the runtime holds in memory (rwkvc.abi.resident: the dense embedding, RWKV-7a's
     dense DeepEmbed tables) of a graph whose weights are external, read into memory."""
+    from rwkvc.artifact import inside
     from rwkvc.onnx_index import EXTERNAL, read_graph
     held = {}
     for t in read_graph(graph_path).initializer:
@@ -23,7 +24,7 @@ def _dense_embedding(graph_path: Path) -> dict[str, np.ndarray]:
             ext = t.external()
             dtype = t.dtype
             count = int(np.prod(t.dims))
-            arr = np.fromfile(graph_path.parent / ext["location"], dtype=dtype, count=count,
+            arr = np.fromfile(inside(graph_path.parent, ext["location"], "a weight file"), dtype=dtype, count=count,
                               offset=int(ext.get("offset", 0)))
             if arr.size != count:
                 raise RwkvcError(f"{graph_path.parent / ext['location']}: truncated (the table {t.name} "
@@ -451,9 +452,12 @@ class OrtRuntime:
 
     def _run_in_place(self, entry: str, tokens: np.ndarray, state: ir.State,
                       run_options=None) -> tuple[np.ndarray, ir.State]:
-        """run(entry, tokens, state) with the new matrix states written over `state.wkv` (wkv_in_place)."""
+        """run(entry, tokens, state) with the new matrix states written over `state.wkv` (wkv_in_place) and the
+        new shift copied over `state.shift` (the graph reads all of it first): `state` keeps its buffer, so a
+        state in a step slot stays the slot's and the steps after the prompt take the slot's bound path."""
         self._touch_tables(len(tokens))
         sess, _, vocab, names, has_top = self._io(entry)
         logits, shift = np.empty(vocab, np.float32), np.empty(state.shift.shape, np.float32)
         self._run_into(sess, names, tokens, state, logits, shift, state.wkv, has_top, run_options)
-        return logits, ir.State(shift, state.wkv)
+        state.shift[...] = shift
+        return logits, state

@@ -91,6 +91,7 @@ def test_chunked_prefill_updates_only_its_own_state(case):
     np.testing.assert_array_equal(s0.wkv, kept.wkv)
     np.testing.assert_array_equal(s0.shift, kept.shift)
     assert not np.shares_memory(s1.wkv, s0.wkv)
+    assert small.runtime._slots["step"].source(s1) >= 0   # the prompt's state is a step slot's: steps go on there
     ref_logits, ref = whole.forward(toks[5:], kept)
     scale = max(1.0, float(np.abs(ref.wkv).max()))
     np.testing.assert_allclose(s1.wkv, ref.wkv, rtol=0, atol=1e-5 * scale)
