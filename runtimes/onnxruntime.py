@@ -265,8 +265,8 @@ class OrtRuntime:
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # ONNX Runtime's default order runs each layer's shift-state Slice (the last row of a (T, C) tensor) at
-        # the end of the graph, keeping 2 T x C tensors a layer alive through the whole prefill (48 MB at 1.5B
-        # with 128-token calls); the priority-based order runs them as soon as their input is ready
+        # the end of the graph, keeping 2 T x C tensors a layer alive through the whole prefill (43 MB at 1.5B
+        # int4 with 128-token calls); the priority-based order runs them as soon as their input is ready
         so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         # ONNX Runtime rewrites DequantizeLinear -> MatMul (the sparse FFN's int8 MLP predictor in the plain
         # graphs) into an 8-bit MatMulNBits; level 0 keeps its activations in float32, as the IR has them
@@ -432,12 +432,12 @@ class OrtRuntime:
             chunk = tokens[s:s + self.prefill_chunk]
             # the prompt's last prefill call hands the arena's free blocks back (its activations, ~20 MB at
             # 1.5B int4, would stay through the decode), and the C heap returns them to the system
-            last = self._release if s + self.prefill_chunk >= len(tokens) else None
+            release = self._release if s + self.prefill_chunk >= len(tokens) else None
             if s and len(chunk) > 1 and self._prefill_in_place():
                 # the state the last chunk made is this call's own: update its matrix states in place
-                logits, state = self._run_in_place("prefill", chunk, state, last)
+                logits, state = self._run_in_place("prefill", chunk, state, release)
             else:
-                logits, state = self.run("step" if len(chunk) == 1 else "prefill", chunk, state, last)
+                logits, state = self.run("step" if len(chunk) == 1 else "prefill", chunk, state, release)
         if self._release is not None:
             from rwkvc.mapped import trim_heap
             trim_heap()
@@ -445,9 +445,9 @@ class OrtRuntime:
 
     def _prefill_in_place(self) -> bool:
         if self._in_place is None:
-            L = self._io("prefill")[3]
-            self._in_place = not self._io("prefill")[1] and \
-                wkv_in_place(self.path / self.manifest["entry_points"]["prefill"], len(L), "Rwkv7WkvSeq")
+            _, legacy, _, names, _ = self._io("prefill")
+            self._in_place = not legacy and \
+                wkv_in_place(self.path / self.manifest["entry_points"]["prefill"], len(names), "Rwkv7WkvSeq")
         return self._in_place
 
     def _run_in_place(self, entry: str, tokens: np.ndarray, state: ir.State,

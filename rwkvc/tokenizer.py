@@ -127,8 +127,8 @@ class WorldTokenizer:
     @staticmethod
     def _build_index(token_to_id: dict[bytes, int]) -> tuple[list[int], dict[int, tuple[int, ...]]]:
         """(each single byte's id, {first two bytes as an int: the lengths of the tokens of 2+ bytes starting with
-        them, longest first}). With the token dict this is all greedy longest match needs: ~8 MB for the World
-        vocabulary, where a byte trie of Python dicts took ~35 MB of every process that loads a model."""
+        them, longest first}). With the token dict this is all greedy longest match needs: ~7 MB for the World
+        vocabulary, where a byte trie of Python dicts takes ~35 MB of every process that loads a model."""
         single = [token_to_id[bytes([b])] for b in range(256)]
         lengths: dict[int, set] = {}
         for tok in token_to_id:
