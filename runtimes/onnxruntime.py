@@ -13,29 +13,30 @@ from rwkvc.errors import RwkvcError
 from . import hugepages
 
 
-def _dense_embedding(graph_path: Path) -> dict[str, np.ndarray]:
+def _dense_embedding(path: Path, graph) -> dict[str, np.ndarray]:
     """{name: array} of the tables the runtime holds in memory (rwkvc.abi.resident: the dense embedding, RWKV-7a's
-    dense DeepEmbed tables) of a graph whose weights are external, read into memory."""
+    dense DeepEmbed tables) of a graph (rwkvc.onnx_index.Graph) whose weights are external in the artifact at
+    `path`, read into memory."""
     from rwkvc.artifact import inside
-    from rwkvc.onnx_index import EXTERNAL, read_graph
+    from rwkvc.onnx_index import EXTERNAL
     held = {}
-    for t in read_graph(graph_path).initializer:
+    for t in graph.initializer:
         if resident(t.name) and t.data_location == EXTERNAL:
             ext = t.external()
             dtype = t.dtype
             count = int(np.prod(t.dims))
-            arr = np.fromfile(inside(graph_path.parent, ext["location"], "a weight file"), dtype=dtype, count=count,
+            arr = np.fromfile(inside(path, ext["location"], "a weight file"), dtype=dtype, count=count,
                               offset=int(ext.get("offset", 0)))
             if arr.size != count:
-                raise RwkvcError(f"{graph_path.parent / ext['location']}: truncated (the table {t.name} "
+                raise RwkvcError(f"{path / ext['location']}: truncated (the table {t.name} "
                                  "ends past the end of the file); recompile the artifact")
             held[t.name] = arr.reshape(tuple(t.dims))
     return held
 
 
-def _shared_weights(path: Path, manifest: dict, skip) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+def _shared_weights(path: Path, graphs: list, skip) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     """{name: array} over ONE read-only mapping of the weight file, for every external initializer of the
-    artifact's graphs (except `skip`), and the arrays among them that every graph reads only by rows (the lazy
+    artifact's graphs (rwkvc.onnx_index.Graph; except `skip`), and the arrays among them that every graph reads only by rows (the lazy
     embedding table, a sparse FFN's or a clustered head's rows). Given to both sessions
     (SessionOptions.add_initializer), they read the same pages: each session mapping the file by itself would
     count every page it touches twice in the process's resident set (the step's and the prefill's copies of one
@@ -43,16 +44,13 @@ def _shared_weights(path: Path, manifest: dict, skip) -> tuple[dict[str, np.ndar
     from rwkvc.abi import row_read
     from rwkvc.artifact import inside
     from rwkvc.mapped import advise_random, drop_cached
-    from rwkvc.onnx_index import EXTERNAL, read_graph
+    from rwkvc.onnx_index import EXTERNAL
     maps: dict[str, np.memmap] = {}
     out: dict[str, np.ndarray] = {}
     by_rows: set[str] = set()
     where: dict[str, tuple] = {}
     whole: set[str] = set()   # read whole by some graph (a sparse FFN's rows are one dense product in the prefill)
-    for fn in manifest["entry_points"].values():
-        if not str(fn).endswith(".onnx"):
-            continue
-        g = read_graph(path / fn)
+    for g in graphs:
         rows = row_read(g)
         by_rows |= rows
         whole |= {t.name for t in g.initializer} - rows
@@ -78,13 +76,16 @@ def _shared_weights(path: Path, manifest: dict, skip) -> tuple[dict[str, np.ndar
     return out, [out[name] for name in tables]
 
 
-def wkv_in_place(graph_path, n_layer: int, op_type: str) -> bool:
-    """Whether every wkv_out.i of a graph is written by rwkvc's `op_type` from wkv_in.i, which nothing else reads:
-    then the graph may update the states in place (input and output bound to one buffer). Rwkv7WkvStepB reads each
-    state row before writing it; Rwkv7WkvSeq reads a head's state whole before it writes the head."""
+# entry point -> rwkvc's op whose state output may be its state input (wkv_in_place)
+WKV_WRITERS = {"prefill": "Rwkv7WkvSeq", "batch_step": "Rwkv7WkvStepB"}
+
+
+def wkv_in_place(g, n_layer: int, op_type: str) -> bool:
+    """Whether every wkv_out.i of a graph (rwkvc.onnx_index.Graph) is written by rwkvc's `op_type` from wkv_in.i,
+    which nothing else reads: then the graph may update the states in place (input and output bound to one
+    buffer). Rwkv7WkvStepB reads each state row before writing it; Rwkv7WkvSeq reads a head's state whole before
+    it writes the head."""
     from rwkvc.abi import FUSED_DOMAIN
-    from rwkvc.onnx_index import read_graph
-    g = read_graph(graph_path)
     writers = {o: n for n in g.node for o in n.output}
     readers: dict[str, int] = {}
     for n in g.node:
@@ -291,13 +292,20 @@ class OrtRuntime:
         # the dense embedding is read by a Gather only, so ONNX Runtime would leave it memory-mapped and
         # each new token's row could be a page fault on the file (the lazy-emb pass is the way to keep it
         # on disk); hold it in memory like every other weight, one copy shared by both sessions
-        self.held: dict[str, np.ndarray] = _dense_embedding(self.path / manifest["entry_points"]["step"]) if cpu else {}
+        from rwkvc.onnx_index import read_graph
+        graphs = {e: read_graph(self.path / fn) for e, fn in manifest["entry_points"].items()
+                  if str(fn).endswith(".onnx")}   # each parsed once (~30-70 ms a graph in Python)
+        L = int(manifest["model"]["n_layer"])
+        # the entry points whose states may be updated in place (forward's later prefill chunks, BatchPool)
+        self.wkv_in_place = {e: wkv_in_place(graphs[e], L, op) for e, op in WKV_WRITERS.items() if e in graphs}
+        self.held: dict[str, np.ndarray] = _dense_embedding(self.path, graphs["step"]) if cpu else {}
         self._held_values = []                      # the OrtValues over them must outlive the sessions
         for name, arr in self.held.items():
             self._held_values.append(ort.OrtValue.ortvalue_from_numpy(arr))
             so.add_initializer(name, self._held_values[-1])
         # every other weight: one read-only mapping of the file that both sessions read (_shared_weights)
-        self.mapped, self._tables = _shared_weights(self.path, manifest, self.held) if cpu else ({}, [])
+        self.mapped, self._tables = _shared_weights(self.path, list(graphs.values()), self.held) if cpu else ({}, [])
+        del graphs
         self._table_rows = 0      # tokens since the tables' pages were last handed back (_touch_tables)
         for name, arr in self.mapped.items():
             self._held_values.append(ort.OrtValue.ortvalue_from_numpy(arr))
@@ -307,7 +315,6 @@ class OrtRuntime:
         self._sessions: dict[str, object] = {}
         self._io_cache: dict[str, tuple] = {}
         self._slots: dict[str, _StepSlots] = {}
-        self._in_place: bool | None = None   # the prefill may update a state in place (_prefill_in_place)
         self._release = None                 # run options of a prompt's last prefill call (forward)
         if cpu:
             self._release = ort.RunOptions()
@@ -433,7 +440,7 @@ class OrtRuntime:
             # the prompt's last prefill call hands the arena's free blocks back (its activations, ~20 MB at
             # 1.5B int4, would stay through the decode), and the C heap returns them to the system
             release = self._release if s + self.prefill_chunk >= len(tokens) else None
-            if s and len(chunk) > 1 and self._prefill_in_place():
+            if s and len(chunk) > 1 and self.wkv_in_place.get("prefill"):
                 # the state the last chunk made is this call's own: update its matrix states in place
                 logits, state = self._run_in_place("prefill", chunk, state, release)
             else:
@@ -442,13 +449,6 @@ class OrtRuntime:
             from rwkvc.mapped import trim_heap
             trim_heap()
         return logits, state
-
-    def _prefill_in_place(self) -> bool:
-        if self._in_place is None:
-            _, legacy, _, names, _ = self._io("prefill")
-            self._in_place = not legacy and \
-                wkv_in_place(self.path / self.manifest["entry_points"]["prefill"], len(names), "Rwkv7WkvSeq")
-        return self._in_place
 
     def _run_in_place(self, entry: str, tokens: np.ndarray, state: ir.State,
                       run_options=None) -> tuple[np.ndarray, ir.State]:

@@ -23,7 +23,7 @@ import numpy as np
 from rwkvc import ir
 from rwkvc.errors import RwkvcError
 
-from .onnxruntime import _run_bound, wkv_in_place
+from .onnxruntime import _run_bound
 
 BATCH_ENTRY = "batch_step"
 BATCH_PREFILL_ENTRY = "batch_prefill"
@@ -70,7 +70,7 @@ class BatchPool:
         self.max_batch, self.n = max_batch, 0
         L = self.wkv_shape[0]
         self.shift = [np.zeros((max_batch, *self.shift_shape), np.float32) for _ in range(2)]
-        self.in_place = wkv_in_place(runtime.path / runtime.manifest["entry_points"][BATCH_ENTRY], L, "Rwkv7WkvStepB")
+        self.in_place = runtime.wkv_in_place.get(BATCH_ENTRY, False)
         wkv = [np.zeros((max_batch, *self.wkv_shape[1:]), np.float32) for _ in range(L)]
         self.wkv = [wkv, wkv if self.in_place else [np.zeros_like(w) for w in wkv]]
         self.logits = np.zeros((max_batch, self.vocab), np.float32)

@@ -84,7 +84,7 @@ def test_chunked_prefill_updates_only_its_own_state(case):
     one-call prefill's."""
     toks = case["tokens"]
     small, whole = rwkvc.load(case["art"], prefill_chunk=8), rwkvc.load(case["art"], prefill_chunk=1024)
-    assert small.runtime._prefill_in_place()
+    assert small.runtime.wkv_in_place["prefill"]
     _, s0 = small.forward(toks[:5])
     kept = s0.copy()
     logits, s1 = small.forward(toks[5:], s0)
