@@ -80,7 +80,7 @@ def _shared_weights(path: Path, graphs: list, skip) -> tuple[dict[str, np.ndarra
 WKV_WRITERS = {"prefill": "Rwkv7WkvSeq", "batch_step": "Rwkv7WkvStepB"}
 
 
-def wkv_in_place(g, n_layer: int, op_type: str) -> bool:
+def wkv_in_place(g, op_type: str) -> bool:
     """Whether every wkv_out.i of a graph (rwkvc.onnx_index.Graph) is written by rwkvc's `op_type` from wkv_in.i,
     which nothing else reads: then the graph may update the states in place (input and output bound to one
     buffer). Rwkv7WkvStepB reads each state row before writing it; Rwkv7WkvSeq reads a head's state whole before
@@ -91,6 +91,7 @@ def wkv_in_place(g, n_layer: int, op_type: str) -> bool:
     for n in g.node:
         for i in n.input:
             readers[i] = readers.get(i, 0) + 1
+    n_layer = sum(o.startswith("wkv_out.") for o in writers)
     return n_layer > 0 and all(
         (n := writers.get(f"wkv_out.{i}")) is not None and n.domain == FUSED_DOMAIN and n.op_type == op_type
         and f"wkv_in.{i}" in n.input and readers.get(f"wkv_in.{i}") == 1 for i in range(n_layer))
@@ -295,9 +296,8 @@ class OrtRuntime:
         from rwkvc.onnx_index import read_graph
         graphs = {e: read_graph(self.path / fn) for e, fn in manifest["entry_points"].items()
                   if str(fn).endswith(".onnx")}   # each parsed once (~30-70 ms a graph in Python)
-        L = int(manifest["model"]["n_layer"])
         # the entry points whose states may be updated in place (forward's later prefill chunks, BatchPool)
-        self.wkv_in_place = {e: wkv_in_place(graphs[e], L, op) for e, op in WKV_WRITERS.items() if e in graphs}
+        self.wkv_in_place = {e: wkv_in_place(graphs[e], op) for e, op in WKV_WRITERS.items() if e in graphs}
         self.held: dict[str, np.ndarray] = _dense_embedding(self.path, graphs["step"]) if cpu else {}
         self._held_values = []                      # the OrtValues over them must outlive the sessions
         for name, arr in self.held.items():
