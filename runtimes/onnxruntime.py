@@ -77,14 +77,14 @@ def _shared_weights(path: Path, graphs: list, skip) -> tuple[dict[str, np.ndarra
 
 
 # entry point -> rwkvc's op whose state output may be its state input (wkv_in_place)
-WKV_WRITERS = {"prefill": "Rwkv7WkvSeq", "batch_step": "Rwkv7WkvStepB"}
+WKV_WRITERS = {"step": "Rwkv7WkvStep", "prefill": "Rwkv7WkvSeq", "batch_step": "Rwkv7WkvStepB"}
 
 
 def wkv_in_place(g, op_type: str) -> bool:
     """Whether every wkv_out.i of a graph (rwkvc.onnx_index.Graph) is written by rwkvc's `op_type` from wkv_in.i,
     which nothing else reads: then the graph may update the states in place (input and output bound to one
-    buffer). Rwkv7WkvStepB reads each state row before writing it; Rwkv7WkvSeq reads a head's state whole before
-    it writes the head."""
+    buffer). Rwkv7WkvStep and Rwkv7WkvStepB read each state row before writing it; Rwkv7WkvSeq reads a head's
+    state whole before it writes the head."""
     from rwkvc.abi import FUSED_DOMAIN
     writers = {o: n for n in g.node for o in n.output}
     readers: dict[str, int] = {}
@@ -140,11 +140,17 @@ class _StepSlots:
 
     A slot is reused only when nothing outside holds its buffer: a caller's logits and State are views of it,
     and sys.getrefcount sees them. So a kept state or logits array is never overwritten. Slots are made as
-    needed, up to MAX; past that, or for a state that is not a slot's, the caller binds per call."""
+    needed, up to MAX; past that, or for a state that is not a slot's, the caller binds per call.
+
+    in_place (the graph's matrix states may be updated in place: wkv_in_place): a step asked to write over the
+    state it reads (a loop that gives up each state for the next, as a decode does) writes its slot's matrix
+    states and logits, the new shift through a scratch buffer copied over the slot's: one slot instead of two,
+    a state's bytes (12.4 MB at 1.5B) less."""
 
     MAX = 8
 
-    def __init__(self, sess, vocab: int, shift_shape: tuple, wkv_shape: tuple, names: list, top: bool):
+    def __init__(self, sess, vocab: int, shift_shape: tuple, wkv_shape: tuple, names: list, top: bool,
+                 in_place: bool = False):
         import threading
 
         import onnxruntime as ort
@@ -157,6 +163,10 @@ class _StepSlots:
         self._ort = ort
         self.top = top          # the graph has the "top" output and "head_mode" input
         self._no_logits = ort.OrtValue.ortvalue_from_numpy(np.zeros(0, np.float32))._ortvalue
+        self.in_place = in_place
+        if in_place:
+            self.shift_tmp = np.zeros(self.shift_shape, np.float32)
+            self._shift_tmp = ort.OrtValue.ortvalue_from_numpy(self.shift_tmp)._ortvalue
 
     def _views(self, buf: np.ndarray):
         V, S = self.vocab, self.n_shift
@@ -202,7 +212,7 @@ class _StepSlots:
             a, o = self.slots[src], self.slots[dst]
             b.bind_ortvalue_input("shift_in", a["shift"])
             b.bind_ortvalue_output("logits", o["logits"] if mode == 0 else self._no_logits)
-            b.bind_ortvalue_output("shift_out", o["shift"])
+            b.bind_ortvalue_output("shift_out", self._shift_tmp if src == dst else o["shift"])
             if self.top:
                 b.bind_ortvalue_input(HEAD_MODE, ov(mode_arr)._ortvalue)
                 b.bind_ortvalue_output("top", o["top_ov"])
@@ -212,22 +222,25 @@ class _StepSlots:
             self.pairs[key] = (b, tok, mode_arr)
         return self.pairs[key][:2]
 
-    def run(self, token: int, state: ir.State, top_only: bool = False):
+    def run(self, token: int, state: ir.State, top_only: bool = False, in_place: bool = False):
         """(logits, new state) in a free slot, or None when this call cannot use the slots. top_only (a graph
-        with the "top" output): (top token, new state), the logits not written."""
+        with the "top" output): (top token, new state), the logits not written. in_place (where the graph
+        allows it): the new state and logits written over `state`'s slot."""
         if not self.lock.acquire(blocking=False):   # another thread is stepping: it binds per call
             return None
         try:
             src = self.source(state)
             if src < 0:
                 return None
-            dst = self._free_slot(src)
+            dst = src if in_place and self.in_place else self._free_slot(src)
             if dst is None:
                 return None
             b, tok = self._binding(src, dst, int(top_only))
             tok[0] = token
             self.sess._sess.run_with_iobinding(b, None)
             logits, shift, wkv = self._views(self.slots[dst]["buf"])
+            if src == dst:
+                shift[...] = self.shift_tmp
             return (int(self.slots[dst]["top"][0]) if top_only else logits), ir.State(shift, wkv)
         finally:
             self.lock.release()
@@ -357,10 +370,11 @@ class OrtRuntime:
                 for a in self._tables:
                     release_array(a)
 
-    def run(self, entry: str, tokens: np.ndarray, state: ir.State, run_options=None) -> tuple[np.ndarray, ir.State]:
+    def run(self, entry: str, tokens: np.ndarray, state: ir.State, run_options=None,
+            in_place: bool = False) -> tuple[np.ndarray, ir.State]:
         """One call of an entry point. The graphs take and give each layer's matrix state as its own tensor
         (`wkv_in.i` / `wkv_out.i`): inputs are bound to views of `state.wkv` and outputs to slices of a new
-        state array, so no state is split, concatenated or copied around the call."""
+        state array, so no state is split, concatenated or copied around the call. in_place: forward's."""
         self._touch_tables(len(tokens))
         sess, legacy, vocab, names, has_top = self._io(entry)
         if legacy:  # format 1 artifacts: one wkv tensor for all layers
@@ -370,7 +384,7 @@ class OrtRuntime:
             self._io("step")    # (makes the step's slots, where a prefill's state goes too)
         slots = self._slots.get("step")
         if slots is not None:   # into a reused buffer (_StepSlots); a step's binding made once
-            out = slots.run(int(tokens[0]), state) if entry == "step" else None
+            out = slots.run(int(tokens[0]), state, in_place=in_place) if entry == "step" else None
             if out is None:     # (a prefill's state in a slot: the steps after it start from there)
                 out = slots.first(state, lambda lg, sh, wkv: self._run_into(sess, names, tokens, state, lg, sh, wkv,
                                                                             has_top, run_options))
@@ -383,13 +397,17 @@ class OrtRuntime:
         self._run_into(sess, names, tokens, state, logits, shift, wkv, has_top, run_options)
         return logits, ir.State(shift, wkv)
 
-    def step_top(self, token: int, state: ir.State) -> tuple[int, ir.State] | None:
+    def step_top(self, token: int, state: ir.State, in_place: bool = False) -> tuple[int, ir.State] | None:
         """A step giving np.argmax of its logits and the new state, the logits never written, where the step
-        graph has a top-token head (Rwkv7ClusteredHeadTop) and `state` is one a step returned; else None."""
+        graph has a top-token head (Rwkv7ClusteredHeadTop) and `state` is one a step returned; else None.
+        in_place: as forward's."""
         if not self._io("step")[4] or "step" not in self._slots:
             return None
         self._touch_tables(1)
-        out = self._slots["step"].run(token, state, top_only=True)
+        out = self._slots["step"].run(token, state, top_only=True, in_place=in_place)
+        if out is not None and out[0] < 0 and out[1].wkv.ctypes.data == state.wkv.ctypes.data:   # written over:
+            # the step cannot be redone by forward's path
+            raise RwkvcError("logits contain NaN; check the model output (overflow in fp16?)")
         return out if out is not None and out[0] >= 0 else None   # -1: a NaN logit (forward's path reports it)
 
     @staticmethod
@@ -428,12 +446,14 @@ class OrtRuntime:
                 shp = {i.name: i.shape for i in sess.get_inputs()}
                 if all(isinstance(d, int) for d in shp["shift_in"] + shp["wkv_in.0"]):
                     self._slots[entry] = _StepSlots(sess, vocab, shp["shift_in"], [layers] + shp["wkv_in.0"], names,
-                                                    has_top)
+                                                    has_top, self.wkv_in_place.get("step", False))
         return self._io_cache[entry]
 
-    def forward(self, tokens: np.ndarray, state: ir.State) -> tuple[np.ndarray, ir.State]:
+    def forward(self, tokens: np.ndarray, state: ir.State, in_place: bool = False) -> tuple[np.ndarray, ir.State]:
+        """in_place: the caller gives `state` up (and the logits that came with it): a step may write the new
+        state over it, where the step graph allows that and `state` is one a step or prefill returned."""
         if len(tokens) == 1:
-            return self.run("step", tokens, state)
+            return self.run("step", tokens, state, in_place=in_place)
         logits = None
         for s in range(0, len(tokens), self.prefill_chunk):
             chunk = tokens[s:s + self.prefill_chunk]

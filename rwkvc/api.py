@@ -6,7 +6,9 @@
     for piece in m.stream("The", n=100): print(piece, end="")
 
 `forward` has the official `rwkv` package's meaning, but never mutates the state it is given: the
-returned state is new, and the old one can be used again (to branch a conversation, say).
+returned state is new, and the old one can be used again (to branch a conversation, say). A loop that keeps
+only the latest state passes `in_place=True`: a decode step may then write the new state over the old one
+(and its logits over the old logits), one state's memory instead of two; the numbers are the same.
 """
 from __future__ import annotations
 
@@ -59,8 +61,9 @@ class Model:
         self._init_state = self._load_init_state()
 
     def _load_init_state(self) -> ir.State | None:
-        """The compiled-in initial state, or None for zeros (made anew on each use: numpy's zeros are pages the
-        system maps on first write, so a zero state read by a forward costs no memory; a 1.5B's is 12.4 MB)."""
+        """The compiled-in initial state, or None for zeros (made anew on each use, in pages the system maps on
+        first write: rwkvc.mapped.zero_pages; a zero state read by a forward costs no memory, a 1.5B's is
+        12.4 MB)."""
         init = self.manifest.get("state", {}).get("init")
         if not init:
             return None
@@ -70,7 +73,10 @@ class Model:
     # -- state --------------------------------------------------------------------------------------
     def init_state(self) -> ir.State:
         """The model's initial state (zeros, or a tuned state compiled in)."""
-        return ir.State.zeros(self.config) if self._init_state is None else self._init_state.copy()
+        if self._init_state is None:
+            from .mapped import zero_pages
+            return ir.State.zeros(self.config, zero_pages)
+        return self._init_state.copy()
 
     def use_state(self, state: str | os.PathLike | ir.State | None) -> ir.State:
         """Swap the initial state every forward/stream without an explicit state starts from: a tuned
@@ -134,7 +140,10 @@ class Model:
         return self.check_state(st)
 
     # -- inference ----------------------------------------------------------------------------------
-    def forward(self, tokens: int | Sequence[int], state: ir.State | None = None) -> tuple[np.ndarray, ir.State]:
+    def forward(self, tokens: int | Sequence[int], state: ir.State | None = None,
+                in_place: bool = False) -> tuple[np.ndarray, ir.State]:
+        """(logits of the last token, the state after all tokens). in_place: the caller gives `state` and the
+        logits returned with it up (the module's docstring)."""
         if type(tokens) is list and len(tokens) == 1 and type(tokens[0]) is int:   # a decode step: no numpy
             lo = hi = tokens[0]
             toks = np.array(tokens, np.int64)
@@ -152,18 +161,25 @@ class Model:
             raise RwkvcValueError(f"token id {bad} is outside this model's vocabulary 0..{self.config.vocab_size - 1} "
                              "(was the model trained with the RWKV World tokenizer?)")
         state = self.init_state() if state is None else self.check_state(state)
+        if in_place and self._in_place:
+            return self.runtime.forward(toks, state, in_place=True)
         return self.runtime.forward(toks, state)
 
-    def greedy_step(self, token: int, state: ir.State) -> tuple[int, ir.State]:
+    @property
+    def _in_place(self) -> bool:
+        """Whether this runtime's steps can write over the state they read (runtimes.onnxruntime)."""
+        return bool(getattr(self.runtime, "wkv_in_place", {}).get("step"))
+
+    def greedy_step(self, token: int, state: ir.State, in_place: bool = False) -> tuple[int, ir.State]:
         """One greedy decode step: (np.argmax of forward([token], state)'s logits, the new state). Where the
         artifact's head gives its top token (a clustered head with rwkvc's cpu kernels) and `state` came from a
-        step, the logits are never written."""
+        step, the logits are never written. in_place: as forward's."""
         step_top = getattr(self.runtime, "step_top", None)
         if step_top is not None and type(token) is int and 0 <= token < self.config.vocab_size:
-            out = step_top(token, state)
+            out = step_top(token, state, in_place=True) if in_place and self._in_place else step_top(token, state)
             if out is not None:
                 return out
-        logits, state = self.forward([token], state)
+        logits, state = self.forward([token], state, in_place)
         return int(np.argmax(logits)), state
 
     def encode(self, text: str) -> list[int]:
@@ -214,12 +230,15 @@ class Model:
                 break
             sampler.observe(tok)
             out_tokens.append(tok)
-            out = step_top(tok, state) if step_top is not None else None
+            # every state after the prompt's is this loop's own: a step writes over it (Model.forward's in_place),
+            # except a top-token step that a banned top would redo from the state it read
+            out = (step_top(tok, state, in_place=not banned and self._in_place) if step_top is not None
+                   else None)
             if out is not None and out[0] not in banned:
                 top, state = out
             else:
                 top = None
-                logits, state = self.forward([tok], state)   # the state always holds every token emitted
+                logits, state = self.forward([tok], state, in_place=True)   # the state holds every token emitted
             text += dec.feed(tok)
             hit = min((i for i in (text.find(s, max(0, emitted - hold)) for s in stops) if i >= 0), default=-1)
             if hit >= 0:

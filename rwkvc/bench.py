@@ -121,7 +121,7 @@ def bench_artifact(path, n_decode=64, n_prefill=512, threads=None, repeat=3, see
     for _ in range(repeat):
         t0 = time.perf_counter()
         for _ in range(n_decode):   # greedy: np.argmax of the logits (Model.greedy_step)
-            tok, st = m.greedy_step(tok, st)
+            tok, st = m.greedy_step(tok, st, in_place=True)   # as a decode loop holds its state
         t_dec.append(time.perf_counter() - t0)
         if between is not None:
             between()

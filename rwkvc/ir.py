@@ -149,9 +149,10 @@ class State:
     wkv: np.ndarray
 
     @staticmethod
-    def zeros(cfg: ModelConfig) -> "State":
+    def zeros(cfg: ModelConfig, zeros=lambda shape: np.zeros(shape, np.float32)) -> "State":
+        """The zero state; zeros(shape) makes each float32 array (rwkvc.mapped.zero_pages for a runtime's)."""
         shp = cfg.state_shapes()
-        st = State(np.zeros(shp["shift"], np.float32), np.zeros(shp["wkv"], np.float32))
+        st = State(zeros(shp["shift"]), zeros(shp["wkv"]))
         if cfg.version == "4":
             st.wkv[:, 2] = -1e38  # pp: the running max exponent starts at -inf
         return st

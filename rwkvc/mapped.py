@@ -7,6 +7,7 @@
     spill(arr, dir), spill_rep(rep, dir)   arrays written to scratch files, read back lazily with read()
     release(t), release_array(a)    drop the resident pages of a memory-mapped tensor / array (MADV_DONTNEED)
     to_float32(t), all_finite(t)    a torch tensor as float32, its finiteness (bf16 without torch's conversion)
+    zero_pages(shape)               a float32 zero array in pages of its own, resident only once written
 
 A LazyArray behaves as the numpy array it loads wherever numpy converts it (np.asarray, ufuncs, array
 functions, indexing, attributes such as .T or .astype): each use materialises a fresh copy, which is freed
@@ -54,6 +55,17 @@ def trim_heap() -> None:
     c = _c()
     if c and hasattr(c, "malloc_trim"):
         c.malloc_trim(0)
+
+
+def zero_pages(shape) -> np.ndarray:
+    """A float32 array of zeros over an anonymous private mapping of its own: its pages take no memory until
+    written (reading maps the system's zero page). np.zeros of a few MB gives that only while glibc serves it
+    from a new mapping; once its mapping threshold has risen, the zeros are written into reused heap memory."""
+    n = max(1, int(np.prod(shape))) * 4
+    m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) if hasattr(mmap, "MAP_ANONYMOUS") else None
+    if m is None:
+        return np.zeros(shape, np.float32)
+    return np.frombuffer(m, np.float32, int(np.prod(shape))).reshape(shape)
 
 
 def _madvise(addr: int, n: int, advice: int = MADV_DONTNEED) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from rwkvc import mapped
-from rwkvc.mapped import LazyArray
+from rwkvc.mapped import LazyArray, zero_pages
 from rwkvc.pipeline import compile_checkpoint
 from rwkvc.testing import save_random_v7
 
@@ -31,6 +31,23 @@ def test_lazy_array_behaves_as_its_array():
     assert np.array_equal(np.asarray(lz.T), a.T) and np.array_equal(lz.T[1:3], a.T[1:3])
     assert np.array_equal(np.concatenate(list(lz.T.row_blocks(max_bytes=20))), a.T)
     assert np.array_equal(np.concatenate([lz, lz]), np.concatenate([a, a]))
+
+
+def test_zero_pages_are_writable_zeros_that_cost_nothing_until_written():
+    """A runtime's zero initial state (Model.init_state): zeros in a mapping of their own, writable, each array
+    apart; 64 MB of them read through stay out of the resident set (the system's zero page)."""
+    def rss_anon():
+        return next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("RssAnon")) * 1024
+    a, b = zero_pages((4, 3)), zero_pages((4, 3))
+    assert a.dtype == np.float32 and a.shape == (4, 3) and not a.any()
+    a[1, 2] = 5
+    assert a[1, 2] == 5 and not b.any()
+    before = rss_anon()
+    big = zero_pages((16, 1 << 20))
+    assert float(big.sum()) == 0.0
+    assert rss_anon() - before < 8 << 20
+    big[:] = 1
+    assert rss_anon() - before > 60 << 20
 
 
 @pytest.mark.parametrize("recipe", [None, "int8(targets=head),int4(group=32),lazy-emb(storage=int8)"])

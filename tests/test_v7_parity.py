@@ -98,6 +98,33 @@ def test_chunked_prefill_updates_only_its_own_state(case):
     np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=1e-4 * max(1.0, float(np.abs(ref_logits).max())))
 
 
+def test_in_place_decode_equals_the_step_that_keeps_its_state(case):
+    """Model.forward / greedy_step with in_place=True: each step writes over the state it read, in the one step
+    slot that state is in, and every logit and state is bit for bit the out-of-place step's."""
+    toks = case["tokens"]
+    m = rwkvc.load(case["art"])
+    assert m.runtime.wkv_in_place["step"]
+    _, s = m.forward(toks[:6])
+    kept, ref = s.copy(), []
+    st = s
+    for t in toks[6:12]:
+        lg, st = m.forward([t], st)
+        ref.append((lg.copy(), st.copy()))
+    _, st = m.forward(toks[:6])
+    n_slots = len(m.runtime._slots["step"].slots)
+    for t, (ref_lg, ref_st) in zip(toks[6:12], ref):
+        before = st.wkv.ctypes.data
+        lg, st = m.forward([t], st, in_place=True)
+        assert st.wkv.ctypes.data == before
+        np.testing.assert_array_equal(lg, ref_lg)
+        np.testing.assert_array_equal(st.wkv, ref_st.wkv)
+        np.testing.assert_array_equal(st.shift, ref_st.shift)
+    assert len(m.runtime._slots["step"].slots) == n_slots
+    top, st2 = m.greedy_step(int(toks[12]), kept.copy(), in_place=True)   # a state no slot holds: a new one
+    assert top == int(np.argmax(m.forward([int(toks[12])], kept)[0])) and np.array_equal(st2.wkv, m.forward(
+        [int(toks[12])], kept)[1].wkv)
+
+
 def test_reference_model_matches_artifact(case):
     """The PyTorch reference (the training model) and the emitted ONNX agree in float32."""
     from rwkvc.reference.v7 import RWKV7, config_from_state_dict
