@@ -7,94 +7,11 @@ from pathlib import Path
 import numpy as np
 
 from rwkvc import ir
-from rwkvc.abi import DENSE_EMBEDDING, HEAD_MODE, resident  # noqa: F401  (DENSE_EMBEDDING: tests read held[...])
+from rwkvc.abi import DENSE_EMBEDDING, HEAD_MODE  # noqa: F401  (DENSE_EMBEDDING: tests read held[...])
 from rwkvc.errors import RwkvcError
 
 from . import hugepages
-
-
-def _dense_embedding(path: Path, graph) -> dict[str, np.ndarray]:
-    """{name: array} of the tables the runtime holds in memory (rwkvc.abi.resident: the dense embedding, RWKV-7a's
-    dense DeepEmbed tables) of a graph (rwkvc.onnx_index.Graph) whose weights are external in the artifact at
-    `path`, read into memory."""
-    from rwkvc.artifact import inside
-    from rwkvc.onnx_index import EXTERNAL
-    held = {}
-    for t in graph.initializer:
-        if resident(t.name) and t.data_location == EXTERNAL:
-            ext = t.external()
-            dtype = t.dtype
-            count = int(np.prod(t.dims))
-            arr = np.fromfile(inside(path, ext["location"], "a weight file"), dtype=dtype, count=count,
-                              offset=int(ext.get("offset", 0)))
-            if arr.size != count:
-                raise RwkvcError(f"{path / ext['location']}: truncated (the table {t.name} "
-                                 "ends past the end of the file); recompile the artifact")
-            held[t.name] = arr.reshape(tuple(t.dims))
-    return held
-
-
-def _shared_weights(path: Path, graphs: list, skip) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
-    """{name: array} over ONE read-only mapping of the weight file, for every external initializer of the
-    artifact's graphs (rwkvc.onnx_index.Graph; except `skip`), and the arrays among them that every graph reads only by rows (the lazy
-    embedding table, a sparse FFN's or a clustered head's rows). Given to both sessions
-    (SessionOptions.add_initializer), they read the same pages: each session mapping the file by itself would
-    count every page it touches twice in the process's resident set (the step's and the prefill's copies of one
-    page-cache page)."""
-    from rwkvc.abi import row_read
-    from rwkvc.artifact import inside
-    from rwkvc.mapped import advise_random, drop_cached
-    from rwkvc.onnx_index import EXTERNAL
-    maps: dict[str, np.memmap] = {}
-    out: dict[str, np.ndarray] = {}
-    by_rows: set[str] = set()
-    where: dict[str, tuple] = {}
-    whole: set[str] = set()   # read whole by some graph (a sparse FFN's rows are one dense product in the prefill)
-    for g in graphs:
-        rows = row_read(g)
-        by_rows |= rows
-        whole |= {t.name for t in g.initializer} - rows
-        for t in g.initializer:
-            if t.name in out or t.name in skip or t.data_location != EXTERNAL:
-                continue
-            ext = t.external()
-            loc = str(inside(path, ext["location"], "a weight file"))
-            if loc not in maps:
-                maps[loc] = np.memmap(loc, dtype=np.uint8, mode="r")
-            mm = maps[loc]
-            off, n = int(ext.get("offset", 0)), int(ext.get("length", 0))
-            dtype = t.dtype
-            count = int(np.prod(t.dims, dtype=np.int64))
-            if off + count * dtype.itemsize > mm.size or (n and n != count * dtype.itemsize) or off % dtype.alignment:
-                raise RwkvcError(f"{loc}: the weight {t.name} does not fit the file (truncated?); recompile the artifact")
-            out[t.name] = mm[off:off + count * dtype.itemsize].view(dtype).reshape(tuple(t.dims))
-            where[t.name] = (loc, off, count * dtype.itemsize)
-    tables = sorted((by_rows - whole) & set(out))
-    for name in tables:   # a row read maps that row's page only: no read-ahead, no large folios
-        advise_random(out[name])
-        drop_cached(*where[name])
-    return out, [out[name] for name in tables]
-
-
-# entry point -> rwkvc's op whose state output may be its state input (wkv_in_place)
-WKV_WRITERS = {"step": "Rwkv7WkvStep", "prefill": "Rwkv7WkvSeq", "batch_step": "Rwkv7WkvStepB"}
-
-
-def wkv_in_place(g, op_type: str) -> bool:
-    """Whether every wkv_out.i of a graph (rwkvc.onnx_index.Graph) is written by rwkvc's `op_type` from wkv_in.i,
-    which nothing else reads: then the graph may update the states in place (input and output bound to one
-    buffer). Rwkv7WkvStep and Rwkv7WkvStepB read each state row before writing it; Rwkv7WkvSeq reads a head's
-    state whole before it writes the head."""
-    from rwkvc.abi import FUSED_DOMAIN
-    writers = {o: n for n in g.node for o in n.output}
-    readers: dict[str, int] = {}
-    for n in g.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
-    n_layer = sum(o.startswith("wkv_out.") for o in writers)
-    return n_layer > 0 and all(
-        (n := writers.get(f"wkv_out.{i}")) is not None and n.domain == FUSED_DOMAIN and n.op_type == op_type
-        and f"wkv_in.{i}" in n.input and readers.get(f"wkv_in.{i}") == 1 for i in range(n_layer))
+from .ort_weights import WKV_WRITERS, dense_embedding, index_graphs, shared_weights, wkv_in_place  # noqa: F401
 
 
 def _run_bound(sess, inputs: list, outputs: list, run_options=None) -> None:
@@ -306,19 +223,17 @@ class OrtRuntime:
         # the dense embedding is read by a Gather only, so ONNX Runtime would leave it memory-mapped and
         # each new token's row could be a page fault on the file (the lazy-emb pass is the way to keep it
         # on disk); hold it in memory like every other weight, one copy shared by both sessions
-        from rwkvc.onnx_index import read_graph
-        graphs = {e: read_graph(self.path / fn) for e, fn in manifest["entry_points"].items()
-                  if str(fn).endswith(".onnx")}   # each parsed once (~30-70 ms a graph in Python)
-        # the entry points whose states may be updated in place (forward's later prefill chunks, BatchPool)
-        self.wkv_in_place = {e: wkv_in_place(graphs[e], op) for e, op in WKV_WRITERS.items() if e in graphs}
-        self.held: dict[str, np.ndarray] = _dense_embedding(self.path, graphs["step"]) if cpu else {}
+        idx = index_graphs(self.path, manifest["entry_points"])   # each graph parsed once (runtimes/ort_weights.py)
+        # the entry points whose states may be updated in place (forward's steps and later prefill chunks, BatchPool)
+        self.wkv_in_place = idx.wkv_in_place
+        self.held: dict[str, np.ndarray] = dense_embedding(self.path, idx) if cpu else {}
         self._held_values = []                      # the OrtValues over them must outlive the sessions
         for name, arr in self.held.items():
             self._held_values.append(ort.OrtValue.ortvalue_from_numpy(arr))
             so.add_initializer(name, self._held_values[-1])
-        # every other weight: one read-only mapping of the file that both sessions read (_shared_weights)
-        self.mapped, self._tables = _shared_weights(self.path, list(graphs.values()), self.held) if cpu else ({}, [])
-        del graphs
+        # every other weight: one read-only mapping of the file that every session reads (shared_weights)
+        self.mapped, self._tables = shared_weights(self.path, idx, self.held) if cpu else ({}, [])
+        del idx
         self._table_rows = 0      # tokens since the tables' pages were last handed back (_touch_tables)
         for name, arr in self.mapped.items():
             self._held_values.append(ort.OrtValue.ortvalue_from_numpy(arr))

@@ -24,13 +24,13 @@ DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: 
           9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     key: str
     value: str
 
 
-@dataclass
+@dataclass(slots=True)
 class Initializer:
     name: str = ""
     dims: list[int] = field(default_factory=list)
@@ -49,7 +49,7 @@ class Initializer:
         return {e.key: e.value for e in self.external_data}
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     op_type: str = ""
     domain: str = ""
@@ -57,7 +57,7 @@ class Node:
     output: list[str] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(slots=True)
 class Graph:
     node: list[Node]
     initializer: list[Initializer]

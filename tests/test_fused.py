@@ -46,7 +46,7 @@ def test_default_cpu_step_is_fused_and_plain_has_no_custom_ops(pair):
     _, fused, plain, _ = pair
     ops = step_ops(fused)
     assert {("ai.rwkvc", "Rwkv7Mix6"), ("ai.rwkvc", "Rwkv7WkvStep"), ("ai.rwkvc", "Rwkv7Mix1")} <= ops
-    assert ("ai.rwkvc", "Rwkv7WkvSeq") in step_ops(fused, "prefill")
+    assert ("ai.rwkvc", "Rwkv7WkvPrefill") in step_ops(fused, "prefill")
     assert not any(dom == "ai.rwkvc" for dom, _ in step_ops(plain) | step_ops(plain, "prefill"))
     man = json.loads((fused / "manifest.json").read_text())
     assert man["custom_ops"] == {"domain": "ai.rwkvc", "version": ortops.VERSION, "entry_points": ["batch_prefill", "batch_step", "prefill", "step"]}

@@ -80,7 +80,7 @@ def test_prefill_chunks_match_official_and_steps(case, chunks):
 
 def test_chunked_prefill_updates_only_its_own_state(case):
     """A prompt longer than the prefill chunk: the chunks after the first update the call's own state in place
-    (Rwkv7WkvSeq reads a head's state before writing it); the caller's state is untouched and the result is the
+    (Rwkv7WkvPrefill reads a head's state before writing it); the caller's state is untouched and the result is the
     one-call prefill's."""
     toks = case["tokens"]
     small, whole = rwkvc.load(case["art"], prefill_chunk=8), rwkvc.load(case["art"], prefill_chunk=1024)

@@ -1,8 +1,9 @@
 // The quantised matrix-vector ops, on matvec_q.h's and matvec_q16.h's products:
 //   Rwkv7MatVecQ(x (.., K), codes, scales, zero points)  attrs bits, block  (matvec_q_compute)
 //       -> W x in MatMulNBits' layout
-//   Rwkv7MatVecQ16 / Rwkv7MatVecQ16x8(x (.., K), codes, scales, zero points or empty)  attrs n, block
-//       (matvec_q16_compute) -> W x in the interleaved layout (one row: the step; T rows: the prefill)
+//   Rwkv7MatVecQ16 / Rwkv7MatVecQ16x8(x (.., K), codes, scales, zero points or empty)  attrs n, block, act
+//       (matvec_q16_compute) -> act(W x) in the interleaved layout (one row: the step; T rows: the prefill;
+//       act as apply_act's, op set 9: the prefill's FFN key with its relu squared)
 //   Rwkv7MatVecSet(x_0 .., then codes, scales, zero points per product)  attrs n_x, src, acts, bitss, blocks,
 //       emits, layouts, ns  (matvec_set_compute) -> a layer's products as one kernel (chains with an
 //       activation between their products, apply_act)
@@ -59,8 +60,22 @@ void matvec_run(OrtKernelContext* ctx, MatVecQ& m, const float* x, float* y) {
                   [&](int64_t n0, int64_t n1) { matvec_rows(m, n0, n1, y); }, 16);   // whole 16s: rows_packed's groups
 }
 
+// the activations a set applies to a product's result: 0 none, 1 tanh, 2 sigmoid (op set 5: libm's, within
+// an ulp or two of ONNX Runtime's approximations), 3 relu, 4 relu squared (as ONNX Runtime computes them)
+void apply_act(int64_t act, float* v, int64_t n) {
+  if (act == 1)
+    for (int64_t i = 0; i < n; ++i) v[i] = std::tanh(v[i]);
+  else if (act == 2)
+    for (int64_t i = 0; i < n; ++i) v[i] = 1.0f / (1.0f + std::exp(-v[i]));
+  else if (act == 3)
+    for (int64_t i = 0; i < n; ++i) v[i] = v[i] > 0 ? v[i] : 0.0f;
+  else if (act == 4)
+    for (int64_t i = 0; i < n; ++i) v[i] = v[i] > 0 ? v[i] * v[i] : 0.0f;
+}
+
 // Rwkv7MatVecQ16(x (.., K), codes (N16, nb, 8 G) uint8, scales (N16, nb, 16) float16, zero points (N16, nb, 8)
-// uint8 or empty)  attrs n (N), block (G) -> y (.., N) = W x for W in the interleaved layout (op set 7, matvec_q16.h).
+// uint8 or empty)  attrs n (N), block (G), act -> y (.., N) = act(W x) for W in the interleaved layout (op set 7,
+// matvec_q16.h; act: op set 9).
 // One row of x: the step (matvec_run); T rows: the prefill, which reads each group's codes once for 4 tokens
 // (rows16_vnni's TT) and keeps ~32 KB of codes in cache while all T tokens pass over them.
 void matvec_q16_compute(const Attrs& at, OrtKernelContext* ctx) {
@@ -73,7 +88,10 @@ void matvec_q16_compute(const Attrs& at, OrtKernelContext* ctx) {
   ydims[x.rank - 1] = m.N;
   float* y = output(ctx, 0, ydims, x.rank);
   const int64_t T = x.size / std::max<int64_t>(1, K);
-  if (T == 1) return matvec_run(ctx, m, x.data, y);
+  if (T == 1) {
+    matvec_run(ctx, m, x.data, y);
+    return apply_act(at.act, y, m.N);
+  }
   if (T == 0) return;
   const int64_t Kp = m.nb * m.G;
   thread_local std::vector<int8_t> q;
@@ -92,9 +110,13 @@ void matvec_q16_compute(const Attrs& at, OrtKernelContext* ctx) {
   const int64_t span = std::max<int64_t>(1, (int64_t(1) << 15) / gbytes);       // groups a pass of the tokens
   const MatVecQ& mq = m;   // (thread_local by reference: a pool thread would see its own)
   const std::vector<Acts16>& as = acts;
+  const int64_t act = at.act, N = m.N;
   parallel_ranges(ctx, N16, std::max<int64_t>(1, std::min<int64_t>(span, N16 / std::max(1, g_threads))),
                   [&, T, span](int64_t g0, int64_t g1) {
                     for (int64_t g = g0; g < g1; g += span) rows16_tokens(mq, as.data(), T, g, std::min(g1, g + span));
+                    if (act)   // on the rows this range wrote, while they are in cache
+                      for (int64_t t = 0; t < T; ++t)
+                        apply_act(act, y + t * N + g0 * 16, std::min(N, g1 * 16) - g0 * 16);
                   });
 }
 
@@ -109,19 +131,6 @@ void matvec_q_compute(const Attrs& at, OrtKernelContext* ctx) {
   float* y = output(ctx, 0, ydims, x.rank);
   const int64_t rows = x.size / std::max<int64_t>(1, K);
   for (int64_t r = 0; r < rows; ++r) matvec_run(ctx, m, x.data + r * K, y + r * m.N);
-}
-
-// the activations a set applies to a product's result: 0 none, 1 tanh, 2 sigmoid (op set 5: libm's, within
-// an ulp or two of ONNX Runtime's approximations), 3 relu, 4 relu squared (as ONNX Runtime computes them)
-void apply_act(int64_t act, float* v, int64_t n) {
-  if (act == 1)
-    for (int64_t i = 0; i < n; ++i) v[i] = std::tanh(v[i]);
-  else if (act == 2)
-    for (int64_t i = 0; i < n; ++i) v[i] = 1.0f / (1.0f + std::exp(-v[i]));
-  else if (act == 3)
-    for (int64_t i = 0; i < n; ++i) v[i] = v[i] > 0 ? v[i] : 0.0f;
-  else if (act == 4)
-    for (int64_t i = 0; i < n; ++i) v[i] = v[i] > 0 ? v[i] * v[i] : 0.0f;
 }
 
 // Rwkv7MatVecSet(x_0 .. x_{n_x - 1} (1, K_i), then per product codes, scales, zeros)  attrs n_x and, per

@@ -1,4 +1,4 @@
-// rwkvc's fused CPU kernels for ONNX Runtime: custom-op domain "ai.rwkvc", op set 8.
+// rwkvc's fused CPU kernels for ONNX Runtime: custom-op domain "ai.rwkvc", op set 9.
 //
 // Without them the cpu target's step graph of an RWKV-7 model runs ~70 ONNX Runtime kernels a layer, most
 // of them element-wise work on one 768-wide row that costs less than the executor's ~2.5 us per kernel, plus
@@ -7,7 +7,8 @@
 //
 //   file              ops
 //   mix.h             Rwkv7Mix1, Rwkv7Mix6 (residual add, LayerNorm, token-shift mixes), ReluSquare
-//   wkv.h             Rwkv7WkvStep (the step's recurrence and time-mix output), Rwkv7WkvSeq (the prefill's)
+//   wkv.h             Rwkv7WkvStep (the step's recurrence and time-mix output), Rwkv7WkvPrefill (the
+//                     prefill's), Rwkv7WkvSeq (a prefill's recurrence alone)
 //   sparse_ffn.h      Rwkv7SparseFfn, Rwkv7SparseFfnF32, Rwkv7SparseFfnQ, Rwkv7SparseFfnQF32
 //   clustered_head.h  Rwkv7ClusteredHead, Rwkv7ClusteredHeadF32, Rwkv7ClusteredHeadTop, Rwkv7ClusteredHeadTopF32
 //   matvec_ops.h      Rwkv7MatVecQ, Rwkv7MatVecQ16, Rwkv7MatVecQ16x8, Rwkv7MatVecSet
@@ -18,7 +19,7 @@
 // layout and in the interleaved one); ort_abi.h declares the parts of ONNX Runtime's C API used.
 //
 // The op set's version (rwkvc_ort_ops_version) is the newest one an artifact may name: this library runs
-// artifacts of versions 1 to 8, each op keeping the meaning it has in the version that adds it. The versions:
+// artifacts of versions 1 to 9, each op keeping the meaning it has in the version that adds it. The versions:
 //   1  Rwkv7Mix1, Rwkv7Mix6, Rwkv7WkvStep, ReluSquare, Rwkv7WkvSeq
 //   2  Rwkv7SparseFfn(F32), Rwkv7ClusteredHead(F32)
 //   3  Rwkv7MatVecQ, Rwkv7MatVecSet (chains with relu or relu squared between products)
@@ -27,6 +28,7 @@
 //   6  Rwkv7SparseFfnQ(F32)
 //   7  the interleaved layout: Rwkv7MatVecQ16, Rwkv7MatVecQ16x8, and Rwkv7MatVecSet's layouts and ns
 //   8  the batched step: Rwkv7Mix1B, Rwkv7Mix6B, Rwkv7WkvStepB, Rwkv7MatMulQ16, Rwkv7MatMulQ16x8, Rwkv7MatMulSet
+//   9  Rwkv7WkvPrefill
 //
 // This file is the library's one translation unit: it includes every family (their helpers share one
 // anonymous namespace, so the compiler sees and inlines across all of them), defines the op table, and
@@ -160,6 +162,7 @@ OpDef g_ops[] = {
     make("Rwkv7WkvStep", "fffffffffffffffff", 2, wkv_compute),
     make("ReluSquare", "f", 1, relu_square_compute),
     make("Rwkv7WkvSeq", "fffffff", 2, wkv_seq_compute),
+    make("Rwkv7WkvPrefill", "fffffffffffffffff", 2, wkv_prefill_compute),
     make("Rwkv7SparseFfn", "fffubfbf", 1, sparse_ffn_compute<int8_t>),
     make("Rwkv7SparseFfnF32", "fffuffff", 1, sparse_ffn_compute<float>),
     make("Rwkv7SparseFfnQ", "fbfbfubfbf", 1, sparse_ffn_compute<int8_t, true>),
@@ -195,7 +198,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
 }
 
 // the library's version of the op set, for rwkvc.runtimes.ortops to check what it loaded
-extern "C" __attribute__((visibility("default"))) int rwkvc_ort_ops_version() { return 8; }
+extern "C" __attribute__((visibility("default"))) int rwkvc_ort_ops_version() { return 9; }
 
 // threads for the kernels that split work (Rwkv7WkvSeq); the runtime passes its intra-op thread count
 extern "C" __attribute__((visibility("default"))) void rwkvc_ort_ops_set_threads(int n) { g_threads = n > 0 ? n : 1; }

@@ -2,8 +2,11 @@
 //   Rwkv7WkvStep(r, w, k, v, a, vg, v_first, g, S (H, N, N), w0, a0, v0, k_k, k_a, r_k, ln_x.weight,
 //                ln_x.bias)  attrs eps, first  (wkv_compute)
 //       -> y (1, C): the step's time-mix output before its output projection, S' (H, N, N)
-//   Rwkv7WkvSeq(r, logw, k, v, a, b (T, C), S (H, N, N)) -> y (T, C), S'  (wkv_seq_compute): the prefill's
+//   Rwkv7WkvSeq(r, logw, k, v, a, b (T, C), S (H, N, N)) -> y (T, C), S'  (wkv_seq_compute): a prefill's
 //       recurrence, token by token
+//   Rwkv7WkvPrefill(r, w, k, v, a, vg, v_first, g (T, C), S, then Rwkv7WkvStep's vectors)  attrs eps, first
+//       (wkv_prefill_compute) -> y (T, C), S': Rwkv7WkvStep token by token (the prefill's whole time-mix
+//       between its projections, one node a layer instead of ~50 element-wise ones)
 // Heads hold at most 256 channels (the ONNX lowering emits these ops only for such models).
 #pragma once
 #include "common.h"
@@ -106,12 +109,12 @@ struct WkvArgs {
   bool first;
 };
 
-// heads h0 .. h1 of the step
-void wkv_heads(const WkvArgs& p, int64_t h0, int64_t h1) {
+// head h of one token: the decay, normalised key and value residual from the projections, then the
+// recurrence from the head's state S to S2 (which may be S: wkv7_head reads a row before writing it)
+inline void wkv_step_head(const WkvArgs& p, int64_t h, HeadFn head, const float* S, float* S2) {
   const int64_t N = p.N;
-  const HeadFn head = head_kernel(N);
   float decay[256], kk[256], kn[256], aa[256], bb[256], vv[256];
-  for (int64_t h = h0; h < h1; ++h) {
+  {
     const int64_t o = h * N;
     float norm = 0;
 #pragma omp simd reduction(+ : norm)
@@ -137,27 +140,66 @@ void wkv_heads(const WkvArgs& p, int64_t h0, int64_t h1) {
       for (int64_t j = 0; j < N; ++j)
         vv[j] = p.v[o + j] + (p.vf[o + j] - p.v[o + j]) * sigmoid(p.v0[o + j] + p.vg[o + j]);
     }
-    head(p.S + h * N * N, p.S2 + h * N * N, N, p.r + o, decay, kn, vv, aa, bb, p.r_k + o, p.lnw + o, p.lnb + o,
-         p.g + o, p.eps, p.y + o);
+    head(S, S2, N, p.r + o, decay, kn, vv, aa, bb, p.r_k + o, p.lnw + o, p.lnb + o, p.g + o, p.eps, p.y + o);
   }
 }
 
-void wkv_compute(const Attrs& at, OrtKernelContext* ctx) {
+// heads h0 .. h1 of the step
+void wkv_heads(const WkvArgs& p, int64_t h0, int64_t h1) {
+  const int64_t NN = p.N * p.N;
+  const HeadFn head = head_kernel(p.N);
+  for (int64_t h = h0; h < h1; ++h) wkv_step_head(p, h, head, p.S + h * NN, p.S2 + h * NN);
+}
+
+// Rwkv7WkvStep's and Rwkv7WkvPrefill's inputs and outputs (T: the rows of r, 1 in a step)
+WkvArgs wkv_args(const Attrs& at, OrtKernelContext* ctx, int64_t& H, int64_t& T) {
   Tensor in[17];
   for (size_t i = 0; i < 17; ++i) in[i] = input(ctx, i);
   const Tensor& S = in[8];
-  const int64_t H = S.dims[0], N = S.dims[1], C = H * N;
-  const int64_t row[2] = {1, C};
-  float* y = output(ctx, 0, row, 2);
+  H = S.dims[0];
+  const int64_t N = S.dims[1], C = H * N;
+  T = in[0].size / std::max<int64_t>(1, C);
+  const int64_t rows[2] = {T, C};
+  float* y = output(ctx, 0, rows, 2);
   float* S2 = output(ctx, 1, S.dims, 3);
+  return WkvArgs{in[0].data, in[1].data, in[2].data, in[3].data, in[4].data, in[5].data, in[6].data, in[7].data,
+                 S.data, in[9].data, in[10].data, in[11].data, in[12].data, in[13].data, in[14].data, in[15].data,
+                 in[16].data, y, S2, N, at.eps, at.first != 0};
+}
+
+void wkv_compute(const Attrs& at, OrtKernelContext* ctx) {
+  int64_t H, T;
+  const WkvArgs p = wkv_args(at, ctx, H, T);
+  const int64_t N = p.N;
   if (N > 256) return;   // rwkvc.targets.onnx.v7_fused.fused_supported: heads of at most FUSED_MAX_HEAD = 256
-  WkvArgs p{in[0].data, in[1].data, in[2].data, in[3].data, in[4].data, in[5].data, in[6].data, in[7].data,
-            S.data, in[9].data, in[10].data, in[11].data, in[12].data, in[13].data, in[14].data, in[15].data,
-            in[16].data, y, S2, N, at.eps, at.first != 0};
   // heads over the intra-op threads once the state is big enough to pay for waking them (a 0.1B-shaped
   // layer's 12 heads of 64 take ~20 us)
   parallel_ranges(ctx, H, std::max<int64_t>(1, (int64_t(1) << 14) / (N * N)),
                   [&](int64_t h0, int64_t h1) { wkv_heads(p, h0, h1); });
+}
+
+// Rwkv7WkvPrefill: each head's state copied to a local buffer (it stays in L1 over the tokens; S2 may be S),
+// its tokens in order as Rwkv7WkvStep computes them, heads over the intra-op threads
+void wkv_prefill_compute(const Attrs& at, OrtKernelContext* ctx) {
+  int64_t H, T;
+  const WkvArgs p = wkv_args(at, ctx, H, T);
+  const int64_t N = p.N, NN = N * N, C = H * N;
+  if (N > 256) return;   // as above
+  parallel_ranges(ctx, H, 1, [&](int64_t h0, int64_t h1) {
+    std::vector<float> buf(NN);
+    const HeadFn head = head_kernel(N);
+    for (int64_t h = h0; h < h1; ++h) {
+      std::copy(p.S + h * NN, p.S + (h + 1) * NN, buf.data());
+      WkvArgs q = p;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t o = t * C;
+        q.r = p.r + o, q.w = p.w + o, q.k = p.k + o, q.v = p.v + o, q.a = p.a + o, q.vg = p.vg + o;
+        q.vf = p.vf + o, q.g = p.g + o, q.y = p.y + o;
+        wkv_step_head(q, h, head, buf.data(), buf.data());
+      }
+      std::copy(buf.begin(), buf.end(), p.S2 + h * NN);
+    }
+  });
 }
 
 // The recurrence over T tokens for one head, on the transposed state Z = S^T held in a local buffer:

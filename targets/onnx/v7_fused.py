@@ -1,10 +1,10 @@
 """RWKV-7 on rwkvc's fused CPU kernels (rwkvc.abi.FUSED_DOMAIN, built by rwkvc.runtimes.ortops): per layer a
 Rwkv7Mix6 (residual add, ln1, the six token-shift mixes), the projections (Rwkv7MatVecSet where they are
-quantised), one Rwkv7WkvStep in the step (a prefill: the plain time-mix with the Rwkv7WkvSeq recurrence),
-and Rwkv7Mix1 + the FFN."""
+quantised), one Rwkv7WkvStep in the step (Rwkv7WkvPrefill in a prefill), and Rwkv7Mix1 + the FFN."""
 from __future__ import annotations
 
 import numpy as np
+from onnx import helper
 
 from rwkvc import ir
 from rwkvc.abi import FUSED_DOMAIN
@@ -14,7 +14,7 @@ from .graph import F32, Graph
 from .kinds import linear
 from .matvec import matvec_product
 from .sparse_ffn import emit_sparse_ffn, emit_sparse_ffn_fused, sparse_ffn_fusable
-from .v7 import emit_time_mix_v7, v7_projections
+from .v7 import v7_projections
 
 FUSED_MAX_HEAD = 256          # the kernels keep a head's vectors in fixed buffers of this size
 
@@ -29,8 +29,8 @@ def fused_supported(model: ir.Model, dtype) -> bool:
 def emit_block_v7_fused(g: Graph, blk, x: str, dx: str, prev_att: str, prev_ffn: str, S: str, v_first: str | None,
                         cfg: ir.ModelConfig, i: int, prefill: bool = False, trim: bool = False):
     """One RWKV-7 layer on rwkvc's fused kernels: the residual add, layer norm and token-shift mixes are one
-    Rwkv7Mix node; in the step, everything between the projections and the output projection is one
-    Rwkv7WkvStep node (a prefill does that part as emit_time_mix_v7, with the Rwkv7WkvSeq recurrence).
+    Rwkv7Mix node; everything between the projections and the output projection is one Rwkv7WkvStep node
+    (Rwkv7WkvPrefill in a prefill: the same, token by token).
     The residual stream enters as x + dx (the add happens in the Mix kernel). trim: the channel-mix on the
     last two rows only (the last layer of a prefill). Returns x, dx (the layer's channel-mix output, still
     to be added), the layer's LayerNorm outputs (their last rows are the shift state), S', v_first."""
@@ -44,23 +44,21 @@ def emit_block_v7_fused(g: Graph, blk, x: str, dx: str, prev_att: str, prev_ffn:
                 g.weight(p + "x_mix6", np.stack([att.mix[m] for m in names])),
                 domain=FUSED_DOMAIN, n_out=2 + len(names), eps=float(blk.ln1.eps))
     x, xa, xm = outs[0], outs[1], dict(zip(names, outs[2:]))
-    if prefill:
-        dx_att, S2, v_first = emit_time_mix_v7(g, att, xa, prev_att, S, v_first, cfg, i, True, xm=xm)
-        if trim:
-            x, dx_att = (g.op("Slice", t, g.const([-2]), g.const([2 ** 62]), g.const([0])) for t in (x, dx_att))
-        return (*emit_channel_mix_v7_fused(g, blk, x, dx_att, prev_ffn, i, True), xa, S2, v_first)
-    pr = v7_projections(g, att, xm, i, fuse=True)
+    pr = v7_projections(g, att, xm, i, fuse=not prefill)
     if i == 0:   # layer 0 has no value residual: vg, v_first and v0 are placeholders (attribute first=1)
         v_first, vg, v0 = pr["v"], pr["v"], w32("w0", vec["w0"])
     else:
         vg, v0 = pr["vg"], w32("v0", vec["v0"])
-    y, S2 = g.op("Rwkv7WkvStep", pr["r"], pr["w"], pr["k"], pr["v"], pr["a"], vg, v_first, pr["g"], S,
+    y, S2 = g.op("Rwkv7WkvPrefill" if prefill else "Rwkv7WkvStep", pr["r"], pr["w"], pr["k"], pr["v"], pr["a"],
+                 vg, v_first, pr["g"], S,
                  w32("w0", vec["w0"]), w32("a0", vec["a0"]),
                  v0, w32("k_k", vec["k_k"]), w32("k_a", vec["k_a"]), w32("r_k", vec["r_k"]),
                  w32("ln_x.weight", att.ln_x.weight), w32("ln_x.bias", att.ln_x.bias),
                  domain=FUSED_DOMAIN, n_out=2, eps=float(att.ln_x.eps), first=int(i == 0))
-    dx_att = matvec_product(g, L["output"], y) or linear(g, L["output"], y)
-    x, dx, xf = emit_channel_mix_v7_fused(g, blk, x, dx_att, prev_ffn, i, False)
+    dx_att = (None if prefill else matvec_product(g, L["output"], y)) or linear(g, L["output"], y)
+    if trim:
+        x, dx_att = (g.op("Slice", t, g.const([-2]), g.const([2 ** 62]), g.const([0])) for t in (x, dx_att))
+    x, dx, xf = emit_channel_mix_v7_fused(g, blk, x, dx_att, prev_ffn, i, prefill)
     return x, dx, xf, xa, S2, v_first
 
 
@@ -78,4 +76,18 @@ def emit_channel_mix_v7_fused(g: Graph, blk, x: str, dx: str, prev: str, i: int,
         return x, emit_sparse_ffn(g, ffn, xk, pf, prefill), xf
     # the step: key, relu squared, value as one Rwkv7MatVecSet where both matrices can join
     y = None if prefill else matvec_product(g, (ffn.lin["key"], ffn.lin["value"]), xk, "relu2")
-    return x, y or linear(g, ffn.lin["value"], g.op("ReluSquare", linear(g, ffn.lin["key"], xk), domain=FUSED_DOMAIN)), xf
+    return x, y or linear(g, ffn.lin["value"], relu_square(g, linear(g, ffn.lin["key"], xk))), xf
+
+
+RELU2 = 4     # Rwkv7MatVecQ16's act attribute: relu squared (apply_act, op set 9)
+
+
+def relu_square(g: Graph, h: str) -> str:
+    """max(h, 0)^2: in the product that made h where that is rwkvc's 4-bit or int8 product (its act
+    attribute: no second (T, F) tensor in a prefill), else a ReluSquare node."""
+    last = g.nodes[-1] if g.nodes else None
+    if last is not None and list(last.output) == [h] and last.domain == FUSED_DOMAIN and \
+            last.op_type in ("Rwkv7MatVecQ16", "Rwkv7MatVecQ16x8") and not any(a.name == "act" for a in last.attribute):
+        last.attribute.append(helper.make_attribute("act", RELU2))
+        return h
+    return g.op("ReluSquare", h, domain=FUSED_DOMAIN)
