@@ -182,15 +182,16 @@ class OrtRuntime:
         """prefill_chunk: a prompt goes through the prefill graph this many tokens a call. The activations (and
         ONNX Runtime's arena, which keeps the largest) grow with it, each call reads every weight once, and each
         call costs a graph run: the default is 128 below a width of 2048 (a 0.1B int4 prefills ~12 % slower at
-        64) and 64 from there (a 1.5B int4 peaks ~10 MB lower than at 128 at the same prefill speed, 370 MB
-        lower than at 1024; docs/benchmarks/big-models.md).
+        64) and 32 from there (32 rows still do ~64 multiply-adds a weight byte read at int4, more than the
+        kernels need to be compute-bound: a 1.5B int4 prefills as fast at 32, 48 and 64 in an interleaved A/B,
+        and peaks ~3 MB lower than at 64, ~13 MB lower than at 128; docs/benchmarks/big-models.md).
         prepack False: ONNX Runtime's kernels read every weight in place in the shared mapping instead of each
         session packing its own copy of the float matrices (MatMul): an fp32 artifact then needs about one copy
         of its weights instead of three, for ~10-25 % of its decode and ~15 % of its prefill speed; quantised
         artifacts, whose matrices rwkvc's kernels read in place, barely change (rwkvc.load(path, prepack=False))."""
         import onnxruntime as ort
         if prefill_chunk is None:
-            prefill_chunk = 128 if int(manifest.get("model", {}).get("n_embd", 0)) < 2048 else 64
+            prefill_chunk = 128 if int(manifest.get("model", {}).get("n_embd", 0)) < 2048 else 32
         self.path, self.manifest, self.prefill_chunk = Path(path), manifest, prefill_chunk
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads or 0   # 0: ORT's default (one per physical core)
