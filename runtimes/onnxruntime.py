@@ -11,7 +11,8 @@ from rwkvc.abi import DENSE_EMBEDDING, HEAD_MODE  # noqa: F401  (DENSE_EMBEDDING
 from rwkvc.errors import RwkvcError
 
 from . import hugepages
-from .ort_weights import WKV_WRITERS, dense_embedding, index_graphs, shared_weights, wkv_in_place  # noqa: F401
+from .ort_weights import (WKV_WRITERS, dense_embedding, index_graphs, prepack_fits, shared_weights,  # noqa: F401
+                          wkv_in_place)
 
 
 def _run_bound(sess, inputs: list, outputs: list, run_options=None) -> None:
@@ -178,7 +179,7 @@ class OrtRuntime:
     """forward(tokens (T,) int64, state) -> logits (V,) float32, new state."""
 
     def __init__(self, path: Path, manifest: dict, threads: int | None = None, providers=None,
-                 prefill_chunk: int | None = None, huge_pages: bool = True, prepack: bool = True):
+                 prefill_chunk: int | None = None, huge_pages: bool = True, prepack: bool | None = None):
         """prefill_chunk: a prompt goes through the prefill graph this many tokens a call. The activations (and
         ONNX Runtime's arena, which keeps the largest) grow with it, each call reads every weight once, and each
         call costs a graph run: the default is 128 below a width of 2048 (a 0.1B int4 prefills ~12 % slower at
@@ -188,7 +189,9 @@ class OrtRuntime:
         prepack False: ONNX Runtime's kernels read every weight in place in the shared mapping instead of each
         session packing its own copy of the float matrices (MatMul): an fp32 artifact then needs about one copy
         of its weights instead of three, for ~10-25 % of its decode and ~15 % of its prefill speed; quantised
-        artifacts, whose matrices rwkvc's kernels read in place, barely change (rwkvc.load(path, prepack=False))."""
+        artifacts, whose matrices rwkvc's kernels read in place, barely change (rwkvc.load(path, prepack=False)).
+        None (the default): pre-pack where the weights and two packed copies of the float matrices fit in half
+        the memory available (ort_weights.prepack_fits; a 1.5B fp32 needs 18 GB with them, 6.3 GB without)."""
         import onnxruntime as ort
         if prefill_chunk is None:
             prefill_chunk = 128 if int(manifest.get("model", {}).get("n_embd", 0)) < 2048 else 32
@@ -204,8 +207,6 @@ class OrtRuntime:
         # ONNX Runtime rewrites DequantizeLinear -> MatMul (the sparse FFN's int8 MLP predictor in the plain
         # graphs) into an 8-bit MatMulNBits; level 0 keeps its activations in float32, as the IR has them
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-        if not prepack:
-            so.add_session_config_entry("session.disable_prepacking", "1")
         self.so = so
         if manifest.get("custom_ops"):
             from . import ortops
@@ -228,6 +229,9 @@ class OrtRuntime:
         # the entry points whose states may be updated in place (forward's steps and later prefill chunks, BatchPool)
         self.wkv_in_place = idx.wkv_in_place
         self.held: dict[str, np.ndarray] = dense_embedding(self.path, idx) if cpu else {}
+        self.prepack = prepack_fits(idx, self.held) if prepack is None else bool(prepack)
+        if not self.prepack:
+            so.add_session_config_entry("session.disable_prepacking", "1")
         self._held_values = []                      # the OrtValues over them must outlive the sessions
         for name, arr in self.held.items():
             self._held_values.append(ort.OrtValue.ortvalue_from_numpy(arr))

@@ -5,6 +5,7 @@
                                        points whose states may be updated in place (wkv_in_place)
     dense_embedding(path, index)       the tables the runtime holds in memory (the dense embedding)
     shared_weights(path, index, skip)  every other weight over ONE read-only mapping of the weight file
+    prepack_fits(index, held)          whether ONNX Runtime's pre-packed copies of the float matrices fit
 
 A graph is parsed (rwkvc.onnx_index, ~30-70 ms and a few MB of Python objects for a 1.5B's) and dropped before
 the next is read; what is kept is a Weight a name. Keeping the parsed graphs, or their initializer objects,
@@ -135,3 +136,36 @@ def shared_weights(path: Path, idx: GraphIndex, skip) -> tuple[dict[str, np.ndar
         advise_random(out[name])
         drop_cached(*where[name])
     return out, [out[name] for name in tables]
+
+
+def float_matrix_bytes(idx: GraphIndex, held) -> tuple[int, int]:
+    """(bytes of every external weight, bytes of the float32 matrices among them that ONNX Runtime's kernels
+    pre-pack: 2-D and larger ones, not the tables held or read by rows)."""
+    total = floats = 0
+    for name, w in idx.weights.items():
+        n = int(np.prod(w.dims, dtype=np.int64)) * w.dtype.itemsize
+        total += n
+        if w.dtype == np.float32 and len(w.dims) == 2 and n >= 1 << 18 and name not in held and name not in idx.rows:
+            floats += n
+    return total, floats
+
+
+def mem_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes, None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def prepack_fits(idx: GraphIndex, held) -> bool:
+    """Pre-pack (ONNX Runtime's packed copy of each float matrix, one a session: faster float products) where
+    the weights and two packed copies (the step's and the prefill's sessions) take at most half the memory
+    available now; else every kernel reads the weights in place."""
+    total, floats = float_matrix_bytes(idx, held)
+    avail = mem_available()
+    return not floats or avail is None or total + 2 * floats <= avail // 2

@@ -133,6 +133,7 @@ def bench_artifact(path, n_decode=64, n_prefill=512, threads=None, repeat=3, see
         "model": m.manifest["model"],
         "passes": [x.get("name") for x in m.manifest.get("passes", [])],
         "threads": threads or "default",
+        "prepack": getattr(m.runtime, "prepack", None),   # ONNX Runtime's packed copies of float matrices
         "decode_tokens": n_decode,
         "decode_tokens_per_s": n_decode / d,
         "decode_ms_per_token": 1000 * d / n_decode,

@@ -43,3 +43,27 @@ def test_a_damaged_graph_is_one_error(tmp_path):
     bad.write_bytes(data[:len(data) // 2])
     with pytest.raises(RwkvcError, match="not a readable ONNX graph"):
         read_graph(bad)
+
+
+def test_prepack_only_where_the_packed_copies_fit(monkeypatch):
+    """runtimes/ort_weights.prepack_fits: ONNX Runtime pre-packs the float matrices (a copy a session) only
+    where the weights and two such copies take at most half the available memory; the held dense embedding
+    and tables read by rows are never packed, and a quantised artifact (no float matrices) always may."""
+    import numpy as np
+    from rwkvc.runtimes import ort_weights as W
+    f32, u8 = np.dtype(np.float32), np.dtype(np.uint8)
+    idx = W.GraphIndex(weights={
+        "emb": W.Weight("emb", f32, (65536, 64), "weights.bin", 0, 0),            # 16 MiB, held
+        "head": W.Weight("head", f32, (65536, 64), "weights.bin", 0, 0),          # 16 MiB, packed
+        "rows": W.Weight("rows", f32, (4096, 256), "weights.bin", 0, 0),          # 4 MiB, read by rows
+        "q": W.Weight("q", u8, (4096, 4096), "weights.bin", 0, 0),                 # 16 MiB of codes
+        "vec": W.Weight("vec", f32, (64,), "weights.bin", 0, 0)})
+    idx.rows = {"rows"}
+    total, floats = W.float_matrix_bytes(idx, {"emb": None})
+    assert floats == 16 << 20 and total == (52 << 20) + 256
+    monkeypatch.setattr(W, "mem_available", lambda: 2 * (total + 2 * floats))
+    assert W.prepack_fits(idx, {"emb": None})
+    monkeypatch.setattr(W, "mem_available", lambda: 2 * (total + 2 * floats) - 2)
+    assert not W.prepack_fits(idx, {"emb": None})
+    del idx.weights["head"]
+    assert W.prepack_fits(idx, {"emb": None})       # no float matrix left to pack
