@@ -278,6 +278,9 @@ def bench(artifact, as_json, n_decode, n_prefill, threads, repeat):
             click.echo(f"peak / held     {(r['peak_rss_bytes'] - r['rss_start_bytes']) / max(held, 1):.2f}x the "
                        f"resident weights and state ({held / 1e6:.1f} MB), not counting the interpreter")
         click.echo(f"threads         {r['threads']}")
+        if r.get("prepack") is False:
+            click.echo("pre-packing     off: float matrices read in place (rwkvc.load(..., prepack=True) for speed "
+                       "where memory allows)")
 
 
 # ------------------------------------------------------------------------------------------------
