@@ -191,7 +191,7 @@ class OrtRuntime:
         of its weights instead of three, for ~10-25 % of its decode and ~15 % of its prefill speed; quantised
         artifacts, whose matrices rwkvc's kernels read in place, barely change (rwkvc.load(path, prepack=False)).
         None (the default): pre-pack where the weights and two packed copies of the float matrices fit in half
-        the memory available (ort_weights.prepack_fits; a 1.5B fp32 needs 18 GB with them, 6.3 GB without)."""
+        the memory available (ort_weights.prepack_fits; a 1.5B fp32 peaks at 17.4 GB with them, 6.2 GB without)."""
         import onnxruntime as ort
         if prefill_chunk is None:
             prefill_chunk = 128 if int(manifest.get("model", {}).get("n_embd", 0)) < 2048 else 32
@@ -222,12 +222,12 @@ class OrtRuntime:
         self.providers = wanted
         cpu = wanted == ["CPUExecutionProvider"]
         self.huge_pages = huge_pages and cpu and hugepages.enabled()
-        # the dense embedding is read by a Gather only, so ONNX Runtime would leave it memory-mapped and
-        # each new token's row could be a page fault on the file (the lazy-emb pass is the way to keep it
-        # on disk); hold it in memory like every other weight, one copy shared by both sessions
         idx = index_graphs(self.path, manifest["entry_points"])   # each graph parsed once (runtimes/ort_weights.py)
         # the entry points whose states may be updated in place (forward's steps and later prefill chunks, BatchPool)
         self.wkv_in_place = idx.wkv_in_place
+        # the dense embedding is read by a Gather only, so ONNX Runtime would leave it memory-mapped and
+        # each new token's row could be a page fault on the file (the lazy-emb pass is the way to keep it
+        # on disk); hold it in memory like every other weight, one copy shared by both sessions
         self.held: dict[str, np.ndarray] = dense_embedding(self.path, idx) if cpu else {}
         self.prepack = prepack_fits(idx, self.held) if prepack is None else bool(prepack)
         if not self.prepack:
