@@ -156,21 +156,19 @@ def lora(g: Graph, first: ir.Linear, second: ir.Linear, act: str | None, x: str)
 
 
 def emit_time_mix_v7(g: Graph, att: ir.TimeMix, x: str, prev: str, S: str, v_first: str | None,
-                     cfg: ir.ModelConfig, i: int, prefill: bool, xm: dict[str, str] | None = None):
-    """Projections in the compute dtype; decay, normalisation, WKV, group norm and bonus in float32.
-    xm: the six token-shift mixes, where the caller made them (the fused prefill's Rwkv7Mix6)."""
+                     cfg: ir.ModelConfig, i: int, prefill: bool):
+    """Projections in the compute dtype; decay, normalisation, WKV, group norm and bonus in float32."""
     H, N, C = cfg.n_head, cfg.head_size, cfg.n_embd
     p = f"blocks.{i}.att."
     L, vec = att.lin, att.vec
     w32 = lambda name, arr: g.weight(p + name, arr, F32)  # noqa: E731
     names = list(att.mix)
-    if xm is None:
-        xx = g.op("Sub", shifted(g, x, prev, prefill), x)
-        if prefill:
-            xm = {m: g.op("Add", x, g.op("Mul", xx, g.weight(p + m, att.mix[m]))) for m in names}
-        else:  # one token: the six mixes as one (6, C) broadcast, then a Split into rows (fewer, larger ops)
-            rows = g.op("Add", x, g.op("Mul", xx, g.weight(p + "x_mix6", np.stack([att.mix[m] for m in names]))))
-            xm = dict(zip(names, g.op("Split", rows, axis=0, num_outputs=len(names), n_out=len(names))))
+    xx = g.op("Sub", shifted(g, x, prev, prefill), x)
+    if prefill:
+        xm = {m: g.op("Add", x, g.op("Mul", xx, g.weight(p + m, att.mix[m]))) for m in names}
+    else:  # one token: the six mixes as one (6, C) broadcast, then a Split into rows (fewer, larger ops)
+        rows = g.op("Add", x, g.op("Mul", xx, g.weight(p + "x_mix6", np.stack([att.mix[m] for m in names]))))
+        xm = dict(zip(names, g.op("Split", rows, axis=0, num_outputs=len(names), n_out=len(names))))
     pr = v7_projections(g, att, xm, i)
     r, k, v = (f32(g, pr[n]) for n in "rkv")
     logw = g.op("Mul", g.op("Sigmoid", g.op("Add", f32(g, pr["w"]), w32("w0", vec["w0"]))), g.const(-DECAY_SCALE, F32))
