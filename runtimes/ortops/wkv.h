@@ -114,34 +114,32 @@ struct WkvArgs {
 inline void wkv_step_head(const WkvArgs& p, int64_t h, HeadFn head, const float* S, float* S2) {
   const int64_t N = p.N;
   float decay[256], kk[256], kn[256], aa[256], bb[256], vv[256];
-  {
-    const int64_t o = h * N;
-    float norm = 0;
+  const int64_t o = h * N;
+  float norm = 0;
 #pragma omp simd reduction(+ : norm)
-    for (int64_t j = 0; j < N; ++j) {
-      decay[j] = fast_exp(-kDecayScale * sigmoid(p.w[o + j] + p.w0[o + j]));
-      kk[j] = p.k[o + j] * p.k_k[o + j];
-      norm += kk[j] * kk[j];
-    }
-    norm = std::sqrt(norm);
-    const float scale = 1.0f / (norm > 1e-12f ? norm : 1e-12f);
-#pragma omp simd
-    for (int64_t j = 0; j < N; ++j) {
-      const float iclr = sigmoid(p.a0[o + j] + p.a[o + j]);
-      const float kkj = kk[j] * scale;
-      aa[j] = -kkj;
-      bb[j] = kkj * iclr;
-      kn[j] = p.k[o + j] * ((1.0f - p.k_a[o + j]) + iclr * p.k_a[o + j]);
-    }
-    if (p.first) {
-      for (int64_t j = 0; j < N; ++j) vv[j] = p.v[o + j];
-    } else {
-#pragma omp simd
-      for (int64_t j = 0; j < N; ++j)
-        vv[j] = p.v[o + j] + (p.vf[o + j] - p.v[o + j]) * sigmoid(p.v0[o + j] + p.vg[o + j]);
-    }
-    head(S, S2, N, p.r + o, decay, kn, vv, aa, bb, p.r_k + o, p.lnw + o, p.lnb + o, p.g + o, p.eps, p.y + o);
+  for (int64_t j = 0; j < N; ++j) {
+    decay[j] = fast_exp(-kDecayScale * sigmoid(p.w[o + j] + p.w0[o + j]));
+    kk[j] = p.k[o + j] * p.k_k[o + j];
+    norm += kk[j] * kk[j];
   }
+  norm = std::sqrt(norm);
+  const float scale = 1.0f / (norm > 1e-12f ? norm : 1e-12f);
+#pragma omp simd
+  for (int64_t j = 0; j < N; ++j) {
+    const float iclr = sigmoid(p.a0[o + j] + p.a[o + j]);
+    const float kkj = kk[j] * scale;
+    aa[j] = -kkj;
+    bb[j] = kkj * iclr;
+    kn[j] = p.k[o + j] * ((1.0f - p.k_a[o + j]) + iclr * p.k_a[o + j]);
+  }
+  if (p.first) {
+    for (int64_t j = 0; j < N; ++j) vv[j] = p.v[o + j];
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < N; ++j)
+      vv[j] = p.v[o + j] + (p.vf[o + j] - p.v[o + j]) * sigmoid(p.v0[o + j] + p.vg[o + j]);
+  }
+  head(S, S2, N, p.r + o, decay, kn, vv, aa, bb, p.r_k + o, p.lnw + o, p.lnb + o, p.g + o, p.eps, p.y + o);
 }
 
 // heads h0 .. h1 of the step
