@@ -176,7 +176,7 @@ class Model:
         step, the logits are never written. in_place: as forward's."""
         step_top = getattr(self.runtime, "step_top", None)
         if step_top is not None and type(token) is int and 0 <= token < self.config.vocab_size:
-            out = step_top(token, state, in_place=True) if in_place and self._in_place else step_top(token, state)
+            out = step_top(token, state, in_place=in_place and self._in_place)
             if out is not None:
                 return out
         logits, state = self.forward([token], state, in_place)

@@ -61,11 +61,11 @@ def zero_pages(shape) -> np.ndarray:
     """A float32 array of zeros over an anonymous private mapping of its own: its pages take no memory until
     written (reading maps the system's zero page). np.zeros of a few MB gives that only while glibc serves it
     from a new mapping; once its mapping threshold has risen, the zeros are written into reused heap memory."""
-    n = max(1, int(np.prod(shape))) * 4
-    m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) if hasattr(mmap, "MAP_ANONYMOUS") else None
-    if m is None:
+    if not hasattr(mmap, "MAP_ANONYMOUS"):
         return np.zeros(shape, np.float32)
-    return np.frombuffer(m, np.float32, int(np.prod(shape))).reshape(shape)
+    count = int(np.prod(shape))
+    m = mmap.mmap(-1, max(1, count) * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(m, np.float32, count).reshape(shape)
 
 
 def _madvise(addr: int, n: int, advice: int = MADV_DONTNEED) -> None:
