@@ -184,8 +184,9 @@ class OrtRuntime:
         ONNX Runtime's arena, which keeps the largest) grow with it, each call reads every weight once, and each
         call costs a graph run: the default is 128 below a width of 2048 (a 0.1B int4 prefills ~12 % slower at
         64) and 32 from there (32 rows still do ~64 multiply-adds a weight byte read at int4, more than the
-        kernels need to be compute-bound: a 1.5B int4 prefills as fast at 32, 48 and 64 in an interleaved A/B,
-        and peaks ~3 MB lower than at 64, ~13 MB lower than at 128; docs/benchmarks/big-models.md).
+        kernels need to be compute-bound: a 1.5B int4 prefills within ~5 % at 32, 48 and 64 in interleaved
+        runs of bench/prefill_chunk.py, and peaks ~3 MB lower than at 64, ~13 MB lower than at 128;
+        docs/benchmarks/big-models.md).
         prepack False: ONNX Runtime's kernels read every weight in place in the shared mapping instead of each
         session packing its own copy of the float matrices (MatMul): an fp32 artifact then needs about one copy
         of its weights instead of three, for ~10-25 % of its decode and ~15 % of its prefill speed; quantised
