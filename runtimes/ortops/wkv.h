@@ -115,29 +115,32 @@ inline void wkv_step_head(const WkvArgs& p, int64_t h, HeadFn head, const float*
   const int64_t N = p.N;
   float decay[256], kk[256], kn[256], aa[256], bb[256], vv[256];
   const int64_t o = h * N;
+  // the head's slices as plain pointers (indexing p's members by o + j made the loops gathers)
+  const float *__restrict w = p.w + o, *__restrict w0 = p.w0 + o, *__restrict k = p.k + o, *__restrict k_k = p.k_k + o,
+              *__restrict a = p.a + o, *__restrict a0 = p.a0 + o, *__restrict k_a = p.k_a + o, *__restrict v = p.v + o;
   float norm = 0;
 #pragma omp simd reduction(+ : norm)
   for (int64_t j = 0; j < N; ++j) {
-    decay[j] = fast_exp(-kDecayScale * sigmoid(p.w[o + j] + p.w0[o + j]));
-    kk[j] = p.k[o + j] * p.k_k[o + j];
+    decay[j] = fast_exp(-kDecayScale * sigmoid(w[j] + w0[j]));
+    kk[j] = k[j] * k_k[j];
     norm += kk[j] * kk[j];
   }
   norm = std::sqrt(norm);
   const float scale = 1.0f / (norm > 1e-12f ? norm : 1e-12f);
 #pragma omp simd
   for (int64_t j = 0; j < N; ++j) {
-    const float iclr = sigmoid(p.a0[o + j] + p.a[o + j]);
+    const float iclr = sigmoid(a0[j] + a[j]);
     const float kkj = kk[j] * scale;
     aa[j] = -kkj;
     bb[j] = kkj * iclr;
-    kn[j] = p.k[o + j] * ((1.0f - p.k_a[o + j]) + iclr * p.k_a[o + j]);
+    kn[j] = k[j] * ((1.0f - k_a[j]) + iclr * k_a[j]);
   }
   if (p.first) {
-    for (int64_t j = 0; j < N; ++j) vv[j] = p.v[o + j];
+    for (int64_t j = 0; j < N; ++j) vv[j] = v[j];
   } else {
+    const float *__restrict vf = p.vf + o, *__restrict v0 = p.v0 + o, *__restrict vg = p.vg + o;
 #pragma omp simd
-    for (int64_t j = 0; j < N; ++j)
-      vv[j] = p.v[o + j] + (p.vf[o + j] - p.v[o + j]) * sigmoid(p.v0[o + j] + p.vg[o + j]);
+    for (int64_t j = 0; j < N; ++j) vv[j] = v[j] + (vf[j] - v[j]) * sigmoid(v0[j] + vg[j]);
   }
   head(S, S2, N, p.r + o, decay, kn, vv, aa, bb, p.r_k + o, p.lnw + o, p.lnb + o, p.g + o, p.eps, p.y + o);
 }
