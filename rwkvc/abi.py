@@ -5,7 +5,7 @@ from __future__ import annotations
 ALIGN = 4096                # weights.bin: tensors of at least this many bytes start on a page boundary
 
 FUSED_DOMAIN = "ai.rwkvc"   # rwkvc's own CPU kernels (rwkvc.runtimes.ortops builds and registers them)
-FUSED_VERSION = 9           # the op set's version: 1 the RWKV-7 step / prefill kernels, 2 adds the sparse FFN
+FUSED_VERSION = 10          # the op set's version: 1 the RWKV-7 step / prefill kernels, 2 adds the sparse FFN
                             # and clustered head kernels, 3 the quantised matrix-vector product (Rwkv7MatVecQ),
                             # 4 the clustered head's top token without its logits (Rwkv7ClusteredHeadTop),
                             # 5 tanh and sigmoid between a set's products (a LoRA in Rwkv7MatVecSet),
@@ -13,7 +13,9 @@ FUSED_VERSION = 9           # the op set's version: 1 the RWKV-7 step / prefill 
                             # (Rwkv7SparseFfnQ), 7 the interleaved 4-bit and int8 layouts (Rwkv7MatVecQ16 / Q16x8,
                             # Rwkv7MatVecSet's layouts), 8 the batched step's kernels (Rwkv7Mix1B / Mix6B,
                             # Rwkv7WkvStepB, Rwkv7MatMulQ16 / Q16x8, Rwkv7MatMulSet), 9 the prefill's time-mix as one
-                            # kernel (Rwkv7WkvPrefill); a library of version n runs artifacts of 1..n
+                            # kernel (Rwkv7WkvPrefill), 10 the batched mixes' shift rows read from the whole
+                            # shift state (Rwkv7Mix1B / Mix6B's attribute row); a library of version n runs
+                            # artifacts of 1..n
 
 HEAD_MODE = "head_mode"     # the step's input with a top-token head (Rwkv7ClusteredHeadTop): 1 = the top token only
 

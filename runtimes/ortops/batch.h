@@ -1,8 +1,11 @@
 // The batched decode step's kernels (op set 8): B sequences of one token each, every one with its own state,
 // in one kernel call (rwkvc.targets.onnx.batch's batch_step):
-//   Rwkv7Mix1B / Rwkv7Mix6B(x (B, C), dx (B, C) or (1, C), ln.weight, ln.bias, prev (B, C), mix (M, C))  attr eps
-//       (mix_batch_compute) -> s = x + dx, n = LayerNorm(s), n + (prev - n) * mix[m] for each of the M rows,
-//       row b's token shift from prev row b (Rwkv7Mix1 / Rwkv7Mix6 shift row t from row t - 1 instead)
+//   Rwkv7Mix1B / Rwkv7Mix6B(x (B, C), dx (B, C) or (1, C), ln.weight, ln.bias, prev (B, C), mix (M, C))  attrs
+//       eps, row  (mix_batch_compute) -> s = x + dx, n = LayerNorm(s), n + (prev - n) * mix[m] for each of the M
+//       rows, row b's token shift from prev row b (Rwkv7Mix1 / Rwkv7Mix6 shift row t from row t - 1 instead).
+//       With row >= 0 (op set 10), prev is the step's whole shift state (B, R, C) and sequence b's row is its
+//       row `row`, and n comes out as (B, 1, C): the graph then needs no Split of the state, no Reshape a
+//       row, and concatenates the n's into the new state
 //   Rwkv7WkvStepB(r, w, k, v, a, vg, v_first, g (B, C), S (B, H, N, N), then Rwkv7WkvStep's vectors)
 //       attrs eps, first  (wkv_batch_compute) -> y (B, C), S' (B, H, N, N): Rwkv7WkvStep for each sequence,
 //       the B H heads split over the intra-op threads
@@ -23,18 +26,19 @@ void mix_batch_compute(const Attrs& at, OrtKernelContext* ctx) {
   Tensor x = input(ctx, 0), dx = input(ctx, 1), lw = input(ctx, 2), lb = input(ctx, 3), prev = input(ctx, 4),
          mix = input(ctx, 5);
   const int64_t C = lw.size, M = std::min<int64_t>(mix.size / C, 8), B = x.size / C, dstride = dx.size == C ? 0 : C;
-  const int64_t dims[2] = {B, C};
+  const int64_t R = at.row >= 0 && B ? prev.size / (B * C) : 1, row = std::max<int64_t>(at.row, 0);   // prev's rows a sequence
+  const int64_t dims[2] = {B, C}, ndims[3] = {B, 1, C};
   float* s = output(ctx, 0, dims, 2);
-  float* n = output(ctx, 1, dims, 2);
+  float* n = at.row >= 0 ? output(ctx, 1, ndims, 3) : output(ctx, 1, dims, 2);
   float* o[8];
   for (int64_t m = 0; m < M; ++m) o[m] = output(ctx, 2 + m, dims, 2);
-  if (prev.size != B * C) return;   // the graph gives every sequence its own row
+  if (prev.size != B * R * C || row >= R) return;   // the graph gives every sequence its own row
   for (int64_t b = 0; b < B; ++b) {
     float* sb = s + b * C;
     float* nb = n + b * C;
     const float* xb = x.data + b * C;
     const float* db = dx.data + b * dstride;
-    const float* pb = prev.data + b * C;
+    const float* pb = prev.data + (b * R + row) * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) sb[c] = xb[c] + db[c];
     layer_norm(sb, lw.data, lb.data, at.eps, C, nb);

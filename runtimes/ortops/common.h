@@ -222,6 +222,7 @@ struct Attrs {
   std::vector<int64_t> layouts, ns;                          // op set 7: each product's layout (1: interleaved) and N
   int64_t n_x;
   int64_t n;                                                 // Rwkv7MatVecQ16's N
+  int64_t row = -1;                                          // Rwkv7Mix1B / Mix6B: the shift row in the whole state
   std::shared_ptr<InputCache> cache;                        // for cached_input (Rwkv7MatVecQ / Rwkv7MatVecSet)
 };
 

@@ -19,7 +19,7 @@
 // layout and in the interleaved one); ort_abi.h declares the parts of ONNX Runtime's C API used.
 //
 // The op set's version (rwkvc_ort_ops_version) is the newest one an artifact may name: this library runs
-// artifacts of versions 1 to 9, each op keeping the meaning it has in the version that adds it. The versions:
+// artifacts of versions 1 to 10, each op keeping the meaning it has in the version that adds it. The versions:
 //   1  Rwkv7Mix1, Rwkv7Mix6, Rwkv7WkvStep, ReluSquare, Rwkv7WkvSeq
 //   2  Rwkv7SparseFfn(F32), Rwkv7ClusteredHead(F32)
 //   3  Rwkv7MatVecQ, Rwkv7MatVecSet (chains with relu or relu squared between products)
@@ -29,6 +29,7 @@
 //   7  the interleaved layout: Rwkv7MatVecQ16, Rwkv7MatVecQ16x8, and Rwkv7MatVecSet's layouts and ns
 //   8  the batched step: Rwkv7Mix1B, Rwkv7Mix6B, Rwkv7WkvStepB, Rwkv7MatMulQ16, Rwkv7MatMulQ16x8, Rwkv7MatMulSet
 //   9  Rwkv7WkvPrefill
+//   10 Rwkv7Mix1B / Mix6B's attribute row (their shift rows read from the batched step's whole shift state)
 //
 // This file is the library's one translation unit: it includes every family (their helpers share one
 // anonymous namespace, so the compiler sees and inlines across all of them), defines the op table, and
@@ -71,6 +72,7 @@ void* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*, const Ort
           int_attr(info, "q_bits", 1), int_attr(info, "min_k", 1), int_attr(info, "max_k", 1 << 30),
           int_attr(info, "act", 0), int_attr(info, "bits", 4), int_attr(info, "block", 32)};
   a.n = int_attr(info, "n", 0);
+  a.row = int_attr(info, "row", -1);
   if (def(op)->variadic) {
     a.src = ints_attr(info, "src");
     a.acts = ints_attr(info, "acts");
@@ -198,7 +200,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
 }
 
 // the library's version of the op set, for rwkvc.runtimes.ortops to check what it loaded
-extern "C" __attribute__((visibility("default"))) int rwkvc_ort_ops_version() { return 9; }
+extern "C" __attribute__((visibility("default"))) int rwkvc_ort_ops_version() { return 10; }
 
 // threads for the kernels that split work (Rwkv7WkvSeq); the runtime passes its intra-op thread count
 extern "C" __attribute__((visibility("default"))) void rwkvc_ort_ops_set_threads(int n) { g_threads = n > 0 ? n : 1; }

@@ -23,6 +23,10 @@ their batched forms (op set 8, runtimes/ortops/batch.h), a layer as
       ─► the projections ─► Rwkv7WkvStepB (decay, WKV, group norm, bonus, gate for B states) ─► output
       ─► Rwkv7Mix1B (residual add, ln2, the FFN's mix) ─► key ─► ReluSquare ─► value
 
+the two mixes reading their sequences' shift rows straight from shift_in (attribute row, op set 10) and giving
+the new ones as (B, 1, C), which one Concat makes shift_out (no Split of the state, no Reshape a row: each
+node costs the executor a few us, ~50 of the ~130 nodes a step were those);
+
 and its 4-bit and int8 products gathered as the one-sequence step gathers them (a layer's projections and
 LoRAs one node a level, the FFN's key and value one node) into Rwkv7MatMulSet, which computes each row as
 Rwkv7MatVecSet does while reading each group of codes once for up to 8 rows, and the other products over rows
@@ -141,21 +145,22 @@ def emit_time_mix_v7_batched(g: Graph, att: ir.TimeMix, x: str, prev: str, S: st
     return linear(g, att.lin["output"], g.op("Mul", y, pr["g"])), S2, v_first
 
 
-def emit_block_batched_fused(g: Graph, blk, x: str, dx: str, prev_att: str, prev_ffn: str, S: str,
-                             v_first: str | None, cfg: ir.ModelConfig, i: int):
+def emit_block_batched_fused(g: Graph, blk, x: str, dx: str, S: str, v_first: str | None, cfg: ir.ModelConfig,
+                             i: int):
     """One RWKV-7 layer of the batched step on rwkvc's batched fused kernels (module docstring): x, dx (B, C)
-    the residual stream and its pending addition (added inside Rwkv7Mix6B), prev_* (B, C) the sequences'
-    shift rows, S (B, H, N, N). Returns x, dx (this layer's FFN output, still to be added), ln1(x) and
-    ln2(x) (the new shift rows), S', v_first."""
+    the residual stream and its pending addition (added inside Rwkv7Mix6B), S (B, H, N, N); the mixes read the
+    sequences' shift rows 2i and 2i + 1 from shift_in (B, L, 2, C) themselves (attribute row). Returns x, dx
+    (this layer's FFN output, still to be added), ln1(x) and ln2(x) as (B, 1, C) (the new shift rows), S',
+    v_first."""
     att, ffn = blk.att, blk.ffn
     p, pf = f"blocks.{i}.att.", f"blocks.{i}.ffn."
     vec = att.vec
     w32 = lambda name, arr: g.weight(p + name, arr, F32)  # noqa: E731
     names = list(att.mix)
     outs = g.op("Rwkv7Mix6B", x, dx, g.weight(f"blocks.{i}.ln1.weight", blk.ln1.weight),
-                g.weight(f"blocks.{i}.ln1.bias", blk.ln1.bias), prev_att,
+                g.weight(f"blocks.{i}.ln1.bias", blk.ln1.bias), "shift_in",
                 g.weight(p + "x_mix6", np.stack([att.mix[m] for m in names])),
-                domain=FUSED_DOMAIN, n_out=2 + len(names), eps=float(blk.ln1.eps))
+                domain=FUSED_DOMAIN, n_out=2 + len(names), eps=float(blk.ln1.eps), row=2 * i)
     x, xa, xm = outs[0], outs[1], dict(zip(names, outs[2:]))
     # the quantised products gathered as the one-sequence step gathers them (Rwkv7MatVecSet, one node a level
     # of the layer's projections and LoRAs, one for the FFN), which ROWS_OPS turns into Rwkv7MatMulSet
@@ -171,8 +176,8 @@ def emit_block_batched_fused(g: Graph, blk, x: str, dx: str, prev_att: str, prev
                  domain=FUSED_DOMAIN, n_out=2, eps=float(att.ln_x.eps), first=int(i == 0))
     dx = matvec_product(g, att.lin["output"], y) or linear(g, att.lin["output"], y)
     x, xf, xk = g.op("Rwkv7Mix1B", x, dx, g.weight(f"blocks.{i}.ln2.weight", blk.ln2.weight),
-                     g.weight(f"blocks.{i}.ln2.bias", blk.ln2.bias), prev_ffn, g.weight(pf + "x_k", ffn.mix["x_k"]),
-                     domain=FUSED_DOMAIN, n_out=3, eps=float(blk.ln2.eps))
+                     g.weight(f"blocks.{i}.ln2.bias", blk.ln2.bias), "shift_in", g.weight(pf + "x_k", ffn.mix["x_k"]),
+                     domain=FUSED_DOMAIN, n_out=3, eps=float(blk.ln2.eps), row=2 * i + 1)
     dx = matvec_product(g, (ffn.lin["key"], ffn.lin["value"]), xk, "relu2")
     if dx is None:
         dx = linear(g, ffn.lin["value"], g.op("ReluSquare", linear(g, ffn.lin["key"], xk), domain=FUSED_DOMAIN))
@@ -198,9 +203,6 @@ def build_batched(model: ir.Model, store: WeightStore, policy: LoweringPolicy, p
     g.fused, g.step = policy.fused and fused_supported(model, store.dtype), False
     toks = g.op("Reshape", "tokens", g.const([-1])) if prefill else "tokens"
     x = EMBEDDERS[model.emb.weight.kind](g, model, toks)                              # (B*T, C) / (B, C)
-    # shift (B, L, 2, C) -> 2L values (B, C): [att of layer 0, ffn of layer 0, att of layer 1, ...]
-    rows = g.op("Split", g.op("Reshape", "shift_in", g.const([-1, 2 * L, C])), axis=1, num_outputs=2 * L,
-                n_out=2 * L)
     if prefill:
         bt_c = g.op("Concat", g.op("Shape", "tokens"), g.const([C]), axis=0)            # [B, T, C]
         rows_bc = g.const([-1, C])
@@ -217,15 +219,17 @@ def build_batched(model: ir.Model, store: WeightStore, policy: LoweringPolicy, p
         prev_of = lambda t, r: g.op("Reshape", r, g.const([-1, C]))  # noqa: E731
         wkv = wkv_step_batched
     new_rows, v_first = [], None
-    if g.fused and not prefill:   # the step on the batched fused kernels
+    if g.fused and not prefill:   # the step on the batched fused kernels: the new shift rows come as (B, 1, C)
         res = g.const(np.zeros((1, C)), F32)                                          # the pending residual
         for i, blk in enumerate(model.blocks):
-            x, res, xa, xf, S2, v_first = emit_block_batched_fused(g, blk, x, res, prev_of(None, rows[2 * i]),
-                                                                   prev_of(None, rows[2 * i + 1]), f"wkv_in.{i}",
-                                                                   v_first, cfg, i)
+            x, res, xa, xf, S2, v_first = emit_block_batched_fused(g, blk, x, res, f"wkv_in.{i}", v_first, cfg, i)
             g.rename(S2, f"wkv_out.{i}")
             new_rows += [xa, xf]
         x = g.op("Add", x, res)
+    else:
+        # shift (B, L, 2, C) -> 2L values (B, C): [att of layer 0, ffn of layer 0, att of layer 1, ...]
+        rows = g.op("Split", g.op("Reshape", "shift_in", g.const([-1, 2 * L, C])), axis=1, num_outputs=2 * L,
+                    n_out=2 * L)
     for i, blk in enumerate(model.blocks if not new_rows else ()):
         xa = layer_norm(g, x, blk.ln1, f"blocks.{i}.ln1")
         dx, S2, v_first = emit_time_mix_v7_batched(g, blk.att, xa, prev_of(xa, rows[2 * i]), f"wkv_in.{i}", v_first,
@@ -234,11 +238,10 @@ def build_batched(model: ir.Model, store: WeightStore, policy: LoweringPolicy, p
         x = g.op("Add", x, dx)
         xf = layer_norm(g, x, blk.ln2, f"blocks.{i}.ln2")
         x = g.op("Add", x, emit_channel_mix_v7(g, blk.ffn, xf, prev_of(xf, rows[2 * i + 1]), i, prefill=False))
-        new_rows += [last(xa), last(xf)]
+        new_rows += [g.op("Reshape", r, g.const([-1, 1, C])) for r in (last(xa), last(xf))]
     logits = linear(g, model.head, layer_norm(g, last(x), model.ln_out, "ln_out"))    # (B, V)
     g.rename(logits, "logits")
-    unsq = [g.op("Reshape", r, g.const([-1, 1, C])) for r in new_rows]
-    g.nodes.append(helper.make_node("Reshape", [g.op("Concat", *unsq, axis=1), g.const([-1, L, 2, C])],
+    g.nodes.append(helper.make_node("Reshape", [g.op("Concat", *new_rows, axis=1), g.const([-1, L, 2, C])],
                                     ["shift_out"]))
     f = TensorProto.FLOAT
     layer = ["B", H, N, N]
