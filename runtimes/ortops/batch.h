@@ -67,10 +67,12 @@ void wkv_batch_compute(const Attrs& at, OrtKernelContext* ctx) {
                    in[6].data + o, in[7].data + o, S.data + so, in[9].data, in[10].data, in[11].data, in[12].data,
                    in[13].data, in[14].data, in[15].data, in[16].data, y + o, S2 + so, N, at.eps, at.first != 0};
   };
-  // heads i0 .. i1 of the B H (sequence-major), as runs of one sequence's heads
+  // heads i0 .. i1 of the B H (sequence-major), as runs of one sequence's heads, each run's last head
+  // prefetching the next run's first state
   parallel_ranges(ctx, B * H, std::max<int64_t>(1, (int64_t(1) << 14) / (N * N)), [&](int64_t i0, int64_t i1) {
     for (int64_t b = i0 / H; b * H < i1; ++b)
-      wkv_heads(args(b), std::max<int64_t>(i0 - b * H, 0), std::min<int64_t>(i1 - b * H, H));
+      wkv_heads(args(b), std::max<int64_t>(i0 - b * H, 0), std::min<int64_t>(i1 - b * H, H),
+                (b + 1) * H < i1 ? S.data + (b + 1) * H * N * N : nullptr);
   });
 }
 
