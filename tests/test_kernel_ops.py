@@ -227,3 +227,41 @@ def test_matvec_q_portable_path(avx2_build):
         test_matvec_q16_computes_matmulnbits(*case)
     for case in [(768, 300), (200, 50), (96, 70), (128, 4099)]:
         test_matvec_q16x8_computes_matmulnbits(*case)
+
+
+@pytest.mark.parametrize("op,M", [("Rwkv7Mix6B", 6), ("Rwkv7Mix1B", 1)])
+def test_batched_mix_reads_its_row_of_the_whole_shift_state(op, M):
+    """A batched mix with the attribute row (op set 10) on the step's whole shift state (B, R, C) gives what
+    it gives on that row alone (B, C), its normalised rows as (B, 1, C); without the attribute (the graphs of
+    op sets 8 and 9) it takes the row, as before."""
+    import onnxruntime as ort
+    from onnx import TensorProto as T
+    from onnx import helper
+    B, R, C = 5, 6, 48
+    rng = np.random.default_rng(3)
+    x, dx = rng.standard_normal((B, C)).astype(np.float32), rng.standard_normal((B, C)).astype(np.float32)
+    lw, lb = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    shift, mix = rng.standard_normal((B, R, C)).astype(np.float32), rng.random((M, C)).astype(np.float32)
+    so = ort.SessionOptions()
+    ortops.register(so, 1)
+
+    def run(prev, **attrs):
+        outs = [f"o{i}" for i in range(2 + M)]
+        node = helper.make_node(op, ["x", "dx", "lw", "lb", "prev", "mix"], outs, domain="ai.rwkvc", eps=1e-5, **attrs)
+        feeds = {"x": x, "dx": dx, "lw": lw, "lb": lb, "prev": prev, "mix": mix}
+        g = helper.make_graph([node], "mix", [helper.make_tensor_value_info(k, T.FLOAT, None) for k in feeds],
+                              [helper.make_tensor_value_info(o, T.FLOAT, None) for o in outs])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.rwkvc", 1)])
+        return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+    s = x + dx
+    n = (s - s.mean(1, keepdims=True)) / np.sqrt(s.var(1, keepdims=True) + 1e-5) * lw + lb
+    for row in (0, 3, R - 1):
+        whole, alone = run(shift, row=row), run(np.ascontiguousarray(shift[:, row]))
+        assert whole[1].shape == (B, 1, C) and alone[1].shape == (B, C)
+        np.testing.assert_array_equal(whole[1].reshape(B, C), alone[1])
+        for a, b in zip(whole[2:] + whole[:1], alone[2:] + alone[:1]):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(alone[1], n, rtol=1e-4, atol=1e-5)
+        for i in range(M):
+            np.testing.assert_allclose(alone[2 + i], n + (shift[:, row] - n) * mix[i], rtol=1e-4, atol=1e-5)
