@@ -63,6 +63,7 @@ class BatchPool:
         if not has_batch_step(runtime.manifest):
             raise RwkvcError(f"{runtime.path}: this artifact has no batched step graph (RWKV-7 float32 artifacts "
                              "compiled by this rwkvc have one); recompile it, or serve with --max-batch 1")
+        self.runtime = runtime   # (its mappings hold the weights the session reads: the pool keeps them alive)
         self.sess = runtime.session(BATCH_ENTRY)
         st = runtime.manifest["state"]
         self.shift_shape, self.wkv_shape = tuple(st["shift"]), tuple(st["wkv"])     # (L, 2, C), (L, H, N, N)

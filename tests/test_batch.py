@@ -131,6 +131,26 @@ def test_batch_pool_refuses_what_it_cannot_do(model):
     np.testing.assert_array_equal(pool.state(0).wkv, m.init_state().wkv)
 
 
+def test_batch_pool_outlives_the_model_it_was_made_from(ckpt):
+    """A pool made from a runtime whose Model is gone still steps on the weights (the runtime's mappings, which
+    the session reads, live as long as the pool), and its logits are those of a pool whose Model is kept."""
+    import gc
+    path, d = ckpt
+    art = rwkvc.compile(path, d / "outlive", passes="int4(group=32)")
+    kept = rwkvc.load(art)
+    ref = BatchPool(kept.runtime, 2)
+    pool = BatchPool(rwkvc.load(art).runtime, 2)
+    gc.collect()
+    for p in (ref, pool):
+        p.add(kept.forward(kept.encode("one"))[1])
+        p.add(kept.forward(kept.encode("two"))[1])
+    toks = np.array([5, 6])
+    for _ in range(3):
+        a, b = ref.step(toks).copy(), pool.step(toks)
+        np.testing.assert_array_equal(b, a)
+        toks = a.argmax(1)
+
+
 def test_batched_prefill_equals_separate_prefills(model):
     """B sequences with different incoming states advance by T tokens each in one batch_prefill call: each
     sequence's logits and state are those of the same call on that sequence alone (nothing mixes between

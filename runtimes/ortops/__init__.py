@@ -94,9 +94,10 @@ def _write_atomically(path: Path, data: bytes) -> None:
             os.unlink(tmp)
 
 
-def build(flags: list[str] | None = None) -> str:
-    """Path of the library built with `flags` (FLAGS when None), building it into the cache unless it is
-    there. RwkvcError if it cannot be built.
+def build(flags: list[str] | None = None, src: Path | None = None) -> str:
+    """Path of the library built with `flags` (FLAGS when None) from the kernel sources in `src` (this
+    package's when None: another checkout's runtimes/ortops for an A/B, bench/kernel_ab.py), building it into
+    the cache unless it is there. RwkvcError if it cannot be built.
 
     The cache entry holds the library and its sha256 (LIBRARY.sha256, written after the library, both by
     rename): a library that does not match its checksum (truncated, damaged, or from a build that never
@@ -104,7 +105,7 @@ def build(flags: list[str] | None = None) -> str:
     is rebuilt, with one line on stderr saying so. Builds of one entry take a lock, so concurrent runs
     build it once."""
     flags = list(FLAGS if flags is None else flags)
-    src = _source_dir()
+    src = _source_dir() if src is None else Path(src)
     out_dir = cache_root() / "ortops" / cache_key(src, flags)
     lib = out_dir / LIBRARY
     if _checked(lib) == "ok":
