@@ -186,12 +186,14 @@ class Sampler:
             else:
                 counts = self._counts
             x[ids] -= self.cfg.alpha_presence + counts * self.cfg.alpha_frequency
-        if np.isnan(x).any():
+        if np.isnan(x.max()):   # (max propagates a NaN: one pass, no mask)
             raise RwkvcError("logits contain NaN; check the model output (overflow in fp16?)")
         return x
 
-    def _candidates(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Kept token ids and their sampling weights (unnormalised) for adjusted logits x."""
+    def _candidates(self, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """Kept token ids and their sampling weights (unnormalised) for adjusted logits x; ids None: every
+        token, the weights over the whole vocabulary (zero where a token's probability underflows, which
+        the cumulative sums step over, so a draw gives what the kept ids would)."""
         cfg = self.cfg
         m = x.max()
         if not np.isfinite(m):
@@ -200,8 +202,10 @@ class Sampler:
             # +inf logits: they share all the probability mass.
             ids = np.flatnonzero(x == np.inf)
             return ids, np.ones(ids.size)
-        e = np.exp(x - m)
-        probs = e / e.sum()
+        probs = x - m                      # exp(x - m) / sum, in one buffer
+        np.exp(probs, out=probs)
+        total = probs.sum()                # 1.0 exactly where one token holds all the mass
+        probs /= total
         n = probs.size
 
         keep_mask = None
@@ -218,6 +222,8 @@ class Sampler:
             ids = np.sort(pool)
         elif keep_mask is not None:
             ids = np.flatnonzero(keep_mask)
+        elif cfg.temperature == 1.0 and total != 1.0:
+            return None, probs            # every token (two or more positive): no index of them, no gather
         else:
             ids = np.flatnonzero(probs > 0)
         if ids.size == 0:  # cannot happen, but never return an empty set
@@ -237,6 +243,8 @@ class Sampler:
             out[int(np.argmax(x))] = 1.0
             return out
         ids, w = self._candidates(x)
+        if ids is None:
+            return w / w.sum()
         out[ids] = w / w.sum()
         return out
 
@@ -248,11 +256,13 @@ class Sampler:
                 raise RwkvcError("every token is banned or has logit -inf; nothing can be sampled")
             return int(np.argmax(x))
         ids, w = self._candidates(x)
-        if ids.size == 1:
+        if ids is not None and ids.size == 1:
             return int(ids[0])
         c = np.cumsum(w)
         u = self.rng.random() * c[-1]
         k = int(np.searchsorted(c, u, side="right"))
+        if ids is None:   # the whole vocabulary: past the end means the last token of positive weight
+            return k if k < w.size else int(np.flatnonzero(w)[-1])
         return int(ids[min(k, ids.size - 1)])
 
     def __call__(self, logits: np.ndarray) -> int:

@@ -40,6 +40,37 @@ def test_fixed_seed_reproducible():
     assert [c.sample(x) for _ in range(50)] != ra
 
 
+def test_full_vocabulary_draw_is_the_draw_over_the_positive_tokens():
+    """top_p = 1, temperature 1 draws over the whole vocabulary without indexing the tokens of positive
+    probability: the same tokens, seed for seed, as the draw over those tokens (cumulative sums of their
+    probabilities, one uniform a draw), including logits where most tokens underflow to probability 0 and
+    where all but one are banned or one token holds all the mass (no uniform drawn then)."""
+    V = 4096
+    rows = [_logits(V, seed, scale) for seed, scale in ((0, 1.0), (1, 3.0), (2, 300.0))]
+    spread = _logits(V, 3, 1.0)
+    spread[::7] -= 2000.0                       # a seventh of the tokens underflow
+    rows.append(spread)
+    cfg = SamplingConfig(temperature=1.0, top_p=1.0, seed=7, token_ban=tuple(range(1, V)))
+    only0 = Sampler(cfg)
+    s, rng = Sampler(SamplingConfig(temperature=1.0, top_p=1.0, seed=7)), np.random.default_rng(7)
+    for i in range(200):
+        x = rows[i % len(rows)]
+        if i % 50 == 49:                        # every token but 0 banned: token 0, no uniform drawn
+            before = only0.rng.bit_generator.state
+            assert only0.sample(x) == 0 and only0.rng.bit_generator.state == before
+        x64 = x.astype(np.float64)
+        p = np.exp(x64 - x64.max())
+        p /= p.sum()
+        ids = np.flatnonzero(p > 0)
+        c = np.cumsum(p[ids])
+        want = int(ids[min(int(np.searchsorted(c, rng.random() * c[-1], side="right")), ids.size - 1)])
+        assert s.sample(x) == want
+    x = np.full(V, -1e4, np.float32)
+    x[5] = 0.0                                  # one token holds all the mass: it is chosen, nothing drawn
+    before = s.rng.bit_generator.state
+    assert s.sample(x) == 5 and s.rng.bit_generator.state == before
+
+
 def test_top_k_1_is_greedy():
     s = Sampler(SamplingConfig(top_k=1, top_p=1.0, temperature=1.3, seed=0))
     for seed in range(10):
