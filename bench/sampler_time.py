@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-SETTINGS = [dict(temperature=1.0, top_p=1.0), dict(temperature=1.0, top_p=0.85), dict(temperature=0.8, top_p=0.7),
+SETTINGS = [dict(temperature=0.0), dict(temperature=1.0, top_p=1.0), dict(temperature=1.0, top_p=0.85), dict(temperature=0.8, top_p=0.7),
             dict(temperature=1.0, top_p=0.3, top_k=40),
             dict(temperature=1.2, top_p=1.0, alpha_presence=0.3, alpha_frequency=0.2)]
 
