@@ -84,7 +84,8 @@ template <int64_t G, int TT>
 void rows16_vnni(const MatVecQ& m, const Acts16* a, int64_t g0, int64_t g1) {
   constexpr int64_t vpb = G / 8;   // vectors a block
   // accumulators a token: two for fewer than 8 tokens (vpdpbusd's latency), one at 8, where the 8 tokens'
-  // chains keep it busy and 16 more registers spilled (1.1-1.2x the 8-token speed on the Zen 4, the same sums)
+  // chains keep it busy and 16 more registers spilled (the same sums; with the level threshold of
+  // matmul_set_compute, 0.95x an 8-stream step's time on the Zen 4, bench/kernel_ab.py)
   constexpr int U = TT >= 8 ? 1 : 2;
   const __m512i nib = _mm512_set1_epi8(15);
   const __m128i n15 = _mm_set1_epi8(15);
