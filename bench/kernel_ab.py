@@ -42,8 +42,7 @@ def run(art_a, src_a, art_b, src_b, batch, steps, threads) -> dict:
     ortops.require = lambda spec: None
     pools = []
     for art, src in ((art_a, src_a), (art_b, src_b)):
-        lib = ortops.build(src=src)
-        ortops.library = lambda lib=lib: lib          # the sessions made next register this build
+        ortops.use_library(ortops.build(src=src))    # the sessions made next register this build
         m = rwkvc.load(art, threads=threads)
         pool = BatchPool(m.runtime, batch)
         for i in range(batch):

@@ -37,7 +37,7 @@ def main(argv=None):
     libs = {"default": ortops.build(), **{v: ortops.build(ortops.FLAGS + v.split()) for v in a.variant}}
     runs = {}
     for name, lib in libs.items():
-        ortops.library = lambda lib=lib: lib          # the sessions made next register this build
+        ortops.use_library(lib)                       # the sessions made next register this build
         m = rwkvc.load(a.artifact, threads=a.threads)
         states = [m.forward(m.encode(f"Sequence {i} begins here:"))[1] for i in range(a.batch)]
         pool = BatchPool(m.runtime, a.batch)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -32,8 +31,7 @@ def main(argv=None) -> int:
     runs = []
     for src in a.native.split(",") if a.native else [None]:
         if src:   # the kernels built from this source (its own library, so both load into this process)
-            ortops._source_dir = lambda src=src: Path(src)
-            ortops.library.cache_clear()
+            ortops.use_library(ortops.build(src=src))
         for art in a.artifacts:
             for t in a.threads.split(","):
                 runs.append((f"{art}{' [' + src + ']' if src else ''}", int(t), rwkvc.load(art, threads=int(t))))

@@ -165,13 +165,27 @@ def library() -> str:
     return build()
 
 
+_chosen: str | None = None   # use_library's
+
+
+def use_library(path: str | None) -> None:
+    """Sessions registered from now on load the library at `path` instead (a build of build(flags, src): a
+    benchmark's A/B of builds in one process, each serving its own sessions); None: library() again."""
+    global _chosen
+    _chosen = path
+
+
+def _library() -> str:
+    return _chosen or library()
+
+
 def require(spec: dict) -> None:
     """Check an artifact's manifest["custom_ops"] against the kernels this rwkvc builds."""
     v = spec.get("version")
     if spec.get("domain") != DOMAIN or not isinstance(v, int) or not 1 <= v <= VERSION:
         raise RwkvcError(f"this artifact uses fused kernels {spec.get('domain')} v{v}; this rwkvc provides "
                          f"{DOMAIN} v1 to v{VERSION}: recompile the artifact with this rwkvc")
-    lib = library()
+    lib = _library()
     if ctypes.CDLL(lib).rwkvc_ort_ops_version() != VERSION:
         raise RwkvcError(f"{lib}: not version {VERSION} of rwkvc's fused kernels; delete it so it is rebuilt")
 
@@ -179,5 +193,6 @@ def require(spec: dict) -> None:
 def register(so, threads: int | None = None) -> None:
     """Register the library into an onnxruntime.SessionOptions; `threads` for the kernels that split their
     work (the prefill's WKV; one setting per process: that of the ONNX Runtime session made last)."""
-    so.register_custom_ops_library(library())
-    ctypes.CDLL(library()).rwkvc_ort_ops_set_threads(int(threads or os.cpu_count() or 1))
+    lib = _library()
+    so.register_custom_ops_library(lib)
+    ctypes.CDLL(lib).rwkvc_ort_ops_set_threads(int(threads or os.cpu_count() or 1))
