@@ -133,27 +133,37 @@ class BatchPool:
         toks = np.ascontiguousarray(tokens, np.int64).reshape(-1)
         if B == 0 or toks.size != B:
             raise RwkvcError(f"step: {toks.size} tokens for {B} live sequences")
-        a, b = self.cur, 1 - self.cur
+        a = self.cur
         self.tokens[:B] = toks
         bound = self._bound.get((B, a))
         if bound is None:
-            ins = [("tokens", self.tokens[:B]), ("shift_in", self.shift[a][:B])]
-            ins += [(f"wkv_in.{i}", w[:B]) for i, w in enumerate(self.wkv[a])]
-            outs = [("logits", [B, self.vocab], self.logits.ctypes.data),
-                    ("shift_out", [B, *self.shift_shape], self.shift[b].ctypes.data)]
-            outs += [(f"wkv_out.{i}", [B, *self.wkv_shape[1:]], w.ctypes.data) for i, w in enumerate(self.wkv[b])]
-            c_sess = getattr(self.sess, "_sess", None)
-            if _C_BINDING is None or c_sess is None:   # another onnxruntime layout: bind each step
-                _run_bound(self.sess, ins, outs)
-                self.cur = b
-                return self.logits[:B]
-            make, dev = _C_BINDING
-            bound = make(c_sess)
-            for name, arr in ins:
-                bound.bind_input(name, arr)
-            for name, shape, addr in outs:
-                bound.bind_output(name, dev, np.float32, shape, addr)
-            self._bound[(B, a)] = bound
-        self.sess._sess.run_with_iobinding(bound, None)
-        self.cur = b
+            bound = self._bind(B, a)
+        if bound is None:   # another onnxruntime layout: bound anew each step
+            _run_bound(self.sess, *self._io(B, a))
+        else:
+            self.sess._sess.run_with_iobinding(bound, None)
+        self.cur = 1 - a
         return self.logits[:B]
+
+    def _io(self, B: int, a: int) -> tuple[list, list]:
+        """The step's inputs [(name, array)] and outputs [(name, shape, address)] for B sequences reading pool a."""
+        ins = [("tokens", self.tokens[:B]), ("shift_in", self.shift[a][:B])]
+        ins += [(f"wkv_in.{i}", w[:B]) for i, w in enumerate(self.wkv[a])]
+        outs = [("logits", [B, self.vocab], self.logits.ctypes.data),
+                ("shift_out", [B, *self.shift_shape], self.shift[1 - a].ctypes.data)]
+        outs += [(f"wkv_out.{i}", [B, *self.wkv_shape[1:]], w.ctypes.data) for i, w in enumerate(self.wkv[1 - a])]
+        return ins, outs
+
+    def _bind(self, B: int, a: int):
+        """A C-level binding of _io(B, a), kept for the later steps; None where onnxruntime has none."""
+        c_sess = getattr(self.sess, "_sess", None)
+        if _C_BINDING is None or c_sess is None:
+            return None
+        make, dev = _C_BINDING
+        bound = self._bound[(B, a)] = make(c_sess)
+        ins, outs = self._io(B, a)
+        for name, arr in ins:
+            bound.bind_input(name, arr)
+        for name, shape, addr in outs:
+            bound.bind_output(name, dev, np.float32, shape, addr)
+        return bound
