@@ -10,8 +10,8 @@ without a prefix-cache hit.
 Decode: B sequences (each prefilled with its own short prompt) advance by --steps tokens with one
 batch_step call a step (rwkvc.runtimes.ort_batch.BatchPool); tokens/s = B * steps / seconds, best of
 --reps (--cpu-time: per CPU second of the process instead). "1 stream" is one sequence on the artifact's
-own step graph (Model.forward: the fused kernels where the artifact has them), which is what a single
-request gets from `rwkvc serve`. Every batch size
+own step graph (Model.forward: the fused kernels where the artifact has them), which is what `rwkvc run`
+does; B = 1 is what a lone request gets from `rwkvc serve`. Every batch size
 of every artifact is measured in turn within each repetition, so they share the machine's moments.
 Greedy sampling (argmax) is included in the time, as the server does it.
 

@@ -11,8 +11,8 @@ two or more joining prompts each have at least MIN_BATCH_PREFILL tokens left bef
 end, up to prefill_chunk // MIN_BATCH_PREFILL of them advance together by the same count of tokens in one batched prefill call
 (rwkvc.runtimes.ort_batch.prefill_batch; no padding, so each state is that of its own prefill), the
 shorter tails one by one; a request whose prompt is done samples its first token and joins; then one batched step advances every live
-sequence by a token (rwkvc.runtimes.ort_batch.BatchPool: one graph call for all; a lone sequence uses the
-artifact's own step), and each samples its next token with its own sampler and seed; finished and
+sequence by a token (rwkvc.runtimes.ort_batch.BatchPool: one graph call for all, a lone sequence too), and
+each samples its next token with its own sampler and seed; finished and
 cancelled sequences leave. So requests
 join and leave between steps, and a sequence's tokens depend only on its own prompt, sampling options and
 seed (its logits are those of a separate decode, to float rounding).
@@ -369,14 +369,10 @@ class Engine:
         self.live.append(h)
 
     def _step(self) -> None:
-        if len(self.live) == 1 and self.batched:
-            # one sequence: the artifact's own step (its fused kernels; ~10 % faster than the batched graph
-            # at B = 1), the state moved out of the pool and back (two copies of a few MB)
-            logits, st = self.model.forward([self.live[0].pending], self.pool.state(0))
-            self.pool.set_state(0, st)
-            logits = logits[None]
-        else:
-            logits = self.pool.step([h.pending for h in self.live])
+        # a lone sequence too: the batched graph at B = 1 runs as fast as the artifact's own step, and the
+        # state stays in the pool (the own step, with the state moved out and back, took 1.15-1.24x the time
+        # on the 0.1B int4 and 1.06x on fp32: bench/lone_step.py)
+        logits = self.pool.step([h.pending for h in self.live])
         self.counts["steps"] += 1
         self.counts["step_sequences"] += len(self.live)
         self.counts["peak_running"] = max(self.counts["peak_running"], len(self.live))
