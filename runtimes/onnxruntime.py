@@ -15,19 +15,29 @@ from .ort_weights import (WKV_WRITERS, dense_embedding, index_graphs, prepack_fi
                           wkv_in_place)
 
 
+def _c_bound(sess, inputs: list, outputs: list):
+    """onnxruntime's C-level IOBinding of numpy inputs [(name, array)] and buffers [(name, shape, address[,
+    dtype: float32])], to run with sess._sess.run_with_iobinding (again and again while those buffers stay);
+    None where onnxruntime has no such binding. Its Python wrapper costs ~3 us a bound output (builds a device
+    object, checks graph capture), ~30 us of a small model's ~250 us step."""
+    c_sess = getattr(sess, "_sess", None)
+    if _C_BINDING is None or c_sess is None:
+        return None
+    make, dev = _C_BINDING
+    b = make(c_sess)
+    for name, arr in inputs:
+        b.bind_input(name, arr)
+    for name, shape, addr, *dt in outputs:
+        b.bind_output(name, dev, dt[0] if dt else np.float32, shape, addr)
+    return b
+
+
 def _run_bound(sess, inputs: list, outputs: list, run_options=None) -> None:
     """Run `sess` on numpy inputs [(name, array)] into buffers [(name, shape, address[, dtype: float32])], through
-    onnxruntime's C-level IOBinding when it has one: its Python wrapper costs ~3 us a bound output (builds a
-    device object, checks graph capture), ~30 us of a small model's ~250 us step."""
-    c_sess = getattr(sess, "_sess", None)
-    if _C_BINDING is not None and c_sess is not None:
-        make, dev = _C_BINDING
-        b = make(c_sess)
-        for name, arr in inputs:
-            b.bind_input(name, arr)
-        for name, shape, addr, *dt in outputs:
-            b.bind_output(name, dev, dt[0] if dt else np.float32, shape, addr)
-        c_sess.run_with_iobinding(b, run_options)
+    the C-level binding where onnxruntime has one (_c_bound)."""
+    b = _c_bound(sess, inputs, outputs)
+    if b is not None:
+        sess._sess.run_with_iobinding(b, run_options)
         return
     b = sess.io_binding()
     for name, arr in inputs:

@@ -23,7 +23,7 @@ import numpy as np
 from rwkvc import ir
 from rwkvc.errors import RwkvcError
 
-from .onnxruntime import _C_BINDING, _run_bound
+from .onnxruntime import _c_bound, _run_bound
 
 BATCH_ENTRY = "batch_step"
 BATCH_PREFILL_ENTRY = "batch_prefill"
@@ -156,14 +156,7 @@ class BatchPool:
 
     def _bind(self, B: int, a: int):
         """A C-level binding of _io(B, a), kept for the later steps; None where onnxruntime has none."""
-        c_sess = getattr(self.sess, "_sess", None)
-        if _C_BINDING is None or c_sess is None:
-            return None
-        make, dev = _C_BINDING
-        bound = self._bound[(B, a)] = make(c_sess)
-        ins, outs = self._io(B, a)
-        for name, arr in ins:
-            bound.bind_input(name, arr)
-        for name, shape, addr in outs:
-            bound.bind_output(name, dev, np.float32, shape, addr)
+        bound = _c_bound(self.sess, *self._io(B, a))
+        if bound is not None:
+            self._bound[(B, a)] = bound
         return bound
