@@ -249,8 +249,12 @@ class OrtRuntime:
             so.add_initializer(name, self._held_values[-1])
         # every other weight: one read-only mapping of the file that every session reads (shared_weights)
         self.mapped, self._tables = shared_weights(self.path, idx, self.held) if cpu else ({}, [])
+        self._table_rows = 0      # tokens since the tables' pages were last handed back (read_rows)
+        # the embedding tables read by rows whose rows are wide enough (~16 a page at most) that a new token's
+        # row is likely not in memory: read_rows reads a call's rows of them ahead, together
+        self._token_tables = [a for n in sorted(idx.by_token & idx.rows & set(self.mapped))
+                              if (a := self.mapped[n]).ndim and a.strides[0] >= 256]
         del idx
-        self._table_rows = 0      # tokens since the tables' pages were last handed back (_touch_tables)
         for name, arr in self.mapped.items():
             self._held_values.append(ort.OrtValue.ortvalue_from_numpy(arr))
             so.add_initializer(name, self._held_values[-1])
@@ -289,24 +293,31 @@ class OrtRuntime:
 
     TABLE_RELEASE_TOKENS = 256
 
-    def _touch_tables(self, n: int) -> None:
-        """Every TABLE_RELEASE_TOKENS tokens, hand back the pages of the tables read by rows: each row read maps
-        the page-cache pages around it too (the kernel's fault-around, 64 KB), so without this the lazy
-        embedding would become resident a few rows at a time. A row read again is a minor fault."""
+    def read_rows(self, tokens) -> None:
+        """Before a call that reads these tokens' rows of the tables read by rows. Where there are several
+        tokens, start reading their rows of the embedding tables together (rwkvc.mapped.read_ahead_rows): a
+        row not in memory comes from the file, and the graph's Gather would fault on the rows one after
+        another. Every TABLE_RELEASE_TOKENS tokens, hand the tables' pages back: each row read maps the
+        page-cache pages around it too (the kernel's fault-around, 64 KB), so without this the lazy embedding
+        would become resident a few rows at a time. A row read again is a minor fault."""
         if self._tables:
-            self._table_rows += n
+            self._table_rows += len(tokens)
             if self._table_rows >= self.TABLE_RELEASE_TOKENS:
                 from rwkvc.mapped import release_array
                 self._table_rows = 0
                 for a in self._tables:
                     release_array(a)
+            if len(tokens) > 1 and self._token_tables:
+                from rwkvc.mapped import read_ahead_rows
+                for a in self._token_tables:
+                    read_ahead_rows(a, tokens)
 
     def run(self, entry: str, tokens: np.ndarray, state: ir.State, run_options=None,
             in_place: bool = False) -> tuple[np.ndarray, ir.State]:
         """One call of an entry point. The graphs take and give each layer's matrix state as its own tensor
         (`wkv_in.i` / `wkv_out.i`): inputs are bound to views of `state.wkv` and outputs to slices of a new
         state array, so no state is split, concatenated or copied around the call. in_place: forward's."""
-        self._touch_tables(len(tokens))
+        self.read_rows(tokens)
         sess, legacy, vocab, names, has_top = self._io(entry)
         if legacy:  # format 1 artifacts: one wkv tensor for all layers
             logits, shift, wkv = sess.run(None, {"tokens": tokens, "shift_in": state.shift, "wkv_in": state.wkv})
@@ -334,7 +345,7 @@ class OrtRuntime:
         in_place: as forward's."""
         if not self._io("step")[4] or "step" not in self._slots:
             return None
-        self._touch_tables(1)
+        self.read_rows((token,))
         out = self._slots["step"].run(token, state, top_only=True, in_place=in_place)
         if out is not None and out[0] < 0 and out[1].wkv.ctypes.data == state.wkv.ctypes.data:   # written over:
             # the step cannot be redone by forward's path
@@ -406,7 +417,7 @@ class OrtRuntime:
         """run(entry, tokens, state) with the new matrix states written over `state.wkv` (wkv_in_place) and the
         new shift copied over `state.shift` (the graph reads all of it first): `state` keeps its buffer, so a
         state in a step slot stays the slot's and the steps after the prompt take the slot's bound path."""
-        self._touch_tables(len(tokens))
+        self.read_rows(tokens)
         sess, _, vocab, names, has_top = self._io(entry)
         logits, shift = np.empty(vocab, np.float32), np.empty(state.shift.shape, np.float32)
         self._run_into(sess, names, tokens, state, logits, shift, state.wkv, has_top, run_options)

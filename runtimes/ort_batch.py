@@ -49,6 +49,7 @@ def prefill_batch(runtime, tokens, states: list[ir.State]) -> tuple[np.ndarray, 
         raise RwkvcError(f"prefill_batch: tokens of shape {toks.shape} for {len(states)} states (want (B, T), T >= 1)")
     feed = {"tokens": toks, "shift_in": np.stack([s.shift for s in states]).astype(np.float32, copy=False)}
     L = states[0].wkv.shape[0]
+    runtime.read_rows(toks.reshape(-1))
     for i in range(L):
         feed[f"wkv_in.{i}"] = np.ascontiguousarray(np.stack([s.wkv[i] for s in states]), np.float32)
     out = runtime.session(BATCH_PREFILL_ENTRY).run(None, feed)
@@ -135,6 +136,7 @@ class BatchPool:
             raise RwkvcError(f"step: {toks.size} tokens for {B} live sequences")
         a = self.cur
         self.tokens[:B] = toks
+        self.runtime.read_rows(toks)   # (B tokens' embedding rows read together; the tables handed back)
         bound = self._bound.get((B, a))
         if bound is None:
             bound = self._bind(B, a)

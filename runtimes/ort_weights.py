@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rwkvc.abi import resident, row_read
+from rwkvc.abi import resident, row_read, token_read
 from rwkvc.errors import RwkvcError
 
 # entry point -> rwkvc's ops whose state output may be their state input (wkv_in_place)
@@ -59,6 +59,7 @@ class Weight:
 class GraphIndex:
     weights: dict[str, Weight] = field(default_factory=dict)   # every graph's external initializers, once
     rows: set[str] = field(default_factory=set)       # names read only by rows in every graph that reads them
+    by_token: set[str] = field(default_factory=set)   # names some graph gathers by its tokens (the embedding)
     step_resident: list[str] = field(default_factory=list)    # the step's tables to hold (rwkvc.abi.resident)
     wkv_in_place: dict[str, bool] = field(default_factory=dict)
 
@@ -76,6 +77,7 @@ def index_graphs(path: Path, entry_points: dict) -> GraphIndex:
             idx.wkv_in_place[entry] = wkv_in_place(g, WKV_WRITERS[entry])
         rows = row_read(g)
         idx.rows |= rows
+        idx.by_token |= token_read(g)
         whole |= {t.name for t in g.initializer} - rows
         for t in g.initializer:
             if t.data_location != EXTERNAL:

@@ -6,6 +6,7 @@
     safetensors_mapped(path)        a .safetensors file's tensors over one private mapping of it
     spill(arr, dir), spill_rep(rep, dir)   arrays written to scratch files, read back lazily with read()
     release(t), release_array(a)    drop the resident pages of a memory-mapped tensor / array (MADV_DONTNEED)
+    read_ahead_rows(a, rows)        start reading some rows of a memory-mapped table, all at once (MADV_WILLNEED)
     to_float32(t), all_finite(t)    a torch tensor as float32, its finiteness (bf16 without torch's conversion)
     zero_pages(shape)               a float32 zero array in pages of its own, resident only once written
 
@@ -30,7 +31,7 @@ import sys
 import numpy as np
 
 PAGE = mmap.PAGESIZE
-MADV_RANDOM, MADV_DONTNEED = 1, 4
+MADV_RANDOM, MADV_WILLNEED, MADV_DONTNEED = 1, 3, 4
 MIN_ELEMENTS = 1 << 16          # smaller tensors are converted on load (vectors, small factors)
 
 _libc = None
@@ -82,6 +83,21 @@ def release_array(a) -> None:
     """Give back the resident pages under a read-only memory-mapped numpy array (np.memmap mode "r"); a later
     read faults them in again from the page cache."""
     _madvise(a.ctypes.data, a.nbytes)
+
+
+def read_ahead_rows(a, rows) -> None:
+    """Start reading the pages under these rows of a memory-mapped table (madvise WILLNEED queues the reads and
+    returns; ~2 us a row where the page is in memory already). Rows that are not in memory then come from the
+    file together: a Gather would fault on them one after another, each fault waiting for its own read."""
+    libc = _c()
+    if not libc or a.ndim == 0:
+        return
+    base, rb, n = a.ctypes.data, a.strides[0], len(a)
+    for r in np.asarray(rows).reshape(-1).tolist():
+        if 0 <= r < n:
+            start = base + r * rb
+            page = start // PAGE * PAGE
+            libc.madvise(page, start + rb - page, MADV_WILLNEED)
 
 
 def advise_random(a) -> None:

@@ -213,3 +213,75 @@ def test_engine_prefills_joining_prompts_together(model):
     assert st["batched_prefills"] >= 1 and st["batched_prefill_tokens"] >= 3 * 32
     assert st_ref["batched_prefills"] == 0
     assert got == ref
+
+
+def _present_pages(a: np.ndarray) -> int:
+    """Pages of `a` mapped into this process now (/proc/self/pagemap's present bit)."""
+    import mmap
+    import struct
+    page = mmap.PAGESIZE
+    first, last = a.ctypes.data // page, (a.ctypes.data + a.nbytes - 1) // page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        raw = f.read((last - first + 1) * 8)
+    return sum(e >> 63 for e in struct.unpack(f"<{len(raw) // 8}Q", raw))
+
+
+@pytest.fixture(scope="module")
+def lazy(tmp_path_factory):
+    """An int4 artifact whose int8 embedding stays on disk, read by rows (rows of 256 bytes)."""
+    d = tmp_path_factory.mktemp("lazy")
+    path = save_random_v7(d / "m.pth", n_layer=1, n_embd=256, head_size=64, vocab_size=65536, seed=5)
+    return rwkvc.compile(path, d / "a", passes="int4(group=32),lazy-emb(storage=int8)")
+
+
+def test_batched_steps_hand_the_embedding_pages_back(lazy):
+    """A pool's steps count their tokens toward the runtime's release of the tables read by rows, as the
+    own step does: 8 sequences through 100 steps of new tokens (800 rows, one a page) leave at most the rows
+    read since the last release mapped, not all 800."""
+    import sys
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/self/pagemap")
+    m = rwkvc.load(lazy)
+    table = m.runtime.mapped["emb.q8"]
+    rows_a_page = 4096 // table.strides[0]
+    pool = BatchPool(m.runtime, 8)
+    for i in range(8):
+        pool.add(m.forward(m.encode(f"sequence {i}"))[1])
+    for s in range(100):
+        pool.step((np.arange(8) + 8 * s) * rows_a_page + 3)       # each token's row on a page of its own
+    touched = 800
+    assert _present_pages(table) <= m.runtime.TABLE_RELEASE_TOKENS + 8 < touched
+
+
+def test_rows_of_a_call_are_read_ahead_together(lazy):
+    """The runtime reads ahead the embedding rows of a call's tokens (the tables a Gather indexes by `tokens`,
+    rows of 256 bytes or more; not the per-row scales), and after read_ahead_rows the pages of those rows
+    are in the page cache (mincore) where they were dropped from it."""
+    import ctypes
+    import mmap
+    import time
+
+    from rwkvc.mapped import drop_cached, read_ahead_rows
+    m = rwkvc.load(lazy)
+    assert [a.shape for a in m.runtime._token_tables] == [(65536, 256)]
+    table = m.runtime._token_tables[0]
+    page = mmap.PAGESIZE
+    rows = np.array([40000, 50000, 60000, 70000, -1])    # the last two outside the table: ignored
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+
+    def cached(r):
+        addr = (table.ctypes.data + int(r) * table.strides[0]) // page * page
+        vec = ctypes.create_string_buffer(1)
+        assert libc.mincore(addr, page, vec) == 0
+        return vec.raw[0] & 1
+
+    drop_cached(str(lazy / "weights.bin"), 0, (lazy / "weights.bin").stat().st_size)
+    if any(cached(r) for r in rows[:3]):
+        pytest.skip("this file system keeps the pages cached (fadvise DONTNEED has no effect)")
+    read_ahead_rows(table, rows)
+    deadline = time.monotonic() + 5
+    while not all(cached(r) for r in rows[:3]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert all(cached(r) for r in rows[:3])
