@@ -68,6 +68,10 @@ class BatchPool:
         self.sess = runtime.session(BATCH_ENTRY)
         st = runtime.manifest["state"]
         self.shift_shape, self.wkv_shape = tuple(st["shift"]), tuple(st["wkv"])     # (L, 2, C), (L, H, N, N)
+        # the shift as the graph takes it: (B, 2L, C), or (B, L, 2, C) in earlier artifacts (the same memory)
+        L2C = (2 * self.shift_shape[0], self.shift_shape[2])
+        rank = len(next(i.shape for i in self.sess.get_inputs() if i.name == "shift_in"))
+        self.shift_dims = list(L2C if rank == 3 else self.shift_shape)
         self.vocab = int(runtime.manifest["model"]["vocab_size"])
         self.max_batch, self.n = max_batch, 0
         L = self.wkv_shape[0]
@@ -149,10 +153,10 @@ class BatchPool:
 
     def _io(self, B: int, a: int) -> tuple[list, list]:
         """The step's inputs [(name, array)] and outputs [(name, shape, address)] for B sequences reading pool a."""
-        ins = [("tokens", self.tokens[:B]), ("shift_in", self.shift[a][:B])]
+        ins = [("tokens", self.tokens[:B]), ("shift_in", self.shift[a][:B].reshape(B, *self.shift_dims))]
         ins += [(f"wkv_in.{i}", w[:B]) for i, w in enumerate(self.wkv[a])]
         outs = [("logits", [B, self.vocab], self.logits.ctypes.data),
-                ("shift_out", [B, *self.shift_shape], self.shift[1 - a].ctypes.data)]
+                ("shift_out", [B, *self.shift_dims], self.shift[1 - a].ctypes.data)]
         outs += [(f"wkv_out.{i}", [B, *self.wkv_shape[1:]], w.ctypes.data) for i, w in enumerate(self.wkv[1 - a])]
         return ins, outs
 
