@@ -285,3 +285,46 @@ def test_rows_of_a_call_are_read_ahead_together(lazy):
     while not all(cached(r) for r in rows[:3]) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert all(cached(r) for r in rows[:3])
+
+
+def test_batch_pool_runs_a_step_graph_declaring_the_state_four_dimensional(ckpt, tmp_path):
+    """Artifacts compiled before the step's shift state was (B, 2L, C) declare it (B, L, 2, C) (a Reshape after
+    the Concat): BatchPool binds whatever its graph declares, and both give the same logits and states."""
+    import shutil
+    path, d = ckpt
+    art = rwkvc.compile(path, d / "fourdim", passes="int4(group=32)")
+    old = tmp_path / "old"
+    shutil.copytree(art, old)
+    g = onnx.load(str(old / "batch_step.onnx"), load_external_data=False)
+    cat = next(n for n in g.graph.node if "shift_out" in n.output)
+    assert cat.op_type == "Concat"
+    cat.output[0] = "shift_rows"
+    L, _, C = rwkvc.artifact.read_manifest(art)["state"]["shift"]
+    g.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1, L, 2, C], np.int64), "four_dims"))
+    g.graph.node.append(onnx.helper.make_node("Reshape", ["shift_rows", "four_dims"], ["shift_out"]))
+    for v in (*g.graph.input, *g.graph.output):
+        if v.name in ("shift_in", "shift_out"):
+            v.type.CopyFrom(onnx.helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, ["B", L, 2, C]))
+    onnx.save(g, str(old / "batch_step.onnx"))
+    import json
+
+    from rwkvc.integrity import file_sha256
+    man = json.loads((old / "manifest.json").read_text())
+    man["files"]["batch_step.onnx"] = {"sha256": file_sha256(old / "batch_step.onnx"),
+                                       "bytes": (old / "batch_step.onnx").stat().st_size}
+    (old / "manifest.json").write_text(json.dumps(man))
+    pools = []
+    for a in (art, old):
+        m = rwkvc.load(a)
+        pool = BatchPool(m.runtime, 3)
+        for p in ("one", "two", "three"):
+            pool.add(m.forward(m.encode(p))[1])
+        pools.append(pool)
+    assert pools[0].shift_dims == [2 * L, C] and pools[1].shift_dims == [L, 2, C]
+    toks = np.array([5, 6, 7])
+    for _ in range(4):
+        a, b = pools[0].step(toks).copy(), pools[1].step(toks)
+        np.testing.assert_array_equal(b, a)
+        toks = a.argmax(1)
+    for s in range(3):
+        np.testing.assert_array_equal(pools[1].state(s).shift, pools[0].state(s).shift)
