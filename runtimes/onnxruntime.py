@@ -11,8 +11,8 @@ from rwkvc.abi import DENSE_EMBEDDING, HEAD_MODE  # noqa: F401  (DENSE_EMBEDDING
 from rwkvc.errors import RwkvcError
 
 from . import hugepages
-from .ort_weights import (WKV_WRITERS, dense_embedding, index_graphs, prepack_fits, shared_weights,  # noqa: F401
-                          wkv_in_place)
+from .ort_weights import (WKV_WRITERS, dense_embedding, index_graphs, prepack_fits, prepackable,  # noqa: F401
+                          shared_weights, wkv_in_place)
 
 
 def _c_bound(sess, inputs: list, outputs: list):
@@ -249,6 +249,22 @@ class OrtRuntime:
             so.add_initializer(name, self._held_values[-1])
         # every other weight: one read-only mapping of the file that every session reads (shared_weights)
         self.mapped, self._tables = shared_weights(self.path, idx, self.held) if cpu else ({}, [])
+        # the file mappings (their pages read only to pre-pack are handed back once a session is made)
+        self._file_maps = list({id(a.base): a.base for a in self.mapped.values() if a.base is not None}.values())
+        self._anonymous = None
+        if self.huge_pages:
+            # the weights the kernels read in place, every step, from 2 MiB pages instead of the file's 4 KiB
+            # ones (hugepages.anonymous_copy); not the tables read by rows (they stay on disk), nor the
+            # matrices ONNX Runtime packs copies of where it pre-packs
+            from rwkvc.mapped import release_array
+            tables = {id(a) for a in self._tables}
+            copies, self._anonymous = hugepages.anonymous_copy(
+                {n: a for n, a in self.mapped.items()
+                 if id(a) not in tables and not (self.prepack and prepackable(a.dtype, a.shape))}, release_array)
+            self.mapped.update(copies)
+            if self._anonymous is not None:
+                base = np.frombuffer(self._anonymous, np.uint8)
+                hugepages.collapse({(base.ctypes.data, base.ctypes.data + base.nbytes)})
         self._table_rows = 0      # tokens since the tables' pages were last handed back (read_rows)
         # the embedding tables read by rows whose rows are wide enough (~16 a page at most) that a new token's
         # row is likely not in memory: read_rows reads a call's rows of them ahead, together
@@ -285,9 +301,9 @@ class OrtRuntime:
                                  "recompile the artifact") from None
             if self.huge_pages:   # the weights the session just packed
                 hugepages.collapse(hugepages.anonymous_regions() - before)
-            if self.mapped:   # the pages a kernel read to pre-pack its own copy are not read again: hand them back
-                from rwkvc.mapped import release_array
-                for mm in {id(a.base): a.base for a in self.mapped.values() if a.base is not None}.values():
+            if self._file_maps:   # the pages a kernel read to pre-pack its own copy are not read again: hand
+                from rwkvc.mapped import release_array   # them back
+                for mm in self._file_maps:
                     release_array(mm)
         return self._sessions[entry]
 

@@ -147,9 +147,15 @@ def float_matrix_bytes(idx: GraphIndex, held) -> tuple[int, int]:
     for name, w in idx.weights.items():
         n = int(np.prod(w.dims, dtype=np.int64)) * w.dtype.itemsize
         total += n
-        if w.dtype == np.float32 and len(w.dims) == 2 and n >= 1 << 18 and name not in held and name not in idx.rows:
+        if prepackable(w.dtype, w.dims) and name not in held and name not in idx.rows:
             floats += n
     return total, floats
+
+
+def prepackable(dtype, dims) -> bool:
+    """Whether ONNX Runtime's kernels pre-pack a weight of this type and shape (its float32 matrices of 256 KB
+    and more, which MatMul packs)."""
+    return np.dtype(dtype) == np.float32 and len(dims) == 2 and int(np.prod(dims, dtype=np.int64)) * 4 >= 1 << 18
 
 
 def mem_available() -> int | None:
