@@ -10,6 +10,8 @@ import rwkvc
 from rwkvc.artifact import verify_hashes
 from rwkvc.testing import save_random_v7
 
+from helpers import anon_huge_bytes
+
 CLI = [sys.executable, "-m", "rwkvc.cli"]
 
 
@@ -209,14 +211,7 @@ def test_huge_pages_collapse_keeps_contents():
     assert a[-1] == (16 << 20)
     if done == 0:
         pytest.skip("MADV_COLLAPSE is not supported by this kernel")
-    huge, cur = 0, (0, 0)
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                cur = tuple(int(x, 16) for x in head.split("-"))
-            elif head == "AnonHugePages:" and overlap(*cur):
-                huge += int(line.split()[1]) * 1024
+    huge = anon_huge_bytes(lo_a, hi_a)
     assert huge >= 32 << 20
 
 

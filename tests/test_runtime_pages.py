@@ -8,6 +8,8 @@ import rwkvc
 from rwkvc.runtimes.ort_batch import BatchPool
 from rwkvc.testing import save_random_v7
 
+from helpers import anon_huge_bytes
+
 
 def _present_pages(a: np.ndarray) -> int:
     """Pages of `a` mapped into this process now (/proc/self/pagemap's present bit)."""
@@ -82,19 +84,6 @@ def test_rows_of_a_call_are_read_ahead_together(lazy):
 
 
 
-def _anon_huge_bytes(lo: int, hi: int) -> int:
-    """AnonHugePages of the mappings overlapping [lo, hi) (/proc/self/smaps)."""
-    huge, cur = 0, (0, 0)
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                cur = tuple(int(x, 16) for x in head.split("-"))
-            elif head == "AnonHugePages:" and cur[0] < hi and lo < cur[1]:
-                huge += int(line.split()[1]) * 1024
-    return huge
-
-
 def test_anonymous_copy_keeps_contents_and_hands_the_sources_back(tmp_path):
     """hugepages.anonymous_copy: the same values in one anonymous mapping, 2 MiB aligned, each source's pages
     handed back chunk by chunk as it is copied (the sources' mapped pages are gone afterwards)."""
@@ -116,7 +105,7 @@ def test_anonymous_copy_keeps_contents_and_hands_the_sources_back(tmp_path):
     assert sum(released) == a.nbytes + b.nbytes
     assert _present_pages(mm) == 0
     if hugepages.enabled():
-        assert _anon_huge_bytes(out["a"].ctypes.data, out["a"].ctypes.data + 1) > 0
+        assert anon_huge_bytes(out["a"].ctypes.data, out["a"].ctypes.data + 1) > 0
 
 
 def test_the_weights_read_in_place_live_in_huge_pages(lazy):
