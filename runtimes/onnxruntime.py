@@ -11,8 +11,8 @@ from rwkvc.abi import DENSE_EMBEDDING, HEAD_MODE  # noqa: F401  (DENSE_EMBEDDING
 from rwkvc.errors import RwkvcError
 
 from . import hugepages
-from .ort_weights import (WKV_WRITERS, dense_embedding, index_graphs, prepack_fits, prepackable,  # noqa: F401
-                          shared_weights, wkv_in_place)
+from .ort_weights import (WKV_WRITERS, dense_embedding, index_graphs, mem_available, prepack_fits,  # noqa: F401
+                          prepackable, shared_weights, wkv_in_place)
 
 
 def _c_bound(sess, inputs: list, outputs: list):
@@ -252,15 +252,18 @@ class OrtRuntime:
         # the file mappings (their pages read only to pre-pack are handed back once a session is made)
         self._file_maps = list({id(a.base): a.base for a in self.mapped.values() if a.base is not None}.values())
         self._anonymous = None
-        if self.huge_pages:
+        tables = {id(a) for a in self._tables}
+        in_place = {n: a for n, a in self.mapped.items()
+                    if id(a) not in tables and not (self.prepack and prepackable(a.dtype, a.shape))}
+        avail = mem_available()
+        if self.huge_pages and (avail is None or sum(a.nbytes for a in in_place.values()) <= avail // 2):
             # the weights the kernels read in place, every step, from 2 MiB pages instead of the file's 4 KiB
             # ones (hugepages.anonymous_copy); not the tables read by rows (they stay on disk), nor the
-            # matrices ONNX Runtime packs copies of where it pre-packs
+            # matrices ONNX Runtime packs copies of where it pre-packs; only where the copy takes at most half
+            # the memory available (file pages can be dropped and read again under memory pressure, anonymous
+            # ones only swapped)
             from rwkvc.mapped import release_array
-            tables = {id(a) for a in self._tables}
-            copies, self._anonymous = hugepages.anonymous_copy(
-                {n: a for n, a in self.mapped.items()
-                 if id(a) not in tables and not (self.prepack and prepackable(a.dtype, a.shape))}, release_array)
+            copies, self._anonymous = hugepages.anonymous_copy(in_place, release_array)
             self.mapped.update(copies)
             if self._anonymous is not None:
                 base = np.frombuffer(self._anonymous, np.uint8)

@@ -130,3 +130,18 @@ def test_the_weights_read_in_place_live_in_huge_pages(lazy):
         la, sa = a.forward([t], sa)
         lb, sb = b.forward([t], sb)
         np.testing.assert_array_equal(lb, la)
+
+
+def test_no_copy_where_it_would_take_over_half_the_memory_available(lazy, monkeypatch):
+    """Anonymous pages can only be swapped out, file pages dropped and read again: where the copy would take
+    more than half the memory available at load, the weights stay in the file mapping (and still run)."""
+    from rwkvc.runtimes import hugepages
+    from rwkvc.runtimes import onnxruntime as ort_runtime
+    if not hugepages.enabled():
+        pytest.skip("transparent huge pages are off on this machine")
+    monkeypatch.setattr(ort_runtime, "mem_available", lambda: 1 << 20)
+    m = rwkvc.load(lazy)
+    assert m.runtime._anonymous is None and m.runtime.huge_pages
+    ref = rwkvc.load(lazy, huge_pages=False)
+    toks = m.encode("short of memory")
+    np.testing.assert_array_equal(m.forward(toks)[0], ref.forward(toks)[0])
