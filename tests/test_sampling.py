@@ -71,6 +71,26 @@ def test_full_vocabulary_draw_is_the_draw_over_the_positive_tokens():
     assert s.sample(x) == 5 and s.rng.bit_generator.state == before
 
 
+def test_draw_in_two_levels_is_the_cumulative_draw():
+    """_draw_index over a long weight vector (block sums, then one block's cumulative sum) gives the index of
+    np.searchsorted(np.cumsum(w), r * total, "right") for uniform r, never a token of weight 0 (also for draws
+    placed exactly on the boundaries, where rounding decides), and past the end only where the total is
+    exceeded."""
+    from rwkvc.sampling import DRAW_BLOCK, _draw_index
+    rng = np.random.default_rng(0)
+    for n in (65536, 65536 + 77, 5000):
+        w = np.exp(rng.standard_normal(n) * 4)
+        w[rng.random(n) < 0.3] = 0.0                     # 30 % of the tokens with probability 0
+        w[DRAW_BLOCK:3 * DRAW_BLOCK] = 0.0               # whole blocks of them
+        c = np.cumsum(w)
+        for r in rng.random(3000):
+            assert _draw_index(w, r) == int(np.searchsorted(c, r * c[-1], side="right"))
+        for j in rng.choice(np.flatnonzero(w), 300):     # the boundaries of positive tokens
+            k = _draw_index(w, c[j] / c[-1])
+            assert k == n or w[k] > 0
+        assert _draw_index(w, 0.0) == int(np.flatnonzero(w)[0])
+
+
 def test_top_k_1_is_greedy():
     s = Sampler(SamplingConfig(top_k=1, top_p=1.0, temperature=1.3, seed=0))
     for seed in range(10):
