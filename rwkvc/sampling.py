@@ -250,6 +250,20 @@ class Sampler:
 
     def sample(self, logits: np.ndarray) -> int:
         """Draw the next token id from ``logits`` (does not call :meth:`observe`)."""
+        cfg = self.cfg
+        if cfg.temperature == 0 and not self._ban.size and not (
+                self._ids.size and (cfg.alpha_presence or cfg.alpha_frequency)):
+            # greedy with nothing to adjust: the argmax of the logits as given (no float64 copy; the same
+            # index, and the same errors: a NaN is where argmax stops)
+            a = np.asarray(logits).reshape(-1)
+            if a.size == 0:
+                raise RwkvcError("cannot sample from empty logits")
+            k = int(np.argmax(a))
+            if np.isnan(a[k]):
+                raise RwkvcError("logits contain NaN; check the model output (overflow in fp16?)")
+            if a[k] == -np.inf:
+                raise RwkvcError("every token is banned or has logit -inf; nothing can be sampled")
+            return k
         x = self.adjust(logits)
         if self.cfg.temperature == 0:
             if x.max() == -np.inf:

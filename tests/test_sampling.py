@@ -124,6 +124,23 @@ def test_all_banned_raises():
         Sampler(SamplingConfig(temperature=0, token_ban=(0, 1, 2))).sample(np.zeros(3))
 
 
+def test_greedy_without_adjustments_is_the_adjusted_argmax_and_its_errors():
+    """temperature 0 with no bans and no penalties takes the argmax of the logits as given (no float64 copy):
+    the same token as the adjusting path (a penalty of 0 forces that path), ties to the first, and the same
+    errors for NaN logits and all -inf."""
+    fast = Sampler(SamplingConfig(temperature=0))
+    slow = Sampler(SamplingConfig(temperature=0, alpha_presence=1e-300))
+    slow.observe(65535)
+    for seed in range(10):
+        x = _logits(65536, seed)
+        x[seed * 7] = x.max()                   # a tie: the first of the two
+        assert fast.sample(x) == slow.sample(x) == int(np.argmax(x))
+    for bad, what in ((np.array([0.0, np.nan, 1.0], np.float32), "NaN"), (np.full(4, -np.inf), "banned")):
+        for s in (fast, slow):
+            with pytest.raises(RwkvcError, match=what):
+                s.sample(bad)
+
+
 def test_presence_penalty_changes_argmax_by_hand():
     x = np.array([1.0, 0.9, 0.5, 0.85], dtype=np.float32)
     s = Sampler(SamplingConfig(temperature=0, alpha_presence=0.2, alpha_frequency=0.0))
