@@ -202,7 +202,10 @@ class OrtRuntime:
         of its weights instead of three, for ~10-25 % of its decode and ~15 % of its prefill speed; quantised
         artifacts, whose matrices rwkvc's kernels read in place, barely change (rwkvc.load(path, prepack=False)).
         None (the default): pre-pack where the weights and two packed copies of the float matrices fit in half
-        the memory available (ort_weights.prepack_fits; a 1.5B fp32 peaks at 17.4 GB with them, 6.2 GB without)."""
+        the memory available (ort_weights.prepack_fits; a 1.5B fp32 peaks at 17.4 GB with them, 6.2 GB without).
+        huge_pages (with Linux's transparent huge pages; RWKVC_HUGE_PAGES=0 turns it off too): the weights read
+        in place are copied into 2 MiB pages at load (hugepages.anonymous_copy, where the copy takes at most
+        half the memory available) and ONNX Runtime's packed copies collapsed into them."""
         import onnxruntime as ort
         if prefill_chunk is None:
             prefill_chunk = 128 if int(manifest.get("model", {}).get("n_embd", 0)) < 2048 else 32
