@@ -72,7 +72,8 @@ def anonymous_copy(arrays: dict, release) -> tuple[dict, object]:
 
     Why: the page cache maps a weight file in 4 KiB pages where its folios are small (most of a file read
     once), and a decode step that streams every weight then walks a page table entry per 4 KiB; the same
-    bytes in anonymous 2 MiB pages decode a 1.5B int4 1.08-1.28x as fast (docs/benchmarks/big-models.md).
+    bytes in anonymous 2 MiB pages decode a 1.5B int4 in 0.75-0.90x the time (bench/huge_pages.py,
+    docs/benchmarks/big-models.md).
     Anonymous memory costs the same resident set as the mapped file pages it replaces, but is not shared
     with other processes mapping the same file."""
     import mmap

@@ -29,19 +29,6 @@ FUSED_ROW_INPUTS = {("Rwkv7ClusteredHeadTop", 2), ("Rwkv7ClusteredHeadTop", 3), 
                     ("Rwkv7ClusteredHead", 2), ("Rwkv7ClusteredHead", 3), ("Rwkv7ClusteredHead", 5),
                     ("Rwkv7ClusteredHeadF32", 2), ("Rwkv7ClusteredHeadF32", 5)}
 
-def token_read(graph) -> set[str]:
-    """Names of an ONNX graph's initializers that a Gather indexes by the graph's input `tokens` (directly or
-    through shape-only operators): the embedding tables, whose rows a call's tokens name before it runs."""
-    shape_only = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast"}
-    from_tokens = {"tokens"}
-    for node in graph.node:   # (a graph's nodes come in topological order)
-        if node.op_type in shape_only and node.input and node.input[0] in from_tokens:
-            from_tokens.update(node.output)
-    inits = {t.name for t in graph.initializer}
-    return {n.input[0] for n in graph.node
-            if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] in from_tokens and n.input[0] in inits}
-
-
 DENSE_EMBEDDING = "emb.folded"   # the dense table's initializer (the runtime holds it in memory)
 DEEP_EMBED_DENSE = ".ffn.s_emb.merged"   # suffix of a layer's dense RWKV-7a DeepEmbed table (held in memory too)
 
@@ -63,3 +50,16 @@ def row_read(graph) -> set[str]:
     return {t.name for t in graph.initializer
             if users.get(t.name) and all((op in ("Gather", "GatherElements") and j == 0) or (op, j) in FUSED_ROW_INPUTS
                                          for op, j in users[t.name])}
+
+
+def token_read(graph) -> set[str]:
+    """Names of an ONNX graph's initializers that a Gather indexes by the graph's input `tokens` (directly or
+    through shape-only operators): the embedding tables, whose rows a call's tokens name before it runs."""
+    shape_only = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast"}
+    from_tokens = {"tokens"}
+    for node in graph.node:   # (a graph's nodes come in topological order)
+        if node.op_type in shape_only and node.input and node.input[0] in from_tokens:
+            from_tokens.update(node.output)
+    inits = {t.name for t in graph.initializer}
+    return {n.input[0] for n in graph.node
+            if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] in from_tokens and n.input[0] in inits}
