@@ -28,6 +28,9 @@ def main(argv=None):
     models = [rwkvc.load(a.artifact, threads=a.threads, huge_pages=False), rwkvc.load(a.artifact, threads=a.threads)]
     if models[1].runtime._anonymous is None:
         raise SystemExit("no huge-page copy on this machine (transparent huge pages off, or nothing to copy)")
+    copy = np.frombuffer(models[1].runtime._anonymous, np.uint8)
+    from rwkvc.runtimes.hugepages import huge_bytes
+    huge = huge_bytes(copy.ctypes.data, copy.ctypes.data + copy.nbytes)
     if a.batch > 1:
         from rwkvc.runtimes.ort_batch import BatchPool
         pools = []
@@ -58,7 +61,8 @@ def main(argv=None):
     same = (np.array_equal(toks[0], toks[1]) if a.batch > 1 else chains[0][0] == chains[1][0])
     f, h = np.median(times[0]), np.median(times[1])
     print(f"{a.artifact}, B = {a.batch}: file mapping {f:.2f} ms a step, huge pages {h:.2f} ms ({h / f:.3f}x); "
-          f"the same tokens: {same}")
+          f"the same tokens: {same}; {huge / 2**20:.0f} of the copy's {copy.nbytes / 2**20:.0f} MiB in 2 MiB pages")
+
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Transparent huge pages for the runtime's weights.
 
     collapse(regions)            advise and collapse anonymous regions (ONNX Runtime's packed weights)
+    huge_bytes(lo, hi)           how much of an address range lies in huge pages now
     anonymous_copy(arrays, ...)  the weights read in place, copied from the file mapping into huge pages
 
 A decode step streams every weight once. With 4 KiB pages that is one TLB entry per 4 KiB, and the page
@@ -62,6 +63,22 @@ def collapse(regions) -> int:
         if libc.madvise(lo, hi - lo, MADV_COLLAPSE) == 0:
             done += hi - lo
     return done
+
+
+def huge_bytes(lo: int, hi: int) -> int:
+    """AnonHugePages of this process's mappings that overlap [lo, hi) (/proc/self/smaps; 0 where unreadable)."""
+    huge, cur = 0, (0, 0)
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split()[0]
+                if "-" in head and not head.endswith(":"):
+                    cur = tuple(int(x, 16) for x in head.split("-"))
+                elif head == "AnonHugePages:" and cur[0] < hi and lo < cur[1]:
+                    huge += int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return huge
 
 
 def anonymous_copy(arrays: dict, release) -> tuple[dict, object]:

@@ -1,7 +1,6 @@
 """Helpers that more than one test module uses: the rpi5 toolchain check, IR builders for the lowering
 tests, the logits comparison with its allowance for int8 rounding flips, the official package's model,
-the CLI command, the one-line error check of the fault tests, a child process's memory peak, and the huge
-pages under an address range."""
+the CLI command, the one-line error check of the fault tests, and a child process's memory peak."""
 from __future__ import annotations
 
 import platform
@@ -198,16 +197,3 @@ def child_peak(setup: str, work: str, *args, timeout=600) -> tuple[int, int]:
     assert out.returncode == 0, out.stderr[-2000:]
     base, peak = map(int, out.stdout.split()[-2:])
     return base, peak
-
-
-def anon_huge_bytes(lo: int, hi: int) -> int:
-    """AnonHugePages of this process's mappings that overlap [lo, hi) (/proc/self/smaps)."""
-    huge, cur = 0, (0, 0)
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                cur = tuple(int(x, 16) for x in head.split("-"))
-            elif head == "AnonHugePages:" and cur[0] < hi and lo < cur[1]:
-                huge += int(line.split()[1]) * 1024
-    return huge

@@ -10,7 +10,6 @@ import rwkvc
 from rwkvc.artifact import verify_hashes
 from rwkvc.testing import save_random_v7
 
-from helpers import anon_huge_bytes
 
 CLI = [sys.executable, "-m", "rwkvc.cli"]
 
@@ -211,7 +210,7 @@ def test_huge_pages_collapse_keeps_contents():
     assert a[-1] == (16 << 20)
     if done == 0:
         pytest.skip("MADV_COLLAPSE is not supported by this kernel")
-    huge = anon_huge_bytes(lo_a, hi_a)
+    huge = hugepages.huge_bytes(lo_a, hi_a)
     assert huge >= 32 << 20
 
 

@@ -8,7 +8,6 @@ import rwkvc
 from rwkvc.runtimes.ort_batch import BatchPool
 from rwkvc.testing import save_random_v7
 
-from helpers import anon_huge_bytes
 
 
 def _present_pages(a: np.ndarray) -> int:
@@ -105,7 +104,7 @@ def test_anonymous_copy_keeps_contents_and_hands_the_sources_back(tmp_path):
     assert sum(released) == a.nbytes + b.nbytes
     assert _present_pages(mm) == 0
     if hugepages.enabled():
-        assert anon_huge_bytes(out["a"].ctypes.data, out["a"].ctypes.data + 1) > 0
+        assert hugepages.huge_bytes(out["a"].ctypes.data, out["a"].ctypes.data + 1) > 0
 
 
 def test_the_weights_read_in_place_live_in_huge_pages(lazy):
