@@ -313,6 +313,13 @@ class OrtRuntime:
                     release_array(mm)
         return self._sessions[entry]
 
+    def huge_page_bytes(self) -> int:
+        """Bytes of the weight copy (hugepages.anonymous_copy) that lie in 2 MiB pages now; 0 without a copy."""
+        if self._anonymous is None:
+            return 0
+        base = np.frombuffer(self._anonymous, np.uint8)
+        return hugepages.huge_bytes(base.ctypes.data, base.ctypes.data + base.nbytes)
+
     TABLE_RELEASE_TOKENS = 256
 
     def read_rows(self, tokens) -> None:

@@ -134,6 +134,8 @@ def bench_artifact(path, n_decode=64, n_prefill=512, threads=None, repeat=3, see
         "passes": [x.get("name") for x in m.manifest.get("passes", [])],
         "threads": threads or "default",
         "prepack": getattr(m.runtime, "prepack", None),   # ONNX Runtime's packed copies of float matrices
+        # the weights copied into 2 MiB pages at load (runtimes/hugepages.py); None where the runtime has none
+        "weight_bytes_huge_pages": m.runtime.huge_page_bytes() if hasattr(m.runtime, "huge_page_bytes") else None,
         "decode_tokens": n_decode,
         "decode_tokens_per_s": n_decode / d,
         "decode_ms_per_token": 1000 * d / n_decode,

@@ -277,6 +277,9 @@ def bench(artifact, as_json, n_decode, n_prefill, threads, repeat):
             held = r["weight_bytes_resident"] + r["state_bytes"]
             click.echo(f"peak / held     {(r['peak_rss_bytes'] - r['rss_start_bytes']) / max(held, 1):.2f}x the "
                        f"resident weights and state ({held / 1e6:.1f} MB), not counting the interpreter")
+        if r.get("weight_bytes_huge_pages") is not None:
+            click.echo(f"huge pages      {r['weight_bytes_huge_pages'] / 1e6:.1f} MB of the weights in 2 MiB pages "
+                       "(copied from weights.bin at load; rwkvc.load(..., huge_pages=False) keeps the file's pages)")
         click.echo(f"threads         {r['threads']}")
         if r.get("prepack") is False:
             click.echo("pre-packing     off: float matrices read in place (rwkvc.load(..., prepack=True) for speed "

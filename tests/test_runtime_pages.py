@@ -144,3 +144,17 @@ def test_no_copy_where_it_would_take_over_half_the_memory_available(lazy, monkey
     ref = rwkvc.load(lazy, huge_pages=False)
     toks = m.encode("short of memory")
     np.testing.assert_array_equal(m.forward(toks)[0], ref.forward(toks)[0])
+
+
+def test_bench_reports_the_weights_in_huge_pages(lazy):
+    """`rwkvc bench` says how much of the weights lies in 2 MiB pages: the copy's bytes, and 0 when the
+    runtime keeps the file's pages (huge_pages=False)."""
+    from rwkvc.bench import bench_artifact
+    from rwkvc.runtimes import hugepages
+    if not hugepages.enabled():
+        pytest.skip("transparent huge pages are off on this machine")
+    r = bench_artifact(lazy, n_decode=2, n_prefill=4, repeat=1)
+    m = rwkvc.load(lazy)
+    copied = np.frombuffer(m.runtime._anonymous, np.uint8).nbytes
+    assert 0 < r["weight_bytes_huge_pages"] <= copied
+    assert rwkvc.load(lazy, huge_pages=False).runtime.huge_page_bytes() == 0
