@@ -33,6 +33,10 @@ from rwkvc.errors import RwkvcError
 
 __all__ = ["SamplingConfig", "Sampler"]
 
+_EMPTY = "cannot sample from empty logits"
+_NAN = "logits contain NaN; check the model output (overflow in fp16?)"
+_NOTHING = "every token is banned or has logit -inf; nothing can be sampled"
+
 # The official generate loop gives weight 0 to tokens whose text is a substring of this.
 _ZERO_WEIGHT_TEXT = " \t0123456789"
 
@@ -174,7 +178,7 @@ class Sampler:
         """Logits (float64 copy, 1-D) after bans and presence/frequency penalties."""
         x = np.array(logits, dtype=np.float64).reshape(-1)
         if x.size == 0:
-            raise RwkvcError("cannot sample from empty logits")
+            raise RwkvcError(_EMPTY)
         if self._ban.size:
             ban = self._ban[self._ban < x.size]
             x[ban] = -np.inf
@@ -187,7 +191,7 @@ class Sampler:
                 counts = self._counts
             x[ids] -= self.cfg.alpha_presence + counts * self.cfg.alpha_frequency
         if np.isnan(x.max()):   # (max propagates a NaN: one pass, no mask)
-            raise RwkvcError("logits contain NaN; check the model output (overflow in fp16?)")
+            raise RwkvcError(_NAN)
         return x
 
     def _candidates(self, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
@@ -198,7 +202,7 @@ class Sampler:
         m = x.max()
         if not np.isfinite(m):
             if m == -np.inf:
-                raise RwkvcError("every token is banned or has logit -inf; nothing can be sampled")
+                raise RwkvcError(_NOTHING)
             # +inf logits: they share all the probability mass.
             ids = np.flatnonzero(x == np.inf)
             return ids, np.ones(ids.size)
@@ -251,25 +255,14 @@ class Sampler:
     def sample(self, logits: np.ndarray) -> int:
         """Draw the next token id from ``logits`` (does not call :meth:`observe`)."""
         cfg = self.cfg
-        if cfg.temperature == 0 and not self._ban.size and not (
-                self._ids.size and (cfg.alpha_presence or cfg.alpha_frequency)):
-            # greedy with nothing to adjust: the argmax of the logits as given (no float64 copy; the same
-            # index, and the same errors: a NaN is where argmax stops)
-            a = np.asarray(logits).reshape(-1)
+        if cfg.temperature == 0:
+            if self._ban.size or (self._ids.size and (cfg.alpha_presence or cfg.alpha_frequency)):
+                return _argmax(self.adjust(logits))
+            a = np.asarray(logits).reshape(-1)   # nothing to adjust: the logits as given, no float64 copy
             if a.size == 0:
-                raise RwkvcError("cannot sample from empty logits")
-            k = int(np.argmax(a))
-            if np.isnan(a[k]):
-                raise RwkvcError("logits contain NaN; check the model output (overflow in fp16?)")
-            if a[k] == -np.inf:
-                raise RwkvcError("every token is banned or has logit -inf; nothing can be sampled")
-            return k
-        x = self.adjust(logits)
-        if self.cfg.temperature == 0:
-            if x.max() == -np.inf:
-                raise RwkvcError("every token is banned or has logit -inf; nothing can be sampled")
-            return int(np.argmax(x))
-        ids, w = self._candidates(x)
+                raise RwkvcError(_EMPTY)
+            return _argmax(a)
+        ids, w = self._candidates(self.adjust(logits))
         if ids is not None and ids.size == 1:
             return int(ids[0])
         k = _draw_index(w, self.rng.random())
@@ -279,6 +272,16 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray) -> int:
         return self.sample(logits)
+
+
+def _argmax(x: np.ndarray) -> int:
+    """Greedy: the first index of the largest logit (a NaN is where argmax stops, and an error)."""
+    k = int(np.argmax(x))
+    if np.isnan(x[k]):
+        raise RwkvcError(_NAN)
+    if x[k] == -np.inf:
+        raise RwkvcError(_NOTHING)
+    return k
 
 
 DRAW_BLOCK = 256
