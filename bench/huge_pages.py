@@ -29,8 +29,7 @@ def main(argv=None):
     if models[1].runtime._anonymous is None:
         raise SystemExit("no huge-page copy on this machine (transparent huge pages off, or nothing to copy)")
     copy = np.frombuffer(models[1].runtime._anonymous, np.uint8)
-    from rwkvc.runtimes.hugepages import huge_bytes
-    huge = huge_bytes(copy.ctypes.data, copy.ctypes.data + copy.nbytes)
+    huge = models[1].runtime.huge_page_bytes()
     if a.batch > 1:
         from rwkvc.runtimes.ort_batch import BatchPool
         pools = []

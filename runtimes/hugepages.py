@@ -48,19 +48,27 @@ def enabled() -> bool:
         return False
 
 
-def collapse(regions) -> int:
-    """Advise and collapse the whole 2 MiB pages inside `regions` into huge pages; returns the bytes done."""
+def _madvise():
+    """libc's madvise, or None where there is none."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
-        return 0
+        return None
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise
+
+
+def collapse(regions) -> int:
+    """Advise and collapse the whole 2 MiB pages inside `regions` into huge pages; returns the bytes done."""
+    madvise = _madvise()
+    if madvise is None:
+        return 0
     done = 0
     for lo, hi in regions:
         lo, hi = -(-lo // HUGE_PAGE) * HUGE_PAGE, hi // HUGE_PAGE * HUGE_PAGE
-        if hi - lo < HUGE_PAGE or libc.madvise(lo, hi - lo, MADV_HUGEPAGE) != 0:
+        if hi - lo < HUGE_PAGE or madvise(lo, hi - lo, MADV_HUGEPAGE) != 0:
             continue
-        if libc.madvise(lo, hi - lo, MADV_COLLAPSE) == 0:
+        if madvise(lo, hi - lo, MADV_COLLAPSE) == 0:
             done += hi - lo
     return done
 
@@ -82,10 +90,10 @@ def huge_bytes(lo: int, hi: int) -> int:
 
 
 def anonymous_copy(arrays: dict, release) -> tuple[dict, object]:
-    """{name: array} copied into one private anonymous mapping advised for huge pages (each array on a
-    2 MiB-aligned run of whole pages), and the mapping (keep it as long as the copies are used). release(b)
-    is called on each COPY_CHUNK bytes of a source right after their copy, so the peak is the copies plus
-    one chunk.
+    """{name: array} copied into one private anonymous mapping in huge pages (advised before the copy, so
+    its faults take 2 MiB pages, and collapsed after it where some did not; each array on a 2 MiB-aligned
+    run of whole pages), and the mapping (keep it as long as the copies are used). release(b) is called on
+    each COPY_CHUNK bytes of a source right after their copy, so the peak is the copies plus one chunk.
 
     Why: the page cache maps a weight file in 4 KiB pages where its folios are small (most of a file read
     once), and a decode step that streams every weight then walks a page table entry per 4 KiB; the same
@@ -103,12 +111,9 @@ def anonymous_copy(arrays: dict, release) -> tuple[dict, object]:
     buf = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     raw = np.frombuffer(buf, np.uint8)
     off = (-raw.ctypes.data) % HUGE_PAGE
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.madvise(raw.ctypes.data + off, total // HUGE_PAGE * HUGE_PAGE, MADV_HUGEPAGE)
-    except (OSError, AttributeError):
-        pass
+    madvise = _madvise()
+    if madvise is not None:
+        madvise(raw.ctypes.data + off, total // HUGE_PAGE * HUGE_PAGE, MADV_HUGEPAGE)
     out = {}
     for name, a in arrays.items():
         src = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
@@ -117,4 +122,5 @@ def anonymous_copy(arrays: dict, release) -> tuple[dict, object]:
             release(src[lo:lo + COPY_CHUNK])
         out[name] = raw[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
         off += sizes[name]
+    collapse({(raw.ctypes.data, raw.ctypes.data + raw.nbytes)})
     return out, buf

@@ -255,22 +255,8 @@ class OrtRuntime:
         # the file mappings (their pages read only to pre-pack are handed back once a session is made)
         self._file_maps = list({id(a.base): a.base for a in self.mapped.values() if a.base is not None}.values())
         self._anonymous = None
-        tables = {id(a) for a in self._tables}
-        in_place = {n: a for n, a in self.mapped.items()
-                    if id(a) not in tables and not (self.prepack and prepackable(a.dtype, a.shape))}
-        avail = mem_available()
-        if self.huge_pages and (avail is None or sum(a.nbytes for a in in_place.values()) <= avail // 2):
-            # the weights the kernels read in place, every step, from 2 MiB pages instead of the file's 4 KiB
-            # ones (hugepages.anonymous_copy); not the tables read by rows (they stay on disk), nor the
-            # matrices ONNX Runtime packs copies of where it pre-packs; only where the copy takes at most half
-            # the memory available (file pages can be dropped and read again under memory pressure, anonymous
-            # ones only swapped)
-            from rwkvc.mapped import release_array
-            copies, self._anonymous = hugepages.anonymous_copy(in_place, release_array)
-            self.mapped.update(copies)
-            if self._anonymous is not None:
-                base = np.frombuffer(self._anonymous, np.uint8)
-                hugepages.collapse({(base.ctypes.data, base.ctypes.data + base.nbytes)})
+        if self.huge_pages:
+            self._copy_to_huge_pages()
         self._table_rows = 0      # tokens since the tables' pages were last handed back (read_rows)
         # the embedding tables read by rows whose rows are wide enough (~16 a page at most) that a new token's
         # row is likely not in memory: read_rows reads a call's rows of them ahead, together
@@ -312,6 +298,21 @@ class OrtRuntime:
                 for mm in self._file_maps:
                     release_array(mm)
         return self._sessions[entry]
+
+    def _copy_to_huge_pages(self) -> None:
+        """The weights the kernels read in place, every step, into 2 MiB pages instead of the file's 4 KiB
+        ones (hugepages.anonymous_copy); not the tables read by rows (they stay on disk), nor the matrices
+        ONNX Runtime packs copies of where it pre-packs; only where the copy takes at most half the memory
+        available (file pages can be dropped and read again under memory pressure, anonymous ones only
+        swapped)."""
+        from rwkvc.mapped import release_array
+        tables = {id(a) for a in self._tables}
+        in_place = {n: a for n, a in self.mapped.items()
+                    if id(a) not in tables and not (self.prepack and prepackable(a.dtype, a.shape))}
+        avail = mem_available()
+        if avail is None or sum(a.nbytes for a in in_place.values()) <= avail // 2:
+            copies, self._anonymous = hugepages.anonymous_copy(in_place, release_array)
+            self.mapped.update(copies)
 
     def huge_page_bytes(self) -> int:
         """Bytes of the weight copy (hugepages.anonymous_copy) that lie in 2 MiB pages now; 0 without a copy."""
